@@ -1,0 +1,339 @@
+//! Pairwise keys and sealed messages.
+//!
+//! Two users derive the same [`PairKey`] from their own identity secret and the other's public
+//! key: `HKDF-SHA256(X25519(mine, theirs))`, with salt and info naming the protocol version and
+//! both public keys (sorted, so both ends agree). Nobody else can compute it: not the discovery
+//! server, not Redis, not the network. The key seals a [`Payload`] into a Fernet token, and
+//! also keys the MAC on acknowledgements so an on-path attacker cannot forge an ack.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use base64::Engine as _;
+use hmac::{KeyInit, Mac};
+use serde::{Deserialize, Serialize};
+use sha2::Sha256;
+use zeroize::Zeroizing;
+
+use crate::identity::{Identity, PublicKey};
+use crate::protocol::MessageId;
+
+/// The protocol label mixed into every derived key: a new protocol version derives new keys.
+pub const KEY_DERIVATION_LABEL: &str = "p2pchat/1";
+
+/// How far in the future a token's timestamp may be before Fernet refuses it. Fixed by the
+/// Fernet specification; peers whose clocks differ by more than this cannot talk.
+pub const MAX_CLOCK_SKEW: Duration = Duration::from_secs(60);
+
+/// Errors sealing or opening messages.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum CryptoError {
+    /// The peer's key gives a degenerate shared secret (a small-order point): it is not a key
+    /// anyone holds the secret for.
+    #[error("the peer's public key is degenerate; refusing to derive a shared key")]
+    DegenerateKey,
+    /// The token is not a Fernet token at all.
+    #[error("not a Fernet token")]
+    Malformed,
+    /// The token's MAC does not verify: it was altered, or sealed under another pair's key.
+    #[error("token was tampered with or was not sealed for this pair of users")]
+    Tampered,
+    /// The token claims to be from the future by more than Fernet's 60 s allowance.
+    #[error(
+        "token timestamp is {ahead_secs} s in the future; Fernet allows at most 60 s of clock \
+         skew: check that both machines' clocks are set correctly"
+    )]
+    FromTheFuture {
+        /// Seconds ahead of this machine's clock.
+        ahead_secs: u64,
+    },
+    /// The token is older than the accepted time-to-live.
+    #[error("token expired: sealed {age_secs} s ago, limit is {ttl_secs} s")]
+    Expired {
+        /// Age of the token.
+        age_secs: u64,
+        /// The limit it exceeded.
+        ttl_secs: u64,
+    },
+    /// The token decrypted but does not hold a message payload.
+    #[error("token does not contain a p2pchat message")]
+    BadPayload,
+    /// The payload names another sender or recipient than the connection it arrived on: a
+    /// reflected or re-routed token.
+    #[error("message names {from} → {to}, but arrived on the {expected_from} → {expected_to} path")]
+    Misrouted {
+        /// Sender named in the payload.
+        from: String,
+        /// Recipient named in the payload.
+        to: String,
+        /// Sender this path authenticates.
+        expected_from: String,
+        /// Recipient this path delivers to.
+        expected_to: String,
+    },
+}
+
+/// What a sealed message carries. Everything here is encrypted and authenticated.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Payload {
+    /// Sender-generated unique id.
+    pub id: MessageId,
+    /// Sender's username.
+    pub from: String,
+    /// Recipient's username.
+    pub to: String,
+    /// When the sender sent it, in milliseconds since the Unix epoch.
+    pub sent_at_ms: u64,
+    /// The message text.
+    pub body: String,
+}
+
+impl Payload {
+    /// When the message was sent, by the sender's clock.
+    pub fn sent_at(&self) -> SystemTime {
+        UNIX_EPOCH + Duration::from_millis(self.sent_at_ms)
+    }
+}
+
+/// The symmetric keys two users share. Cheap to use, not cheap to derive: cache it per peer.
+#[derive(Clone)]
+pub struct PairKey {
+    fernet: fernet::Fernet,
+    ack_key: Zeroizing<[u8; 32]>,
+}
+
+impl std::fmt::Debug for PairKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PairKey(..)")
+    }
+}
+
+impl PairKey {
+    /// Derives the key `me` shares with the owner of `peer`. Both ends compute the same key.
+    pub fn derive(me: &Identity, peer: &PublicKey) -> Result<Self, CryptoError> {
+        let shared = me.agreement_secret().diffie_hellman(&peer.agreement_key());
+        if !shared.was_contributory() {
+            return Err(CryptoError::DegenerateKey);
+        }
+        let (lo, hi) = {
+            let (a, b) = (me.public_key().to_bytes(), peer.to_bytes());
+            if a <= b { (a, b) } else { (b, a) }
+        };
+        let salt = format!("{KEY_DERIVATION_LABEL} pairwise key");
+        let hk = hkdf::Hkdf::<Sha256>::new(Some(salt.as_bytes()), shared.as_bytes());
+        let mut okm = Zeroizing::new([0u8; 64]);
+        hk.expand_multi_info(&[KEY_DERIVATION_LABEL.as_bytes(), &lo, &hi], &mut okm[..])
+            .map_err(|_| CryptoError::DegenerateKey)?;
+        let fernet_key =
+            Zeroizing::new(base64::engine::general_purpose::URL_SAFE.encode(&okm[..32]));
+        let fernet = fernet::Fernet::new(&fernet_key).ok_or(CryptoError::DegenerateKey)?;
+        let mut ack_key = Zeroizing::new([0u8; 32]);
+        ack_key.copy_from_slice(&okm[32..]);
+        Ok(Self { fernet, ack_key })
+    }
+
+    /// Seals `payload` into a Fernet token stamped with the current time.
+    pub fn seal(&self, payload: &Payload) -> String {
+        self.seal_bytes(&encode_payload(payload))
+    }
+
+    /// Seals already-encoded payload bytes.
+    pub(crate) fn seal_bytes(&self, bytes: &[u8]) -> String {
+        self.fernet.encrypt(bytes)
+    }
+
+    /// Seals with an explicit timestamp (seconds since the Unix epoch).
+    pub(crate) fn seal_at(&self, payload: &Payload, unix_secs: u64) -> String {
+        self.fernet
+            .encrypt_at_time(&encode_payload(payload), unix_secs)
+    }
+
+    /// Opens a token from `expected_from` to `expected_to`, accepting it only if it is
+    /// authentic, younger than `ttl`, not from the future beyond [`MAX_CLOCK_SKEW`], and its
+    /// payload names exactly that sender and recipient.
+    pub fn open(
+        &self,
+        token: &str,
+        expected_from: &str,
+        expected_to: &str,
+        ttl: Duration,
+    ) -> Result<Payload, CryptoError> {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs();
+        self.open_at(token, expected_from, expected_to, ttl, now)
+    }
+
+    pub(crate) fn open_at(
+        &self,
+        token: &str,
+        expected_from: &str,
+        expected_to: &str,
+        ttl: Duration,
+        now_secs: u64,
+    ) -> Result<Payload, CryptoError> {
+        let stamped = token_timestamp(token).ok_or(CryptoError::Malformed)?;
+        if stamped > now_secs + MAX_CLOCK_SKEW.as_secs() {
+            return Err(CryptoError::FromTheFuture {
+                ahead_secs: stamped - now_secs,
+            });
+        }
+        let age_secs = now_secs.saturating_sub(stamped);
+        if age_secs > ttl.as_secs() {
+            return Err(CryptoError::Expired {
+                age_secs,
+                ttl_secs: ttl.as_secs(),
+            });
+        }
+        let plain = self
+            .fernet
+            .decrypt_at_time(token, None, now_secs)
+            .map_err(|_| CryptoError::Tampered)?;
+        let payload: Payload = postcard::from_bytes(&plain).map_err(|_| CryptoError::BadPayload)?;
+        if payload.from != expected_from || payload.to != expected_to {
+            return Err(CryptoError::Misrouted {
+                from: payload.from,
+                to: payload.to,
+                expected_from: expected_from.to_owned(),
+                expected_to: expected_to.to_owned(),
+            });
+        }
+        Ok(payload)
+    }
+
+    /// The MAC that authenticates an acknowledgement of `ids` sent by `acker`.
+    pub fn ack_tag(&self, acker: &str, ids: &[MessageId]) -> [u8; 32] {
+        self.ack_mac(acker, ids).finalize().into_bytes().into()
+    }
+
+    /// Checks an acknowledgement tag in constant time.
+    pub fn verify_ack(&self, acker: &str, ids: &[MessageId], tag: &[u8; 32]) -> bool {
+        self.ack_mac(acker, ids).verify_slice(tag).is_ok()
+    }
+
+    fn ack_mac(&self, acker: &str, ids: &[MessageId]) -> hmac::Hmac<Sha256> {
+        let mut mac = hmac::Hmac::<Sha256>::new_from_slice(&self.ack_key[..])
+            .expect("HMAC accepts any key length");
+        mac.update(b"p2pchat/1 ack");
+        mac.update(&(acker.len() as u64).to_be_bytes());
+        mac.update(acker.as_bytes());
+        for id in ids {
+            mac.update(id.as_bytes());
+        }
+        mac
+    }
+}
+
+fn encode_payload(payload: &Payload) -> Vec<u8> {
+    postcard::to_stdvec(payload).expect("serializing a payload to a Vec cannot fail")
+}
+
+/// The timestamp inside a Fernet token (bytes 1..9 after the 0x80 version byte).
+fn token_timestamp(token: &str) -> Option<u64> {
+    // 12 base64 characters decode to exactly the 9 header bytes.
+    let head = token.get(..12)?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(head)
+        .ok()?;
+    if bytes.first() != Some(&0x80) {
+        return None;
+    }
+    Some(u64::from_be_bytes(bytes[1..9].try_into().ok()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TTL: Duration = Duration::from_secs(3600);
+
+    fn payload(from: &str, to: &str) -> Payload {
+        Payload {
+            id: MessageId::random(),
+            from: from.into(),
+            to: to.into(),
+            sent_at_ms: 1,
+            body: "hello there".into(),
+        }
+    }
+
+    fn now() -> u64 {
+        SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs()
+    }
+
+    #[test]
+    fn both_ends_derive_the_same_key() {
+        let (a, b) = (Identity::generate(), Identity::generate());
+        let ab = PairKey::derive(&a, &b.public_key()).unwrap();
+        let ba = PairKey::derive(&b, &a.public_key()).unwrap();
+        let p = payload("alice", "bob");
+        let token = ab.seal(&p);
+        assert_eq!(ba.open(&token, "alice", "bob", TTL).unwrap(), p);
+    }
+
+    #[test]
+    fn a_third_identity_cannot_open_the_pairs_tokens() {
+        let (a, b, c) = (Identity::generate(), Identity::generate(), Identity::generate());
+        let token = PairKey::derive(&a, &b.public_key())
+            .unwrap()
+            .seal(&payload("alice", "bob"));
+        let ca = PairKey::derive(&c, &a.public_key()).unwrap();
+        assert_eq!(ca.open(&token, "alice", "bob", TTL), Err(CryptoError::Tampered));
+    }
+
+    #[test]
+    fn tampered_token_is_rejected() {
+        let (a, b) = (Identity::generate(), Identity::generate());
+        let key = PairKey::derive(&a, &b.public_key()).unwrap();
+        let token = key.seal(&payload("alice", "bob"));
+        let mut bytes = token.into_bytes();
+        let i = bytes.len() / 2;
+        bytes[i] = if bytes[i] == b'A' { b'B' } else { b'A' };
+        let tampered = String::from_utf8(bytes).unwrap();
+        assert_eq!(key.open(&tampered, "alice", "bob", TTL), Err(CryptoError::Tampered));
+        assert_eq!(key.open("garbage", "alice", "bob", TTL), Err(CryptoError::Malformed));
+    }
+
+    #[test]
+    fn reflected_and_rerouted_tokens_are_rejected() {
+        let (a, b) = (Identity::generate(), Identity::generate());
+        let key = PairKey::derive(&a, &b.public_key()).unwrap();
+        let token = key.seal(&payload("alice", "bob"));
+        // Reflected: bob's token sent back to alice, who expects bob → alice.
+        let err = key.open(&token, "bob", "alice", TTL).unwrap_err();
+        assert!(matches!(err, CryptoError::Misrouted { .. }), "{err}");
+        let err = key.open(&token, "alice", "carol", TTL).unwrap_err();
+        assert!(matches!(err, CryptoError::Misrouted { .. }), "{err}");
+    }
+
+    #[test]
+    fn expired_and_future_tokens_get_clear_errors() {
+        let (a, b) = (Identity::generate(), Identity::generate());
+        let key = PairKey::derive(&a, &b.public_key()).unwrap();
+        let p = payload("alice", "bob");
+        let old = key.seal_at(&p, now() - 7200);
+        assert!(matches!(
+            key.open(&old, "alice", "bob", TTL),
+            Err(CryptoError::Expired { ttl_secs: 3600, .. })
+        ));
+        let ahead = key.seal_at(&p, now() + 600);
+        let err = key.open(&ahead, "alice", "bob", TTL).unwrap_err();
+        assert!(matches!(err, CryptoError::FromTheFuture { .. }));
+        assert!(err.to_string().contains("clock"), "{err}");
+        // Within the 60 s allowance is fine.
+        let slightly_ahead = key.seal_at(&p, now() + 30);
+        assert_eq!(key.open(&slightly_ahead, "alice", "bob", TTL).unwrap(), p);
+    }
+
+    #[test]
+    fn ack_tags_bind_the_acker_and_ids() {
+        let (a, b) = (Identity::generate(), Identity::generate());
+        let key = PairKey::derive(&a, &b.public_key()).unwrap();
+        let ids = [MessageId::random(), MessageId::random()];
+        let tag = key.ack_tag("bob", &ids);
+        assert!(key.verify_ack("bob", &ids, &tag));
+        assert!(!key.verify_ack("alice", &ids, &tag));
+        assert!(!key.verify_ack("bob", &ids[..1], &tag));
+    }
+}

@@ -1,0 +1,353 @@
+//! Long-term identity keys: generation, storage (file mode 0600) and fingerprints.
+//!
+//! An [`Identity`] is one Ed25519 signing key. The X25519 key used for the pairwise
+//! agreement is derived from it (the standard Ed25519 → X25519 birational map, as
+//! libsodium's `crypto_sign_ed25519_sk_to_curve25519`), so a user has exactly one public key
+//! to pin, publish and compare: [`PublicKey`].
+
+use std::fmt;
+use std::io::Write;
+use std::path::Path;
+
+use ed25519_dalek::{Signer, SigningKey, VerifyingKey};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use zeroize::Zeroizing;
+
+/// The first line of an identity file; anything else is refused on load.
+const IDENTITY_FILE_HEADER: &str = "p2pchat identity v1";
+
+/// Errors loading, saving or parsing identity keys.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum IdentityError {
+    /// Reading or writing the identity file failed.
+    #[error("identity file {path}: {source}")]
+    Io {
+        /// The file involved.
+        path: String,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The identity file exists but is not a p2pchat identity.
+    #[error("identity file {path} is not a p2pchat identity (expected a '{IDENTITY_FILE_HEADER}' header and 64 hex digits)")]
+    Malformed {
+        /// The file involved.
+        path: String,
+    },
+    /// 32 bytes that are not a valid Ed25519 public key.
+    #[error("not a valid Ed25519 public key")]
+    InvalidPublicKey,
+}
+
+/// A user's long-term identity: an Ed25519 key pair, from which the X25519 agreement key
+/// is derived.
+///
+/// `Clone` copies the secret; `Debug` shows only the public key.
+#[derive(Clone)]
+pub struct Identity {
+    signing: SigningKey,
+}
+
+impl Identity {
+    /// A fresh random identity from the operating system's CSPRNG.
+    pub fn generate() -> Self {
+        Self {
+            signing: SigningKey::generate(&mut rand::rng()),
+        }
+    }
+
+    /// Rebuilds an identity from its 32-byte secret seed.
+    pub fn from_secret_bytes(secret: &[u8; 32]) -> Self {
+        Self {
+            signing: SigningKey::from_bytes(secret),
+        }
+    }
+
+    /// Loads the identity stored at `path`, or generates one and saves it there (mode 0600,
+    /// creating parent directories) when the file does not exist.
+    pub fn load_or_generate(path: impl AsRef<Path>) -> Result<Self, IdentityError> {
+        let path = path.as_ref();
+        match Self::load(path) {
+            Ok(identity) => Ok(identity),
+            Err(IdentityError::Io { source, .. })
+                if source.kind() == std::io::ErrorKind::NotFound =>
+            {
+                let identity = Self::generate();
+                identity.save(path)?;
+                Ok(identity)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Loads an identity saved by [`Identity::save`].
+    pub fn load(path: impl AsRef<Path>) -> Result<Self, IdentityError> {
+        let path = path.as_ref();
+        let io = |source| IdentityError::Io {
+            path: path.display().to_string(),
+            source,
+        };
+        let text = Zeroizing::new(std::fs::read_to_string(path).map_err(io)?);
+        let malformed = || IdentityError::Malformed {
+            path: path.display().to_string(),
+        };
+        let mut lines = text.lines();
+        if lines.next() != Some(IDENTITY_FILE_HEADER) {
+            return Err(malformed());
+        }
+        let hex = lines.next().ok_or_else(malformed)?.trim();
+        let mut secret = Zeroizing::new([0u8; 32]);
+        decode_hex(hex, &mut secret[..]).ok_or_else(malformed)?;
+        Ok(Self::from_secret_bytes(&secret))
+    }
+
+    /// Saves the secret key to `path` with file mode 0600 (on Unix), atomically: a partial
+    /// write never replaces a good file.
+    pub fn save(&self, path: impl AsRef<Path>) -> Result<(), IdentityError> {
+        let path = path.as_ref();
+        let io = |source| IdentityError::Io {
+            path: path.display().to_string(),
+            source,
+        };
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(io)?;
+        }
+        let contents = Zeroizing::new(format!(
+            "{IDENTITY_FILE_HEADER}\n{}\n",
+            encode_hex(&self.signing.to_bytes())
+        ));
+        let tmp = path.with_extension("tmp");
+        let mut options = std::fs::OpenOptions::new();
+        options.write(true).create(true).truncate(true);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            options.mode(0o600);
+        }
+        let mut file = options.open(&tmp).map_err(io)?;
+        file.write_all(contents.as_bytes()).map_err(io)?;
+        file.sync_all().map_err(io)?;
+        std::fs::rename(&tmp, path).map_err(io)
+    }
+
+    /// The public half, safe to publish.
+    pub fn public_key(&self) -> PublicKey {
+        PublicKey(self.signing.verifying_key())
+    }
+
+    /// Signs `message` with the identity key.
+    pub fn sign(&self, message: &[u8]) -> [u8; 64] {
+        self.signing.sign(message).to_bytes()
+    }
+
+    /// The X25519 secret derived from the identity key.
+    pub(crate) fn agreement_secret(&self) -> x25519_dalek::StaticSecret {
+        x25519_dalek::StaticSecret::from(self.signing.to_scalar_bytes())
+    }
+}
+
+impl fmt::Debug for Identity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Identity")
+            .field("public_key", &self.public_key())
+            .finish_non_exhaustive()
+    }
+}
+
+/// A user's public identity key (Ed25519). Serializes as 32 bytes.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PublicKey(VerifyingKey);
+
+impl PublicKey {
+    /// Parses 32 bytes as a public key, refusing points that are not valid keys.
+    pub fn from_bytes(bytes: &[u8; 32]) -> Result<Self, IdentityError> {
+        let key = VerifyingKey::from_bytes(bytes).map_err(|_| IdentityError::InvalidPublicKey)?;
+        if key.is_weak() {
+            return Err(IdentityError::InvalidPublicKey);
+        }
+        Ok(Self(key))
+    }
+
+    /// The 32 key bytes.
+    pub fn to_bytes(&self) -> [u8; 32] {
+        self.0.to_bytes()
+    }
+
+    /// Checks `signature` over `message` (strict verification: no malleable signatures).
+    pub fn verify(&self, message: &[u8], signature: &[u8; 64]) -> bool {
+        let signature = ed25519_dalek::Signature::from_bytes(signature);
+        self.0.verify_strict(message, &signature).is_ok()
+    }
+
+    /// The short safety code two people compare out of band to know they hold the same key:
+    /// 30 decimal digits in six groups of five, taken from SHA-256 of the key.
+    pub fn fingerprint(&self) -> Fingerprint {
+        let digest = Sha256::new()
+            .chain_update(b"p2pchat fingerprint v1")
+            .chain_update(self.to_bytes())
+            .finalize();
+        let mut groups = [0u32; 6];
+        for (group, chunk) in groups.iter_mut().zip(digest.chunks_exact(5)) {
+            let mut n = 0u64;
+            for &b in chunk {
+                n = (n << 8) | u64::from(b);
+            }
+            *group = (n % 100_000) as u32;
+        }
+        Fingerprint(groups)
+    }
+
+    /// The X25519 public key derived from this identity key.
+    pub(crate) fn agreement_key(&self) -> x25519_dalek::PublicKey {
+        x25519_dalek::PublicKey::from(self.0.to_montgomery().to_bytes())
+    }
+}
+
+impl fmt::Debug for PublicKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "PublicKey({self})")
+    }
+}
+
+/// Lower-case hex of the 32 key bytes.
+impl fmt::Display for PublicKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&encode_hex(&self.to_bytes()))
+    }
+}
+
+impl std::str::FromStr for PublicKey {
+    type Err = IdentityError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let mut bytes = [0u8; 32];
+        decode_hex(s, &mut bytes).ok_or(IdentityError::InvalidPublicKey)?;
+        Self::from_bytes(&bytes)
+    }
+}
+
+impl Serialize for PublicKey {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        if s.is_human_readable() {
+            s.serialize_str(&self.to_string())
+        } else {
+            serde_bytes::Bytes::new(&self.to_bytes()).serialize(s)
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for PublicKey {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        if d.is_human_readable() {
+            let s = String::deserialize(d)?;
+            s.parse().map_err(D::Error::custom)
+        } else {
+            let bytes: serde_bytes::ByteArray<32> = Deserialize::deserialize(d)?;
+            Self::from_bytes(&bytes).map_err(D::Error::custom)
+        }
+    }
+}
+
+/// A safety code: six groups of five digits, shown as `12345 67890 …`.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Fingerprint([u32; 6]);
+
+impl fmt::Display for Fingerprint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, group) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(" ")?;
+            }
+            write!(f, "{group:05}")?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for Fingerprint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Fingerprint({self})")
+    }
+}
+
+pub(crate) fn encode_hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for &b in bytes {
+        out.push(DIGITS[usize::from(b >> 4)] as char);
+        out.push(DIGITS[usize::from(b & 0xf)] as char);
+    }
+    out
+}
+
+/// Decodes exactly `out.len()` bytes of hex; `None` on any other input.
+pub(crate) fn decode_hex(hex: &str, out: &mut [u8]) -> Option<()> {
+    let hex = hex.as_bytes();
+    if hex.len() != out.len() * 2 {
+        return None;
+    }
+    let nibble = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
+    for (byte, pair) in out.iter_mut().zip(hex.chunks_exact(2)) {
+        *byte = (nibble(pair[0])? << 4) | nibble(pair[1])?;
+    }
+    Some(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn save_and_load_round_trip_with_mode_0600() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub/identity.key");
+        let a = Identity::load_or_generate(&path).unwrap();
+        let b = Identity::load_or_generate(&path).unwrap();
+        assert_eq!(a.public_key(), b.public_key());
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+    }
+
+    #[test]
+    fn malformed_identity_file_is_refused_not_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("identity.key");
+        std::fs::write(&path, "hello").unwrap();
+        let err = Identity::load_or_generate(&path).unwrap_err();
+        assert!(matches!(err, IdentityError::Malformed { .. }), "{err}");
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "hello");
+    }
+
+    #[test]
+    fn fingerprints_differ_between_keys_and_are_stable() {
+        let a = Identity::generate().public_key();
+        let b = Identity::generate().public_key();
+        assert_ne!(a.fingerprint(), b.fingerprint());
+        assert_eq!(a.fingerprint(), a.fingerprint());
+        let shown = a.fingerprint().to_string();
+        assert_eq!(shown.len(), 6 * 5 + 5);
+        assert!(shown.split(' ').all(|g| g.len() == 5));
+    }
+
+    #[test]
+    fn public_key_parses_from_its_display() {
+        let key = Identity::generate().public_key();
+        assert_eq!(key.to_string().parse::<PublicKey>().unwrap(), key);
+        assert!("zz".parse::<PublicKey>().is_err());
+    }
+
+    #[test]
+    fn signatures_verify_only_under_the_signing_key() {
+        let a = Identity::generate();
+        let sig = a.sign(b"msg");
+        assert!(a.public_key().verify(b"msg", &sig));
+        assert!(!a.public_key().verify(b"msh", &sig));
+        assert!(!Identity::generate().public_key().verify(b"msg", &sig));
+    }
+}

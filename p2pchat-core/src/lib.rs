@@ -1,0 +1,4 @@
+//! p2pchat-core
+pub mod crypto;
+pub mod identity;
+pub mod protocol;
