@@ -142,8 +142,10 @@ impl PairKey {
         self.fernet.encrypt(bytes)
     }
 
-    /// Seals with an explicit timestamp (seconds since the Unix epoch).
-    pub(crate) fn seal_at(&self, payload: &Payload, unix_secs: u64) -> String {
+    /// Seals with an explicit timestamp (seconds since the Unix epoch): for tests of
+    /// expiry and clock skew.
+    #[cfg(any(test, feature = "test-utils"))]
+    pub fn seal_at(&self, payload: &Payload, unix_secs: u64) -> String {
         self.fernet
             .encrypt_at_time(&encode_payload(payload), unix_secs)
     }
@@ -259,7 +261,10 @@ mod tests {
     }
 
     fn now() -> u64 {
-        SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs()
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
     }
 
     #[test]
@@ -274,12 +279,19 @@ mod tests {
 
     #[test]
     fn a_third_identity_cannot_open_the_pairs_tokens() {
-        let (a, b, c) = (Identity::generate(), Identity::generate(), Identity::generate());
+        let (a, b, c) = (
+            Identity::generate(),
+            Identity::generate(),
+            Identity::generate(),
+        );
         let token = PairKey::derive(&a, &b.public_key())
             .unwrap()
             .seal(&payload("alice", "bob"));
         let ca = PairKey::derive(&c, &a.public_key()).unwrap();
-        assert_eq!(ca.open(&token, "alice", "bob", TTL), Err(CryptoError::Tampered));
+        assert_eq!(
+            ca.open(&token, "alice", "bob", TTL),
+            Err(CryptoError::Tampered)
+        );
     }
 
     #[test]
@@ -291,8 +303,14 @@ mod tests {
         let i = bytes.len() / 2;
         bytes[i] = if bytes[i] == b'A' { b'B' } else { b'A' };
         let tampered = String::from_utf8(bytes).unwrap();
-        assert_eq!(key.open(&tampered, "alice", "bob", TTL), Err(CryptoError::Tampered));
-        assert_eq!(key.open("garbage", "alice", "bob", TTL), Err(CryptoError::Malformed));
+        assert_eq!(
+            key.open(&tampered, "alice", "bob", TTL),
+            Err(CryptoError::Tampered)
+        );
+        assert_eq!(
+            key.open("garbage", "alice", "bob", TTL),
+            Err(CryptoError::Malformed)
+        );
     }
 
     #[test]

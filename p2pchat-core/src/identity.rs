@@ -31,7 +31,9 @@ pub enum IdentityError {
         source: std::io::Error,
     },
     /// The identity file exists but is not a p2pchat identity.
-    #[error("identity file {path} is not a p2pchat identity (expected a '{IDENTITY_FILE_HEADER}' header and 64 hex digits)")]
+    #[error(
+        "identity file {path} is not a p2pchat identity (expected a '{IDENTITY_FILE_HEADER}' header and 64 hex digits)"
+    )]
     Malformed {
         /// The file involved.
         path: String,

@@ -1,4 +1,70 @@
-//! p2pchat-core
+//! # p2pchat-core
+//!
+//! Peer-to-peer chat with end-to-end encryption, as a library. A [`ChatNode`] registers its
+//! name and key with a directory ([`Discovery`]), keeps one persistent connection per peer
+//! ([`Transport`]), seals every message as a Fernet token under a key only the two peers can
+//! derive, and falls back to an [`OfflineStore`] when a peer cannot be reached. Everything
+//! that happens is reported on an [`Events`] stream.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! use futures::StreamExt;
+//! use p2pchat_core::{ChatNode, Event, MemoryDiscovery, MemoryNetwork, MemoryStore};
+//!
+//! let (directory, network, store) = (MemoryDiscovery::new(), MemoryNetwork::new(), MemoryStore::new());
+//! let alice = ChatNode::builder()
+//!     .username("alice")
+//!     .transport(network.clone())
+//!     .discovery(directory.clone())
+//!     .offline_store(store.clone())
+//!     .spawn()
+//!     .await?;
+//! let bob = ChatNode::builder()
+//!     .username("bob")
+//!     .transport(network)
+//!     .discovery(directory)
+//!     .offline_store(store)
+//!     .spawn()
+//!     .await?;
+//! let mut events = bob.events();
+//! alice.send("bob", "hi").await?;
+//! while let Some(event) = events.next().await {
+//!     if let Event::MessageReceived { from, text, .. } = event {
+//!         println!("[{from}] {text}");
+//!         break;
+//!     }
+//! }
+//! alice.shutdown().await?;
+//! bob.shutdown().await?;
+//! # Ok(()) }
+//! ```
+//!
+//! ## Modules
+//! - [`node`]: [`ChatNode`], its builder and errors; the actor, per-peer links and readers.
+//! - [`event`]: [`Event`] and the [`Events`] stream.
+//! - [`identity`]: Ed25519 identity keys, storage, fingerprints.
+//! - [`crypto`]: pairwise keys (X25519 + HKDF-SHA256), sealing and opening Fernet tokens.
+//! - [`protocol`]: wire types and the frame codec (no I/O), limits.
+//! - [`transport`]: the [`Transport`] trait, [`TcpTransport`], [`MemoryNetwork`].
+//! - [`discovery`]: the [`Discovery`] trait and [`MemoryDiscovery`].
+//! - [`store`]: the [`OfflineStore`] trait and [`MemoryStore`].
+//! - `testing` (feature `test-utils`): conformance suites every backend must pass.
+
 pub mod crypto;
+pub mod discovery;
+pub mod event;
 pub mod identity;
+pub mod node;
 pub mod protocol;
+pub mod store;
+#[cfg(feature = "test-utils")]
+pub mod testing;
+pub mod transport;
+
+pub use discovery::{Discovery, DiscoveryError, DiscoverySession, MemoryDiscovery, PeerRecord};
+pub use event::{Event, Events};
+pub use identity::{Fingerprint, Identity, PublicKey};
+pub use node::{ChatNode, ChatNodeBuilder, NodeError};
+pub use protocol::MessageId;
+pub use store::{MemoryStore, OfflineStore, StoreError, StoredMessage};
+pub use transport::{MemoryNetwork, TcpTransport, Transport, TransportError};

@@ -170,8 +170,9 @@ pub fn handshake_transcript(role: Role, dialer: &Hello, listener: &Hello) -> Vec
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub enum PeerFrame {
-    /// Opens the handshake (both sides send one).
-    Hello(Hello),
+    /// Opens the handshake (both sides send one). Boxed: it is much larger than the
+    /// frames that carry messages.
+    Hello(Box<Hello>),
     /// Proves the sender holds its identity key: an Ed25519 signature over
     /// [`handshake_transcript`].
     Auth {
@@ -181,8 +182,19 @@ pub enum PeerFrame {
     },
     /// A sealed message: a Fernet token holding a [`crate::crypto::Payload`].
     Message {
+        /// The message id, in the clear so the receiver can refuse a token it cannot open
+        /// (it must equal the id inside the token).
+        id: MessageId,
         /// The token.
         token: String,
+    },
+    /// The receiver could not accept a message (a token it cannot open, from the future,
+    /// expired): the sender reports it failed instead of retrying it forever.
+    Reject {
+        /// The refused message.
+        id: MessageId,
+        /// Why, as a sentence.
+        detail: String,
     },
     /// Acknowledges messages processed by the sender of this frame.
     Ack {
@@ -376,10 +388,15 @@ mod tests {
 
     fn sample_frames() -> Vec<PeerFrame> {
         vec![
-            PeerFrame::Hello(hello()),
+            PeerFrame::Hello(Box::new(hello())),
             PeerFrame::Auth { signature: [9; 64] },
             PeerFrame::Message {
+                id: MessageId::random(),
                 token: "gAAAA-token".into(),
+            },
+            PeerFrame::Reject {
+                id: MessageId::random(),
+                detail: "clock".into(),
             },
             PeerFrame::Ack {
                 ids: vec![MessageId::random(), MessageId::random()],
@@ -448,6 +465,7 @@ mod tests {
         let mut codec = FrameCodec::<PeerFrame>::new(64);
         let mut buf = BytesMut::from(&b"xy"[..]);
         let big = PeerFrame::Message {
+            id: MessageId::random(),
             token: "a".repeat(100),
         };
         assert!(matches!(
@@ -488,10 +506,22 @@ mod tests {
             validate_username(&"a".repeat(MAX_USERNAME_LEN + 1)),
             Err(UsernameError::TooLong)
         );
-        assert_eq!(validate_username("Alice"), Err(UsernameError::BadCharacter('A')));
-        assert_eq!(validate_username("_x"), Err(UsernameError::BadCharacter('_')));
-        assert_eq!(validate_username("al ice"), Err(UsernameError::BadCharacter(' ')));
-        assert_eq!(validate_username("a\u{7}"), Err(UsernameError::BadCharacter('\u{7}')));
+        assert_eq!(
+            validate_username("Alice"),
+            Err(UsernameError::BadCharacter('A'))
+        );
+        assert_eq!(
+            validate_username("_x"),
+            Err(UsernameError::BadCharacter('_'))
+        );
+        assert_eq!(
+            validate_username("al ice"),
+            Err(UsernameError::BadCharacter(' '))
+        );
+        assert_eq!(
+            validate_username("a\u{7}"),
+            Err(UsernameError::BadCharacter('\u{7}'))
+        );
         // Cyrillic 'а' looks like Latin 'a'.
         assert_eq!(
             validate_username("\u{430}lice"),
@@ -519,7 +549,7 @@ mod tests {
         #[test]
         fn message_frames_round_trip(token in ".{0,300}", ids in proptest::collection::vec(proptest::prelude::any::<[u8; 16]>(), 0..20)) {
             let frames = vec![
-                PeerFrame::Message { token },
+                PeerFrame::Message { id: MessageId::random(), token },
                 PeerFrame::Ack { ids: ids.into_iter().map(MessageId::from_bytes).collect(), tag: [3; 32] },
             ];
             let mut buf = encode_all(&frames);

@@ -1,0 +1,253 @@
+//! The node's actor: directory keep-alive and pushes, the offline mailbox, and accepting
+//! peer connections. One `select!` loop owns the timers and the directory event channel.
+
+use std::sync::Arc;
+
+use futures::StreamExt;
+use futures::stream::BoxStream;
+use tokio::sync::{Semaphore, mpsc, oneshot};
+use tracing::Instrument;
+
+use super::handshake::{self, Refusal};
+use super::link::{Established, LinkCmd};
+use super::{Disposition, HANDSHAKE_TIMEOUT, MAX_PENDING_HANDSHAKES, Shared};
+use crate::discovery::DiscoveryEvent;
+use crate::event::Event;
+use crate::protocol::ErrorCode;
+use crate::store::MAX_FETCH_BATCH;
+use crate::transport::Listener;
+
+/// Commands the handle sends the actor. Capacity of its channel: 16.
+pub(crate) const ACTOR_QUEUE_CAPACITY: usize = 16;
+
+#[derive(Debug)]
+pub(crate) enum Command {
+    /// Close the listener; reply when no new connection can arrive.
+    StopAccepting(oneshot::Sender<()>),
+}
+
+pub(crate) struct Actor {
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) commands: mpsc::Receiver<Command>,
+    pub(crate) discovery_events: mpsc::Receiver<DiscoveryEvent>,
+    pub(crate) listener: Box<dyn Listener>,
+    pub(crate) mail: BoxStream<'static, ()>,
+}
+
+impl Actor {
+    pub(crate) async fn run(mut self) {
+        let shared = self.shared.clone();
+        let halt = shared.halt.clone();
+        let handshakes = Arc::new(Semaphore::new(MAX_PENDING_HANDSHAKES));
+        let mut keep_alive = tokio::time::interval(shared.config.keep_alive);
+        keep_alive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut accepting = true;
+        self.drain().await;
+        self.report_expired().await;
+        loop {
+            tokio::select! {
+                _ = halt.cancelled() => return,
+                Some(cmd) = self.commands.recv() => match cmd {
+                    Command::StopAccepting(done) => {
+                        accepting = false;
+                        let _ = done.send(());
+                    }
+                },
+                accepted = self.listener.accept(), if accepting => match accepted {
+                    Ok(conn) => {
+                        let Ok(permit) = handshakes.clone().acquire_owned().await else { continue };
+                        let shared = shared.clone();
+                        let span = tracing::debug_span!("inbound", remote = %conn.remote);
+                        shared.tasks.clone().spawn(async move {
+                            let _permit = permit;
+                            accept_one(shared, conn).await;
+                        }.instrument(span));
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accepting connections failed");
+                        accepting = false;
+                    }
+                },
+                Some(event) = self.discovery_events.recv() => self.on_discovery(event).await,
+                Some(()) = self.mail.next() => self.drain().await,
+                _ = keep_alive.tick() => {
+                    if let Ok(session) = shared.session()
+                        && let Err(e) = session.keep_alive().await
+                    {
+                        tracing::warn!(error = %e, "keep-alive failed");
+                    }
+                    self.report_expired().await;
+                }
+            }
+        }
+    }
+
+    async fn on_discovery(&mut self, event: DiscoveryEvent) {
+        match event {
+            DiscoveryEvent::PeerOnline { username } => {
+                if let Some(link) = self.shared.existing_link(&username) {
+                    let _ = link.send(LinkCmd::PeerOnline).await;
+                }
+                self.shared.emit(Event::PeerOnline { username });
+            }
+            DiscoveryEvent::PeerOffline { username } => {
+                self.shared.emit(Event::PeerOffline { username });
+            }
+        }
+    }
+
+    /// Fetches and shows everything in our mailbox, in order, acknowledging each batch only
+    /// after its ids are recorded: a crash mid-drain redelivers, and duplicates are dropped.
+    async fn drain(&mut self) {
+        let shared = self.shared.clone();
+        loop {
+            let batch = match shared.store.fetch(shared.me(), MAX_FETCH_BATCH).await {
+                Ok(batch) => batch,
+                Err(e) => {
+                    shared.emit(Event::Error {
+                        message: format!("could not fetch offline messages: {e}"),
+                    });
+                    return;
+                }
+            };
+            if batch.is_empty() {
+                return;
+            }
+            let mut shown = Vec::new();
+            let mut processed = Vec::with_capacity(batch.len());
+            for message in batch {
+                processed.push(message.id);
+                if message.to != shared.me() || shared.peer_state().is_blocked(&message.from) {
+                    continue;
+                }
+                // The pinned key if we have one: no directory round trip per message.
+                let pinned = shared.peer_state().pin(&message.from);
+                let key = match pinned {
+                    Some(key) => key,
+                    None => match shared.resolve(&message.from).await {
+                        Ok((record, _)) => record.public_key,
+                        Err(e) => {
+                            // Leave it in the mailbox: the sender may be resolvable later.
+                            tracing::warn!(from = %message.from, error = %e, "cannot open offline message yet");
+                            processed.pop();
+                            continue;
+                        }
+                    },
+                };
+                let pair = shared.pair_key(&key);
+                let disposition = match pair {
+                    Ok(pair) => {
+                        shared.receive(&pair, &message.from, message.id, &message.token, true)
+                    }
+                    Err(e) => Disposition::Reject(e),
+                };
+                match disposition {
+                    Disposition::Show(event) => shown.push(event),
+                    Disposition::Drop => {}
+                    Disposition::Reject(e) => shared.emit(Event::Error {
+                        message: format!(
+                            "an offline message from {} was rejected: {e}",
+                            message.from
+                        ),
+                    }),
+                }
+            }
+            shared.commit_seen();
+            for event in shown {
+                shared.emit(event);
+            }
+            if processed.is_empty() {
+                return;
+            }
+            if let Err(e) = shared.store.ack(shared.me(), &processed).await {
+                shared.emit(Event::Error {
+                    message: format!("could not acknowledge offline messages: {e}"),
+                });
+                return;
+            }
+        }
+    }
+
+    async fn report_expired(&mut self) {
+        match self.shared.store.take_expired(self.shared.me()).await {
+            Ok(expired) => {
+                for e in expired {
+                    self.shared.emit(Event::Expired { id: e.id, to: e.to });
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "cannot check for expired messages"),
+        }
+    }
+}
+
+/// Authenticates one incoming connection and hands it to the peer's link.
+async fn accept_one(shared: Arc<Shared>, conn: crate::transport::Connection) {
+    let (mut reader, mut writer) = handshake::frames(conn);
+    let admit = |user: String, key| {
+        let shared = shared.clone();
+        async move { admit(&shared, &user, key).await }
+    };
+    let result = tokio::time::timeout(
+        HANDSHAKE_TIMEOUT,
+        handshake::accept(
+            &mut reader,
+            &mut writer,
+            &shared.identity,
+            shared.me(),
+            admit,
+        ),
+    )
+    .await;
+    let (peer, key) = match result {
+        Ok(Ok(peer)) => peer,
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "inbound handshake failed");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!("inbound handshake timed out");
+            return;
+        }
+    };
+    let link = shared.link(&peer, key);
+    let _ = link
+        .send(LinkCmd::Inbound(Established { reader, writer }))
+        .await;
+}
+
+/// Whether to talk to `user` presenting `key`: not blocked, and the key is the pinned one
+/// (or, on first contact, the one the directory has for the name).
+async fn admit(
+    shared: &Shared,
+    user: &str,
+    key: crate::identity::PublicKey,
+) -> Result<(), Refusal> {
+    let refuse = |code, detail: &str| Refusal {
+        code,
+        detail: detail.to_owned(),
+    };
+    if shared.peer_state().is_blocked(user) {
+        return Err(refuse(
+            ErrorCode::Refused,
+            "not accepting connections from you",
+        ));
+    }
+    if shared.peer_state().pin(user) == Some(key) {
+        return Ok(());
+    }
+    match shared.resolve(user).await {
+        Ok((record, None)) if record.public_key == key => Ok(()),
+        Ok((record, Some(pinned))) if record.public_key == key => {
+            shared.key_changed(user, &pinned, &key);
+            Err(refuse(
+                ErrorCode::AuthenticationFailed,
+                "your key changed; waiting for the user to trust it",
+            ))
+        }
+        Ok(_) => Err(refuse(
+            ErrorCode::AuthenticationFailed,
+            "your key is not the one registered for your name",
+        )),
+        Err(_) => Err(refuse(ErrorCode::AuthenticationFailed, "unknown user")),
+    }
+}

@@ -1,0 +1,229 @@
+//! [`ChatNodeBuilder`]: every setting of a node, each with a documented default.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use tokio::sync::{broadcast, mpsc};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use super::actor::{ACTOR_QUEUE_CAPACITY, Actor};
+use super::state::{PeerState, Seen};
+use super::{ChatNode, Config, DEFAULT_ACK_TIMEOUT, DEFAULT_EVENT_CAPACITY, NodeError, Shared};
+use crate::discovery::{DEFAULT_KEEP_ALIVE_INTERVAL, Discovery, Registration};
+use crate::identity::Identity;
+use crate::protocol::validate_username;
+use crate::store::{DEFAULT_MESSAGE_TTL, OfflineStore};
+use crate::transport::{TcpTransport, Transport};
+
+/// Capacity of the channel carrying directory pushes to the actor. Default: 256.
+const DISCOVERY_EVENT_CAPACITY: usize = 256;
+
+/// Configures and starts a [`ChatNode`]. Obtain one with [`ChatNode::builder`].
+#[derive(Debug, Default)]
+pub struct ChatNodeBuilder {
+    identity: Option<Identity>,
+    username: Option<String>,
+    listen: Option<SocketAddr>,
+    announce: Vec<SocketAddr>,
+    transport: Option<Arc<dyn Transport>>,
+    discovery: Option<Arc<dyn Discovery>>,
+    store: Option<Arc<dyn OfflineStore>>,
+    data_dir: Option<PathBuf>,
+    keep_alive: Option<Duration>,
+    ack_timeout: Option<Duration>,
+    message_ttl: Option<Duration>,
+    event_capacity: Option<usize>,
+}
+
+impl ChatNodeBuilder {
+    /// The node's long-term identity.
+    ///
+    /// By default, a fresh identity is generated (and forgotten at exit unless the
+    /// application saves it; see [`Identity::load_or_generate`]).
+    pub fn identity(mut self, identity: Identity) -> Self {
+        self.identity = Some(identity);
+        self
+    }
+
+    /// The username to register. Required: there is no default.
+    pub fn username(mut self, username: impl Into<String>) -> Self {
+        self.username = Some(username.into());
+        self
+    }
+
+    /// Where to accept peer connections.
+    ///
+    /// By default, `0.0.0.0:0`: every interface, a free port.
+    pub fn listen(mut self, addr: SocketAddr) -> Self {
+        self.listen = Some(addr);
+        self
+    }
+
+    /// Addresses to publish in the directory instead of the one it observes (for a node
+    /// behind a port forward, say).
+    ///
+    /// By default, none: peers dial the IP the directory sees this node connect from, at
+    /// the port it listens on.
+    pub fn announce(mut self, addrs: Vec<SocketAddr>) -> Self {
+        self.announce = addrs;
+        self
+    }
+
+    /// How to reach peers.
+    ///
+    /// By default, [`TcpTransport`].
+    pub fn transport(mut self, transport: impl Transport) -> Self {
+        self.transport = Some(Arc::new(transport));
+        self
+    }
+
+    /// The directory to register with. Required: there is no default.
+    pub fn discovery(mut self, discovery: impl Discovery) -> Self {
+        self.discovery = Some(Arc::new(discovery));
+        self
+    }
+
+    /// Where messages wait for peers that cannot be reached. Required: there is no default.
+    pub fn offline_store(mut self, store: impl OfflineStore) -> Self {
+        self.store = Some(Arc::new(store));
+        self
+    }
+
+    /// A directory for the state that must survive restarts: block and mute lists, pinned
+    /// keys, ids of messages already shown. Created if missing.
+    ///
+    /// By default, none: that state lives in memory and is lost at exit.
+    pub fn data_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.data_dir = Some(dir.into());
+        self
+    }
+
+    /// How often to keep the directory registration alive.
+    ///
+    /// By default, [`DEFAULT_KEEP_ALIVE_INTERVAL`] (10 s).
+    pub fn keep_alive_interval(mut self, interval: Duration) -> Self {
+        self.keep_alive = Some(interval);
+        self
+    }
+
+    /// How long to wait for a peer's acknowledgement before presuming the connection dead
+    /// and storing the unacknowledged messages offline.
+    ///
+    /// By default, [`DEFAULT_ACK_TIMEOUT`] (10 s).
+    pub fn ack_timeout(mut self, timeout: Duration) -> Self {
+        self.ack_timeout = Some(timeout);
+        self
+    }
+
+    /// How long a message may wait in the offline store, and the oldest token accepted.
+    ///
+    /// By default, [`DEFAULT_MESSAGE_TTL`] (7 days).
+    pub fn message_ttl(mut self, ttl: Duration) -> Self {
+        self.message_ttl = Some(ttl);
+        self
+    }
+
+    /// Events buffered for each [`crate::Events`] reader before it lags.
+    ///
+    /// By default, [`DEFAULT_EVENT_CAPACITY`] (4096).
+    pub fn event_capacity(mut self, capacity: usize) -> Self {
+        self.event_capacity = Some(capacity);
+        self
+    }
+
+    /// Binds the listener, registers with the directory and starts the node. Messages
+    /// waiting in the offline store are delivered as events right after.
+    pub async fn spawn(self) -> Result<ChatNode, NodeError> {
+        let username = self
+            .username
+            .ok_or_else(|| NodeError::Config("a username is required".into()))?;
+        validate_username(&username)?;
+        let discovery = self
+            .discovery
+            .ok_or_else(|| NodeError::Config("a discovery backend is required".into()))?;
+        let store = self
+            .store
+            .ok_or_else(|| NodeError::Config("an offline store is required".into()))?;
+        let config = Config {
+            username,
+            listen: self
+                .listen
+                .unwrap_or_else(|| SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0))),
+            announce: self.announce,
+            data_dir: self.data_dir,
+            keep_alive: self.keep_alive.unwrap_or(DEFAULT_KEEP_ALIVE_INTERVAL),
+            ack_timeout: self.ack_timeout.unwrap_or(DEFAULT_ACK_TIMEOUT),
+            message_ttl: self.message_ttl.unwrap_or(DEFAULT_MESSAGE_TTL),
+            event_capacity: self.event_capacity.unwrap_or(DEFAULT_EVENT_CAPACITY).max(1),
+        };
+        if config.keep_alive.is_zero() || config.ack_timeout.is_zero() {
+            return Err(NodeError::Config(
+                "keep-alive interval and ack timeout must be positive".into(),
+            ));
+        }
+        if let Some(dir) = &config.data_dir {
+            std::fs::create_dir_all(dir).map_err(|source| NodeError::State {
+                path: dir.display().to_string(),
+                source,
+            })?;
+        }
+        let identity = self.identity.unwrap_or_else(Identity::generate);
+        let peers = PeerState::load(config.data_dir.as_deref())?;
+        let seen = Seen::load(config.data_dir.as_deref())?;
+        let transport = self
+            .transport
+            .unwrap_or_else(|| Arc::new(TcpTransport::new()));
+        let listener = transport.bind(config.listen).await?;
+        let local_addr = listener.local_addr();
+        let (discovery_tx, discovery_events) = mpsc::channel(DISCOVERY_EVENT_CAPACITY);
+        let session = discovery
+            .register(
+                &identity,
+                Registration {
+                    username: config.username.clone(),
+                    listen_port: local_addr.port(),
+                    announce: config.announce.clone(),
+                },
+                discovery_tx,
+            )
+            .await?;
+        let mail = store.subscribe(&config.username).await?;
+        let (events, first_events) = broadcast::channel(config.event_capacity);
+        let (actor_tx, commands) = mpsc::channel(ACTOR_QUEUE_CAPACITY);
+        let span = tracing::info_span!("node", me = %config.username);
+        let shared = Arc::new(Shared {
+            identity,
+            config,
+            local_addr,
+            events: RwLock::new(Some(events)),
+            first_events: Mutex::new(Some(first_events)),
+            peers: Mutex::new(peers),
+            seen: Mutex::new(seen),
+            links: Mutex::default(),
+            pair_keys: Mutex::default(),
+            store,
+            transport,
+            session: Mutex::new(Some(Arc::from(session))),
+            halt: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+            closing: Mutex::new(false),
+            shutdown_done: tokio::sync::Mutex::new(false),
+        });
+        let actor = Actor {
+            shared: shared.clone(),
+            commands,
+            discovery_events,
+            listener,
+            mail,
+        };
+        shared.tasks.spawn(actor.run().instrument(span));
+        Ok(ChatNode {
+            shared,
+            actor: actor_tx,
+        })
+    }
+}

@@ -1,0 +1,104 @@
+//! Offline delivery: the [`OfflineStore`] trait and [`MemoryStore`].
+//!
+//! A message whose recipient cannot be reached directly is put in the recipient's mailbox as
+//! the same Fernet token that would have crossed the wire: a store never sees plaintext.
+
+mod memory;
+
+use std::fmt::Debug;
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use futures::stream::BoxStream;
+use serde::{Deserialize, Serialize};
+
+use crate::protocol::MessageId;
+
+pub use memory::MemoryStore;
+
+/// Most messages waiting for one recipient. Default: 10,000.
+pub const DEFAULT_MAILBOX_QUOTA: usize = 10_000;
+
+/// How long a message waits for its recipient before it expires undelivered. Default: 7 days.
+pub const DEFAULT_MESSAGE_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// Most messages one [`OfflineStore::fetch`] returns. Default: 256.
+pub const MAX_FETCH_BATCH: usize = 256;
+
+/// A sealed message waiting in a mailbox. Only routing metadata is in the clear.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredMessage {
+    /// The message id (also inside the token).
+    pub id: MessageId,
+    /// Sender's username.
+    pub from: String,
+    /// Recipient's username: whose mailbox this is.
+    pub to: String,
+    /// The Fernet token sealed under the sender–recipient pair key.
+    pub token: String,
+    /// When the message expires undelivered.
+    pub expires_at: SystemTime,
+}
+
+/// A message that expired before its recipient fetched it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExpiredMessage {
+    /// The expired message's id.
+    pub id: MessageId,
+    /// The recipient who never fetched it.
+    pub to: String,
+}
+
+/// Errors from an offline store.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The recipient's mailbox is full.
+    #[error("{recipient}'s mailbox is full ({quota} messages waiting)")]
+    QuotaExceeded {
+        /// Whose mailbox.
+        recipient: String,
+        /// The quota.
+        quota: usize,
+    },
+    /// The store cannot be reached now; the operation may succeed later.
+    #[error("offline store unavailable: {0}")]
+    Unavailable(String),
+    /// The caller may not read this mailbox.
+    #[error("not allowed: {0}")]
+    Forbidden(String),
+    /// The store holds or returned data it cannot interpret.
+    #[error("offline store data is corrupt: {0}")]
+    Corrupt(String),
+}
+
+/// Per-recipient mailboxes of sealed messages, delivered at least once.
+///
+/// # Contract
+/// - [`put`](OfflineStore::put) appends to `message.to`'s mailbox. It is idempotent by
+///   `(to, id)`: putting the same message twice stores it once. A full mailbox refuses with
+///   [`StoreError::QuotaExceeded`].
+/// - [`fetch`](OfflineStore::fetch) returns the oldest unacknowledged messages, in the
+///   order they were put, without removing them: a message is returned by every fetch until
+///   it is [`ack`](OfflineStore::ack)ed. Expired messages are never returned.
+/// - A message not acknowledged before `expires_at` leaves the mailbox and is reported once
+///   to its sender by [`take_expired`](OfflineStore::take_expired).
+/// - [`subscribe`](OfflineStore::subscribe) yields an item whenever mail may have arrived
+///   for the recipient (spurious items are allowed; missed ones are not, while subscribed).
+///
+/// # Cancel safety
+/// Every method may be cancelled; a cancelled `ack` may or may not have removed the messages,
+/// which only means they may be fetched again.
+#[async_trait]
+pub trait OfflineStore: Debug + Send + Sync + 'static {
+    /// Stores a message for `message.to`.
+    async fn put(&self, message: StoredMessage) -> Result<(), StoreError>;
+    /// Up to `limit` of `recipient`'s oldest waiting messages, left in place.
+    async fn fetch(&self, recipient: &str, limit: usize) -> Result<Vec<StoredMessage>, StoreError>;
+    /// Removes processed messages from `recipient`'s mailbox. Unknown ids are ignored.
+    async fn ack(&self, recipient: &str, ids: &[MessageId]) -> Result<(), StoreError>;
+    /// Expiry notices for messages `sender` sent, each returned once.
+    async fn take_expired(&self, sender: &str) -> Result<Vec<ExpiredMessage>, StoreError>;
+    /// New-mail notices for `recipient`.
+    async fn subscribe(&self, recipient: &str) -> Result<BoxStream<'static, ()>, StoreError>;
+}

@@ -1,0 +1,583 @@
+//! Test support (feature `test-utils`): one conformance suite per backend trait, run against
+//! every implementation, and tools for protocol-level tests.
+//!
+//! A new backend passes the same suite as the in-memory one:
+//!
+//! ```ignore
+//! #[tokio::test]
+//! async fn my_store_conforms() {
+//!     p2pchat_core::testing::store_conformance(|quota| async move { MyStore::new(quota) }).await;
+//! }
+//! ```
+//!
+//! The suites panic (with a message naming the broken rule) on the first violation.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use futures::{SinkExt, StreamExt};
+use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::mpsc;
+
+use crate::discovery::{Discovery, DiscoveryError, DiscoveryEvent, MAX_PAGE_SIZE, Registration};
+use crate::identity::{Identity, PublicKey};
+use crate::node::handshake::{self, FrameReader, FrameWriter};
+use crate::protocol::{MessageId, PeerFrame};
+use crate::store::{OfflineStore, StoreError, StoredMessage};
+use crate::transport::{Connection, Listener, Transport, TransportError};
+
+/// How long any single expected event may take in the suites before it counts as missing.
+pub const SUITE_EVENT_TIMEOUT: Duration = Duration::from_secs(10);
+
+async fn within<T>(what: &str, fut: impl Future<Output = T>) -> T {
+    tokio::time::timeout(SUITE_EVENT_TIMEOUT, fut)
+        .await
+        .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+}
+
+// ---------------------------------------------------------------------------------------
+// Transport
+
+/// Checks the [`Transport`] contract: `make` returns a fresh transport (or a handle on a
+/// fresh network) each call.
+pub async fn transport_conformance<T, F, Fut>(make: F)
+where
+    T: Transport,
+    F: Fn() -> Fut,
+    Fut: Future<Output = T>,
+{
+    let any: SocketAddr = "127.0.0.1:0".parse().expect("valid address");
+
+    // Bytes flow both ways, in order; dropping one end is end-of-stream at the other.
+    let transport = make().await;
+    let mut listener = transport.bind(any).await.expect("bind to port 0");
+    let addr = listener.local_addr();
+    assert_ne!(addr.port(), 0, "local_addr reports the chosen port");
+    let (dialed, accepted) = tokio::join!(transport.dial(addr), listener.accept());
+    let (mut a, mut b) = (dialed.expect("dial"), accepted.expect("accept"));
+    a.writer.write_all(b"ping").await.expect("write");
+    a.writer.flush().await.expect("flush");
+    let mut buf = [0u8; 4];
+    within("bytes from the dialer", b.reader.read_exact(&mut buf))
+        .await
+        .expect("read");
+    assert_eq!(&buf, b"ping");
+    b.writer.write_all(b"pong").await.expect("write");
+    b.writer.flush().await.expect("flush");
+    within("bytes from the listener", a.reader.read_exact(&mut buf))
+        .await
+        .expect("read");
+    assert_eq!(&buf, b"pong");
+
+    // A megabyte each way at once, without deadlock, intact.
+    let data: Vec<u8> = (0..1 << 20).map(|i: u32| (i % 251) as u8).collect();
+    let send = |mut w: crate::transport::WriteHalf, data: Vec<u8>| async move {
+        w.write_all(&data).await.expect("write");
+        w.flush().await.expect("flush");
+        w
+    };
+    let recv = |mut r: crate::transport::ReadHalf, len: usize| async move {
+        let mut got = vec![0u8; len];
+        r.read_exact(&mut got).await.expect("read");
+        got
+    };
+    let (wa, wb, got_b, got_a) = within(
+        "a bulk transfer",
+        futures::future::join4(
+            send(a.writer, data.clone()),
+            send(b.writer, data.clone()),
+            recv(b.reader, data.len()),
+            recv(a.reader, data.len()),
+        ),
+    )
+    .await;
+    assert!(got_a == data && got_b == data, "bulk data arrives intact");
+    drop(wa);
+    drop(wb);
+
+    // End of stream when the other end goes away.
+    let (dialed, accepted) = tokio::join!(transport.dial(addr), listener.accept());
+    let (a, mut b) = (dialed.expect("dial"), accepted.expect("accept"));
+    drop(a);
+    let mut rest = Vec::new();
+    within("end of stream", b.reader.read_to_end(&mut rest))
+        .await
+        .expect("clean end of stream");
+    assert!(rest.is_empty());
+
+    // A bound address cannot be bound again.
+    match transport.bind(addr).await {
+        Err(TransportError::AddrInUse { .. }) => {}
+        other => panic!("binding a taken address must fail with AddrInUse, got {other:?}"),
+    }
+
+    // After the listener is dropped, dials are refused.
+    drop(listener);
+    match transport.dial(addr).await {
+        Err(TransportError::ConnectionRefused { .. }) => {}
+        other => panic!("dialing a closed listener must be refused, got {other:?}"),
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Discovery
+
+fn registration(name: &str, port: u16) -> Registration {
+    Registration {
+        username: name.to_owned(),
+        listen_port: port,
+        announce: Vec::new(),
+    }
+}
+
+async fn expect_presence(
+    rx: &mut mpsc::Receiver<DiscoveryEvent>,
+    wanted: DiscoveryEvent,
+    timeout: Duration,
+) {
+    let found = tokio::time::timeout(timeout, async {
+        while let Some(event) = rx.recv().await {
+            if event == wanted {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    assert!(
+        matches!(found, Ok(true)),
+        "expected presence event {wanted:?}"
+    );
+}
+
+/// Checks the [`Discovery`] contract. `make` returns a fresh, empty directory whose
+/// presence TTL is `presence_ttl` (keep it short, a second or two: the suite waits for a
+/// registration to expire).
+pub async fn discovery_conformance<D, F, Fut>(make: F, presence_ttl: Duration)
+where
+    D: Discovery,
+    F: Fn() -> Fut,
+    Fut: Future<Output = D>,
+{
+    let dir = make().await;
+    let (alice, bob, mallory) = (
+        Identity::generate(),
+        Identity::generate(),
+        Identity::generate(),
+    );
+    let (tx, _rx) = mpsc::channel(64);
+
+    // Registration and lookup.
+    let a = dir
+        .register(&alice, registration("alice", 4001), tx.clone())
+        .await
+        .expect("first registration claims the name");
+    let record = a
+        .lookup("alice")
+        .await
+        .expect("lookup")
+        .expect("alice is known");
+    assert_eq!(record.public_key, alice.public_key());
+    assert!(record.online);
+    assert!(
+        record.addrs.iter().any(|addr| addr.port() == 4001),
+        "published address carries the listen port: {:?}",
+        record.addrs
+    );
+    assert_eq!(a.lookup("nobody").await.expect("lookup"), None);
+
+    // Name claims.
+    match dir
+        .register(&mallory, registration("alice", 4002), tx.clone())
+        .await
+    {
+        Err(DiscoveryError::NameTaken { username }) => assert_eq!(username, "alice"),
+        other => panic!("another key must not take a claimed name, got {other:?}"),
+    }
+    match dir
+        .register(&alice, registration("Bad Name", 4003), tx.clone())
+        .await
+    {
+        Err(DiscoveryError::InvalidUsername(_)) => {}
+        other => panic!("bad usernames must be refused, got {other:?}"),
+    }
+
+    // Watching presence: pushed on register and on deregister.
+    let (watch_tx, mut watch_rx) = mpsc::channel(64);
+    let watcher = dir
+        .register(&mallory, registration("mallory", 4004), watch_tx)
+        .await
+        .expect("register watcher");
+    watcher.watch("bob").await.expect("watch");
+    let b = dir
+        .register(&bob, registration("bob", 4005), tx.clone())
+        .await
+        .expect("register bob");
+    expect_presence(
+        &mut watch_rx,
+        DiscoveryEvent::PeerOnline {
+            username: "bob".into(),
+        },
+        SUITE_EVENT_TIMEOUT,
+    )
+    .await;
+    b.deregister().await.expect("deregister");
+    expect_presence(
+        &mut watch_rx,
+        DiscoveryEvent::PeerOffline {
+            username: "bob".into(),
+        },
+        SUITE_EVENT_TIMEOUT,
+    )
+    .await;
+    assert!(matches!(b.keep_alive().await, Err(DiscoveryError::Closed)));
+    let record = a.lookup("bob").await.expect("lookup").expect("claim stays");
+    assert!(!record.online, "a deregistered user is offline");
+    assert_eq!(record.public_key, bob.public_key());
+
+    // The owner may register again; dropping the session is going offline at once.
+    let b = dir
+        .register(&bob, registration("bob", 4006), tx.clone())
+        .await
+        .expect("the owner registers again");
+    expect_presence(
+        &mut watch_rx,
+        DiscoveryEvent::PeerOnline {
+            username: "bob".into(),
+        },
+        SUITE_EVENT_TIMEOUT,
+    )
+    .await;
+    drop(b);
+    expect_presence(
+        &mut watch_rx,
+        DiscoveryEvent::PeerOffline {
+            username: "bob".into(),
+        },
+        SUITE_EVENT_TIMEOUT,
+    )
+    .await;
+
+    // Missing keep-alives: offline after the presence TTL, pushed to watchers.
+    let b = dir
+        .register(&bob, registration("bob", 4007), tx.clone())
+        .await
+        .expect("register bob again");
+    expect_presence(
+        &mut watch_rx,
+        DiscoveryEvent::PeerOnline {
+            username: "bob".into(),
+        },
+        SUITE_EVENT_TIMEOUT,
+    )
+    .await;
+    expect_presence(
+        &mut watch_rx,
+        DiscoveryEvent::PeerOffline {
+            username: "bob".into(),
+        },
+        presence_ttl * 4 + Duration::from_secs(2),
+    )
+    .await;
+    drop(b);
+
+    // Paginated listing of many users: every online user exactly once, in order.
+    let mut sessions = Vec::new();
+    for i in 0..(2 * MAX_PAGE_SIZE + 7) {
+        let id = Identity::generate();
+        let s = dir
+            .register(&id, registration(&format!("user{i:04}"), 5000), tx.clone())
+            .await
+            .expect("register many");
+        sessions.push(s);
+    }
+    a.keep_alive().await.expect("keep alive");
+    watcher.keep_alive().await.expect("keep alive");
+    for s in &sessions {
+        s.keep_alive().await.expect("keep alive");
+    }
+    let mut names = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let page = a
+            .list_online(after.take(), MAX_PAGE_SIZE)
+            .await
+            .expect("list");
+        assert!(page.users.len() <= MAX_PAGE_SIZE, "pages are bounded");
+        assert!(page.users.iter().all(|u| u.online));
+        names.extend(page.users.into_iter().map(|u| u.username));
+        match page.next {
+            Some(next) => after = Some(next),
+            None => break,
+        }
+    }
+    let mut sorted = names.clone();
+    sorted.sort();
+    sorted.dedup();
+    assert_eq!(names, sorted, "listing is in name order without repeats");
+    for i in 0..(2 * MAX_PAGE_SIZE + 7) {
+        assert!(
+            names.contains(&format!("user{i:04}")),
+            "user{i:04} missing from the listing"
+        );
+    }
+    assert!(names.contains(&"alice".to_owned()));
+    assert!(
+        !names.contains(&"bob".to_owned()),
+        "offline users are not listed"
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// Offline store
+
+fn stored(from: &str, to: &str, n: u32) -> StoredMessage {
+    StoredMessage {
+        id: MessageId::random(),
+        from: from.to_owned(),
+        to: to.to_owned(),
+        token: format!("token-{n}"),
+        expires_at: SystemTime::now() + Duration::from_secs(3600),
+    }
+}
+
+/// Checks the [`OfflineStore`] contract. `make(quota)` returns a fresh, empty store whose
+/// mailboxes hold at most `quota` messages.
+pub async fn store_conformance<S, F, Fut>(make: F)
+where
+    S: OfflineStore,
+    F: Fn(usize) -> Fut,
+    Fut: Future<Output = S>,
+{
+    let store = make(50).await;
+    let mut notices = store.subscribe("bob").await.expect("subscribe");
+
+    // Put, then fetch in order without removing.
+    let messages: Vec<StoredMessage> = (0..20).map(|n| stored("alice", "bob", n)).collect();
+    for m in &messages {
+        store.put(m.clone()).await.expect("put");
+    }
+    within("a new-mail notice", notices.next())
+        .await
+        .expect("notice stream open");
+    let first = store.fetch("bob", 100).await.expect("fetch");
+    assert_eq!(first, messages, "fetch returns messages in the order put");
+    let again = store.fetch("bob", 5).await.expect("fetch");
+    assert_eq!(
+        again,
+        messages[..5],
+        "fetch leaves messages in place and honours the limit"
+    );
+    assert!(
+        store.fetch("carol", 10).await.expect("fetch").is_empty(),
+        "mailboxes are per recipient"
+    );
+
+    // Idempotent put.
+    store.put(messages[3].clone()).await.expect("put again");
+    assert_eq!(store.fetch("bob", 100).await.expect("fetch").len(), 20);
+
+    // Ack removes exactly the acknowledged ones; unknown ids are ignored.
+    let acked: Vec<MessageId> = messages[..10].iter().map(|m| m.id).collect();
+    store
+        .ack("bob", &[acked.clone(), vec![MessageId::random()]].concat())
+        .await
+        .expect("ack");
+    assert_eq!(
+        store.fetch("bob", 100).await.expect("fetch"),
+        messages[10..]
+    );
+    store
+        .ack("bob", &acked)
+        .await
+        .expect("acking twice is harmless");
+
+    // Quota.
+    for n in 0..40 {
+        match store.put(stored("carol", "dave", n)).await {
+            Ok(()) => {}
+            Err(e) => panic!("put below quota failed: {e}"),
+        }
+    }
+    let mut refused = false;
+    for n in 40..60 {
+        if let Err(StoreError::QuotaExceeded { recipient, .. }) =
+            store.put(stored("carol", "dave", n)).await
+        {
+            assert_eq!(recipient, "dave");
+            refused = true;
+        }
+    }
+    assert!(refused, "a full mailbox refuses with QuotaExceeded");
+    assert_eq!(store.fetch("dave", 100).await.expect("fetch").len(), 50);
+
+    // Expiry: never returned, reported once to the sender.
+    let mut old = stored("erin", "frank", 0);
+    old.expires_at = SystemTime::now() - Duration::from_secs(1);
+    let old_id = old.id;
+    let _ = store.put(old).await;
+    assert!(store.fetch("frank", 10).await.expect("fetch").is_empty());
+    let expired = store.take_expired("erin").await.expect("take_expired");
+    assert_eq!(expired.len(), 1, "the expired message is reported");
+    assert_eq!(expired[0].id, old_id);
+    assert_eq!(expired[0].to, "frank");
+    assert!(
+        store
+            .take_expired("erin")
+            .await
+            .expect("take_expired")
+            .is_empty(),
+        "each expiry is reported once"
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// Protocol-level tools
+
+/// A peer speaking the wire protocol by hand, for tests that send what a [`crate::ChatNode`]
+/// never would: replays, reflections, garbage.
+pub struct RawPeer {
+    reader: FrameReader,
+    writer: FrameWriter,
+}
+
+impl std::fmt::Debug for RawPeer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RawPeer")
+    }
+}
+
+impl RawPeer {
+    /// Dials `addr` as `me` (holding `identity`) and completes the handshake with `peer`,
+    /// whose key must be `peer_key`.
+    pub async fn connect(
+        transport: &dyn Transport,
+        addr: SocketAddr,
+        identity: &Identity,
+        me: &str,
+        peer: &str,
+        peer_key: &PublicKey,
+    ) -> Result<Self, String> {
+        let conn = transport.dial(addr).await.map_err(|e| e.to_string())?;
+        let (mut reader, mut writer) = handshake::frames(conn);
+        handshake::dial(&mut reader, &mut writer, identity, me, peer, peer_key)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(Self { reader, writer })
+    }
+
+    /// Sends one frame.
+    pub async fn send(&mut self, frame: PeerFrame) -> Result<(), String> {
+        self.writer.send(&frame).await.map_err(|e| e.to_string())
+    }
+
+    /// The next frame, `None` at end of stream or on error.
+    pub async fn recv(&mut self) -> Option<PeerFrame> {
+        self.reader.next().await.and_then(Result::ok)
+    }
+}
+
+/// A transport wrapper that records every byte written by either side of every connection,
+/// to check what an observer of the network sees.
+#[derive(Debug, Clone)]
+pub struct RecordingTransport<T> {
+    inner: T,
+    seen: Arc<Mutex<Vec<u8>>>,
+}
+
+impl<T: Transport> RecordingTransport<T> {
+    /// Wraps `inner`.
+    pub fn new(inner: T) -> Self {
+        Self {
+            inner,
+            seen: Arc::default(),
+        }
+    }
+
+    /// Everything written on every connection so far, concatenated.
+    pub fn recorded(&self) -> Vec<u8> {
+        self.seen.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+/// `conn` with its writes copied into `seen`.
+fn tee(conn: Connection, seen: &Arc<Mutex<Vec<u8>>>) -> Connection {
+    Connection {
+        reader: conn.reader,
+        writer: Box::new(Tee {
+            inner: conn.writer,
+            seen: seen.clone(),
+        }),
+        remote: conn.remote,
+    }
+}
+
+#[async_trait]
+impl<T: Transport> Transport for RecordingTransport<T> {
+    async fn bind(&self, addr: SocketAddr) -> Result<Box<dyn Listener>, TransportError> {
+        Ok(Box::new(RecordingListener {
+            inner: self.inner.bind(addr).await?,
+            seen: self.seen.clone(),
+        }))
+    }
+
+    async fn dial(&self, addr: SocketAddr) -> Result<Connection, TransportError> {
+        Ok(tee(self.inner.dial(addr).await?, &self.seen))
+    }
+}
+
+#[derive(Debug)]
+struct RecordingListener {
+    inner: Box<dyn Listener>,
+    seen: Arc<Mutex<Vec<u8>>>,
+}
+
+#[async_trait]
+impl Listener for RecordingListener {
+    fn local_addr(&self) -> SocketAddr {
+        self.inner.local_addr()
+    }
+
+    async fn accept(&mut self) -> Result<Connection, TransportError> {
+        Ok(tee(self.inner.accept().await?, &self.seen))
+    }
+}
+
+struct Tee {
+    inner: crate::transport::WriteHalf,
+    seen: Arc<Mutex<Vec<u8>>>,
+}
+
+impl AsyncWrite for Tee {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let poll = std::pin::Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let std::task::Poll::Ready(Ok(n)) = &poll {
+            self.seen
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .extend_from_slice(&buf[..*n]);
+        }
+        poll
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}

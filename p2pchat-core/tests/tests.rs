@@ -1,0 +1,10 @@
+//! Integration tests of p2pchat-core: one test binary, one module per theme.
+
+mod it {
+    pub mod conformance;
+    pub mod faults;
+    pub mod messaging;
+    pub mod mocks;
+    pub mod security;
+    pub mod util;
+}
