@@ -1,0 +1,1 @@
+//! Benches live under `benches/`.
