@@ -97,10 +97,11 @@ pub enum Event {
     },
 }
 
-/// The stream of a node's events, from [`crate::ChatNode::events`]. Each `Events` sees every
-/// event sent after it was created; a reader that falls more than the node's event capacity
-/// behind gets [`Event::Lagged`] and continues with the newest events. The stream ends when
-/// the node has shut down.
+/// The stream of a node's events, from [`crate::ChatNode::events`]. The first stream a node
+/// hands out starts at spawn; later ones start when they are created. A reader that falls
+/// more than the node's event capacity behind gets [`Event::Lagged`] and continues with the
+/// oldest events still buffered. The stream ends, after its buffered events, when the node
+/// has shut down.
 pub struct Events {
     inner: BroadcastStream<Event>,
 }

@@ -26,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use builder::ChatNodeBuilder;
+pub use link::{LINK_QUEUE_CAPACITY, MAX_IN_FLIGHT};
 pub use state::DEDUP_WINDOW;
 
 use crate::crypto::{CryptoError, PairKey};
@@ -516,7 +517,7 @@ impl ChatNode {
     /// Shuts the node down, losing nothing in flight. In order: refuses new sends and
     /// connections; lets each link send what it has queued and wait up to
     /// [`SHUTDOWN_GRACE`] for acknowledgements, storing whatever is still unacknowledged
-    /// offline; stops the tasks; deregisters from the directory; ends the event streams.
+    /// offline; deregisters from the directory; stops the tasks; ends the event streams.
     ///
     /// Idempotent: later calls (and concurrent ones) return when the first has finished.
     pub async fn shutdown(&self) -> Result<(), NodeError> {
@@ -545,12 +546,12 @@ impl ChatNode {
             let _ = rx.await;
         }
         self.shared.commit_seen();
-        self.shared.stop_tasks().await;
         let session = lock(&self.shared.session).take();
         let result = match session {
             Some(session) => session.deregister().await.map_err(NodeError::from),
             None => Ok(()),
         };
+        self.shared.stop_tasks().await;
         *done = true;
         result
     }

@@ -13,8 +13,8 @@ use std::net::SocketAddr;
 use async_trait::async_trait;
 use tokio::io::{AsyncRead, AsyncWrite};
 
-pub use memory::MemoryNetwork;
-pub use tcp::TcpTransport;
+pub use memory::{MEMORY_PIPE_CAPACITY, MemoryNetwork};
+pub use tcp::{TCP_CONNECT_TIMEOUT, TcpTransport};
 
 /// The reading half of a connection.
 pub type ReadHalf = Box<dyn AsyncRead + Send + Unpin + 'static>;

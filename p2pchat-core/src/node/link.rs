@@ -257,6 +257,7 @@ impl Link {
                 }
             }
             LinkCmd::Disconnect => {
+                // The peer was blocked: what it has not acknowledged waits in the store.
                 if self.conn.take().is_some() {
                     self.resend_or_store().await;
                 }
@@ -453,7 +454,10 @@ impl Link {
 
     /// Tries to open a connection, unless a recent attempt failed.
     async fn connect(&mut self) {
-        if Instant::now() < self.dial_after || self.held {
+        if Instant::now() < self.dial_after
+            || self.held
+            || self.shared.peer_state().is_blocked(&self.peer)
+        {
             return;
         }
         self.dial_after = Instant::now() + DIAL_BACKOFF;

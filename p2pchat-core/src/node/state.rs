@@ -3,7 +3,6 @@
 //! Without a data directory the same state lives in memory only.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
-use std::hash::{DefaultHasher, Hash, Hasher};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -165,10 +164,12 @@ pub(crate) struct Seen {
     unwritten: Vec<u8>,
 }
 
+/// A stable 64-bit key for a sender's name (FNV-1a): it is written to `seen.log`, so it must
+/// not change between builds the way `std`'s `DefaultHasher` may.
 fn sender_key(from: &str) -> u64 {
-    let mut h = DefaultHasher::new();
-    from.hash(&mut h);
-    h.finish()
+    from.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
 }
 
 impl Seen {
@@ -283,6 +284,13 @@ mod tests {
         drop(seen);
         let mut seen = Seen::load(Some(dir.path())).unwrap();
         assert!(!seen.insert("bob", id));
+    }
+
+    #[test]
+    fn sender_keys_are_stable_across_builds() {
+        // FNV-1a test vectors: the log format depends on these never changing.
+        assert_eq!(sender_key(""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(sender_key("a"), 0xaf63_dc4c_8601_ec8c);
     }
 
     #[test]
