@@ -277,6 +277,9 @@ impl Shared {
     ) -> Disposition {
         let payload = match pair.open(token, from, self.me(), self.config.message_ttl) {
             Ok(p) => p,
+            // A late copy of a message already shown (its ack was lost) is a duplicate, not
+            // a failure, even if it has since expired.
+            Err(_) if lock(&self.seen).contains(from, id) => return Disposition::Drop,
             Err(e) => return Disposition::Reject(e),
         };
         if payload.id != id {
@@ -313,19 +316,31 @@ impl Shared {
             .cloned()
     }
 
-    /// The link to `peer`, starting one with `key` if none is running.
-    pub(crate) fn link(self: &Arc<Self>, peer: &str, key: PublicKey) -> LinkHandle {
+    /// The link to `peer`, starting one with `key` if none is running. Refused once the node
+    /// is closing, so no link can start after shutdown has told every link to flush.
+    pub(crate) fn link(
+        self: &Arc<Self>,
+        peer: &str,
+        key: PublicKey,
+    ) -> Result<LinkHandle, NodeError> {
         let mut links = lock(&self.links);
+        if self.is_closing() {
+            return Err(NodeError::ShutDown);
+        }
         if let Some(link) = links.get(peer).filter(|l| !l.is_closed()) {
-            return link.clone();
+            return Ok(link.clone());
         }
         let handle = link::spawn(self.clone(), peer.to_owned(), key);
         links.insert(peer.to_owned(), handle.clone());
-        handle
+        Ok(handle)
     }
 
-    fn all_links(&self) -> Vec<LinkHandle> {
-        lock(&self.links).values().cloned().collect()
+    /// Marks the node closing and returns every link: under the links lock, so none can be
+    /// started afterwards.
+    fn close_links(&self) -> Vec<LinkHandle> {
+        let links = lock(&self.links);
+        *lock(&self.closing) = true;
+        links.values().cloned().collect()
     }
 
     fn is_closing(&self) -> bool {
@@ -406,7 +421,7 @@ impl ChatNode {
                     }
                     None => record.public_key,
                 };
-                let link = self.shared.link(to, key);
+                let link = self.shared.link(to, key)?;
                 if changed.is_some() {
                     link.hold().await;
                 }
@@ -525,7 +540,7 @@ impl ChatNode {
         if *done {
             return Ok(());
         }
-        *lock(&self.shared.closing) = true;
+        let links = self.shared.close_links();
         let (tx, rx) = oneshot::channel();
         if self
             .actor
@@ -536,7 +551,7 @@ impl ChatNode {
             let _ = rx.await;
         }
         let mut flushed = Vec::new();
-        for link in self.shared.all_links() {
+        for link in links {
             let (tx, rx) = oneshot::channel();
             if link.send(LinkCmd::Shutdown(tx)).await.is_ok() {
                 flushed.push(rx);

@@ -11,6 +11,7 @@ use tracing::Instrument;
 use super::handshake::{self, Refusal};
 use super::link::{Established, LinkCmd};
 use super::{Disposition, HANDSHAKE_TIMEOUT, MAX_PENDING_HANDSHAKES, Shared};
+use crate::crypto::CryptoError;
 use crate::discovery::DiscoveryEvent;
 use crate::event::Event;
 use crate::protocol::ErrorCode;
@@ -86,7 +87,8 @@ impl Actor {
         match event {
             DiscoveryEvent::PeerOnline { username } => {
                 if let Some(link) = self.shared.existing_link(&username) {
-                    let _ = link.send(LinkCmd::PeerOnline).await;
+                    // A hint only: never let a busy link stall the actor.
+                    let _ = link.try_send(LinkCmd::PeerOnline);
                 }
                 self.shared.emit(Event::PeerOnline { username });
             }
@@ -144,6 +146,13 @@ impl Actor {
                 match disposition {
                     Disposition::Show(event) => shown.push(event),
                     Disposition::Drop => {}
+                    Disposition::Reject(e @ CryptoError::FromTheFuture { .. }) => {
+                        // Our clock is behind the sender's: keep it for a later drain.
+                        processed.pop();
+                        shared.emit(Event::Error {
+                            message: format!("an offline message from {} waits: {e}", message.from),
+                        });
+                    }
                     Disposition::Reject(e) => shared.emit(Event::Error {
                         message: format!(
                             "an offline message from {} was rejected: {e}",
@@ -209,7 +218,9 @@ async fn accept_one(shared: Arc<Shared>, conn: crate::transport::Connection) {
             return;
         }
     };
-    let link = shared.link(&peer, key);
+    let Ok(link) = shared.link(&peer, key) else {
+        return;
+    };
     let _ = link
         .send(LinkCmd::Inbound(Established { reader, writer }))
         .await;

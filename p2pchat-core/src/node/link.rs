@@ -94,6 +94,10 @@ impl LinkHandle {
         self.tx.is_closed()
     }
 
+    pub(crate) fn try_send(&self, cmd: LinkCmd) -> bool {
+        self.tx.try_send(cmd).is_ok()
+    }
+
     pub(crate) async fn hold(&self) {
         let _ = self.send(LinkCmd::Hold).await;
     }
@@ -243,7 +247,9 @@ impl Link {
             LinkCmd::Hold => self.held = true,
             LinkCmd::Trusted(key) => {
                 self.key = key;
-                self.conn = None;
+                if self.conn.take().is_some() {
+                    self.resend_or_store().await;
+                }
                 match self.shared.pair_key(&key) {
                     Ok(pair) => {
                         self.pair = Some(pair);
@@ -307,15 +313,16 @@ impl Link {
             id: entry.id,
             token: std::mem::take(&mut entry.token),
         };
-        let written = conn.writer.feed(&frame).await;
+        let written = feed(conn, &frame, self.shared.config.ack_timeout).await;
         let PeerFrame::Message { token, .. } = frame else {
             unreachable!("constructed above")
         };
+        // `sent` stays the first transmission: a peer that keeps accepting and dropping the
+        // connection cannot keep a message from timing out into the offline store.
         entry.token = token;
-        entry.sent = Instant::now();
         self.in_flight.push_back(entry);
         if let Err(e) = written {
-            self.lost(&format!("write failed: {e}")).await;
+            self.lost(&e).await;
         }
     }
 
@@ -396,8 +403,8 @@ impl Link {
 
     async fn write(&mut self, frame: PeerFrame) {
         let Some(conn) = &mut self.conn else { return };
-        if let Err(e) = conn.writer.feed(&frame).await {
-            self.lost(&format!("write failed: {e}")).await;
+        if let Err(e) = feed(conn, &frame, self.shared.config.ack_timeout).await {
+            self.lost(&e).await;
         }
     }
 
@@ -431,7 +438,6 @@ impl Link {
             return;
         }
         tracing::debug!(peer = %self.peer, %reason, unacked = self.in_flight.len(), "connection lost");
-        self.dial_after = Instant::now();
         self.resend_or_store().await;
     }
 
@@ -588,9 +594,15 @@ impl Link {
         self.conn = None;
         let pending: Vec<InFlight> = self.in_flight.drain(..).collect();
         self.store(pending).await;
-        while let Ok(cmd) = self.cmds.try_recv() {
-            if let LinkCmd::Send(msg) = cmd {
-                self.queue.push_back(msg);
+        // Close first: a send racing the stop is either queued here or refused to its caller.
+        self.cmds.close();
+        while let Some(cmd) = self.cmds.recv().await {
+            match cmd {
+                LinkCmd::Send(msg) => self.queue.push_back(msg),
+                LinkCmd::Shutdown(done) => {
+                    let _ = done.send(());
+                }
+                _ => {}
             }
         }
         if self.held || self.pair.is_none() {
@@ -610,6 +622,16 @@ impl Link {
                 reason: format!("not sent ({reason}); the peer's key changed and was not trusted"),
             });
         }
+    }
+}
+
+/// Feeds one frame, giving up after `timeout`: a peer that stops reading cannot block the
+/// link forever.
+async fn feed(conn: &mut Conn, frame: &PeerFrame, timeout: Duration) -> Result<(), String> {
+    match tokio::time::timeout(timeout, conn.writer.feed(frame)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(format!("write failed: {e}")),
+        Err(_) => Err("the peer stopped reading".into()),
     }
 }
 

@@ -18,6 +18,9 @@ use crate::protocol::MessageId;
 /// (about 3 MiB) and a bounded log file. Default: 65,536.
 pub const DEDUP_WINDOW: usize = 65_536;
 
+/// Longest mute; longer ones are cut to this. Default: 100 years.
+pub const MAX_MUTE: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
 const PEERS_FILE: &str = "peers.json";
 const SEEN_FILE: &str = "seen.log";
 const SEEN_RECORD_LEN: usize = 24;
@@ -120,6 +123,8 @@ impl PeerState {
     }
 
     pub(crate) fn mute(&mut self, user: &str, duration: Duration) -> Result<(), NodeError> {
+        // A mute "forever" saturates instead of overflowing the clocks.
+        let duration = duration.min(MAX_MUTE);
         self.mute_until
             .insert(user.to_owned(), Instant::now() + duration);
         self.file
@@ -234,6 +239,11 @@ impl Seen {
         Ok(())
     }
 
+    /// Whether `id` from `from` was already recorded.
+    pub(crate) fn contains(&self, from: &str, id: MessageId) -> bool {
+        self.set.contains(&(sender_key(from), id))
+    }
+
     /// Records `id` from `from`; `false` if it was already seen.
     pub(crate) fn insert(&mut self, from: &str, id: MessageId) -> bool {
         let key = sender_key(from);
@@ -256,8 +266,11 @@ impl Seen {
         if self.unwritten.is_empty() {
             return Ok(());
         }
-        file.write_all(&self.unwritten)
-            .map_err(|e| state_error(path, e))?;
+        if let Err(e) = file.write_all(&self.unwritten) {
+            // Cut a partial record off so the log stays aligned; the batch is retried.
+            let _ = file.set_len((self.logged * SEEN_RECORD_LEN) as u64);
+            return Err(state_error(path, e));
+        }
         self.logged += self.unwritten.len() / SEEN_RECORD_LEN;
         self.unwritten.clear();
         if self.logged > 2 * DEDUP_WINDOW {
@@ -303,6 +316,13 @@ mod tests {
         }
         assert_eq!(seen.set.len(), DEDUP_WINDOW);
         assert!(seen.insert("bob", first), "the oldest id left the window");
+    }
+
+    #[test]
+    fn a_mute_for_ever_saturates_instead_of_panicking() {
+        let mut state = PeerState::load(None).unwrap();
+        state.mute("carol", Duration::MAX).unwrap();
+        assert!(state.is_muted("carol"));
     }
 
     #[test]
