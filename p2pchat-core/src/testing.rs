@@ -133,11 +133,22 @@ fn registration(name: &str, port: u16) -> Registration {
     }
 }
 
+/// Waits (at most `timeout`) for watchers to be told `username` went online or offline.
 async fn expect_presence(
     rx: &mut mpsc::Receiver<DiscoveryEvent>,
-    wanted: DiscoveryEvent,
+    username: &str,
+    online: bool,
     timeout: Duration,
 ) {
+    let wanted = if online {
+        DiscoveryEvent::PeerOnline {
+            username: username.to_owned(),
+        }
+    } else {
+        DiscoveryEvent::PeerOffline {
+            username: username.to_owned(),
+        }
+    };
     let found = tokio::time::timeout(timeout, async {
         while let Some(event) = rx.recv().await {
             if event == wanted {
@@ -216,23 +227,9 @@ where
         .register(&bob, registration("bob", 4005), tx.clone())
         .await
         .expect("register bob");
-    expect_presence(
-        &mut watch_rx,
-        DiscoveryEvent::PeerOnline {
-            username: "bob".into(),
-        },
-        SUITE_EVENT_TIMEOUT,
-    )
-    .await;
+    expect_presence(&mut watch_rx, "bob", true, SUITE_EVENT_TIMEOUT).await;
     b.deregister().await.expect("deregister");
-    expect_presence(
-        &mut watch_rx,
-        DiscoveryEvent::PeerOffline {
-            username: "bob".into(),
-        },
-        SUITE_EVENT_TIMEOUT,
-    )
-    .await;
+    expect_presence(&mut watch_rx, "bob", false, SUITE_EVENT_TIMEOUT).await;
     assert!(matches!(b.keep_alive().await, Err(DiscoveryError::Closed)));
     let record = a.lookup("bob").await.expect("lookup").expect("claim stays");
     assert!(!record.online, "a deregistered user is offline");
@@ -243,42 +240,20 @@ where
         .register(&bob, registration("bob", 4006), tx.clone())
         .await
         .expect("the owner registers again");
-    expect_presence(
-        &mut watch_rx,
-        DiscoveryEvent::PeerOnline {
-            username: "bob".into(),
-        },
-        SUITE_EVENT_TIMEOUT,
-    )
-    .await;
+    expect_presence(&mut watch_rx, "bob", true, SUITE_EVENT_TIMEOUT).await;
     drop(b);
-    expect_presence(
-        &mut watch_rx,
-        DiscoveryEvent::PeerOffline {
-            username: "bob".into(),
-        },
-        SUITE_EVENT_TIMEOUT,
-    )
-    .await;
+    expect_presence(&mut watch_rx, "bob", false, SUITE_EVENT_TIMEOUT).await;
 
     // Missing keep-alives: offline after the presence TTL, pushed to watchers.
     let b = dir
         .register(&bob, registration("bob", 4007), tx.clone())
         .await
         .expect("register bob again");
+    expect_presence(&mut watch_rx, "bob", true, SUITE_EVENT_TIMEOUT).await;
     expect_presence(
         &mut watch_rx,
-        DiscoveryEvent::PeerOnline {
-            username: "bob".into(),
-        },
-        SUITE_EVENT_TIMEOUT,
-    )
-    .await;
-    expect_presence(
-        &mut watch_rx,
-        DiscoveryEvent::PeerOffline {
-            username: "bob".into(),
-        },
+        "bob",
+        false,
         presence_ttl * 4 + Duration::from_secs(2),
     )
     .await;
