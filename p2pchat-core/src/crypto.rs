@@ -134,12 +134,7 @@ impl PairKey {
 
     /// Seals `payload` into a Fernet token stamped with the current time.
     pub fn seal(&self, payload: &Payload) -> String {
-        self.seal_bytes(&encode_payload(payload))
-    }
-
-    /// Seals already-encoded payload bytes.
-    pub(crate) fn seal_bytes(&self, bytes: &[u8]) -> String {
-        self.fernet.encrypt(bytes)
+        self.fernet.encrypt(&encode_payload(payload))
     }
 
     /// Seals with an explicit timestamp (seconds since the Unix epoch): for tests of
