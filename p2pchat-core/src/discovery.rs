@@ -1,10 +1,12 @@
-//! Finding peers: the [`Discovery`] trait, its session, and [`MemoryDiscovery`].
+//! Finding peers: the [`Discovery`] trait, its session, [`DiscoveryClient`] (to a
+//! `p2pchat-discovery` server) and [`MemoryDiscovery`].
 //!
 //! A node registers once through [`Discovery::register`] and gets a [`DiscoverySession`]: the
 //! handle through which it keeps alive, looks peers up, lists who is online and watches
 //! presence. Presence changes and other server pushes arrive on the event channel the node
 //! handed to `register`.
 
+mod client;
 mod memory;
 
 use std::fmt::Debug;
@@ -18,6 +20,10 @@ use tokio::sync::mpsc;
 use crate::identity::{Identity, PublicKey};
 use crate::protocol::UsernameError;
 
+pub use client::{
+    DEFAULT_DISCOVERY_ADDR, DISCOVERY_CONNECT_TIMEOUT, DISCOVERY_REQUEST_TIMEOUT, DiscoveryClient,
+    RECONNECT_BACKOFF,
+};
 pub use memory::MemoryDiscovery;
 
 /// How often a node keeps its registration alive. Default: 10 s, as the original.
@@ -111,6 +117,9 @@ pub enum DiscoveryError {
     /// Too many requests; try again later.
     #[error("rate limited by the discovery server; try again later")]
     RateLimited,
+    /// A limit of the directory was reached (connections, watches, announced addresses).
+    #[error("discovery limit exceeded: {0}")]
+    LimitExceeded(String),
     /// The session was closed (deregistered, or the directory went away for good).
     #[error("the discovery session is closed")]
     Closed,

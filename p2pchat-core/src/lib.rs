@@ -46,7 +46,7 @@
 //! - [`crypto`]: pairwise keys (X25519 + HKDF-SHA256), sealing and opening Fernet tokens.
 //! - [`protocol`]: wire types and the frame codec (no I/O), limits.
 //! - [`transport`]: the [`Transport`] trait, [`TcpTransport`], [`MemoryNetwork`].
-//! - [`discovery`]: the [`Discovery`] trait and [`MemoryDiscovery`].
+//! - [`discovery`]: the [`Discovery`] trait, [`DiscoveryClient`] and [`MemoryDiscovery`].
 //! - [`store`]: the [`OfflineStore`] trait and [`MemoryStore`].
 //! - `testing` (feature `test-utils`): conformance suites every backend must pass.
 
@@ -61,7 +61,9 @@ pub mod store;
 pub mod testing;
 pub mod transport;
 
-pub use discovery::{Discovery, DiscoveryError, DiscoverySession, MemoryDiscovery, PeerRecord};
+pub use discovery::{
+    Discovery, DiscoveryClient, DiscoveryError, DiscoverySession, MemoryDiscovery, PeerRecord,
+};
 pub use event::{Event, Events};
 pub use identity::{Fingerprint, Identity, PublicKey};
 pub use node::{ChatNode, ChatNodeBuilder, NodeError};

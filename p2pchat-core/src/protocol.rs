@@ -17,6 +17,12 @@
 //! both sides send [`PeerFrame::Message`] (a Fernet token), [`PeerFrame::Ack`] (batched, MACed
 //! under the pair key), and `Ping`/`Pong`. A side that refuses anything sends
 //! [`PeerFrame::Error`] and closes.
+//!
+//! # Discovery session
+//! [`discovery`] holds the frames between a node and the `p2pchat-discovery` server; the
+//! server and [`crate::discovery::DiscoveryClient`] share these definitions.
+
+pub mod discovery;
 
 use std::fmt;
 use std::marker::PhantomData;

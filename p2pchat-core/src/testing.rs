@@ -29,6 +29,9 @@ use crate::protocol::{MessageId, PeerFrame};
 use crate::store::{OfflineStore, StoreError, StoredMessage};
 use crate::transport::{Connection, Listener, Transport, TransportError};
 
+mod redis;
+pub use redis::{RedisServer, TestRedis};
+
 /// How long any single expected event may take in the suites before it counts as missing.
 pub const SUITE_EVENT_TIMEOUT: Duration = Duration::from_secs(10);
 

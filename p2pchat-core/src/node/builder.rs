@@ -13,7 +13,7 @@ use tracing::Instrument;
 use super::actor::{ACTOR_QUEUE_CAPACITY, Actor};
 use super::state::{PeerState, Seen};
 use super::{ChatNode, Config, DEFAULT_ACK_TIMEOUT, DEFAULT_EVENT_CAPACITY, NodeError, Shared};
-use crate::discovery::{DEFAULT_KEEP_ALIVE_INTERVAL, Discovery, Registration};
+use crate::discovery::{DEFAULT_KEEP_ALIVE_INTERVAL, Discovery, DiscoveryClient, Registration};
 use crate::identity::Identity;
 use crate::protocol::validate_username;
 use crate::store::{DEFAULT_MESSAGE_TTL, OfflineStore};
@@ -81,7 +81,8 @@ impl ChatNodeBuilder {
         self
     }
 
-    /// The directory to register with. Required: there is no default.
+    /// The directory to register with. By default, a [`DiscoveryClient`] of a local
+    /// `p2pchat-discovery` at [`crate::discovery::DEFAULT_DISCOVERY_ADDR`].
     pub fn discovery(mut self, discovery: impl Discovery) -> Self {
         self.discovery = Some(Arc::new(discovery));
         self
@@ -144,7 +145,7 @@ impl ChatNodeBuilder {
         validate_username(&username)?;
         let discovery = self
             .discovery
-            .ok_or_else(|| NodeError::Config("a discovery backend is required".into()))?;
+            .unwrap_or_else(|| Arc::new(DiscoveryClient::default()));
         let store = self
             .store
             .ok_or_else(|| NodeError::Config("an offline store is required".into()))?;

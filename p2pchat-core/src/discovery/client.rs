@@ -1,0 +1,491 @@
+//! [`DiscoveryClient`]: the directory kept by a `p2pchat-discovery` server, reached over one
+//! persistent session connection that reconnects and re-registers by itself.
+
+use std::collections::{BTreeSet, VecDeque};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::{SinkExt, StreamExt};
+use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+use tokio_util::codec::{FramedRead, FramedWrite};
+use tracing::Instrument;
+
+use super::{
+    Discovery, DiscoveryError, DiscoveryEvent, DiscoverySession, MAX_PAGE_SIZE, Page, PeerRecord,
+    Registration,
+};
+use crate::identity::Identity;
+use crate::protocol::discovery::{
+    Claim, ClientFrame, DEFAULT_DISCOVERY_PORT, MAX_ANNOUNCED_ADDRS, Push, RegisterRequest,
+    Registered, Reply, Request, ServerFrame, register_transcript,
+};
+use crate::protocol::{FrameCodec, validate_username};
+
+/// Where [`DiscoveryClient::default`] looks for the server: a local `p2pchat-discovery` on
+/// its default port.
+pub const DEFAULT_DISCOVERY_ADDR: &str = "127.0.0.1:5001";
+const _: () = assert!(DEFAULT_DISCOVERY_PORT == 5001);
+
+/// How long connecting and registering may take. Default: 5 s.
+pub const DISCOVERY_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long the server may take to answer a request before the connection is considered
+/// dead and re-established. Default: 10 s.
+pub const DISCOVERY_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// First and longest wait between reconnection attempts (doubling, with jitter).
+/// Default: 250 ms to 30 s.
+pub const RECONNECT_BACKOFF: (Duration, Duration) =
+    (Duration::from_millis(250), Duration::from_secs(30));
+
+/// Requests queued to a session's connection task. Default: 64.
+const SESSION_QUEUE_CAPACITY: usize = 64;
+
+type Reader = FramedRead<OwnedReadHalf, FrameCodec<ServerFrame>>;
+type Writer = FramedWrite<OwnedWriteHalf, FrameCodec<ClientFrame>>;
+
+/// A [`Discovery`] backed by a `p2pchat-discovery` server.
+///
+/// Each registration holds one TCP connection to the server. Requests are pipelined on it and
+/// presence changes of watched users are pushed on it. When the connection is lost the
+/// session reconnects with backoff, registers again with the same key, and re-watches; while
+/// it is away, requests fail fast with [`DiscoveryError::Unreachable`], and connections to
+/// peers already made keep working.
+#[derive(Debug, Clone)]
+pub struct DiscoveryClient {
+    addr: String,
+    request_timeout: Duration,
+    backoff: (Duration, Duration),
+}
+
+impl Default for DiscoveryClient {
+    /// A client of the server at [`DEFAULT_DISCOVERY_ADDR`].
+    fn default() -> Self {
+        Self::new(DEFAULT_DISCOVERY_ADDR)
+    }
+}
+
+impl DiscoveryClient {
+    /// A client of the server at `addr` (`host:port`; host names are resolved at each
+    /// connection attempt).
+    pub fn new(addr: impl Into<String>) -> Self {
+        Self {
+            addr: addr.into(),
+            request_timeout: DISCOVERY_REQUEST_TIMEOUT,
+            backoff: RECONNECT_BACKOFF,
+        }
+    }
+
+    /// The server address this client dials.
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    /// How long to wait for an answer before the connection is considered dead.
+    /// By default, [`DISCOVERY_REQUEST_TIMEOUT`].
+    pub fn request_timeout(mut self, timeout: Duration) -> Self {
+        self.request_timeout = timeout;
+        self
+    }
+
+    /// The first and the longest wait between reconnection attempts.
+    /// By default, [`RECONNECT_BACKOFF`].
+    pub fn reconnect_backoff(mut self, first: Duration, longest: Duration) -> Self {
+        self.backoff = (first, longest.max(first));
+        self
+    }
+
+    fn unreachable(&self, reason: impl Into<String>) -> DiscoveryError {
+        DiscoveryError::Unreachable {
+            addr: self.addr.clone(),
+            reason: reason.into(),
+        }
+    }
+
+    /// Connects, answers the challenge, and waits for the verdict.
+    async fn establish(
+        &self,
+        identity: &Identity,
+        registration: &Registration,
+    ) -> Result<(Reader, Writer, Registered), DiscoveryError> {
+        let attempt = async {
+            let stream = TcpStream::connect(&self.addr)
+                .await
+                .map_err(|e| self.unreachable(e.to_string()))?;
+            let _ = stream.set_nodelay(true);
+            let (read, write) = stream.into_split();
+            let mut reader = FramedRead::new(read, FrameCodec::<ServerFrame>::default());
+            let mut writer = FramedWrite::new(write, FrameCodec::<ClientFrame>::default());
+            let nonce = match self.next_frame(&mut reader).await? {
+                ServerFrame::Challenge { nonce } => nonce,
+                ServerFrame::Error(e) => return Err(e.into()),
+                other => return Err(unexpected(&other)),
+            };
+            let claim = Claim {
+                username: registration.username.clone(),
+                public_key: identity.public_key(),
+                listen_port: registration.listen_port,
+                announce: registration.announce.clone(),
+            };
+            let signature = identity.sign(&register_transcript(&nonce, &claim));
+            writer
+                .send(ClientFrame::Register(Box::new(RegisterRequest {
+                    claim,
+                    signature,
+                })))
+                .await
+                .map_err(|e| self.unreachable(e.to_string()))?;
+            match self.next_frame(&mut reader).await? {
+                ServerFrame::Registered(registered) => Ok((reader, writer, *registered)),
+                ServerFrame::Error(e) => Err(e.into()),
+                other => Err(unexpected(&other)),
+            }
+        };
+        tokio::time::timeout(DISCOVERY_CONNECT_TIMEOUT, attempt)
+            .await
+            .unwrap_or_else(|_| {
+                Err(self.unreachable(format!(
+                    "no answer within {} s",
+                    DISCOVERY_CONNECT_TIMEOUT.as_secs()
+                )))
+            })
+    }
+
+    async fn next_frame(&self, reader: &mut Reader) -> Result<ServerFrame, DiscoveryError> {
+        match reader.next().await {
+            Some(Ok(frame)) => Ok(frame),
+            Some(Err(e)) => Err(self.unreachable(e.to_string())),
+            None => Err(self.unreachable("the server closed the connection")),
+        }
+    }
+}
+
+fn unexpected(frame: &ServerFrame) -> DiscoveryError {
+    DiscoveryError::Protocol(format!("unexpected frame from the server: {frame:?}"))
+}
+
+#[async_trait]
+impl Discovery for DiscoveryClient {
+    async fn register(
+        &self,
+        identity: &Identity,
+        registration: Registration,
+        events: mpsc::Sender<DiscoveryEvent>,
+    ) -> Result<Box<dyn DiscoverySession>, DiscoveryError> {
+        validate_username(&registration.username)?;
+        if registration.announce.len() > MAX_ANNOUNCED_ADDRS {
+            return Err(DiscoveryError::LimitExceeded(format!(
+                "at most {MAX_ANNOUNCED_ADDRS} announced addresses"
+            )));
+        }
+        let (reader, writer, registered) = self.establish(identity, &registration).await?;
+        tracing::debug!(server = %self.addr, addrs = ?registered.addrs, "registered");
+        let (cmds_tx, cmds) = mpsc::channel(SESSION_QUEUE_CAPACITY);
+        let span = tracing::info_span!("discovery", user = %registration.username);
+        let task = SessionTask {
+            client: self.clone(),
+            identity: identity.clone(),
+            registration,
+            events,
+            cmds,
+            watching: BTreeSet::new(),
+            next_id: 0,
+            pending: VecDeque::new(),
+        };
+        tokio::spawn(task.run(reader, writer).instrument(span));
+        Ok(Box::new(ClientSession {
+            addr: self.addr.clone(),
+            cmds: cmds_tx,
+        }))
+    }
+}
+
+struct Call {
+    request: Request,
+    reply: oneshot::Sender<Result<Reply, DiscoveryError>>,
+}
+
+#[derive(Debug)]
+struct ClientSession {
+    addr: String,
+    cmds: mpsc::Sender<Call>,
+}
+
+impl ClientSession {
+    async fn call(&self, request: Request) -> Result<Reply, DiscoveryError> {
+        let (reply, answer) = oneshot::channel();
+        self.cmds
+            .send(Call { request, reply })
+            .await
+            .map_err(|_| DiscoveryError::Closed)?;
+        answer.await.map_err(|_| DiscoveryError::Closed)?
+    }
+}
+
+fn wrong_reply(reply: Reply) -> DiscoveryError {
+    DiscoveryError::Protocol(format!("unexpected reply from the server: {reply:?}"))
+}
+
+#[async_trait]
+impl DiscoverySession for ClientSession {
+    async fn keep_alive(&self) -> Result<(), DiscoveryError> {
+        match self.call(Request::KeepAlive).await? {
+            Reply::Done => Ok(()),
+            other => Err(wrong_reply(other)),
+        }
+    }
+
+    async fn lookup(&self, username: &str) -> Result<Option<PeerRecord>, DiscoveryError> {
+        if validate_username(username).is_err() {
+            // Nobody can hold a name the rules refuse.
+            return Ok(None);
+        }
+        match self
+            .call(Request::Lookup {
+                username: username.to_owned(),
+            })
+            .await?
+        {
+            Reply::Record(record) => Ok(record.map(|r| *r)),
+            other => Err(wrong_reply(other)),
+        }
+    }
+
+    async fn list_online(
+        &self,
+        after: Option<String>,
+        limit: usize,
+    ) -> Result<Page, DiscoveryError> {
+        let limit = limit.clamp(1, MAX_PAGE_SIZE) as u32;
+        match self.call(Request::ListOnline { after, limit }).await? {
+            Reply::Page(page) => Ok(page),
+            other => Err(wrong_reply(other)),
+        }
+    }
+
+    async fn watch(&self, username: &str) -> Result<(), DiscoveryError> {
+        validate_username(username)?;
+        match self
+            .call(Request::Watch {
+                username: username.to_owned(),
+            })
+            .await?
+        {
+            Reply::Done => Ok(()),
+            other => Err(wrong_reply(other)),
+        }
+    }
+
+    async fn deregister(&self) -> Result<(), DiscoveryError> {
+        match self.call(Request::Deregister).await {
+            Ok(Reply::Done) => Ok(()),
+            Ok(other) => Err(wrong_reply(other)),
+            // Not connected: the server already counts this session as gone.
+            Err(DiscoveryError::Unreachable { .. }) => {
+                tracing::debug!(server = %self.addr, "deregistered while disconnected");
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// A request sent and not yet answered. Re-watches after a reconnection have no caller.
+struct Pending {
+    id: u64,
+    sent: Instant,
+    deregister: bool,
+    reply: Option<oneshot::Sender<Result<Reply, DiscoveryError>>>,
+}
+
+/// Why a connection ended.
+enum Ended {
+    /// The handle was dropped, the session deregistered, or it was replaced: stop for good.
+    Finished,
+    /// The connection broke: reconnect.
+    Lost(String),
+}
+
+/// Owns the session connection: writes requests, matches responses (they come in request
+/// order), forwards pushes, and reconnects.
+struct SessionTask {
+    client: DiscoveryClient,
+    identity: Identity,
+    registration: Registration,
+    events: mpsc::Sender<DiscoveryEvent>,
+    cmds: mpsc::Receiver<Call>,
+    /// Re-watched after every reconnection.
+    watching: BTreeSet<String>,
+    next_id: u64,
+    pending: VecDeque<Pending>,
+}
+
+impl SessionTask {
+    async fn run(mut self, reader: Reader, writer: Writer) {
+        let mut conn = Some((reader, writer));
+        while let Some((reader, writer)) = conn.take() {
+            match self.serve(reader, writer).await {
+                Ended::Finished => break,
+                Ended::Lost(reason) => {
+                    tracing::info!(server = %self.client.addr, %reason, "lost the discovery server; reconnecting");
+                    for p in self.pending.drain(..) {
+                        if let Some(reply) = p.reply {
+                            let _ = reply.send(Err(self.client.unreachable(reason.clone())));
+                        }
+                    }
+                    conn = self.reconnect().await;
+                }
+            }
+        }
+        for p in self.pending.drain(..) {
+            if let Some(reply) = p.reply {
+                let _ = reply.send(Err(DiscoveryError::Closed));
+            }
+        }
+    }
+
+    async fn send(&mut self, writer: &mut Writer, request: Request) -> Result<u64, String> {
+        let id = self.next_id;
+        self.next_id += 1;
+        let frame = ClientFrame::Request { id, request };
+        match tokio::time::timeout(self.client.request_timeout, writer.send(frame)).await {
+            Ok(Ok(())) => Ok(id),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("the server stopped reading".to_owned()),
+        }
+    }
+
+    async fn serve(&mut self, mut reader: Reader, mut writer: Writer) -> Ended {
+        loop {
+            let deadline = self
+                .pending
+                .front()
+                .map(|p| p.sent + self.client.request_timeout);
+            tokio::select! {
+                call = self.cmds.recv() => {
+                    let Some(Call { request, reply }) = call else { return Ended::Finished };
+                    match &request {
+                        Request::Watch { username } => { self.watching.insert(username.clone()); }
+                        Request::Unwatch { username } => { self.watching.remove(username); }
+                        _ => {}
+                    }
+                    let deregister = matches!(request, Request::Deregister);
+                    match self.send(&mut writer, request).await {
+                        Ok(id) => self.pending.push_back(Pending { id, sent: Instant::now(), deregister, reply: Some(reply) }),
+                        Err(reason) => {
+                            let _ = reply.send(Err(self.client.unreachable(reason.clone())));
+                            return Ended::Lost(reason);
+                        }
+                    }
+                }
+                frame = reader.next() => match frame {
+                    Some(Ok(ServerFrame::Response { id, result })) => {
+                        let Some(p) = self.pending.pop_front().filter(|p| p.id == id) else {
+                            return Ended::Lost(format!("response {id} answers no pending request"));
+                        };
+                        let done = p.deregister && result.is_ok();
+                        if let Some(reply) = p.reply {
+                            let _ = reply.send(result.map_err(DiscoveryError::from));
+                        }
+                        if done {
+                            return Ended::Finished;
+                        }
+                    }
+                    Some(Ok(ServerFrame::Push(push))) => match push {
+                        Push::PeerOnline { username } => {
+                            let _ = self.events.try_send(DiscoveryEvent::PeerOnline { username });
+                        }
+                        Push::PeerOffline { username } => {
+                            let _ = self.events.try_send(DiscoveryEvent::PeerOffline { username });
+                        }
+                        Push::Replaced => {
+                            tracing::warn!("this user registered again elsewhere; this discovery session is over");
+                            return Ended::Finished;
+                        }
+                    },
+                    Some(Ok(ServerFrame::Error(e))) => return Ended::Lost(e.to_string()),
+                    Some(Ok(other)) => return Ended::Lost(format!("unexpected frame {other:?}")),
+                    Some(Err(e)) => return Ended::Lost(e.to_string()),
+                    None => return Ended::Lost("the server closed the connection".to_owned()),
+                },
+                _ = sleep_until(deadline) => {
+                    return Ended::Lost(format!(
+                        "no answer within {} ms", self.client.request_timeout.as_millis()
+                    ));
+                }
+            }
+        }
+    }
+
+    /// Waits with backoff and registers again, answering requests meanwhile with
+    /// `Unreachable`. `None` when the session is over (handle dropped, or the server refuses
+    /// the registration for good).
+    async fn reconnect(&mut self) -> Option<(Reader, Writer)> {
+        let (first, longest) = self.client.backoff;
+        let mut delay = first;
+        loop {
+            let jittered = delay.mul_f64(0.5 + rand::random::<f64>() / 2.0);
+            let wake = Instant::now() + jittered;
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(wake) => break,
+                    call = self.cmds.recv() => match call {
+                        None => return None,
+                        Some(Call { request: Request::Deregister, reply }) => {
+                            // Offline already; nothing to tell the server.
+                            let _ = reply.send(Ok(Reply::Done));
+                            return None;
+                        }
+                        Some(Call { reply, .. }) => {
+                            let _ = reply.send(Err(self.client.unreachable("reconnecting")));
+                        }
+                    },
+                }
+            }
+            match self
+                .client
+                .establish(&self.identity, &self.registration)
+                .await
+            {
+                Ok((reader, mut writer, _)) => {
+                    tracing::info!(server = %self.client.addr, "registered again");
+                    let names: Vec<String> = self.watching.iter().cloned().collect();
+                    for username in names {
+                        match self.send(&mut writer, Request::Watch { username }).await {
+                            Ok(id) => self.pending.push_back(Pending {
+                                id,
+                                sent: Instant::now(),
+                                deregister: false,
+                                reply: None,
+                            }),
+                            Err(_) => break,
+                        }
+                    }
+                    return Some((reader, writer));
+                }
+                Err(
+                    e @ (DiscoveryError::NameTaken { .. }
+                    | DiscoveryError::BadSignature
+                    | DiscoveryError::InvalidUsername(_)),
+                ) => {
+                    tracing::error!(error = %e, "the discovery server refuses this registration; giving up");
+                    return None;
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "reconnection failed");
+                    delay = (delay * 2).min(longest);
+                }
+            }
+        }
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,380 @@
+//! The discovery session protocol, spoken between [`crate::discovery::DiscoveryClient`] and
+//! the `p2pchat-discovery` server over one persistent TCP connection, in the same frames as
+//! peer connections ([`super::FrameCodec`]).
+//!
+//! ```text
+//! server: Challenge { nonce }
+//! client: Register { claim, signature over register_transcript(nonce, claim) }
+//! server: Registered { .. }        or  Error { .. } and close
+//! client: Request { id, .. } ...   server: Response { id, .. } (in request order)
+//!                                  server: Push(..) at any time
+//! ```
+//!
+//! A frame the server cannot decode, an unknown request, or a failed registration gets a
+//! [`ServerFrame::Error`] and the connection is closed; nothing else is affected. New
+//! request and push kinds are only ever appended to their enums, so postcard indices of the
+//! existing ones never change.
+
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+
+use super::NONCE_LEN;
+use crate::discovery::{DiscoveryError, Page, PeerRecord};
+use crate::identity::PublicKey;
+
+/// The port `p2pchat-discovery` listens on unless told otherwise (as the original).
+pub const DEFAULT_DISCOVERY_PORT: u16 = 5001;
+
+/// Most addresses a node may announce. Default: 8.
+pub const MAX_ANNOUNCED_ADDRS: usize = 8;
+
+/// Most users one session may watch. Default: 4096.
+pub const MAX_WATCHES: usize = 4096;
+
+/// Frames the server sends.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum ServerFrame {
+    /// The first frame on every connection: the client signs it to register.
+    Challenge {
+        /// Fresh randomness, never reused.
+        #[serde(with = "serde_bytes")]
+        nonce: [u8; NONCE_LEN],
+    },
+    /// The registration was accepted; the session is online.
+    Registered(Box<Registered>),
+    /// The answer to the request with the same id. Responses come in request order.
+    Response {
+        /// The request's id.
+        id: u64,
+        /// Its outcome.
+        result: Result<Reply, WireError>,
+    },
+    /// Something the session asked to be told about.
+    Push(Push),
+    /// A refusal after which the server closes the connection.
+    Error(WireError),
+}
+
+/// What the server confirms at registration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Registered {
+    /// The address the server sees the client connecting from.
+    pub observed: SocketAddr,
+    /// The addresses now published for the user.
+    pub addrs: Vec<SocketAddr>,
+    /// How long the session stays online without a keep-alive, in milliseconds.
+    pub presence_ttl_ms: u64,
+}
+
+/// Frames the client sends.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum ClientFrame {
+    /// Registers the user; the only frame accepted before `Registered`.
+    Register(Box<RegisterRequest>),
+    /// A request on a registered session.
+    Request {
+        /// Chosen by the client; echoed by the response.
+        id: u64,
+        /// What is asked.
+        request: Request,
+    },
+}
+
+/// What a registration claims: signed, with the server's nonce, by the key it names.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Claim {
+    /// The name to claim or re-use.
+    pub username: String,
+    /// The identity key the name is (to be) bound to.
+    pub public_key: PublicKey,
+    /// The port the node accepts peer connections on.
+    pub listen_port: u16,
+    /// Explicit addresses to publish instead of the observed one (at most
+    /// [`MAX_ANNOUNCED_ADDRS`]).
+    pub announce: Vec<SocketAddr>,
+}
+
+/// A signed [`Claim`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegisterRequest {
+    /// The claim.
+    pub claim: Claim,
+    /// Ed25519 signature by `claim.public_key` over [`register_transcript`].
+    #[serde(with = "serde_bytes")]
+    pub signature: [u8; 64],
+}
+
+/// The bytes a registration signs: a domain-separation label, the server's nonce and the
+/// claim, so a signature is good for one claim on one connection only.
+pub fn register_transcript(nonce: &[u8; NONCE_LEN], claim: &Claim) -> Vec<u8> {
+    let mut out = b"p2pchat/1 register\0".to_vec();
+    out.extend_from_slice(nonce);
+    let bytes = postcard::to_stdvec(claim).expect("serializing to a Vec cannot fail");
+    out.extend_from_slice(&bytes);
+    out
+}
+
+/// Requests on a registered session.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum Request {
+    /// Refreshes presence. Answered with [`Reply::Done`].
+    KeepAlive,
+    /// One user, online or not. Answered with [`Reply::Record`].
+    Lookup {
+        /// Who.
+        username: String,
+    },
+    /// A page of online users after `after`, in name order. Answered with [`Reply::Page`].
+    ListOnline {
+        /// Exclusive lower bound.
+        after: Option<String>,
+        /// Page size, capped at [`crate::discovery::MAX_PAGE_SIZE`].
+        limit: u32,
+    },
+    /// Push presence changes of `username` from now on. Answered with [`Reply::Done`].
+    Watch {
+        /// Who.
+        username: String,
+    },
+    /// Stop pushing presence changes of `username`. Answered with [`Reply::Done`].
+    Unwatch {
+        /// Who.
+        username: String,
+    },
+    /// Go offline now; the server closes the connection after answering.
+    Deregister,
+}
+
+/// Successful answers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum Reply {
+    /// Done, nothing to return.
+    Done,
+    /// A lookup's result (`None`: the name is not claimed).
+    Record(Option<Box<PeerRecord>>),
+    /// A listing page.
+    Page(Page),
+}
+
+/// What the server pushes to a session.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum Push {
+    /// A watched user came online (or re-registered).
+    PeerOnline {
+        /// Who.
+        username: String,
+    },
+    /// A watched user went offline.
+    PeerOffline {
+        /// Who.
+        username: String,
+    },
+    /// The same user registered again elsewhere; this session is over and must not
+    /// re-register on its own (the two would evict each other forever).
+    Replaced,
+}
+
+/// Errors carried on the wire.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[non_exhaustive]
+pub enum WireError {
+    /// The name is claimed by another key.
+    #[error("the name '{username}' is already taken by another key")]
+    NameTaken {
+        /// The name.
+        username: String,
+    },
+    /// The name breaks the username rules.
+    #[error("invalid username: {0}")]
+    InvalidUsername(String),
+    /// The registration's signature does not verify.
+    #[error("the registration's signature does not verify")]
+    BadSignature,
+    /// Too many registrations from this address; retry later.
+    #[error("too many registrations from this address; try again later")]
+    RateLimited,
+    /// A server limit was reached (connections, watches, addresses, handshake time).
+    #[error("limit exceeded: {0}")]
+    LimitExceeded(String),
+    /// A frame could not be decoded, was of an unknown kind, or came out of order.
+    #[error("bad frame: {0}")]
+    BadFrame(String),
+    /// The frame's protocol version is not spoken here.
+    #[error("unsupported protocol version: {0}")]
+    UnsupportedVersion(String),
+    /// The server's storage failed; the request may be retried.
+    #[error("the server's storage failed: {0}")]
+    Backend(String),
+    /// The server is shutting down.
+    #[error("the server is shutting down")]
+    ShuttingDown,
+}
+
+impl From<WireError> for DiscoveryError {
+    fn from(e: WireError) -> Self {
+        match e {
+            WireError::NameTaken { username } => DiscoveryError::NameTaken { username },
+            WireError::InvalidUsername(name) => match super::validate_username(&name) {
+                Err(e) => DiscoveryError::InvalidUsername(e),
+                Ok(()) => DiscoveryError::Protocol(format!("the server refused the name {name}")),
+            },
+            WireError::BadSignature => DiscoveryError::BadSignature,
+            WireError::RateLimited => DiscoveryError::RateLimited,
+            WireError::LimitExceeded(what) => DiscoveryError::LimitExceeded(what),
+            WireError::Backend(what) => DiscoveryError::Backend(what),
+            WireError::ShuttingDown => DiscoveryError::Closed,
+            e @ (WireError::BadFrame(_) | WireError::UnsupportedVersion(_)) => {
+                DiscoveryError::Protocol(e.to_string())
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::SystemTime;
+
+    use bytes::BytesMut;
+    use tokio_util::codec::{Decoder, Encoder};
+
+    use super::*;
+    use crate::identity::Identity;
+    use crate::protocol::FrameCodec;
+
+    fn claim() -> Claim {
+        Claim {
+            username: "alice".into(),
+            public_key: Identity::generate().public_key(),
+            listen_port: 6000,
+            announce: vec!["192.0.2.1:6000".parse().unwrap()],
+        }
+    }
+
+    fn round_trip<T>(frames: Vec<T>)
+    where
+        T: Serialize + serde::de::DeserializeOwned + PartialEq + std::fmt::Debug,
+    {
+        let mut codec = FrameCodec::<T>::default();
+        let mut buf = BytesMut::new();
+        for f in &frames {
+            codec.encode(f, &mut buf).unwrap();
+        }
+        for f in &frames {
+            assert_eq!(codec.decode(&mut buf).unwrap().as_ref(), Some(f));
+        }
+        assert!(buf.is_empty());
+    }
+
+    #[test]
+    fn discovery_frames_round_trip() {
+        let record = PeerRecord {
+            username: "bob".into(),
+            public_key: Identity::generate().public_key(),
+            addrs: vec!["127.0.0.1:7000".parse().unwrap()],
+            online: true,
+            last_seen: SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(1_234_567),
+        };
+        round_trip(vec![
+            ServerFrame::Challenge { nonce: [3; 32] },
+            ServerFrame::Registered(Box::new(Registered {
+                observed: "127.0.0.1:5555".parse().unwrap(),
+                addrs: vec!["127.0.0.1:6000".parse().unwrap()],
+                presence_ttl_ms: 30_000,
+            })),
+            ServerFrame::Response {
+                id: 7,
+                result: Ok(Reply::Record(Some(Box::new(record.clone())))),
+            },
+            ServerFrame::Response {
+                id: 8,
+                result: Ok(Reply::Page(Page {
+                    users: vec![record],
+                    next: Some("bob".into()),
+                })),
+            },
+            ServerFrame::Response {
+                id: 9,
+                result: Err(WireError::NameTaken {
+                    username: "bob".into(),
+                }),
+            },
+            ServerFrame::Push(Push::PeerOffline {
+                username: "bob".into(),
+            }),
+            ServerFrame::Push(Push::Replaced),
+            ServerFrame::Error(WireError::RateLimited),
+        ]);
+        round_trip(vec![
+            ClientFrame::Register(Box::new(RegisterRequest {
+                claim: claim(),
+                signature: [5; 64],
+            })),
+            ClientFrame::Request {
+                id: 1,
+                request: Request::ListOnline {
+                    after: Some("a".into()),
+                    limit: 100,
+                },
+            },
+            ClientFrame::Request {
+                id: 2,
+                request: Request::Watch {
+                    username: "bob".into(),
+                },
+            },
+            ClientFrame::Request {
+                id: 3,
+                request: Request::Deregister,
+            },
+        ]);
+    }
+
+    #[test]
+    fn a_registration_signature_is_bound_to_nonce_and_claim() {
+        let id = Identity::generate();
+        let mut claim = claim();
+        claim.public_key = id.public_key();
+        let nonce = [1; NONCE_LEN];
+        let signature = id.sign(&register_transcript(&nonce, &claim));
+        assert!(
+            id.public_key()
+                .verify(&register_transcript(&nonce, &claim), &signature)
+        );
+        assert!(
+            !id.public_key()
+                .verify(&register_transcript(&[2; NONCE_LEN], &claim), &signature),
+            "another nonce"
+        );
+        let mut other = claim.clone();
+        other.listen_port += 1;
+        assert!(
+            !id.public_key()
+                .verify(&register_transcript(&nonce, &other), &signature),
+            "another claim"
+        );
+    }
+
+    #[test]
+    fn wire_errors_map_to_typed_discovery_errors() {
+        assert!(matches!(
+            DiscoveryError::from(WireError::NameTaken {
+                username: "bob".into()
+            }),
+            DiscoveryError::NameTaken { username } if username == "bob"
+        ));
+        assert!(matches!(
+            DiscoveryError::from(WireError::InvalidUsername("Bad Name".into())),
+            DiscoveryError::InvalidUsername(_)
+        ));
+        assert!(matches!(
+            DiscoveryError::from(WireError::BadFrame("x".into())),
+            DiscoveryError::Protocol(_)
+        ));
+    }
+}

@@ -1,0 +1,170 @@
+//! Connection caps (in total and per IP address) and the per-IP registration rate.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::num::NonZeroU32;
+use std::sync::{Arc, Mutex};
+
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+
+/// Counts open connections; a [`ConnectionPermit`] gives its slot back when dropped.
+#[derive(Debug)]
+pub(crate) struct ConnectionLimits {
+    max_total: usize,
+    max_per_ip: usize,
+    open: Mutex<Open>,
+}
+
+#[derive(Debug, Default)]
+struct Open {
+    total: usize,
+    per_ip: HashMap<IpAddr, usize>,
+}
+
+/// Why a connection was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Refused {
+    Total(usize),
+    PerIp(usize),
+}
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Refused::Total(n) => write!(f, "the server holds its maximum of {n} connections"),
+            Refused::PerIp(n) => write!(f, "at most {n} connections from one address"),
+        }
+    }
+}
+
+impl ConnectionLimits {
+    pub(crate) fn new(max_total: usize, max_per_ip: usize) -> Arc<Self> {
+        Arc::new(Self {
+            max_total,
+            max_per_ip,
+            open: Mutex::new(Open::default()),
+        })
+    }
+
+    fn open(&self) -> std::sync::MutexGuard<'_, Open> {
+        self.open.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn try_acquire(self: &Arc<Self>, ip: IpAddr) -> Result<ConnectionPermit, Refused> {
+        let mut open = self.open();
+        if open.total >= self.max_total {
+            return Err(Refused::Total(self.max_total));
+        }
+        let from_ip = open.per_ip.entry(ip).or_default();
+        if *from_ip >= self.max_per_ip {
+            return Err(Refused::PerIp(self.max_per_ip));
+        }
+        *from_ip += 1;
+        open.total += 1;
+        Ok(ConnectionPermit {
+            limits: self.clone(),
+            ip,
+        })
+    }
+
+    /// Connections open now.
+    pub(crate) fn open_connections(&self) -> usize {
+        self.open().total
+    }
+}
+
+/// One open connection's slot.
+#[derive(Debug)]
+pub(crate) struct ConnectionPermit {
+    limits: Arc<ConnectionLimits>,
+    ip: IpAddr,
+}
+
+impl Drop for ConnectionPermit {
+    fn drop(&mut self) {
+        let mut open = self.limits.open();
+        open.total = open.total.saturating_sub(1);
+        if let Some(n) = open.per_ip.get_mut(&self.ip) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                open.per_ip.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// Registrations per second per IP address, with a burst of twice the rate.
+pub(crate) struct RegistrationRate {
+    limiter: Option<DefaultKeyedRateLimiter<IpAddr>>,
+}
+
+impl std::fmt::Debug for RegistrationRate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RegistrationRate")
+            .field("limited", &self.limiter.is_some())
+            .finish()
+    }
+}
+
+impl RegistrationRate {
+    /// `per_second == 0` means unlimited.
+    pub(crate) fn new(per_second: u32) -> Self {
+        let limiter = NonZeroU32::new(per_second).map(|rate| {
+            let burst = rate.saturating_mul(NonZeroU32::MIN.saturating_add(1));
+            RateLimiter::keyed(Quota::per_second(rate).allow_burst(burst))
+        });
+        Self { limiter }
+    }
+
+    /// Takes one registration from `ip`'s allowance; `false` when it is spent.
+    pub(crate) fn allow(&self, ip: IpAddr) -> bool {
+        self.limiter
+            .as_ref()
+            .is_none_or(|l| l.check_key(&ip).is_ok())
+    }
+
+    /// Forgets addresses whose allowance is full again (bounds the limiter's memory).
+    pub(crate) fn forget_idle(&self) {
+        if let Some(l) = &self.limiter {
+            l.retain_recent();
+            l.shrink_to_fit();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connection_slots_are_counted_and_given_back() {
+        let limits = ConnectionLimits::new(3, 2);
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        let b: IpAddr = "10.0.0.2".parse().unwrap();
+        let p1 = limits.try_acquire(a).unwrap();
+        let _p2 = limits.try_acquire(a).unwrap();
+        assert_eq!(limits.try_acquire(a).unwrap_err(), Refused::PerIp(2));
+        let _p3 = limits.try_acquire(b).unwrap();
+        assert_eq!(limits.try_acquire(b).unwrap_err(), Refused::Total(3));
+        drop(p1);
+        assert_eq!(limits.open_connections(), 2);
+        let _p4 = limits.try_acquire(a).expect("a slot was given back");
+    }
+
+    #[test]
+    fn registrations_are_rate_limited_per_address() {
+        let rate = RegistrationRate::new(5);
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        let allowed = (0..100).filter(|_| rate.allow(a)).count();
+        assert!(
+            (10..=11).contains(&allowed),
+            "burst of twice the rate, got {allowed}"
+        );
+        assert!(
+            rate.allow("10.0.0.2".parse().unwrap()),
+            "other addresses unaffected"
+        );
+        let unlimited = RegistrationRate::new(0);
+        assert!((0..1000).all(|_| unlimited.allow(a)));
+    }
+}

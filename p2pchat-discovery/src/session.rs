@@ -1,0 +1,449 @@
+//! One client connection: the registration handshake, then requests, pushes and presence.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bytes::BytesMut;
+use futures::StreamExt;
+use p2pchat_core::discovery::{MAX_PAGE_SIZE, Page, PeerRecord};
+use p2pchat_core::protocol::discovery::{
+    ClientFrame, MAX_ANNOUNCED_ADDRS, MAX_WATCHES, Push, RegisterRequest, Registered, Reply,
+    Request, ServerFrame, WireError, register_transcript,
+};
+use p2pchat_core::protocol::{
+    FrameCodec, NONCE_LEN, PROTOCOL_VERSION, ProtocolError, validate_username,
+};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::codec::{Encoder, FramedRead};
+use tokio_util::sync::CancellationToken;
+
+use crate::server::{SESSION_PUSH_CAPACITY, Server};
+use crate::storage::{Lease, SessionId, StorageError, touch_interval};
+
+/// Initial read buffer of a session; it grows for a larger frame. Small, because most
+/// sessions are idle. Default: 256 bytes.
+const READ_BUFFER: usize = 256;
+
+/// A write buffer grown past this (by a large listing page) is released after the write.
+const KEEP_WRITE_BUFFER: usize = 4096;
+
+/// How long one frame may take to write before the client is considered stuck. Default: 10 s.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+
+type Reader = FramedRead<OwnedReadHalf, FrameCodec<ClientFrame>>;
+
+/// Writes whole frames, with a deadline, through a small reused buffer.
+struct Writer {
+    half: OwnedWriteHalf,
+    codec: FrameCodec<ServerFrame>,
+    buf: BytesMut,
+}
+
+impl Writer {
+    async fn send(&mut self, frame: &ServerFrame) -> Result<(), ProtocolError> {
+        self.buf.clear();
+        self.codec.encode(frame, &mut self.buf)?;
+        match tokio::time::timeout(WRITE_TIMEOUT, self.half.write_all(&self.buf)).await {
+            Ok(written) => written?,
+            Err(_) => {
+                return Err(ProtocolError::Io(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "the client does not read",
+                )));
+            }
+        }
+        if self.buf.capacity() > KEEP_WRITE_BUFFER {
+            self.buf = BytesMut::new();
+        }
+        Ok(())
+    }
+
+    /// Sends a last error frame, best effort, and closes.
+    async fn refuse(mut self, error: WireError) {
+        tracing::debug!(%error, "closing the connection");
+        let _ = self.send(&ServerFrame::Error(error)).await;
+        let _ = self.half.shutdown().await;
+    }
+}
+
+/// The wire error a decoding failure earns, or `None` when the connection itself failed.
+fn decode_error(e: ProtocolError) -> Option<WireError> {
+    match e {
+        ProtocolError::UnsupportedVersion { got } => Some(WireError::UnsupportedVersion(format!(
+            "this server speaks version {PROTOCOL_VERSION}, the frame has {got}"
+        ))),
+        e @ ProtocolError::FrameTooLarge { .. } => Some(WireError::LimitExceeded(e.to_string())),
+        ProtocolError::Io(_) => None,
+        e => Some(WireError::BadFrame(e.to_string())),
+    }
+}
+
+fn backend(e: StorageError) -> WireError {
+    match e {
+        StorageError::NameTaken(username) => WireError::NameTaken { username },
+        e => {
+            tracing::warn!(error = %e, "storage failed");
+            WireError::Backend(e.to_string())
+        }
+    }
+}
+
+/// Handles one accepted connection from start to end.
+pub(crate) async fn run(
+    server: Arc<Server>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    stop: CancellationToken,
+) {
+    let _ = stream.set_nodelay(true);
+    let (read, write) = stream.into_split();
+    let mut reader = FramedRead::with_capacity(read, FrameCodec::default(), READ_BUFFER);
+    let mut writer = Writer {
+        half: write,
+        codec: FrameCodec::default(),
+        buf: BytesMut::new(),
+    };
+    let _permit = match server.connections.try_acquire(peer.ip()) {
+        Ok(permit) => permit,
+        Err(refused) => {
+            tracing::info!(%refused, "connection refused");
+            writer
+                .refuse(WireError::LimitExceeded(refused.to_string()))
+                .await;
+            return;
+        }
+    };
+    let limit = server.config.handshake_timeout;
+    let registered = tokio::select! {
+        _ = stop.cancelled() => Err(Some(WireError::ShuttingDown)),
+        outcome = tokio::time::timeout(limit, register(&server, &mut reader, &mut writer, peer)) => {
+            outcome.unwrap_or_else(|_| Err(Some(WireError::LimitExceeded(format!(
+                "registration must complete within {} ms", limit.as_millis()
+            )))))
+        }
+    };
+    match registered {
+        Ok(session) => session.serve(reader, writer, stop).await,
+        Err(Some(error)) => writer.refuse(error).await,
+        Err(None) => {}
+    }
+}
+
+/// Challenge, verify, claim, go online. `Err(None)`: the connection failed, say nothing.
+async fn register(
+    server: &Arc<Server>,
+    reader: &mut Reader,
+    writer: &mut Writer,
+    peer: SocketAddr,
+) -> Result<Session, Option<WireError>> {
+    let nonce: [u8; NONCE_LEN] = rand::random();
+    writer
+        .send(&ServerFrame::Challenge { nonce })
+        .await
+        .map_err(|_| None)?;
+    let request: Box<RegisterRequest> = match reader.next().await {
+        Some(Ok(ClientFrame::Register(request))) => request,
+        Some(Ok(_)) => {
+            return Err(Some(WireError::BadFrame(
+                "the first frame must be a registration".into(),
+            )));
+        }
+        Some(Err(e)) => return Err(decode_error(e)),
+        None => return Err(None),
+    };
+    if !server.registrations.allow(peer.ip()) {
+        return Err(Some(WireError::RateLimited));
+    }
+    let claim = &request.claim;
+    validate_username(&claim.username)
+        .map_err(|_| Some(WireError::InvalidUsername(claim.username.clone())))?;
+    if claim.announce.len() > MAX_ANNOUNCED_ADDRS {
+        return Err(Some(WireError::LimitExceeded(format!(
+            "at most {MAX_ANNOUNCED_ADDRS} announced addresses"
+        ))));
+    }
+    if !claim
+        .public_key
+        .verify(&register_transcript(&nonce, claim), &request.signature)
+    {
+        return Err(Some(WireError::BadSignature));
+    }
+    let storage = &server.storage;
+    let config = &server.config;
+    storage
+        .claim(&claim.username, &claim.public_key, config.claim_lapse)
+        .await
+        .map_err(|e| Some(backend(e)))?;
+    let addrs = if claim.announce.is_empty() {
+        vec![SocketAddr::new(peer.ip(), claim.listen_port)]
+    } else {
+        claim.announce.clone()
+    };
+    let lease = Lease {
+        username: claim.username.clone(),
+        public_key: claim.public_key,
+        addrs: addrs.clone(),
+        session: SessionId::random(),
+    };
+    storage
+        .set_online(&lease, config.presence_ttl)
+        .await
+        .map_err(|e| Some(backend(e)))?;
+    let replaced = server.add_session(&lease.username, lease.session);
+    let (pushes, push_rx) = mpsc::channel(SESSION_PUSH_CAPACITY);
+    let session = Session {
+        server: server.clone(),
+        lease,
+        since: Instant::now(),
+        replaced,
+        pushes,
+        push_rx,
+        watching: HashSet::new(),
+    };
+    let confirmation = ServerFrame::Registered(Box::new(Registered {
+        observed: peer,
+        addrs,
+        presence_ttl_ms: config.presence_ttl.as_millis() as u64,
+    }));
+    if writer.send(&confirmation).await.is_err() {
+        session.end(false).await;
+        return Err(None);
+    }
+    tracing::debug!(user = %session.lease.username, "registered");
+    Ok(session)
+}
+
+/// A registered session.
+struct Session {
+    server: Arc<Server>,
+    lease: Lease,
+    since: Instant,
+    replaced: CancellationToken,
+    pushes: mpsc::Sender<Push>,
+    push_rx: mpsc::Receiver<Push>,
+    watching: HashSet<String>,
+}
+
+/// What to do after answering a request.
+enum Then {
+    Continue,
+    Close,
+    Replaced,
+}
+
+impl Session {
+    async fn serve(mut self, mut reader: Reader, mut writer: Writer, stop: CancellationToken) {
+        let idle = self.server.config.idle_timeout;
+        let mut last_frame = Instant::now();
+        let replaced = loop {
+            tokio::select! {
+                biased;
+                _ = stop.cancelled() => {
+                    let _ = writer.send(&ServerFrame::Error(WireError::ShuttingDown)).await;
+                    break false;
+                }
+                _ = self.replaced.cancelled() => break true,
+                Some(push) = self.push_rx.recv() => {
+                    if writer.send(&ServerFrame::Push(push)).await.is_err() {
+                        break false;
+                    }
+                }
+                frame = tokio::time::timeout_at(last_frame + idle, reader.next()) => {
+                    let frame = match frame {
+                        Err(_) => {
+                            tracing::debug!("idle session closed");
+                            break false;
+                        }
+                        Ok(None) => break false,
+                        Ok(Some(frame)) => frame,
+                    };
+                    last_frame = Instant::now();
+                    match frame {
+                        Ok(ClientFrame::Request { id, request }) => {
+                            let (result, then) = self.handle(request).await;
+                            if writer.send(&ServerFrame::Response { id, result }).await.is_err() {
+                                break false;
+                            }
+                            match then {
+                                Then::Continue => {}
+                                Then::Close => break false,
+                                Then::Replaced => break true,
+                            }
+                        }
+                        Ok(_) => {
+                            let _ = writer.send(&ServerFrame::Error(WireError::BadFrame(
+                                "this session is already registered".into(),
+                            ))).await;
+                            break false;
+                        }
+                        Err(e) => {
+                            if let Some(error) = decode_error(e) {
+                                tracing::debug!(%error, "bad frame");
+                                let _ = writer.send(&ServerFrame::Error(error)).await;
+                            }
+                            break false;
+                        }
+                    }
+                }
+            }
+        };
+        if replaced {
+            tracing::debug!(user = %self.lease.username, "replaced by a newer registration");
+            let _ = writer.send(&ServerFrame::Push(Push::Replaced)).await;
+        }
+        let _ = writer.half.shutdown().await;
+        self.end(replaced).await;
+    }
+
+    /// Takes the session out of every table and, unless it was replaced, offline.
+    async fn end(self, replaced: bool) {
+        let server = &self.server;
+        let lease = &self.lease;
+        for target in &self.watching {
+            server.unwatch(target, lease.session);
+        }
+        server.remove_session(&lease.username, lease.session);
+        if !replaced
+            && let Err(e) = server
+                .storage
+                .set_offline(&lease.username, lease.session)
+                .await
+        {
+            tracing::warn!(user = %lease.username, error = %e, "cannot mark offline; the lease will expire");
+        }
+        // The claim's inactivity clock starts when its owner leaves; short sessions are
+        // already covered by the registration's own touch.
+        if self.since.elapsed() >= touch_interval(server.config.claim_lapse)
+            && let Err(e) = server
+                .storage
+                .touch(&lease.username, &lease.public_key)
+                .await
+        {
+            tracing::warn!(user = %lease.username, error = %e, "cannot record last seen");
+        }
+    }
+
+    async fn handle(&mut self, request: Request) -> (Result<Reply, WireError>, Then) {
+        let storage = &self.server.storage;
+        let config = &self.server.config;
+        let lease = &self.lease;
+        match request {
+            Request::KeepAlive => {
+                match storage
+                    .refresh(&lease.username, lease.session, config.presence_ttl)
+                    .await
+                {
+                    Ok(true) => (Ok(Reply::Done), Then::Continue),
+                    Ok(false) => match storage.online(&lease.username).await {
+                        Ok(Some(current)) if current.session != lease.session => {
+                            (Ok(Reply::Done), Then::Replaced)
+                        }
+                        // Missed its keep-alives but is still here: online again.
+                        Ok(_) => match storage.set_online(lease, config.presence_ttl).await {
+                            Ok(()) => (Ok(Reply::Done), Then::Continue),
+                            Err(e) => (Err(backend(e)), Then::Continue),
+                        },
+                        Err(e) => (Err(backend(e)), Then::Continue),
+                    },
+                    Err(e) => (Err(backend(e)), Then::Continue),
+                }
+            }
+            Request::Lookup { username } => (self.lookup(&username).await, Then::Continue),
+            Request::ListOnline { after, limit } => {
+                let limit = (limit as usize).clamp(1, MAX_PAGE_SIZE);
+                let listed = storage.list_online(after.as_deref(), limit + 1).await;
+                let result = listed.map_err(backend).map(|leases| {
+                    let now = SystemTime::now();
+                    let mut users: Vec<PeerRecord> =
+                        leases.into_iter().map(|l| online_record(l, now)).collect();
+                    let next = (users.len() > limit).then(|| {
+                        users.truncate(limit);
+                        users.last().map(|u| u.username.clone())
+                    });
+                    Reply::Page(Page {
+                        users,
+                        next: next.flatten(),
+                    })
+                });
+                (result, Then::Continue)
+            }
+            Request::Watch { username } => {
+                if validate_username(&username).is_err() {
+                    return (Err(WireError::InvalidUsername(username)), Then::Continue);
+                }
+                if !self.watching.contains(&username) {
+                    if self.watching.len() >= MAX_WATCHES {
+                        let error = WireError::LimitExceeded(format!(
+                            "a session may watch at most {MAX_WATCHES} users"
+                        ));
+                        return (Err(error), Then::Continue);
+                    }
+                    self.server
+                        .watch(&username, lease.session, self.pushes.clone());
+                    self.watching.insert(username);
+                }
+                (Ok(Reply::Done), Then::Continue)
+            }
+            Request::Unwatch { username } => {
+                if self.watching.remove(&username) {
+                    self.server.unwatch(&username, lease.session);
+                }
+                (Ok(Reply::Done), Then::Continue)
+            }
+            Request::Deregister => {
+                // `end` takes the session offline once the answer is written.
+                (Ok(Reply::Done), Then::Close)
+            }
+            other => (
+                Err(WireError::BadFrame(format!(
+                    "unsupported request {other:?}"
+                ))),
+                Then::Continue,
+            ),
+        }
+    }
+
+    async fn lookup(&self, username: &str) -> Result<Reply, WireError> {
+        if validate_username(username).is_err() {
+            return Ok(Reply::Record(None));
+        }
+        let storage = &self.server.storage;
+        let Some(claim) = storage.claim_of(username).await.map_err(backend)? else {
+            return Ok(Reply::Record(None));
+        };
+        if let Some(lease) = storage.online(username).await.map_err(backend)? {
+            return Ok(Reply::Record(Some(Box::new(online_record(
+                lease,
+                SystemTime::now(),
+            )))));
+        }
+        let lapsed = SystemTime::now()
+            .duration_since(claim.last_seen)
+            .is_ok_and(|age| age >= self.server.config.claim_lapse);
+        Ok(Reply::Record((!lapsed).then(|| {
+            Box::new(PeerRecord {
+                username: username.to_owned(),
+                public_key: claim.public_key,
+                addrs: Vec::new(),
+                online: false,
+                last_seen: claim.last_seen,
+            })
+        })))
+    }
+}
+
+fn online_record(lease: Lease, now: SystemTime) -> PeerRecord {
+    PeerRecord {
+        username: lease.username,
+        public_key: lease.public_key,
+        addrs: lease.addrs,
+        online: true,
+        last_seen: now,
+    }
+}

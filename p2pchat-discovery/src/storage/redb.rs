@@ -1,0 +1,229 @@
+//! [`RedbStorage`]: name claims in an embedded redb file, presence in memory.
+//!
+//! The file is `directory.redb` in the data directory. Each claim is one row, username →
+//! 32 key bytes followed by `last_seen` as big-endian Unix milliseconds. Writes commit
+//! durably before the registration is confirmed, so a claim survives a crash of the server.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use ::redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use async_trait::async_trait;
+use p2pchat_core::PublicKey;
+use tokio::sync::broadcast;
+
+use super::presence::LocalPresence;
+use super::{
+    Lease, NameClaim, PresenceChange, SessionId, Storage, StorageError, touch_interval, unix_ms,
+};
+
+/// The claims table: username → key bytes ‖ last-seen milliseconds.
+const CLAIMS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("claims");
+
+/// The database file inside the data directory.
+pub const DIRECTORY_FILE: &str = "directory.redb";
+
+/// Claims in redb, presence in memory. For one server instance.
+#[derive(Debug, Clone)]
+pub struct RedbStorage {
+    db: Arc<Database>,
+    presence: Arc<LocalPresence>,
+}
+
+fn unavailable(e: impl std::fmt::Display) -> StorageError {
+    StorageError::Unavailable(e.to_string())
+}
+
+fn encode(claim: &NameClaim) -> [u8; 40] {
+    let mut out = [0; 40];
+    out[..32].copy_from_slice(&claim.public_key.to_bytes());
+    out[32..].copy_from_slice(&unix_ms(claim.last_seen).to_be_bytes());
+    out
+}
+
+fn decode(username: &str, bytes: &[u8]) -> Result<NameClaim, StorageError> {
+    let corrupt = || StorageError::Corrupt(format!("the claim on '{username}'"));
+    let key: &[u8; 32] = bytes
+        .get(..32)
+        .and_then(|b| b.try_into().ok())
+        .ok_or_else(corrupt)?;
+    let ms: [u8; 8] = bytes
+        .get(32..40)
+        .and_then(|b| b.try_into().ok())
+        .ok_or_else(corrupt)?;
+    Ok(NameClaim {
+        public_key: PublicKey::from_bytes(key).map_err(|_| corrupt())?,
+        last_seen: SystemTime::UNIX_EPOCH + Duration::from_millis(u64::from_be_bytes(ms)),
+    })
+}
+
+impl RedbStorage {
+    /// Opens (or creates) the directory in `data_dir`, creating the directory if needed.
+    ///
+    /// Fails if another process has the file open.
+    pub fn open(data_dir: &Path) -> Result<Self, StorageError> {
+        std::fs::create_dir_all(data_dir).map_err(|e| {
+            StorageError::Unavailable(format!("cannot create {}: {e}", data_dir.display()))
+        })?;
+        let path = data_dir.join(DIRECTORY_FILE);
+        let db = Database::create(&path).map_err(|e| {
+            StorageError::Unavailable(format!("cannot open {}: {e}", path.display()))
+        })?;
+        let txn = db.begin_write().map_err(unavailable)?;
+        txn.open_table(CLAIMS).map_err(unavailable)?;
+        txn.commit().map_err(unavailable)?;
+        Ok(Self {
+            db: Arc::new(db),
+            presence: Arc::new(LocalPresence::new()),
+        })
+    }
+
+    fn read_claim(db: &Database, username: &str) -> Result<Option<NameClaim>, StorageError> {
+        let txn = db.begin_read().map_err(unavailable)?;
+        let table = txn.open_table(CLAIMS).map_err(unavailable)?;
+        let row = table.get(username).map_err(unavailable)?;
+        row.map(|v| decode(username, v.value())).transpose()
+    }
+
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Database) -> Result<T, StorageError> + Send + 'static,
+    ) -> Result<T, StorageError> {
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || f(&db))
+            .await
+            .map_err(|e| StorageError::Unavailable(format!("storage task failed: {e}")))?
+    }
+}
+
+#[async_trait]
+impl Storage for RedbStorage {
+    async fn claim(
+        &self,
+        username: &str,
+        key: &PublicKey,
+        lapse: Duration,
+    ) -> Result<(), StorageError> {
+        let owner_online = self.presence.online(username).map(|l| l.public_key);
+        if owner_online.is_some_and(|k| k != *key) {
+            return Err(StorageError::NameTaken(username.to_owned()));
+        }
+        let (username, key) = (username.to_owned(), *key);
+        self.blocking(move |db| {
+            let now = SystemTime::now();
+            let fresh = |c: &NameClaim| {
+                now.duration_since(c.last_seen)
+                    .is_ok_and(|age| age < touch_interval(lapse))
+            };
+            if let Some(current) = Self::read_claim(db, &username)?
+                && current.public_key == key
+                && fresh(&current)
+            {
+                return Ok(());
+            }
+            // Decide again inside the write transaction: writers are serialized, so two
+            // racing claims cannot both see the name free.
+            let txn = db.begin_write().map_err(unavailable)?;
+            {
+                let mut table = txn.open_table(CLAIMS).map_err(unavailable)?;
+                let current = table
+                    .get(username.as_str())
+                    .map_err(unavailable)?
+                    .map(|v| decode(&username, v.value()))
+                    .transpose()?;
+                if let Some(current) = current
+                    && current.public_key != key
+                {
+                    let lapsed = now
+                        .duration_since(current.last_seen)
+                        .is_ok_and(|age| age >= lapse);
+                    if !lapsed {
+                        return Err(StorageError::NameTaken(username));
+                    }
+                }
+                let claim = NameClaim {
+                    public_key: key,
+                    last_seen: now,
+                };
+                table
+                    .insert(username.as_str(), encode(&claim).as_slice())
+                    .map_err(unavailable)?;
+            }
+            txn.commit().map_err(unavailable)
+        })
+        .await
+    }
+
+    async fn claim_of(&self, username: &str) -> Result<Option<NameClaim>, StorageError> {
+        let username = username.to_owned();
+        self.blocking(move |db| Self::read_claim(db, &username))
+            .await
+    }
+
+    async fn touch(&self, username: &str, key: &PublicKey) -> Result<(), StorageError> {
+        let (username, key) = (username.to_owned(), *key);
+        self.blocking(move |db| {
+            let txn = db.begin_write().map_err(unavailable)?;
+            {
+                let mut table = txn.open_table(CLAIMS).map_err(unavailable)?;
+                let owned = table
+                    .get(username.as_str())
+                    .map_err(unavailable)?
+                    .map(|v| decode(&username, v.value()))
+                    .transpose()?
+                    .is_some_and(|c| c.public_key == key);
+                if owned {
+                    let claim = NameClaim {
+                        public_key: key,
+                        last_seen: SystemTime::now(),
+                    };
+                    table
+                        .insert(username.as_str(), encode(&claim).as_slice())
+                        .map_err(unavailable)?;
+                }
+            }
+            txn.commit().map_err(unavailable)
+        })
+        .await
+    }
+
+    async fn set_online(&self, lease: &Lease, ttl: Duration) -> Result<(), StorageError> {
+        self.presence.set_online(lease, ttl);
+        Ok(())
+    }
+
+    async fn refresh(
+        &self,
+        username: &str,
+        session: SessionId,
+        ttl: Duration,
+    ) -> Result<bool, StorageError> {
+        Ok(self.presence.refresh(username, session, ttl))
+    }
+
+    async fn set_offline(&self, username: &str, session: SessionId) -> Result<bool, StorageError> {
+        Ok(self.presence.set_offline(username, session))
+    }
+
+    async fn online(&self, username: &str) -> Result<Option<Lease>, StorageError> {
+        Ok(self.presence.online(username))
+    }
+
+    async fn list_online(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<Lease>, StorageError> {
+        Ok(self.presence.list_online(after, limit))
+    }
+
+    async fn sweep(&self) -> Result<(), StorageError> {
+        self.presence.sweep();
+        Ok(())
+    }
+
+    fn presence_changes(&self) -> broadcast::Receiver<PresenceChange> {
+        self.presence.subscribe()
+    }
+}

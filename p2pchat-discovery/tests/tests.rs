@@ -1,0 +1,13 @@
+//! Integration tests of the discovery server and its client: one test binary, one module per
+//! theme. Redis tests start their own `redis-server` (or use `REDIS_URL`).
+
+// Helpers outside `#[test]` functions too: in tests a panic is the failure report.
+#![allow(clippy::unwrap_used)]
+
+mod it {
+    pub mod bad_input;
+    pub mod binary;
+    pub mod conformance;
+    pub mod lifecycle;
+    pub mod util;
+}
