@@ -8,7 +8,7 @@ use std::time::Duration;
 use p2pchat_core::discovery::{DEFAULT_CLAIM_LAPSE, DEFAULT_PRESENCE_TTL};
 use p2pchat_core::protocol::discovery::Push;
 use tokio::net::TcpListener;
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::{Notify, broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
@@ -87,8 +87,10 @@ impl Default for Config {
 #[derive(Debug)]
 pub(crate) struct LocalSession {
     pub(crate) id: SessionId,
-    /// Cancelled when the same user registers again (here or on another instance).
-    pub(crate) replaced: CancellationToken,
+    /// Woken when the same user may have registered again (here or on another instance).
+    /// A hint only: the session asks the storage, whose last `set_online` wins, so two
+    /// racing registrations never both lose.
+    pub(crate) check: Arc<Notify>,
 }
 
 /// The state shared by a server's sessions: configuration, storage, limits, and who is
@@ -145,20 +147,21 @@ impl Server {
         lock(&self.sessions).len()
     }
 
-    /// Records `username`'s new session here, replacing (cancelling) an older one.
-    pub(crate) fn add_session(&self, username: &str, id: SessionId) -> CancellationToken {
-        let replaced = CancellationToken::new();
+    /// Records `username`'s new session here; an older one is told to check whether it was
+    /// replaced. Returns the new session's check signal.
+    pub(crate) fn add_session(&self, username: &str, id: SessionId) -> Arc<Notify> {
+        let check = Arc::new(Notify::new());
         let old = lock(&self.sessions).insert(
             username.to_owned(),
             LocalSession {
                 id,
-                replaced: replaced.clone(),
+                check: check.clone(),
             },
         );
         if let Some(old) = old {
-            old.replaced.cancel();
+            old.check.notify_one();
         }
-        replaced
+        check
     }
 
     /// Forgets `username`'s session `id` (if it is still the current one).
@@ -194,7 +197,7 @@ impl Server {
                 if let Some(local) = lock(&self.sessions).get(&username)
                     && local.id != session
                 {
-                    local.replaced.cancel();
+                    local.check.notify_one();
                 }
                 let push = Push::PeerOnline {
                     username: username.clone(),

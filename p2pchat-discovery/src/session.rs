@@ -15,10 +15,10 @@ use p2pchat_core::protocol::discovery::{
 use p2pchat_core::protocol::{
     FrameCodec, NONCE_LEN, PROTOCOL_VERSION, ProtocolError, validate_username,
 };
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 use tokio::time::Instant;
 use tokio_util::codec::{Encoder, FramedRead};
 use tokio_util::sync::CancellationToken;
@@ -63,13 +63,27 @@ impl Writer {
         }
         Ok(())
     }
+}
 
-    /// Sends a last error frame, best effort, and closes.
-    async fn refuse(mut self, error: WireError) {
-        tracing::debug!(%error, "closing the connection");
-        let _ = self.send(&ServerFrame::Error(error)).await;
-        let _ = self.half.shutdown().await;
-    }
+/// How long a closing connection's incoming bytes are still read (and dropped) after the
+/// server's last frame: closing with unread bytes would reset the connection, and the client
+/// might never read why it was closed. Default: 1 s.
+const LINGER: Duration = Duration::from_secs(1);
+
+/// Closes the connection: our side first, then waits (bounded) for the client's end.
+async fn close(mut writer: Writer, reader: Reader) {
+    let _ = writer.half.shutdown().await;
+    let mut read = reader.into_inner();
+    let mut sink = [0u8; 512];
+    let drained = async { while matches!(read.read(&mut sink).await, Ok(n) if n > 0) {} };
+    let _ = tokio::time::timeout(LINGER, drained).await;
+}
+
+/// Sends a last error frame, best effort, and closes.
+async fn refuse(mut writer: Writer, reader: Reader, error: WireError) {
+    tracing::debug!(%error, "closing the connection");
+    let _ = writer.send(&ServerFrame::Error(error)).await;
+    close(writer, reader).await;
 }
 
 /// The wire error a decoding failure earns, or `None` when the connection itself failed.
@@ -113,9 +127,12 @@ pub(crate) async fn run(
         Ok(permit) => permit,
         Err(refused) => {
             tracing::info!(%refused, "connection refused");
-            writer
-                .refuse(WireError::LimitExceeded(refused.to_string()))
-                .await;
+            refuse(
+                writer,
+                reader,
+                WireError::LimitExceeded(refused.to_string()),
+            )
+            .await;
             return;
         }
     };
@@ -130,7 +147,7 @@ pub(crate) async fn run(
     };
     match registered {
         Ok(session) => session.serve(reader, writer, stop).await,
-        Err(Some(error)) => writer.refuse(error).await,
+        Err(Some(error)) => refuse(writer, reader, error).await,
         Err(None) => {}
     }
 }
@@ -195,13 +212,13 @@ async fn register(
         .set_online(&lease, config.presence_ttl)
         .await
         .map_err(|e| Some(backend(e)))?;
-    let replaced = server.add_session(&lease.username, lease.session);
+    let check = server.add_session(&lease.username, lease.session);
     let (pushes, push_rx) = mpsc::channel(SESSION_PUSH_CAPACITY);
     let session = Session {
         server: server.clone(),
         lease,
         since: Instant::now(),
-        replaced,
+        check,
         pushes,
         push_rx,
         watching: HashSet::new(),
@@ -224,7 +241,8 @@ struct Session {
     server: Arc<Server>,
     lease: Lease,
     since: Instant,
-    replaced: CancellationToken,
+    /// Woken when another registration of the same user may have replaced this one.
+    check: Arc<Notify>,
     pushes: mpsc::Sender<Push>,
     push_rx: mpsc::Receiver<Push>,
     watching: HashSet<String>,
@@ -248,7 +266,11 @@ impl Session {
                     let _ = writer.send(&ServerFrame::Error(WireError::ShuttingDown)).await;
                     break false;
                 }
-                _ = self.replaced.cancelled() => break true,
+                _ = self.check.notified() => {
+                    if self.is_replaced().await {
+                        break true;
+                    }
+                }
                 Some(push) = self.push_rx.recv() => {
                     if writer.send(&ServerFrame::Push(push)).await.is_err() {
                         break false;
@@ -297,8 +319,20 @@ impl Session {
             tracing::debug!(user = %self.lease.username, "replaced by a newer registration");
             let _ = writer.send(&ServerFrame::Push(Push::Replaced)).await;
         }
-        let _ = writer.half.shutdown().await;
         self.end(replaced).await;
+        close(writer, reader).await;
+    }
+
+    /// Whether the storage's lease for this user now names another session.
+    async fn is_replaced(&self) -> bool {
+        match self.server.storage.online(&self.lease.username).await {
+            Ok(Some(current)) => current.session != self.lease.session,
+            Ok(None) => false,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot check the lease; keeping the session");
+                false
+            }
+        }
     }
 
     /// Takes the session out of every table and, unless it was replaced, offline.

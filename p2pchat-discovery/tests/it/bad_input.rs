@@ -47,20 +47,7 @@ impl Raw {
 
     /// The next frame, or `None` at end of stream.
     async fn frame(&mut self) -> Option<ServerFrame> {
-        let mut codec = FrameCodec::<ServerFrame>::default();
-        tokio::time::timeout(WAIT, async {
-            loop {
-                if let Some(frame) = codec.decode(&mut self.buf).expect("server frames decode") {
-                    return Some(frame);
-                }
-                match self.stream.read_buf(&mut self.buf).await {
-                    Ok(0) | Err(_) => return None,
-                    Ok(_) => {}
-                }
-            }
-        })
-        .await
-        .expect("the server answers in time")
+        read_frame(&mut self.stream, &mut self.buf).await
     }
 
     /// Expects an error frame matching `pred`, then the end of the connection.
@@ -97,6 +84,27 @@ impl Raw {
         let signature = signer.sign(&register_transcript(&self.nonce, &claim));
         ClientFrame::Register(Box::new(RegisterRequest { claim, signature }))
     }
+}
+
+/// The next server frame from `reader` (buffered in `buf`), or `None` at end of stream.
+async fn read_frame(
+    reader: &mut (impl tokio::io::AsyncRead + Unpin),
+    buf: &mut BytesMut,
+) -> Option<ServerFrame> {
+    let mut codec = FrameCodec::<ServerFrame>::default();
+    tokio::time::timeout(WAIT, async {
+        loop {
+            if let Some(frame) = codec.decode(buf).expect("server frames decode") {
+                return Some(frame);
+            }
+            match reader.read_buf(buf).await {
+                Ok(0) | Err(_) => return None,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await
+    .expect("the server answers in time")
 }
 
 /// Proves the server still serves a well-behaved client.
@@ -212,7 +220,7 @@ async fn a_client_trickling_one_byte_at_a_time_is_cut_off_by_the_handshake_timeo
     let mut config = fast_config();
     config.handshake_timeout = Duration::from_millis(500);
     let server = TestServer::start(config, redb(dir.path())).await;
-    let mut raw = Raw::connect(server.addr).await;
+    let raw = Raw::connect(server.addr).await;
     let id = Identity::generate();
     let mut frame = BytesMut::new();
     tokio_util::codec::Encoder::encode(
@@ -221,25 +229,40 @@ async fn a_client_trickling_one_byte_at_a_time_is_cut_off_by_the_handshake_timeo
         &mut frame,
     )
     .unwrap();
+    // The attacker trickles its registration (one byte per 100 ms: the whole frame would
+    // take over ten seconds) while we listen for the server's verdict.
+    let Raw {
+        mut stream,
+        mut buf,
+        ..
+    } = raw;
+    let (mut read, mut write) = stream.split();
+    let trickle = async {
+        for byte in frame.iter() {
+            if write.write_all(&[*byte]).await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
     let started = tokio::time::Instant::now();
-    for byte in frame.iter() {
-        if raw.stream.write_all(&[*byte]).await.is_err() {
-            break;
-        }
-        // Slow on purpose: this client is the attacker.
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        if started.elapsed() > Duration::from_secs(3) {
-            break;
-        }
-    }
-    raw.expect_refusal(|e| matches!(e, WireError::LimitExceeded(_)))
-        .await;
+    let verdict = tokio::select! {
+        _ = trickle => panic!("the server took the whole trickled frame"),
+        verdict = read_frame(&mut read, &mut buf) => verdict,
+    };
+    let elapsed = started.elapsed();
     assert!(
-        started.elapsed() < Duration::from_secs(3),
-        "cut off after {:?}, the frame was {} bytes",
-        started.elapsed(),
-        frame.len()
+        matches!(
+            verdict,
+            Some(ServerFrame::Error(WireError::LimitExceeded(_)))
+        ),
+        "{verdict:?}"
     );
+    assert!(
+        elapsed < Duration::from_secs(2),
+        "cut off after {elapsed:?} with a 500 ms handshake timeout"
+    );
+    assert_eq!(read_frame(&mut read, &mut buf).await, None, "and closed");
     still_serving(&server).await;
     server.stop().await;
 }

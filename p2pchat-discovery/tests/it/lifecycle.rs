@@ -300,3 +300,52 @@ async fn two_instances_sharing_redis_behave_as_one() {
     one.stop().await;
     two.stop().await;
 }
+
+/// Two registrations of one key racing: the storage's last lease wins, the other session
+/// closes, and never both.
+async fn racing_registrations(server: &TestServer) {
+    let alice = Identity::generate();
+    let client = server.client();
+    let (observer, _o) = register(&client, &Identity::generate(), "observer").await;
+    for round in 0..10 {
+        let ((a, _ra), (b, _rb)) = tokio::join!(
+            register(&client, &alice, "alice"),
+            register(&client, &alice, "alice")
+        );
+        tokio::time::timeout(WAIT, async {
+            loop {
+                match (a.keep_alive().await, b.keep_alive().await) {
+                    (Ok(()), Err(DiscoveryError::Closed))
+                    | (Err(DiscoveryError::Closed), Ok(())) => {
+                        return;
+                    }
+                    (Ok(()), Ok(())) => tokio::time::sleep(Duration::from_millis(5)).await,
+                    other => panic!("round {round}: {other:?}"),
+                }
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("round {round}: both sessions stayed"));
+        assert!(
+            observer.lookup("alice").await.unwrap().unwrap().online,
+            "round {round}"
+        );
+        drop((a, b));
+    }
+}
+
+#[tokio::test]
+async fn racing_registrations_of_one_key_leave_exactly_one_session_on_redb() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(fast_config(), redb(dir.path())).await;
+    racing_registrations(&server).await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn racing_registrations_of_one_key_leave_exactly_one_session_on_redis() {
+    let redis = redis();
+    let server = TestServer::start(fast_config(), redis_storage(&redis.url()).await).await;
+    racing_registrations(&server).await;
+    server.stop().await;
+}
