@@ -357,3 +357,26 @@ async fn a_client_that_never_reads_does_not_stall_the_server() {
     drop(w);
     server.stop().await;
 }
+
+#[tokio::test]
+async fn usernames_breaking_the_rules_are_refused_by_the_server_too() {
+    let (server, _dir) = server().await;
+    let id = Identity::generate();
+    let long = "a".repeat(33);
+    for name in [
+        "Bad Name",
+        "",
+        long.as_str(),
+        "ali\u{0441}e",
+        "bob\n",
+        "-dash",
+    ] {
+        let mut raw = Raw::connect(server.addr).await;
+        let frame = raw.register_frame(&id, &id, name);
+        raw.send(&frame).await;
+        raw.expect_refusal(|e| matches!(e, WireError::InvalidUsername(n) if n == name))
+            .await;
+    }
+    still_serving(&server).await;
+    server.stop().await;
+}

@@ -349,3 +349,40 @@ async fn racing_registrations_of_one_key_leave_exactly_one_session_on_redis() {
     racing_registrations(&server).await;
     server.stop().await;
 }
+
+#[tokio::test]
+async fn the_published_address_is_the_observed_ip_with_the_listen_port_unless_announced() {
+    use p2pchat_core::Discovery;
+    use p2pchat_core::discovery::Registration;
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(fast_config(), redb(dir.path())).await;
+    let (observer, _o) = register(&server.client(), &Identity::generate(), "observer").await;
+    let (plain, _p) = register(&server.client(), &Identity::generate(), "plain").await;
+    let announced: Vec<std::net::SocketAddr> = vec![
+        "192.0.2.7:6000".parse().unwrap(),
+        "[2001:db8::7]:6000".parse().unwrap(),
+    ];
+    let (tx, _rx) = tokio::sync::mpsc::channel(8);
+    let with_addrs = server
+        .client()
+        .register(
+            &Identity::generate(),
+            Registration {
+                username: "announcer".into(),
+                listen_port: 6000,
+                announce: announced.clone(),
+            },
+            tx,
+        )
+        .await
+        .unwrap();
+    let record = observer.lookup("plain").await.unwrap().unwrap();
+    assert_eq!(record.addrs, vec!["127.0.0.1:7000".parse().unwrap()]);
+    let record = observer.lookup("announcer").await.unwrap().unwrap();
+    assert_eq!(record.addrs, announced);
+    // Pages are capped whatever the client asks for.
+    let page = observer.list_online(None, 100_000).await.unwrap();
+    assert_eq!(page.users.len(), 3);
+    drop((plain, with_addrs));
+    server.stop().await;
+}
