@@ -1,25 +1,33 @@
-//! Two chat nodes, `alice` and `bob`, talking over real TCP on loopback.
+//! Two chat nodes, `alice` and `bob`, finding each other through a real discovery server
+//! and talking over real TCP on loopback.
 //!
 //! ```text
 //! cargo run -p p2pchat-examples --example two_nodes
 //! ```
 //!
-//! No external service is needed: the directory is a [`MemoryDiscovery`] and the offline
-//! mailboxes a [`MemoryStore`], both shared by the two nodes in this process. Each node
-//! listens on `127.0.0.1` at a free port; the first message opens one authenticated
-//! connection between them and every later message, in both directions, reuses it.
+//! No external service is needed: the program starts the `p2pchat-discovery` server
+//! in-process ([`p2pchat_discovery::serve`] on `127.0.0.1` at a free port, its embedded redb
+//! store in a temporary directory, [`Config::default`]), and each node registers with it
+//! through a [`DiscoveryClient`] over its own session connection. The offline mailboxes are
+//! a [`MemoryStore`] shared by the two nodes. Each node listens on `127.0.0.1` at a free
+//! port; the first message opens one authenticated connection between them and every later
+//! message, in both directions, reuses it.
 //!
 //! The program prints each message as its recipient receives it (`[alice] hi`) and each
 //! outcome the sender is told about (`Event::Delivered` once the peer has acknowledged),
-//! then shuts both nodes down.
+//! then shuts both nodes down, and the server after them.
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 use futures::StreamExt;
 use p2pchat_core::{
-    ChatNode, Event, Events, MemoryDiscovery, MemoryStore, MessageId, TcpTransport,
+    ChatNode, DiscoveryClient, Event, Events, MemoryStore, MessageId, TcpTransport,
 };
+use p2pchat_discovery::{Config, RedbStorage, Server, serve};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
 
 /// How long to wait for any one event before giving up: the example must end even if
 /// something is broken.
@@ -39,10 +47,24 @@ const SCRIPT: &[(&str, &[&str])] = &[
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let directory = MemoryDiscovery::new();
+    // The discovery server, in this process: embedded store in a temporary directory.
+    let data_dir = tempfile::tempdir().context("creating the server's data directory")?;
+    let storage = RedbStorage::open(data_dir.path()).context("opening the server's store")?;
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let server_addr = listener.local_addr()?;
+    let (stop_server, stopped) = oneshot::channel::<()>();
+    let server = tokio::spawn(serve(
+        listener,
+        Server::new(Config::default(), storage),
+        async {
+            let _ = stopped.await;
+        },
+    ));
+    println!("discovery server listens on {server_addr}");
+
     let store = MemoryStore::new();
-    let alice = start("alice", &directory, &store).await?;
-    let bob = start("bob", &directory, &store).await?;
+    let alice = start("alice", server_addr, &store).await?;
+    let bob = start("bob", server_addr, &store).await?;
     println!("alice listens on {}", alice.local_addr());
     println!("bob   listens on {}", bob.local_addr());
     println!(
@@ -77,20 +99,19 @@ async fn main() -> anyhow::Result<()> {
     alice.shutdown().await.context("shutting alice down")?;
     bob.shutdown().await.context("shutting bob down")?;
     println!("both nodes shut down");
+    let _ = stop_server.send(());
+    server.await.context("the discovery server task failed")?;
+    println!("discovery server shut down");
     Ok(())
 }
 
-/// Starts a node on TCP loopback, registered in the shared in-memory directory.
-async fn start(
-    name: &str,
-    directory: &MemoryDiscovery,
-    store: &MemoryStore,
-) -> anyhow::Result<ChatNode> {
+/// Starts a node on TCP loopback, registered with the discovery server at `server`.
+async fn start(name: &str, server: SocketAddr, store: &MemoryStore) -> anyhow::Result<ChatNode> {
     ChatNode::builder()
         .username(name)
         .listen("127.0.0.1:0".parse()?)
         .transport(TcpTransport::new())
-        .discovery(directory.clone())
+        .discovery(DiscoveryClient::new(server.to_string()))
         .offline_store(store.clone())
         .spawn()
         .await
