@@ -6,19 +6,22 @@
 //! presence. Presence changes and other server pushes arrive on the event channel the node
 //! handed to `register`.
 
-mod client;
+pub(crate) mod client;
 mod memory;
 
 use std::fmt::Debug;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
+use crate::announce::Announcement;
 use crate::identity::{Identity, PublicKey};
 use crate::protocol::UsernameError;
+use crate::store::OfflineStore;
 
 pub use client::{
     DEFAULT_DISCOVERY_ADDR, DISCOVERY_CONNECT_TIMEOUT, DISCOVERY_REQUEST_TIMEOUT, DiscoveryClient,
@@ -88,6 +91,9 @@ pub enum DiscoveryEvent {
         /// Who.
         username: String,
     },
+    /// An operator announcement, as received: the node checks it against the operator key
+    /// it pinned before showing it.
+    Announcement(Box<Announcement>),
 }
 
 /// Errors from the directory.
@@ -117,6 +123,9 @@ pub enum DiscoveryError {
     /// Too many requests; try again later.
     #[error("rate limited by the discovery server; try again later")]
     RateLimited,
+    /// The directory refused the request (an announcement its operator did not sign, say).
+    #[error("refused by the discovery server: {0}")]
+    Refused(String),
     /// A limit of the directory was reached (connections, watches, announced addresses).
     #[error("discovery limit exceeded: {0}")]
     LimitExceeded(String),
@@ -177,4 +186,14 @@ pub trait DiscoverySession: Debug + Send + Sync + 'static {
     async fn watch(&self, username: &str) -> Result<(), DiscoveryError>;
     /// Goes offline now. Later calls fail with [`DiscoveryError::Closed`].
     async fn deregister(&self) -> Result<(), DiscoveryError>;
+    /// The directory's mailbox for this session's user, when the directory keeps offline
+    /// mail (a `p2pchat-discovery` server does). By default, none.
+    fn mailbox(&self) -> Option<Arc<dyn OfflineStore>> {
+        None
+    }
+    /// The key that signs the directory operator's announcements, as the directory said at
+    /// registration. By default, none.
+    fn operator_key(&self) -> Option<PublicKey> {
+        None
+    }
 }

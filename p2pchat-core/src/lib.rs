@@ -40,6 +40,7 @@
 //! ```
 //!
 //! ## Modules
+//! - [`announce`]: signed operator announcements and the guard against forgeries and replays.
 //! - [`node`]: [`ChatNode`], its builder and errors; the actor, per-peer links and readers.
 //! - [`event`]: [`Event`] and the [`Events`] stream.
 //! - [`identity`]: Ed25519 identity keys, storage, fingerprints.
@@ -48,8 +49,11 @@
 //! - [`transport`]: the [`Transport`] trait, [`TcpTransport`], [`MemoryNetwork`].
 //! - [`discovery`]: the [`Discovery`] trait, [`DiscoveryClient`] and [`MemoryDiscovery`].
 //! - [`store`]: the [`OfflineStore`] trait and [`MemoryStore`].
+//! - `store::RedisStore` (feature `redis`, on by default): offline mailboxes in Redis
+//!   streams, shared by every node and server using the same Redis.
 //! - `testing` (feature `test-utils`): conformance suites every backend must pass.
 
+pub mod announce;
 pub mod crypto;
 pub mod discovery;
 pub mod event;
@@ -61,6 +65,7 @@ pub mod store;
 pub mod testing;
 pub mod transport;
 
+pub use announce::Announcement;
 pub use discovery::{
     Discovery, DiscoveryClient, DiscoveryError, DiscoverySession, MemoryDiscovery, PeerRecord,
 };
@@ -68,5 +73,7 @@ pub use event::{Event, Events};
 pub use identity::{Fingerprint, Identity, PublicKey};
 pub use node::{ChatNode, ChatNodeBuilder, NodeError};
 pub use protocol::MessageId;
-pub use store::{MemoryStore, OfflineStore, StoreError, StoredMessage};
+#[cfg(feature = "redis")]
+pub use store::{DEFAULT_ANNOUNCEMENT_CHANNEL, RedisStore, RedisStoreConfig};
+pub use store::{MailboxStore, MemoryStore, OfflineStore, StoreError, StoredMessage};
 pub use transport::{MemoryNetwork, TcpTransport, Transport, TransportError};

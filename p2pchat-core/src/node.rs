@@ -206,6 +206,22 @@ impl Shared {
     }
 
     /// Stops every task without flushing, waits for them, and ends the event streams.
+    /// Spawns a node task that stops at `halt` wherever it is waiting (a crash does not wait
+    /// for a store or a peer to answer).
+    pub(crate) fn spawn(
+        &self,
+        task: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> tokio::task::JoinHandle<()> {
+        let halt = self.halt.clone();
+        self.tasks.spawn(async move {
+            tokio::select! {
+                biased;
+                _ = halt.cancelled() => {}
+                _ = task => {}
+            }
+        })
+    }
+
     async fn stop_tasks(&self) {
         self.halt.cancel();
         self.tasks.close();

@@ -1,9 +1,13 @@
-//! Offline delivery: the [`OfflineStore`] trait and [`MemoryStore`].
+//! Offline delivery: the [`OfflineStore`] trait, [`MemoryStore`] and (feature `redis`)
+//! `RedisStore`.
 //!
 //! A message whose recipient cannot be reached directly is put in the recipient's mailbox as
 //! the same Fernet token that would have crossed the wire: a store never sees plaintext.
 
+mod mailbox;
 mod memory;
+#[cfg(feature = "redis")]
+mod redis;
 
 use std::fmt::Debug;
 use std::time::{Duration, SystemTime};
@@ -14,7 +18,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::protocol::MessageId;
 
+pub use mailbox::MailboxStore;
 pub use memory::MemoryStore;
+#[cfg(feature = "redis")]
+pub use redis::{DEFAULT_ANNOUNCEMENT_CHANNEL, DEFAULT_REDIS_PREFIX, RedisStore, RedisStoreConfig};
 
 /// Most messages waiting for one recipient. Default: 10,000.
 pub const DEFAULT_MAILBOX_QUOTA: usize = 10_000;

@@ -6,7 +6,7 @@
 //! ```ignore
 //! #[tokio::test]
 //! async fn my_store_conforms() {
-//!     p2pchat_core::testing::store_conformance(|quota| async move { MyStore::new(quota) }).await;
+//!     p2pchat_core::testing::store_conformance(|quota| async move { SharedStore::new(MyStore::new(quota)) }).await;
 //! }
 //! ```
 //!
@@ -322,60 +322,86 @@ fn stored(from: &str, to: &str, n: u32) -> StoredMessage {
     }
 }
 
-/// Checks the [`OfflineStore`] contract. `make(quota)` returns a fresh, empty store whose
-/// mailboxes hold at most `quota` messages.
-pub async fn store_conformance<S, F, Fut>(make: F)
+/// The stores a [`store_conformance`] run acts through, one per user. Backends that trust
+/// their caller ([`crate::MemoryStore`], a Redis store) hand every user the same store
+/// ([`SharedStore`]); a store on an authenticated session (the server mailbox) hands each
+/// user a store on that user's own session.
+#[async_trait]
+pub trait StoreAccess: Send + Sync {
+    /// The store `user` acts through.
+    async fn store_for(&self, user: &str) -> Arc<dyn OfflineStore>;
+}
+
+/// Every user acts through the same store.
+#[derive(Debug, Clone)]
+pub struct SharedStore(pub Arc<dyn OfflineStore>);
+
+impl SharedStore {
+    /// Shares `store` between every user of a conformance run.
+    pub fn new(store: impl OfflineStore) -> Self {
+        Self(Arc::new(store))
+    }
+}
+
+#[async_trait]
+impl StoreAccess for SharedStore {
+    async fn store_for(&self, _user: &str) -> Arc<dyn OfflineStore> {
+        self.0.clone()
+    }
+}
+
+/// Checks the [`OfflineStore`] contract. `make(quota)` returns access to fresh, empty
+/// mailboxes holding at most `quota` messages each.
+pub async fn store_conformance<A, F, Fut>(make: F)
 where
-    S: OfflineStore,
+    A: StoreAccess,
     F: Fn(usize) -> Fut,
-    Fut: Future<Output = S>,
+    Fut: Future<Output = A>,
 {
-    let store = make(50).await;
-    let mut notices = store.subscribe("bob").await.expect("subscribe");
+    let access = make(50).await;
+    let alice = access.store_for("alice").await;
+    let bob = access.store_for("bob").await;
+    let mut notices = bob.subscribe("bob").await.expect("subscribe");
 
     // Put, then fetch in order without removing.
     let messages: Vec<StoredMessage> = (0..20).map(|n| stored("alice", "bob", n)).collect();
     for m in &messages {
-        store.put(m.clone()).await.expect("put");
+        alice.put(m.clone()).await.expect("put");
     }
     within("a new-mail notice", notices.next())
         .await
         .expect("notice stream open");
-    let first = store.fetch("bob", 100).await.expect("fetch");
+    let first = bob.fetch("bob", 100).await.expect("fetch");
     assert_eq!(first, messages, "fetch returns messages in the order put");
-    let again = store.fetch("bob", 5).await.expect("fetch");
+    let again = bob.fetch("bob", 5).await.expect("fetch");
     assert_eq!(
         again,
         messages[..5],
         "fetch leaves messages in place and honours the limit"
     );
+    let carol = access.store_for("carol").await;
     assert!(
-        store.fetch("carol", 10).await.expect("fetch").is_empty(),
+        carol.fetch("carol", 10).await.expect("fetch").is_empty(),
         "mailboxes are per recipient"
     );
 
     // Idempotent put.
-    store.put(messages[3].clone()).await.expect("put again");
-    assert_eq!(store.fetch("bob", 100).await.expect("fetch").len(), 20);
+    alice.put(messages[3].clone()).await.expect("put again");
+    assert_eq!(bob.fetch("bob", 100).await.expect("fetch").len(), 20);
 
     // Ack removes exactly the acknowledged ones; unknown ids are ignored.
     let acked: Vec<MessageId> = messages[..10].iter().map(|m| m.id).collect();
-    store
-        .ack("bob", &[acked.clone(), vec![MessageId::random()]].concat())
+    bob.ack("bob", &[acked.clone(), vec![MessageId::random()]].concat())
         .await
         .expect("ack");
-    assert_eq!(
-        store.fetch("bob", 100).await.expect("fetch"),
-        messages[10..]
-    );
-    store
-        .ack("bob", &acked)
+    assert_eq!(bob.fetch("bob", 100).await.expect("fetch"), messages[10..]);
+    bob.ack("bob", &acked)
         .await
         .expect("acking twice is harmless");
 
     // Quota.
     for n in 0..40 {
-        match store.put(stored("carol", "dave", n)).await {
+        match carol.put(stored("carol", "dave", n)).await {
             Ok(()) => {}
             Err(e) => panic!("put below quota failed: {e}"),
         }
@@ -383,28 +409,30 @@ where
     let mut refused = false;
     for n in 40..60 {
         if let Err(StoreError::QuotaExceeded { recipient, .. }) =
-            store.put(stored("carol", "dave", n)).await
+            carol.put(stored("carol", "dave", n)).await
         {
             assert_eq!(recipient, "dave");
             refused = true;
         }
     }
     assert!(refused, "a full mailbox refuses with QuotaExceeded");
-    assert_eq!(store.fetch("dave", 100).await.expect("fetch").len(), 50);
+    let dave = access.store_for("dave").await;
+    assert_eq!(dave.fetch("dave", 100).await.expect("fetch").len(), 50);
 
     // Expiry: never returned, reported once to the sender.
+    let erin = access.store_for("erin").await;
+    let frank = access.store_for("frank").await;
     let mut old = stored("erin", "frank", 0);
     old.expires_at = SystemTime::now() - Duration::from_secs(1);
     let old_id = old.id;
-    let _ = store.put(old).await;
-    assert!(store.fetch("frank", 10).await.expect("fetch").is_empty());
-    let expired = store.take_expired("erin").await.expect("take_expired");
+    let _ = erin.put(old).await;
+    assert!(frank.fetch("frank", 10).await.expect("fetch").is_empty());
+    let expired = erin.take_expired("erin").await.expect("take_expired");
     assert_eq!(expired.len(), 1, "the expired message is reported");
     assert_eq!(expired[0].id, old_id);
     assert_eq!(expired[0].to, "frank");
     assert!(
-        store
-            .take_expired("erin")
+        erin.take_expired("erin")
             .await
             .expect("take_expired")
             .is_empty(),

@@ -5,6 +5,7 @@ mod it {
     pub mod faults;
     pub mod messaging;
     pub mod mocks;
+    pub mod redis_store;
     pub mod security;
     pub mod util;
 }

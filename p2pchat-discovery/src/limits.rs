@@ -1,6 +1,7 @@
 //! Connection caps (in total and per IP address) and the per-IP registration rate.
 
 use std::collections::HashMap;
+use std::hash::Hash;
 use std::net::IpAddr;
 use std::num::NonZeroU32;
 use std::sync::{Arc, Mutex};
@@ -93,34 +94,34 @@ impl Drop for ConnectionPermit {
     }
 }
 
-/// Registrations per second per IP address, with a burst of twice the rate.
-pub(crate) struct RegistrationRate {
-    limiter: Option<DefaultKeyedRateLimiter<IpAddr>>,
+/// A rate per key (registrations per IP address, deposits per user), with bursts.
+pub(crate) struct KeyedRate<K: Hash + Eq + Clone> {
+    limiter: Option<DefaultKeyedRateLimiter<K>>,
 }
 
-impl std::fmt::Debug for RegistrationRate {
+impl<K: Hash + Eq + Clone> std::fmt::Debug for KeyedRate<K> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RegistrationRate")
+        f.debug_struct("KeyedRate")
             .field("limited", &self.limiter.is_some())
             .finish()
     }
 }
 
-impl RegistrationRate {
-    /// `per_second == 0` means unlimited.
-    pub(crate) fn new(per_second: u32) -> Self {
+impl<K: Hash + Eq + Clone> KeyedRate<K> {
+    /// `per_second == 0` means unlimited; the burst is at least the rate.
+    pub(crate) fn new(per_second: u32, burst: u32) -> Self {
         let limiter = NonZeroU32::new(per_second).map(|rate| {
-            let burst = rate.saturating_mul(NonZeroU32::MIN.saturating_add(1));
+            let burst = NonZeroU32::new(burst).unwrap_or(rate).max(rate);
             RateLimiter::keyed(Quota::per_second(rate).allow_burst(burst))
         });
         Self { limiter }
     }
 
-    /// Takes one registration from `ip`'s allowance; `false` when it is spent.
-    pub(crate) fn allow(&self, ip: IpAddr) -> bool {
+    /// Takes one from `key`'s allowance; `false` when it is spent.
+    pub(crate) fn allow(&self, key: &K) -> bool {
         self.limiter
             .as_ref()
-            .is_none_or(|l| l.check_key(&ip).is_ok())
+            .is_none_or(|l| l.check_key(key).is_ok())
     }
 
     /// Forgets addresses whose allowance is full again (bounds the limiter's memory).
@@ -152,19 +153,14 @@ mod tests {
     }
 
     #[test]
-    fn registrations_are_rate_limited_per_address() {
-        let rate = RegistrationRate::new(5);
+    fn rates_are_limited_per_key_with_bursts() {
+        let rate = KeyedRate::new(5, 10);
         let a: IpAddr = "10.0.0.1".parse().unwrap();
-        let allowed = (0..100).filter(|_| rate.allow(a)).count();
-        assert!(
-            (10..=11).contains(&allowed),
-            "burst of twice the rate, got {allowed}"
-        );
-        assert!(
-            rate.allow("10.0.0.2".parse().unwrap()),
-            "other addresses unaffected"
-        );
-        let unlimited = RegistrationRate::new(0);
-        assert!((0..1000).all(|_| unlimited.allow(a)));
+        let allowed = (0..100).filter(|_| rate.allow(&a)).count();
+        assert!((10..=11).contains(&allowed), "a burst of 10, got {allowed}");
+        let b: IpAddr = "10.0.0.2".parse().unwrap();
+        assert!(rate.allow(&b), "other keys unaffected");
+        let unlimited = KeyedRate::new(0, 0);
+        assert!((0..1000).all(|_| unlimited.allow(&a)));
     }
 }

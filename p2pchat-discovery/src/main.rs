@@ -9,16 +9,61 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
+use p2pchat_core::discovery::DEFAULT_DISCOVERY_ADDR;
+use p2pchat_core::store::DEFAULT_ANNOUNCEMENT_CHANNEL;
+use p2pchat_core::{Announcement, DiscoveryClient, Identity};
 use p2pchat_discovery::server::{
     DEFAULT_LISTEN_ADDR, MAX_CONNECTIONS, MAX_CONNECTIONS_PER_IP, REGISTRATIONS_PER_SECOND_PER_IP,
 };
+use p2pchat_discovery::storage::RedisStorageConfig;
 use p2pchat_discovery::{Config, RedbStorage, RedisStorage, Server, Storage, serve};
+
+/// The operator key's file name in the data directory.
+const OPERATOR_KEY_FILE: &str = "operator.key";
 use tracing_subscriber::EnvFilter;
 
-/// The p2pchat discovery server: binds usernames to keys and tracks who is online.
+/// The p2pchat discovery server: binds usernames to keys, tracks who is online, keeps
+/// offline mail, and relays operator announcements.
 #[derive(Debug, Parser)]
 #[command(name = "p2pchat-discovery", version)]
 struct Args {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    serve: ServeArgs,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// Sign an announcement with the operator key and send it to every online node:
+    /// relayed by the running server, and published on a Redis channel when given one.
+    Announce(AnnounceArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct AnnounceArgs {
+    /// The text to announce.
+    text: String,
+    /// The running server to relay it.
+    #[arg(long, default_value = DEFAULT_DISCOVERY_ADDR)]
+    server: String,
+    /// The server's data directory (where its operator key is)
+    /// [default: the platform's data directory].
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// The operator key file [default: DATA_DIR/operator.key].
+    #[arg(long)]
+    operator_key: Option<PathBuf>,
+    /// Also publish on this Redis, for nodes that listen to Redis directly.
+    #[arg(long, env = "P2PCHAT_REDIS_URL")]
+    redis_url: Option<String>,
+    /// The Redis channel to publish on.
+    #[arg(long, default_value = DEFAULT_ANNOUNCEMENT_CHANNEL)]
+    channel: String,
+}
+
+#[derive(Debug, clap::Args)]
+struct ServeArgs {
     /// Address to listen on.
     #[arg(long, default_value = DEFAULT_LISTEN_ADDR)]
     listen: SocketAddr,
@@ -26,9 +71,17 @@ struct Args {
     /// [default: the platform's data directory, e.g. ~/.local/share/p2pchat-discovery].
     #[arg(long)]
     data_dir: Option<PathBuf>,
-    /// Keep the directory in Redis instead, shared by every instance given the same URL.
+    /// Keep the directory and the mailboxes in Redis instead, shared by every instance given
+    /// the same URL.
     #[arg(long, env = "P2PCHAT_REDIS_URL")]
     redis_url: Option<String>,
+    /// The operator key file, created if missing (instances sharing Redis should share it)
+    /// [default: DATA_DIR/operator.key].
+    #[arg(long)]
+    operator_key: Option<PathBuf>,
+    /// The Redis channel announcements are published on.
+    #[arg(long, default_value = DEFAULT_ANNOUNCEMENT_CHANNEL)]
+    announcement_channel: String,
     /// Seconds without a keep-alive before a user is offline.
     #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
     presence_ttl: u64,
@@ -54,7 +107,12 @@ async fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    match run(Args::parse()).await {
+    let args = Args::parse();
+    let outcome = match args.command {
+        Some(Command::Announce(announce)) => send_announcement(announce).await,
+        None => run(args.serve).await,
+    };
+    match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("p2pchat-discovery: {e:#}");
@@ -63,7 +121,79 @@ async fn main() -> ExitCode {
     }
 }
 
-async fn run(args: Args) -> anyhow::Result<()> {
+/// The operator key's file: given, or `operator.key` in the data directory.
+fn operator_key_path(given: Option<PathBuf>, data_dir: Option<PathBuf>) -> PathBuf {
+    given.unwrap_or_else(|| {
+        data_dir
+            .unwrap_or_else(default_data_dir)
+            .join(OPERATOR_KEY_FILE)
+    })
+}
+
+async fn send_announcement(args: AnnounceArgs) -> anyhow::Result<()> {
+    let path = operator_key_path(args.operator_key, args.data_dir);
+    if !path.exists() {
+        anyhow::bail!(
+            "no operator key at {}: start the server once (it creates one) or pass --operator-key",
+            path.display()
+        );
+    }
+    let operator = Identity::load(&path)
+        .with_context(|| format!("cannot read the operator key {}", path.display()))?;
+    let announcement = Announcement::sign(&operator, &args.text)?;
+    let relayed = DiscoveryClient::new(args.server.clone())
+        .announce(&announcement)
+        .await;
+    match &relayed {
+        Ok(sessions) => println!(
+            "announcement relayed by the server at {} ({sessions} sessions online there)",
+            args.server
+        ),
+        Err(e) => eprintln!("p2pchat-discovery: the server did not relay it: {e}"),
+    }
+    let published = match &args.redis_url {
+        Some(url) => {
+            let published = publish(url, &args.channel, &announcement.to_json()).await;
+            match &published {
+                Ok(listeners) => println!(
+                    "announcement published on Redis channel '{}' ({listeners} listeners)",
+                    args.channel
+                ),
+                Err(e) => eprintln!("p2pchat-discovery: cannot publish on Redis at {url}: {e:#}"),
+            }
+            published.is_ok()
+        }
+        None => false,
+    };
+    if relayed.is_err() && !published {
+        anyhow::bail!("the announcement reached nobody");
+    }
+    Ok(())
+}
+
+async fn publish(url: &str, channel: &str, payload: &str) -> anyhow::Result<i64> {
+    let client = redis::Client::open(url)?;
+    let mut conn = tokio::time::timeout(
+        Duration::from_secs(5),
+        client.get_multiplexed_async_connection(),
+    )
+    .await
+    .context("no answer within 5 s")??;
+    Ok(redis::cmd("PUBLISH")
+        .arg(channel)
+        .arg(payload)
+        .query_async(&mut conn)
+        .await?)
+}
+
+async fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let key_path = operator_key_path(args.operator_key.clone(), args.data_dir.clone());
+    let operator = load_or_create_operator_key(&key_path)?;
+    tracing::info!(
+        key = %key_path.display(),
+        fingerprint = %operator.public_key().fingerprint(),
+        "operator key"
+    );
     let presence_ttl = Duration::from_secs(args.presence_ttl);
     let config = Config {
         presence_ttl,
@@ -72,14 +202,21 @@ async fn run(args: Args) -> anyhow::Result<()> {
         max_connections: args.max_connections,
         max_connections_per_ip: args.max_connections_per_ip,
         registrations_per_second_per_ip: args.registrations_per_second,
+        operator: Some(operator),
         ..Config::default()
     };
     let storage: Arc<dyn Storage> = match &args.redis_url {
-        Some(url) => Arc::new(
-            RedisStorage::connect(url)
-                .await
-                .with_context(|| format!("cannot use Redis at {url}"))?,
-        ),
+        Some(url) => {
+            let settings = RedisStorageConfig {
+                announcement_channel: args.announcement_channel.clone(),
+                ..RedisStorageConfig::default()
+            };
+            Arc::new(
+                RedisStorage::connect_with(url, settings)
+                    .await
+                    .with_context(|| format!("cannot use Redis at {url}"))?,
+            )
+        }
         None => {
             let dir = args.data_dir.clone().unwrap_or_else(default_data_dir);
             let storage = RedbStorage::open(&dir)
@@ -100,6 +237,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
     )
     .await;
     Ok(())
+}
+
+/// Loads the operator key, creating it (and its directory) on first start.
+fn load_or_create_operator_key(path: &std::path::Path) -> anyhow::Result<Identity> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    Identity::load_or_generate(path)
+        .with_context(|| format!("cannot use the operator key {}", path.display()))
 }
 
 fn default_data_dir() -> PathBuf {

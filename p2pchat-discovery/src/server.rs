@@ -2,18 +2,21 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
+use p2pchat_core::announce::AnnouncementGuard;
 use p2pchat_core::discovery::{DEFAULT_CLAIM_LAPSE, DEFAULT_PRESENCE_TTL};
-use p2pchat_core::protocol::discovery::Push;
+use p2pchat_core::protocol::discovery::{Push, WireError};
+use p2pchat_core::{Announcement, Identity, PublicKey};
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use crate::limits::{ConnectionLimits, RegistrationRate};
+use crate::limits::{ConnectionLimits, KeyedRate};
 use crate::session;
 use crate::storage::{PresenceChange, SessionId, Storage};
 
@@ -29,6 +32,14 @@ pub const MAX_CONNECTIONS_PER_IP: usize = 256;
 /// Registrations per second allowed from one IP address (bursts of twice as many).
 /// Default: 20.
 pub const REGISTRATIONS_PER_SECOND_PER_IP: u32 = 20;
+
+/// Deposits per second allowed from one user into the mailboxes (bursts of
+/// [`DEPOSIT_BURST`]). Default: 1,000.
+pub const DEPOSITS_PER_SECOND_PER_USER: u32 = 1_000;
+
+/// Deposits one user may make at once: a node that lost a peer stores everything it had in
+/// flight in one go. Default: 10,000.
+pub const DEPOSIT_BURST: u32 = 10_000;
 
 /// How long a new connection may take to register. A client that trickles its bytes is cut
 /// off when it runs out. Default: 5 s.
@@ -67,6 +78,11 @@ pub struct Config {
     pub max_connections_per_ip: usize,
     /// 0 means unlimited. By default, [`REGISTRATIONS_PER_SECOND_PER_IP`].
     pub registrations_per_second_per_ip: u32,
+    /// 0 means unlimited. By default, [`DEPOSITS_PER_SECOND_PER_USER`].
+    pub deposits_per_second_per_user: u32,
+    /// The key that signs announcements. Nodes learn its public half at registration and
+    /// pin it. By default, none: the server relays no announcements.
+    pub operator: Option<Identity>,
 }
 
 impl Default for Config {
@@ -79,6 +95,8 @@ impl Default for Config {
             max_connections: MAX_CONNECTIONS,
             max_connections_per_ip: MAX_CONNECTIONS_PER_IP,
             registrations_per_second_per_ip: REGISTRATIONS_PER_SECOND_PER_IP,
+            deposits_per_second_per_user: DEPOSITS_PER_SECOND_PER_USER,
+            operator: None,
         }
     }
 }
@@ -91,6 +109,8 @@ pub(crate) struct LocalSession {
     /// A hint only: the session asks the storage, whose last `set_online` wins, so two
     /// racing registrations never both lose.
     pub(crate) check: Arc<Notify>,
+    /// Its push queue, for announcements.
+    pub(crate) pushes: mpsc::Sender<Push>,
 }
 
 /// The state shared by a server's sessions: configuration, storage, limits, and who is
@@ -100,7 +120,12 @@ pub struct Server {
     pub(crate) config: Config,
     pub(crate) storage: Arc<dyn Storage>,
     pub(crate) connections: Arc<ConnectionLimits>,
-    pub(crate) registrations: RegistrationRate,
+    pub(crate) registrations: KeyedRate<IpAddr>,
+    pub(crate) deposits: KeyedRate<String>,
+    /// The operator key's public half, if the server has one.
+    pub(crate) operator_key: Option<PublicKey>,
+    /// Announcements relayed recently (no replays through this server).
+    announced: Mutex<AnnouncementGuard>,
     /// watched username → watching sessions here → their push queues.
     watchers: Mutex<HashMap<String, HashMap<SessionId, mpsc::Sender<Push>>>>,
     /// username → the session registered here.
@@ -124,7 +149,13 @@ impl Server {
                 config.max_connections,
                 config.max_connections_per_ip,
             ),
-            registrations: RegistrationRate::new(config.registrations_per_second_per_ip),
+            registrations: KeyedRate::new(
+                config.registrations_per_second_per_ip,
+                config.registrations_per_second_per_ip.saturating_mul(2),
+            ),
+            deposits: KeyedRate::new(config.deposits_per_second_per_user, DEPOSIT_BURST),
+            operator_key: config.operator.as_ref().map(Identity::public_key),
+            announced: Mutex::new(AnnouncementGuard::default()),
             config,
             storage,
             watchers: Mutex::new(HashMap::new()),
@@ -149,13 +180,19 @@ impl Server {
 
     /// Records `username`'s new session here; an older one is told to check whether it was
     /// replaced. Returns the new session's check signal.
-    pub(crate) fn add_session(&self, username: &str, id: SessionId) -> Arc<Notify> {
+    pub(crate) fn add_session(
+        &self,
+        username: &str,
+        id: SessionId,
+        pushes: mpsc::Sender<Push>,
+    ) -> Arc<Notify> {
         let check = Arc::new(Notify::new());
         let old = lock(&self.sessions).insert(
             username.to_owned(),
             LocalSession {
                 id,
                 check: check.clone(),
+                pushes,
             },
         );
         if let Some(old) = old {
@@ -221,14 +258,66 @@ impl Server {
         }
     }
 
+    /// Checks an announcement submitted to this server: signed by its operator key, fresh,
+    /// not relayed before.
+    pub(crate) fn admit_announcement(&self, a: &Announcement) -> Result<(), WireError> {
+        let Some(operator) = self.operator_key else {
+            return Err(WireError::Forbidden(
+                "this server has no operator key; it relays no announcements".into(),
+            ));
+        };
+        lock(&self.announced)
+            .admit(a, &operator, SystemTime::now())
+            .map_err(|e| WireError::Forbidden(format!("announcement refused: {e}")))
+    }
+
+    /// Sends an announcement to every session registered here; returns how many.
+    fn relay(&self, a: &Announcement) -> u64 {
+        let sessions = lock(&self.sessions);
+        let mut sent = 0;
+        for (user, session) in sessions.iter() {
+            match session
+                .pushes
+                .try_send(Push::Announcement(Box::new(a.clone())))
+            {
+                Ok(()) => sent += 1,
+                Err(_) => tracing::debug!(%user, "push queue full; announcement dropped"),
+            }
+        }
+        sent
+    }
+
+    /// Relays an announcement from the feed if the operator key signed it (on Redis anyone
+    /// can publish on the channel; nodes check again with the key they pinned).
+    fn relay_from_feed(&self, a: &Announcement) -> u64 {
+        match self.operator_key.map(|key| a.verify(&key)) {
+            Some(Ok(())) => self.relay(a),
+            _ => {
+                tracing::debug!(id = %a.id, "not relaying an announcement the operator did not sign");
+                0
+            }
+        }
+    }
+
     async fn dispatch_loop(
         self: Arc<Self>,
         mut feed: broadcast::Receiver<PresenceChange>,
+        mut announcements: broadcast::Receiver<Announcement>,
         stop: CancellationToken,
     ) {
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
+                a = announcements.recv() => match a {
+                    Ok(a) => {
+                        let sent = self.relay_from_feed(&a);
+                        tracing::info!(id = %a.id, sessions = sent, "announcement relayed");
+                    }
+                    Err(broadcast::error::RecvError::Lagged(n)) => {
+                        tracing::warn!(missed = n, "announcement feed lagged");
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return,
+                },
                 change = feed.recv() => match change {
                     Ok(change) => self.dispatch(change),
                     Err(broadcast::error::RecvError::Lagged(n)) => {
@@ -254,7 +343,10 @@ impl Server {
                         tracing::warn!(error = %e, "presence sweep failed");
                     }
                 }
-                _ = cleanup.tick() => self.registrations.forget_idle(),
+                _ = cleanup.tick() => {
+                    self.registrations.forget_idle();
+                    self.deposits.forget_idle();
+                }
             }
         }
     }
@@ -269,7 +361,12 @@ pub async fn serve(listener: TcpListener, server: Arc<Server>, shutdown: impl Fu
     let tasks = TaskTracker::new();
     // Subscribe before the first session can register, so no change is missed.
     let feed = server.storage.presence_changes();
-    tasks.spawn(server.clone().dispatch_loop(feed, stop.clone()));
+    let announcements = server.storage.announcements();
+    tasks.spawn(
+        server
+            .clone()
+            .dispatch_loop(feed, announcements, stop.clone()),
+    );
     tasks.spawn(server.clone().sweep_loop(stop.clone()));
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, "serving discovery sessions");

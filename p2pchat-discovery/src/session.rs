@@ -7,14 +7,16 @@ use std::time::{Duration, SystemTime};
 
 use bytes::BytesMut;
 use futures::StreamExt;
+use futures::stream::BoxStream;
 use p2pchat_core::discovery::{MAX_PAGE_SIZE, Page, PeerRecord};
 use p2pchat_core::protocol::discovery::{
     ClientFrame, MAX_ANNOUNCED_ADDRS, MAX_WATCHES, Push, RegisterRequest, Registered, Reply,
     Request, ServerFrame, WireError, register_transcript,
 };
 use p2pchat_core::protocol::{
-    FrameCodec, NONCE_LEN, PROTOCOL_VERSION, ProtocolError, validate_username,
+    FrameCodec, MAX_ACK_BATCH, NONCE_LEN, PROTOCOL_VERSION, ProtocolError, validate_username,
 };
+use p2pchat_core::store::{MAX_FETCH_BATCH, StoreError, StoredMessage};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -98,6 +100,20 @@ fn decode_error(e: ProtocolError) -> Option<WireError> {
     }
 }
 
+fn store_error(e: StoreError) -> WireError {
+    match e {
+        StoreError::QuotaExceeded { recipient, quota } => WireError::QuotaExceeded {
+            recipient,
+            quota: quota as u64,
+        },
+        StoreError::Forbidden(what) => WireError::Forbidden(what),
+        e => {
+            tracing::warn!(error = %e, "mailbox failed");
+            WireError::Backend(e.to_string())
+        }
+    }
+}
+
 fn backend(e: StorageError) -> WireError {
     match e {
         StorageError::NameTaken(username) => WireError::NameTaken { username },
@@ -146,19 +162,51 @@ pub(crate) async fn run(
         }
     };
     match registered {
-        Ok(session) => session.serve(reader, writer, stop).await,
+        Ok(Opening::Session(session, mail)) => session.serve(reader, writer, mail, stop).await,
+        Ok(Opening::Announced) => close(writer, reader).await,
         Err(Some(error)) => refuse(writer, reader, error).await,
         Err(None) => {}
     }
 }
 
-/// Challenge, verify, claim, go online. `Err(None)`: the connection failed, say nothing.
+/// What a connection turned out to be.
+enum Opening {
+    /// A registered session, and its new-mail notices.
+    Session(Box<Session>, BoxStream<'static, ()>),
+    /// An operator's announcement, relayed and answered.
+    Announced,
+}
+
+/// Relays a signed announcement (through the storage, so every instance sharing it relays it
+/// too) and answers how many sessions this instance has.
+async fn announce(
+    server: &Arc<Server>,
+    writer: &mut Writer,
+    announcement: &p2pchat_core::Announcement,
+) -> Result<Opening, Option<WireError>> {
+    server.admit_announcement(announcement).map_err(Some)?;
+    server
+        .storage
+        .publish_announcement(announcement)
+        .await
+        .map_err(|e| Some(backend(e)))?;
+    let sessions = server.registered_sessions() as u64;
+    tracing::info!(id = %announcement.id, sessions, "announcement accepted");
+    writer
+        .send(&ServerFrame::Announced { sessions })
+        .await
+        .map_err(|_| None)?;
+    Ok(Opening::Announced)
+}
+
+/// Challenge, verify, claim, go online (or relay an announcement). `Err(None)`: the
+/// connection failed, say nothing.
 async fn register(
     server: &Arc<Server>,
     reader: &mut Reader,
     writer: &mut Writer,
     peer: SocketAddr,
-) -> Result<Session, Option<WireError>> {
+) -> Result<Opening, Option<WireError>> {
     let nonce: [u8; NONCE_LEN] = rand::random();
     writer
         .send(&ServerFrame::Challenge { nonce })
@@ -166,6 +214,9 @@ async fn register(
         .map_err(|_| None)?;
     let request: Box<RegisterRequest> = match reader.next().await {
         Some(Ok(ClientFrame::Register(request))) => request,
+        Some(Ok(ClientFrame::Announce(announcement))) => {
+            return announce(server, writer, &announcement).await;
+        }
         Some(Ok(_)) => {
             return Err(Some(WireError::BadFrame(
                 "the first frame must be a registration".into(),
@@ -174,7 +225,7 @@ async fn register(
         Some(Err(e)) => return Err(decode_error(e)),
         None => return Err(None),
     };
-    if !server.registrations.allow(peer.ip()) {
+    if !server.registrations.allow(&peer.ip()) {
         return Err(Some(WireError::RateLimited));
     }
     let claim = &request.claim;
@@ -212,8 +263,13 @@ async fn register(
         .set_online(&lease, config.presence_ttl)
         .await
         .map_err(|e| Some(backend(e)))?;
-    let check = server.add_session(&lease.username, lease.session);
+    let mail = storage
+        .mailbox()
+        .subscribe(&lease.username)
+        .await
+        .map_err(|e| Some(WireError::Backend(e.to_string())))?;
     let (pushes, push_rx) = mpsc::channel(SESSION_PUSH_CAPACITY);
+    let check = server.add_session(&lease.username, lease.session, pushes.clone());
     let session = Session {
         server: server.clone(),
         lease,
@@ -227,13 +283,14 @@ async fn register(
         observed: peer,
         addrs,
         presence_ttl_ms: config.presence_ttl.as_millis() as u64,
+        operator_key: server.operator_key,
     }));
     if writer.send(&confirmation).await.is_err() {
         session.end(false).await;
         return Err(None);
     }
     tracing::debug!(user = %session.lease.username, "registered");
-    Ok(session)
+    Ok(Opening::Session(Box::new(session), mail))
 }
 
 /// A registered session.
@@ -256,7 +313,13 @@ enum Then {
 }
 
 impl Session {
-    async fn serve(mut self, mut reader: Reader, mut writer: Writer, stop: CancellationToken) {
+    async fn serve(
+        mut self,
+        mut reader: Reader,
+        mut writer: Writer,
+        mut mail: BoxStream<'static, ()>,
+        stop: CancellationToken,
+    ) {
         let idle = self.server.config.idle_timeout;
         let mut last_frame = Instant::now();
         let replaced = loop {
@@ -273,6 +336,11 @@ impl Session {
                 }
                 Some(push) = self.push_rx.recv() => {
                     if writer.send(&ServerFrame::Push(push)).await.is_err() {
+                        break false;
+                    }
+                }
+                Some(()) = mail.next() => {
+                    if writer.send(&ServerFrame::Push(Push::NewMail)).await.is_err() {
                         break false;
                     }
                 }
@@ -434,6 +502,35 @@ impl Session {
                 // `end` takes the session offline once the answer is written.
                 (Ok(Reply::Done), Then::Close)
             }
+            Request::Deposit(message) => (self.deposit(*message).await, Then::Continue),
+            Request::FetchMail { limit } => {
+                let limit = (limit as usize).clamp(1, MAX_FETCH_BATCH);
+                let fetched = storage.mailbox().fetch(&lease.username, limit).await;
+                (
+                    fetched.map(Reply::Mail).map_err(store_error),
+                    Then::Continue,
+                )
+            }
+            Request::AckMail { ids } => {
+                if ids.len() > MAX_ACK_BATCH {
+                    let error = WireError::LimitExceeded(format!(
+                        "at most {MAX_ACK_BATCH} ids per acknowledgement"
+                    ));
+                    return (Err(error), Then::Continue);
+                }
+                let acked = storage.mailbox().ack(&lease.username, &ids).await;
+                (
+                    acked.map(|()| Reply::Done).map_err(store_error),
+                    Then::Continue,
+                )
+            }
+            Request::TakeExpired => {
+                let taken = storage.mailbox().take_expired(&lease.username).await;
+                (
+                    taken.map(Reply::Expired).map_err(store_error),
+                    Then::Continue,
+                )
+            }
             other => (
                 Err(WireError::BadFrame(format!(
                     "unsupported request {other:?}"
@@ -441,6 +538,42 @@ impl Session {
                 Then::Continue,
             ),
         }
+    }
+
+    /// Leaves a message in its recipient's mailbox: in this user's name only, for a claimed
+    /// name only, within the deposit rate.
+    async fn deposit(&self, message: StoredMessage) -> Result<Reply, WireError> {
+        let me = &self.lease.username;
+        if message.from != *me {
+            return Err(WireError::Forbidden(format!(
+                "{me} may not deposit mail in {}'s name",
+                message.from
+            )));
+        }
+        if validate_username(&message.to).is_err() {
+            return Err(WireError::InvalidUsername(message.to));
+        }
+        if !self.server.deposits.allow(me) {
+            return Err(WireError::RateLimited);
+        }
+        let storage = &self.server.storage;
+        if storage
+            .claim_of(&message.to)
+            .await
+            .map_err(backend)?
+            .is_none()
+        {
+            return Err(WireError::Forbidden(format!(
+                "there is no user named {}",
+                message.to
+            )));
+        }
+        storage
+            .mailbox()
+            .put(message)
+            .await
+            .map(|()| Reply::Done)
+            .map_err(store_error)
     }
 
     async fn lookup(&self, username: &str) -> Result<Reply, WireError> {

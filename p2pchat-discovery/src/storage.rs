@@ -8,24 +8,31 @@
 //! - [`RedisStorage`]: claims, presence leases and the change feed in Redis, so several
 //!   server instances sharing it behave as one.
 
+mod mailbox;
 mod presence;
 mod redb;
 mod redis;
 
 use std::fmt::Debug;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
-use p2pchat_core::PublicKey;
+use p2pchat_core::store::OfflineStore;
+use p2pchat_core::{Announcement, PublicKey};
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
+pub use self::mailbox::RedbMailbox;
 pub use self::redb::RedbStorage;
-pub use self::redis::{DEFAULT_KEY_PREFIX, RedisStorage};
+pub use self::redis::{DEFAULT_KEY_PREFIX, RedisStorage, RedisStorageConfig};
 
 /// Presence changes buffered for a slow dispatcher before it reports `Lagged`. Default: 4096.
 pub const PRESENCE_FEED_CAPACITY: usize = 4096;
+
+/// Announcements buffered for a slow dispatcher. Default: 64.
+pub const ANNOUNCEMENT_FEED_CAPACITY: usize = 64;
 
 /// A claim's `last_seen` is rewritten at most this often while its owner keeps registering,
 /// so keep-alives and reconnections do not turn into disk writes. Default: 1 hour (claims
@@ -164,6 +171,17 @@ pub trait Storage: Debug + Send + Sync + 'static {
 
     /// The feed of presence changes (from every instance sharing the backend).
     fn presence_changes(&self) -> broadcast::Receiver<PresenceChange>;
+
+    /// The offline mailboxes kept beside the directory.
+    fn mailbox(&self) -> Arc<dyn OfflineStore>;
+
+    /// Hands a verified operator announcement to every instance sharing the backend (and,
+    /// on Redis, to the nodes listening on the announcement channel).
+    async fn publish_announcement(&self, announcement: &Announcement) -> Result<(), StorageError>;
+
+    /// The feed of announcements to relay to this instance's sessions (published by any
+    /// instance; on Redis, anything on the announcement channel, still to be verified).
+    fn announcements(&self) -> broadcast::Receiver<Announcement>;
 }
 
 /// How stale a claim's `last_seen` may get before a registration or a session's end

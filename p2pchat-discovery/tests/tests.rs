@@ -5,9 +5,11 @@
 #![allow(clippy::unwrap_used)]
 
 mod it {
+    pub mod announce;
     pub mod bad_input;
     pub mod binary;
     pub mod conformance;
     pub mod lifecycle;
+    pub mod offline;
     pub mod util;
 }

@@ -2,13 +2,14 @@
 //! persistent session connection that reconnects and re-registers by itself.
 
 use std::collections::{BTreeSet, VecDeque};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use futures::{SinkExt, StreamExt};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::codec::{FramedRead, FramedWrite};
 use tracing::Instrument;
@@ -17,12 +18,14 @@ use super::{
     Discovery, DiscoveryError, DiscoveryEvent, DiscoverySession, MAX_PAGE_SIZE, Page, PeerRecord,
     Registration,
 };
-use crate::identity::Identity;
+use crate::announce::Announcement;
+use crate::identity::{Identity, PublicKey};
 use crate::protocol::discovery::{
     Claim, ClientFrame, DEFAULT_DISCOVERY_PORT, MAX_ANNOUNCED_ADDRS, Push, RegisterRequest,
-    Registered, Reply, Request, ServerFrame, register_transcript,
+    Registered, Reply, Request, ServerFrame, WireError, register_transcript,
 };
 use crate::protocol::{FrameCodec, validate_username};
+use crate::store::{MailboxStore, OfflineStore};
 
 /// Where [`DiscoveryClient::default`] looks for the server: a local `p2pchat-discovery` on
 /// its default port.
@@ -43,6 +46,10 @@ pub const RECONNECT_BACKOFF: (Duration, Duration) =
 
 /// Requests queued to a session's connection task. Default: 64.
 const SESSION_QUEUE_CAPACITY: usize = 64;
+
+/// New-mail notices buffered for the session's mailbox subscribers (a lagging subscriber
+/// still gets a notice). Default: 16.
+const MAIL_NOTICE_CAPACITY: usize = 16;
 
 type Reader = FramedRead<OwnedReadHalf, FrameCodec<ServerFrame>>;
 type Writer = FramedWrite<OwnedWriteHalf, FrameCodec<ClientFrame>>;
@@ -154,6 +161,42 @@ impl DiscoveryClient {
             })
     }
 
+    /// Hands a signed operator announcement to the server, which relays it to its sessions
+    /// (and, sharing Redis, to the other instances). Returns how many sessions the server
+    /// has. The server refuses an announcement its operator key did not sign.
+    pub async fn announce(&self, announcement: &Announcement) -> Result<u64, DiscoveryError> {
+        let attempt = async {
+            let stream = TcpStream::connect(&self.addr)
+                .await
+                .map_err(|e| self.unreachable(e.to_string()))?;
+            let (read, write) = stream.into_split();
+            let mut reader = FramedRead::new(read, FrameCodec::<ServerFrame>::default());
+            let mut writer = FramedWrite::new(write, FrameCodec::<ClientFrame>::default());
+            match self.next_frame(&mut reader).await? {
+                ServerFrame::Challenge { .. } => {}
+                ServerFrame::Error(e) => return Err(e.into()),
+                other => return Err(unexpected(&other)),
+            }
+            writer
+                .send(ClientFrame::Announce(Box::new(announcement.clone())))
+                .await
+                .map_err(|e| self.unreachable(e.to_string()))?;
+            match self.next_frame(&mut reader).await? {
+                ServerFrame::Announced { sessions } => Ok(sessions),
+                ServerFrame::Error(e) => Err(e.into()),
+                other => Err(unexpected(&other)),
+            }
+        };
+        tokio::time::timeout(DISCOVERY_CONNECT_TIMEOUT, attempt)
+            .await
+            .unwrap_or_else(|_| {
+                Err(self.unreachable(format!(
+                    "no answer within {} s",
+                    DISCOVERY_CONNECT_TIMEOUT.as_secs()
+                )))
+            })
+    }
+
     async fn next_frame(&self, reader: &mut Reader) -> Result<ServerFrame, DiscoveryError> {
         match reader.next().await {
             Some(Ok(frame)) => Ok(frame),
@@ -184,6 +227,13 @@ impl Discovery for DiscoveryClient {
         let (reader, writer, registered) = self.establish(identity, &registration).await?;
         tracing::debug!(server = %self.addr, addrs = ?registered.addrs, "registered");
         let (cmds_tx, cmds) = mpsc::channel(SESSION_QUEUE_CAPACITY);
+        let mail_notices = broadcast::channel(MAIL_NOTICE_CAPACITY).0;
+        let mailbox = MailboxStore::new(
+            registration.username.clone(),
+            self.addr.clone(),
+            cmds_tx.downgrade(),
+            mail_notices.clone(),
+        );
         let span = tracing::info_span!("discovery", user = %registration.username);
         let task = SessionTask {
             client: self.clone(),
@@ -191,6 +241,7 @@ impl Discovery for DiscoveryClient {
             registration,
             events,
             cmds,
+            mail_notices,
             watching: BTreeSet::new(),
             next_id: 0,
             pending: VecDeque::new(),
@@ -199,29 +250,64 @@ impl Discovery for DiscoveryClient {
         Ok(Box::new(ClientSession {
             addr: self.addr.clone(),
             cmds: cmds_tx,
+            mailbox: Arc::new(mailbox),
+            operator_key: registered.operator_key,
         }))
     }
 }
 
-struct Call {
+/// Why a call failed: the server's answer (kept whole, so each caller maps it to its own
+/// error type), or the session itself.
+#[derive(Debug)]
+pub(crate) enum Failure {
+    /// The server refused the request.
+    Wire(WireError),
+    /// The session could not ask (closed, reconnecting, timed out).
+    Session(DiscoveryError),
+}
+
+impl From<Failure> for DiscoveryError {
+    fn from(f: Failure) -> Self {
+        match f {
+            Failure::Wire(e) => e.into(),
+            Failure::Session(e) => e,
+        }
+    }
+}
+
+type Answer = Result<Reply, Failure>;
+
+/// A request for the session's connection task, with where to send the answer.
+pub(crate) struct Call {
     request: Request,
-    reply: oneshot::Sender<Result<Reply, DiscoveryError>>,
+    reply: oneshot::Sender<Answer>,
+}
+
+/// Sends `request` through a session's connection task and waits for the answer.
+pub(crate) async fn call(cmds: &mpsc::Sender<Call>, request: Request) -> Answer {
+    let (reply, answer) = oneshot::channel();
+    cmds.send(Call { request, reply })
+        .await
+        .map_err(|_| Failure::Session(DiscoveryError::Closed))?;
+    answer
+        .await
+        .map_err(|_| Failure::Session(DiscoveryError::Closed))?
 }
 
 #[derive(Debug)]
 struct ClientSession {
     addr: String,
+    /// The only strong sender: dropping the session ends its connection task.
     cmds: mpsc::Sender<Call>,
+    mailbox: Arc<MailboxStore>,
+    operator_key: Option<PublicKey>,
 }
 
 impl ClientSession {
     async fn call(&self, request: Request) -> Result<Reply, DiscoveryError> {
-        let (reply, answer) = oneshot::channel();
-        self.cmds
-            .send(Call { request, reply })
+        call(&self.cmds, request)
             .await
-            .map_err(|_| DiscoveryError::Closed)?;
-        answer.await.map_err(|_| DiscoveryError::Closed)?
+            .map_err(DiscoveryError::from)
     }
 }
 
@@ -291,6 +377,14 @@ impl DiscoverySession for ClientSession {
             Err(e) => Err(e),
         }
     }
+
+    fn mailbox(&self) -> Option<Arc<dyn OfflineStore>> {
+        Some(self.mailbox.clone())
+    }
+
+    fn operator_key(&self) -> Option<PublicKey> {
+        self.operator_key
+    }
 }
 
 /// A request sent and not yet answered. Re-watches after a reconnection have no caller.
@@ -298,7 +392,7 @@ struct Pending {
     id: u64,
     sent: Instant,
     deregister: bool,
-    reply: Option<oneshot::Sender<Result<Reply, DiscoveryError>>>,
+    reply: Option<oneshot::Sender<Answer>>,
 }
 
 /// Why a connection ended.
@@ -317,6 +411,9 @@ struct SessionTask {
     registration: Registration,
     events: mpsc::Sender<DiscoveryEvent>,
     cmds: mpsc::Receiver<Call>,
+    /// Where new-mail pushes go (and a notice after every reconnection: mail may have come
+    /// while away).
+    mail_notices: broadcast::Sender<()>,
     /// Re-watched after every reconnection.
     watching: BTreeSet<String>,
     next_id: u64,
@@ -333,7 +430,9 @@ impl SessionTask {
                     tracing::info!(server = %self.client.addr, %reason, "lost the discovery server; reconnecting");
                     for p in self.pending.drain(..) {
                         if let Some(reply) = p.reply {
-                            let _ = reply.send(Err(self.client.unreachable(reason.clone())));
+                            let _ = reply.send(Err(Failure::Session(
+                                self.client.unreachable(reason.clone()),
+                            )));
                         }
                     }
                     conn = self.reconnect().await;
@@ -342,7 +441,7 @@ impl SessionTask {
         }
         for p in self.pending.drain(..) {
             if let Some(reply) = p.reply {
-                let _ = reply.send(Err(DiscoveryError::Closed));
+                let _ = reply.send(Err(Failure::Session(DiscoveryError::Closed)));
             }
         }
     }
@@ -376,7 +475,7 @@ impl SessionTask {
                     match self.send(&mut writer, request).await {
                         Ok(id) => self.pending.push_back(Pending { id, sent: Instant::now(), deregister, reply: Some(reply) }),
                         Err(reason) => {
-                            let _ = reply.send(Err(self.client.unreachable(reason.clone())));
+                            let _ = reply.send(Err(Failure::Session(self.client.unreachable(reason.clone()))));
                             return Ended::Lost(reason);
                         }
                     }
@@ -388,7 +487,7 @@ impl SessionTask {
                         };
                         let done = p.deregister && result.is_ok();
                         if let Some(reply) = p.reply {
-                            let _ = reply.send(result.map_err(DiscoveryError::from));
+                            let _ = reply.send(result.map_err(Failure::Wire));
                         }
                         if done {
                             return Ended::Finished;
@@ -404,6 +503,12 @@ impl SessionTask {
                         Push::Replaced => {
                             tracing::warn!("this user registered again elsewhere; this discovery session is over");
                             return Ended::Finished;
+                        }
+                        Push::NewMail => {
+                            let _ = self.mail_notices.send(());
+                        }
+                        Push::Announcement(announcement) => {
+                            let _ = self.events.try_send(DiscoveryEvent::Announcement(announcement));
                         }
                     },
                     Some(Ok(ServerFrame::Error(e))) => return Ended::Lost(e.to_string()),
@@ -440,7 +545,7 @@ impl SessionTask {
                             return None;
                         }
                         Some(Call { reply, .. }) => {
-                            let _ = reply.send(Err(self.client.unreachable("reconnecting")));
+                            let _ = reply.send(Err(Failure::Session(self.client.unreachable("reconnecting"))));
                         }
                     },
                 }
@@ -452,6 +557,7 @@ impl SessionTask {
             {
                 Ok((reader, mut writer, _)) => {
                     tracing::info!(server = %self.client.addr, "registered again");
+                    let _ = self.mail_notices.send(());
                     let names: Vec<String> = self.watching.iter().cloned().collect();
                     for username in names {
                         match self.send(&mut writer, Request::Watch { username }).await {

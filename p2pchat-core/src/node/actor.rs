@@ -11,6 +11,7 @@ use tracing::Instrument;
 use super::handshake::{self, Refusal};
 use super::link::{Established, LinkCmd};
 use super::{Disposition, HANDSHAKE_TIMEOUT, MAX_PENDING_HANDSHAKES, Shared};
+use crate::announce::Announcement;
 use crate::crypto::CryptoError;
 use crate::discovery::DiscoveryEvent;
 use crate::event::Event;
@@ -33,6 +34,8 @@ pub(crate) struct Actor {
     pub(crate) discovery_events: mpsc::Receiver<DiscoveryEvent>,
     pub(crate) listener: Box<dyn Listener>,
     pub(crate) mail: BoxStream<'static, ()>,
+    /// Announcement JSON from a feed given to the builder (a Redis channel), if any.
+    pub(crate) announcements: Option<BoxStream<'static, String>>,
 }
 
 impl Actor {
@@ -71,6 +74,12 @@ impl Actor {
                 },
                 Some(event) = self.discovery_events.recv() => self.on_discovery(event).await,
                 Some(()) = self.mail.next() => self.drain().await,
+                Some(json) = next_announcement(&mut self.announcements) => {
+                    match Announcement::from_json(&json) {
+                        Ok(announcement) => self.on_announcement(&announcement),
+                        Err(e) => tracing::debug!(reason = %e, "dropped a malformed announcement"),
+                    }
+                }
                 _ = keep_alive.tick() => {
                     if let Ok(session) = shared.session()
                         && let Err(e) = session.keep_alive().await
@@ -94,6 +103,21 @@ impl Actor {
             }
             DiscoveryEvent::PeerOffline { username } => {
                 self.shared.emit(Event::PeerOffline { username });
+            }
+            DiscoveryEvent::Announcement(announcement) => self.on_announcement(&announcement),
+        }
+    }
+
+    /// Shows an announcement signed by the pinned operator key, fresh and not seen before;
+    /// drops anything else.
+    fn on_announcement(&self, announcement: &Announcement) {
+        let admitted = self.shared.peer_state().admit_announcement(announcement);
+        match admitted {
+            Ok(()) => self.shared.emit(Event::Announcement {
+                text: announcement.text.clone(),
+            }),
+            Err(e) => {
+                tracing::debug!(reason = %e, id = %announcement.id, "dropped an announcement")
             }
         }
     }
@@ -260,5 +284,19 @@ async fn admit(
             "your key is not the one registered for your name",
         )),
         Err(_) => Err(refuse(ErrorCode::AuthenticationFailed, "unknown user")),
+    }
+}
+
+/// The next item of an optional feed; pending forever without one (or once it ends).
+async fn next_announcement(feed: &mut Option<BoxStream<'static, String>>) -> Option<String> {
+    match feed {
+        Some(stream) => match stream.next().await {
+            Some(item) => Some(item),
+            None => {
+                *feed = None;
+                std::future::pending().await
+            }
+        },
+        None => std::future::pending().await,
     }
 }

@@ -5,6 +5,8 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
+use futures::stream::BoxStream;
+use futures::{Stream, StreamExt};
 use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -14,6 +16,7 @@ use super::actor::{ACTOR_QUEUE_CAPACITY, Actor};
 use super::state::{PeerState, Seen};
 use super::{ChatNode, Config, DEFAULT_ACK_TIMEOUT, DEFAULT_EVENT_CAPACITY, NodeError, Shared};
 use crate::discovery::{DEFAULT_KEEP_ALIVE_INTERVAL, Discovery, DiscoveryClient, Registration};
+use crate::event::Event;
 use crate::identity::Identity;
 use crate::protocol::validate_username;
 use crate::store::{DEFAULT_MESSAGE_TTL, OfflineStore};
@@ -23,7 +26,7 @@ use crate::transport::{TcpTransport, Transport};
 const DISCOVERY_EVENT_CAPACITY: usize = 256;
 
 /// Configures and starts a [`ChatNode`]. Obtain one with [`ChatNode::builder`].
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct ChatNodeBuilder {
     identity: Option<Identity>,
     username: Option<String>,
@@ -37,6 +40,22 @@ pub struct ChatNodeBuilder {
     ack_timeout: Option<Duration>,
     message_ttl: Option<Duration>,
     event_capacity: Option<usize>,
+    announcements: Option<BoxStream<'static, String>>,
+}
+
+impl std::fmt::Debug for ChatNodeBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChatNodeBuilder")
+            .field("username", &self.username)
+            .field("listen", &self.listen)
+            .field("announce", &self.announce)
+            .field("transport", &self.transport)
+            .field("discovery", &self.discovery)
+            .field("store", &self.store)
+            .field("data_dir", &self.data_dir)
+            .field("announcement_feed", &self.announcements.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 impl ChatNodeBuilder {
@@ -88,7 +107,11 @@ impl ChatNodeBuilder {
         self
     }
 
-    /// Where messages wait for peers that cannot be reached. Required: there is no default.
+    /// Where messages wait for peers that cannot be reached.
+    ///
+    /// By default, the directory's own mailbox when it keeps one (a `p2pchat-discovery`
+    /// server does: [`crate::MailboxStore`]); a directory without one ([`crate::MemoryDiscovery`])
+    /// needs a store given here.
     pub fn offline_store(mut self, store: impl OfflineStore) -> Self {
         self.store = Some(Arc::new(store));
         self
@@ -136,6 +159,17 @@ impl ChatNodeBuilder {
         self
     }
 
+    /// A feed of operator announcements besides those the directory relays, each item an
+    /// announcement's JSON: e.g. `RedisStore::announcements("special")` for nodes that use
+    /// Redis directly, as the original did. Only announcements signed by the operator key
+    /// pinned at registration, fresh and not seen before are shown ([`Event::Announcement`]).
+    ///
+    /// By default, none: only the directory's relayed announcements.
+    pub fn announcements(mut self, feed: impl Stream<Item = String> + Send + 'static) -> Self {
+        self.announcements = Some(feed.boxed());
+        self
+    }
+
     /// Binds the listener, registers with the directory and starts the node. Messages
     /// waiting in the offline store are delivered as events right after.
     pub async fn spawn(self) -> Result<ChatNode, NodeError> {
@@ -146,9 +180,6 @@ impl ChatNodeBuilder {
         let discovery = self
             .discovery
             .unwrap_or_else(|| Arc::new(DiscoveryClient::default()));
-        let store = self
-            .store
-            .ok_or_else(|| NodeError::Config("an offline store is required".into()))?;
         let config = Config {
             username,
             listen: self
@@ -173,7 +204,7 @@ impl ChatNodeBuilder {
             })?;
         }
         let identity = self.identity.unwrap_or_else(Identity::generate);
-        let peers = PeerState::load(config.data_dir.as_deref())?;
+        let mut peers = PeerState::load(config.data_dir.as_deref())?;
         let seen = Seen::load(config.data_dir.as_deref())?;
         let transport = self
             .transport
@@ -192,7 +223,20 @@ impl ChatNodeBuilder {
                 discovery_tx,
             )
             .await?;
+        let store = match self.store.or_else(|| session.mailbox()) {
+            Some(store) => store,
+            None => {
+                let _ = session.deregister().await;
+                return Err(NodeError::Config(
+                    "an offline store is required: this directory keeps no mailboxes".into(),
+                ));
+            }
+        };
         let mail = store.subscribe(&config.username).await?;
+        let operator_changed = match session.operator_key() {
+            Some(key) => peers.pin_operator(key)?.map(|pinned| (pinned, key)),
+            None => None,
+        };
         let (events, first_events) = broadcast::channel(config.event_capacity);
         let (actor_tx, commands) = mpsc::channel(ACTOR_QUEUE_CAPACITY);
         let span = tracing::info_span!("node", me = %config.username);
@@ -220,8 +264,18 @@ impl ChatNodeBuilder {
             discovery_events,
             listener,
             mail,
+            announcements: self.announcements,
         };
-        shared.tasks.spawn(actor.run().instrument(span));
+        if let Some((pinned, offered)) = operator_changed {
+            shared.emit(Event::Error {
+                message: format!(
+                    "the directory's operator key changed (pinned {}, now {}): its announcements are ignored",
+                    pinned.fingerprint(),
+                    offered.fingerprint()
+                ),
+            });
+        }
+        shared.spawn(actor.run().instrument(span));
         Ok(ChatNode {
             shared,
             actor: actor_tx,

@@ -180,7 +180,7 @@ pub(crate) fn spawn(shared: Arc<Shared>, peer: String, key: PublicKey) -> LinkHa
         dial_after: Instant::now(),
         closing: None,
     };
-    shared.tasks.spawn(link.run().instrument(span));
+    shared.spawn(link.run().instrument(span));
     LinkHandle { tx }
 }
 
@@ -532,7 +532,7 @@ impl Link {
         }
         self.next_conn += 1;
         let id = self.next_conn;
-        let reader = self.shared.tasks.spawn(
+        let reader = self.shared.spawn(
             read_loop(
                 self.shared.clone(),
                 pair,

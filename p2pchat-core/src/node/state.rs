@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
 use super::NodeError;
+use crate::announce::{Announcement, AnnouncementError, AnnouncementGuard};
 use crate::identity::PublicKey;
 use crate::protocol::MessageId;
 
@@ -35,6 +36,13 @@ struct PeersFile {
     muted: BTreeMap<String, u64>,
     #[serde(default)]
     pins: BTreeMap<String, PublicKey>,
+    /// The directory operator's announcement key, pinned on first sight.
+    #[serde(default)]
+    operator: Option<PublicKey>,
+    /// Announcement ids shown recently (id → issued-at ms), so replays are dropped across
+    /// restarts too.
+    #[serde(default)]
+    announcements: BTreeMap<String, u64>,
 }
 
 /// Block list, mutes and pinned keys.
@@ -148,6 +156,38 @@ impl PeerState {
 
     pub(crate) fn pin(&self, user: &str) -> Option<PublicKey> {
         self.file.pins.get(user).copied()
+    }
+
+    /// Pins the operator key on first sight. `Some(pinned)` when another key is pinned
+    /// already (it stays pinned).
+    pub(crate) fn pin_operator(&mut self, key: PublicKey) -> Result<Option<PublicKey>, NodeError> {
+        match self.file.operator {
+            Some(pinned) if pinned == key => Ok(None),
+            Some(pinned) => Ok(Some(pinned)),
+            None => {
+                self.file.operator = Some(key);
+                self.save().map(|()| None)
+            }
+        }
+    }
+
+    /// Checks an announcement against the pinned operator key, freshness and the ids already
+    /// shown; remembers it when admitted.
+    pub(crate) fn admit_announcement(
+        &mut self,
+        announcement: &Announcement,
+    ) -> Result<(), AnnouncementError> {
+        let operator = self.file.operator.ok_or(AnnouncementError::BadSignature)?;
+        let mut guard = AnnouncementGuard::with_seen(std::mem::take(&mut self.file.announcements));
+        let admitted = guard.admit(announcement, &operator, SystemTime::now());
+        self.file.announcements = guard.seen().map(|(id, at)| (id.clone(), *at)).collect();
+        if admitted.is_ok()
+            && let Err(e) = self.save()
+        {
+            // Worst case a replay after a restart is shown again.
+            tracing::warn!(error = %e, "cannot record the announcement as seen");
+        }
+        admitted
     }
 
     pub(crate) fn set_pin(&mut self, user: &str, key: PublicKey) -> Result<(), NodeError> {

@@ -19,9 +19,11 @@ use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
 
-use super::NONCE_LEN;
+use super::{MessageId, NONCE_LEN};
+use crate::announce::Announcement;
 use crate::discovery::{DiscoveryError, Page, PeerRecord};
 use crate::identity::PublicKey;
+use crate::store::{ExpiredMessage, StoreError, StoredMessage};
 
 /// The port `p2pchat-discovery` listens on unless told otherwise (as the original).
 pub const DEFAULT_DISCOVERY_PORT: u16 = 5001;
@@ -55,6 +57,12 @@ pub enum ServerFrame {
     Push(Push),
     /// A refusal after which the server closes the connection.
     Error(WireError),
+    /// The answer to [`ClientFrame::Announce`]: relayed to this many sessions of this
+    /// instance (and published to the other instances, if any); the server then closes.
+    Announced {
+        /// Sessions of this instance that were sent the announcement.
+        sessions: u64,
+    },
 }
 
 /// What the server confirms at registration.
@@ -66,6 +74,8 @@ pub struct Registered {
     pub addrs: Vec<SocketAddr>,
     /// How long the session stays online without a keep-alive, in milliseconds.
     pub presence_ttl_ms: u64,
+    /// The key that signs this server's operator announcements, if it has one.
+    pub operator_key: Option<PublicKey>,
 }
 
 /// Frames the client sends.
@@ -81,6 +91,9 @@ pub enum ClientFrame {
         /// What is asked.
         request: Request,
     },
+    /// Instead of registering: an operator announcement to relay to every online node. It
+    /// must be signed by this server's operator key.
+    Announce(Box<Announcement>),
 }
 
 /// What a registration claims: signed, with the server's nonce, by the key it names.
@@ -147,6 +160,24 @@ pub enum Request {
     },
     /// Go offline now; the server closes the connection after answering.
     Deregister,
+    /// Leave a message in its recipient's mailbox on the server. `message.from` must be this
+    /// session's user. Answered with [`Reply::Done`].
+    Deposit(Box<StoredMessage>),
+    /// This session's user's oldest waiting messages, left in place. Answered with
+    /// [`Reply::Mail`].
+    FetchMail {
+        /// At most this many (capped at [`crate::store::MAX_FETCH_BATCH`]).
+        limit: u32,
+    },
+    /// Removes processed messages from this session's user's mailbox. Answered with
+    /// [`Reply::Done`].
+    AckMail {
+        /// The processed ids (at most [`super::MAX_ACK_BATCH`]).
+        ids: Vec<MessageId>,
+    },
+    /// Expiry notices for messages this session's user sent. Answered with
+    /// [`Reply::Expired`].
+    TakeExpired,
 }
 
 /// Successful answers.
@@ -159,6 +190,10 @@ pub enum Reply {
     Record(Option<Box<PeerRecord>>),
     /// A listing page.
     Page(Page),
+    /// Waiting messages, oldest first.
+    Mail(Vec<StoredMessage>),
+    /// Expiry notices.
+    Expired(Vec<ExpiredMessage>),
 }
 
 /// What the server pushes to a session.
@@ -178,6 +213,10 @@ pub enum Push {
     /// The same user registered again elsewhere; this session is over and must not
     /// re-register on its own (the two would evict each other forever).
     Replaced,
+    /// Mail may have arrived in this session's user's mailbox.
+    NewMail,
+    /// An operator announcement (the node checks the signature against the key it pinned).
+    Announcement(Box<Announcement>),
 }
 
 /// Errors carried on the wire.
@@ -214,6 +253,18 @@ pub enum WireError {
     /// The server is shutting down.
     #[error("the server is shutting down")]
     ShuttingDown,
+    /// The recipient's mailbox is full.
+    #[error("{recipient}'s mailbox is full ({quota} messages waiting)")]
+    QuotaExceeded {
+        /// Whose mailbox.
+        recipient: String,
+        /// The quota.
+        quota: u64,
+    },
+    /// The session may not do this (another user's mailbox, a deposit in someone else's
+    /// name, an announcement not signed by the operator).
+    #[error("not allowed: {0}")]
+    Forbidden(String),
 }
 
 impl From<WireError> for DiscoveryError {
@@ -229,9 +280,23 @@ impl From<WireError> for DiscoveryError {
             WireError::LimitExceeded(what) => DiscoveryError::LimitExceeded(what),
             WireError::Backend(what) => DiscoveryError::Backend(what),
             WireError::ShuttingDown => DiscoveryError::Closed,
-            e @ (WireError::BadFrame(_) | WireError::UnsupportedVersion(_)) => {
-                DiscoveryError::Protocol(e.to_string())
-            }
+            WireError::Forbidden(why) => DiscoveryError::Refused(why),
+            e @ (WireError::BadFrame(_)
+            | WireError::UnsupportedVersion(_)
+            | WireError::QuotaExceeded { .. }) => DiscoveryError::Protocol(e.to_string()),
+        }
+    }
+}
+
+impl From<WireError> for StoreError {
+    fn from(e: WireError) -> Self {
+        match e {
+            WireError::QuotaExceeded { recipient, quota } => StoreError::QuotaExceeded {
+                recipient,
+                quota: usize::try_from(quota).unwrap_or(usize::MAX),
+            },
+            WireError::Forbidden(what) => StoreError::Forbidden(what),
+            other => StoreError::Unavailable(other.to_string()),
         }
     }
 }
@@ -286,6 +351,7 @@ mod tests {
                 observed: "127.0.0.1:5555".parse().unwrap(),
                 addrs: vec!["127.0.0.1:6000".parse().unwrap()],
                 presence_ttl_ms: 30_000,
+                operator_key: Some(Identity::generate().public_key()),
             })),
             ServerFrame::Response {
                 id: 7,

@@ -2,7 +2,9 @@
 
 use std::time::Duration;
 
-use p2pchat_core::testing::{discovery_conformance, store_conformance, transport_conformance};
+use p2pchat_core::testing::{
+    SharedStore, discovery_conformance, store_conformance, transport_conformance,
+};
 use p2pchat_core::{MemoryDiscovery, MemoryNetwork, MemoryStore, TcpTransport};
 
 #[tokio::test]
@@ -27,5 +29,6 @@ async fn memory_discovery_conforms() {
 
 #[tokio::test]
 async fn memory_store_conforms() {
-    store_conformance(|quota| async move { MemoryStore::with_quota(quota) }).await;
+    store_conformance(|quota| async move { SharedStore::new(MemoryStore::with_quota(quota)) })
+        .await;
 }

@@ -10,12 +10,15 @@ use std::time::{Duration, SystemTime};
 
 use ::redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use async_trait::async_trait;
-use p2pchat_core::PublicKey;
+use p2pchat_core::store::{DEFAULT_MAILBOX_QUOTA, OfflineStore};
+use p2pchat_core::{Announcement, PublicKey};
 use tokio::sync::broadcast;
 
+use super::mailbox::RedbMailbox;
 use super::presence::LocalPresence;
 use super::{
-    Lease, NameClaim, PresenceChange, SessionId, Storage, StorageError, touch_interval, unix_ms,
+    ANNOUNCEMENT_FEED_CAPACITY, Lease, NameClaim, PresenceChange, SessionId, Storage, StorageError,
+    touch_interval, unix_ms,
 };
 
 /// The claims table: username → key bytes ‖ last-seen milliseconds.
@@ -24,11 +27,13 @@ const CLAIMS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("claims");
 /// The database file inside the data directory.
 pub const DIRECTORY_FILE: &str = "directory.redb";
 
-/// Claims in redb, presence in memory. For one server instance.
+/// Claims and offline mailboxes in redb, presence in memory. For one server instance.
 #[derive(Debug, Clone)]
 pub struct RedbStorage {
     db: Arc<Database>,
     presence: Arc<LocalPresence>,
+    mailbox: RedbMailbox,
+    announcements: broadcast::Sender<Announcement>,
 }
 
 fn unavailable(e: impl std::fmt::Display) -> StorageError {
@@ -59,10 +64,16 @@ fn decode(username: &str, bytes: &[u8]) -> Result<NameClaim, StorageError> {
 }
 
 impl RedbStorage {
-    /// Opens (or creates) the directory in `data_dir`, creating the directory if needed.
+    /// Opens (or creates) the directory in `data_dir`, creating the directory if needed, with
+    /// mailboxes of [`DEFAULT_MAILBOX_QUOTA`] messages.
     ///
     /// Fails if another process has the file open.
     pub fn open(data_dir: &Path) -> Result<Self, StorageError> {
+        Self::open_with_quota(data_dir, DEFAULT_MAILBOX_QUOTA)
+    }
+
+    /// As [`RedbStorage::open`], with mailboxes holding at most `quota` messages.
+    pub fn open_with_quota(data_dir: &Path, quota: usize) -> Result<Self, StorageError> {
         std::fs::create_dir_all(data_dir).map_err(|e| {
             StorageError::Unavailable(format!("cannot create {}: {e}", data_dir.display()))
         })?;
@@ -73,9 +84,13 @@ impl RedbStorage {
         let txn = db.begin_write().map_err(unavailable)?;
         txn.open_table(CLAIMS).map_err(unavailable)?;
         txn.commit().map_err(unavailable)?;
+        let db = Arc::new(db);
+        let mailbox = RedbMailbox::open(db.clone(), quota).map_err(unavailable)?;
         Ok(Self {
-            db: Arc::new(db),
+            db,
             presence: Arc::new(LocalPresence::new()),
+            mailbox,
+            announcements: broadcast::channel(ANNOUNCEMENT_FEED_CAPACITY).0,
         })
     }
 
@@ -225,5 +240,19 @@ impl Storage for RedbStorage {
 
     fn presence_changes(&self) -> broadcast::Receiver<PresenceChange> {
         self.presence.subscribe()
+    }
+
+    fn mailbox(&self) -> Arc<dyn OfflineStore> {
+        Arc::new(self.mailbox.clone())
+    }
+
+    async fn publish_announcement(&self, announcement: &Announcement) -> Result<(), StorageError> {
+        // Nobody listening is fine.
+        let _ = self.announcements.send(announcement.clone());
+        Ok(())
+    }
+
+    fn announcements(&self) -> broadcast::Receiver<Announcement> {
+        self.announcements.subscribe()
     }
 }

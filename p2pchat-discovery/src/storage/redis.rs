@@ -46,18 +46,44 @@ use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
-use p2pchat_core::PublicKey;
+use p2pchat_core::store::{
+    DEFAULT_ANNOUNCEMENT_CHANNEL, DEFAULT_MAILBOX_QUOTA, OfflineStore, RedisStore, RedisStoreConfig,
+};
+use p2pchat_core::{Announcement, PublicKey};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{IntoConnectionInfo, Msg, ProtocolVersion, PushInfo, PushKind, Script};
 use tokio::sync::{broadcast, mpsc};
 
 use super::{
-    Lease, NameClaim, PRESENCE_FEED_CAPACITY, PresenceChange, SessionId, Storage, StorageError,
-    touch_interval,
+    ANNOUNCEMENT_FEED_CAPACITY, Lease, NameClaim, PRESENCE_FEED_CAPACITY, PresenceChange,
+    SessionId, Storage, StorageError, touch_interval,
 };
 
 /// Prefix of every key and channel name, unless configured. Default: `p2pchat`.
 pub const DEFAULT_KEY_PREFIX: &str = "p2pchat";
+
+/// How a [`RedisStorage`] uses its Redis.
+#[derive(Debug, Clone)]
+pub struct RedisStorageConfig {
+    /// Prefix of every key (and of the presence channel). Instances sharing a directory use
+    /// the same one. By default, [`DEFAULT_KEY_PREFIX`].
+    pub prefix: String,
+    /// The channel announcements are published on, for the other instances and for nodes
+    /// that listen to Redis directly. By default, `special` (as the original).
+    pub announcement_channel: String,
+    /// Most messages waiting per recipient. By default, [`DEFAULT_MAILBOX_QUOTA`].
+    pub quota: usize,
+}
+
+impl Default for RedisStorageConfig {
+    fn default() -> Self {
+        Self {
+            prefix: DEFAULT_KEY_PREFIX.to_owned(),
+            announcement_channel: DEFAULT_ANNOUNCEMENT_CHANNEL.to_owned(),
+            quota: DEFAULT_MAILBOX_QUOTA,
+        }
+    }
+}
 
 /// Each attempt to (re)connect to Redis gives up after this long.
 const CONNECTION_TIMEOUT: Duration = Duration::from_secs(3);
@@ -163,6 +189,9 @@ struct Inner {
     keys: Keys,
     scripts: Scripts,
     changes: broadcast::Sender<PresenceChange>,
+    announcements: broadcast::Sender<Announcement>,
+    announcement_channel: String,
+    mailbox: RedisStore,
     feed: tokio::task::AbortHandle,
 }
 
@@ -246,16 +275,42 @@ impl RedisStorage {
     }
 
     /// Connects to the Redis at `url`, keeping every key and channel under `prefix`
-    /// (instances sharing a directory must use the same prefix).
+    /// (instances sharing a directory must use the same prefix), with the default
+    /// announcement channel and mailbox quota.
     pub async fn connect_with_prefix(url: &str, prefix: &str) -> Result<Self, StorageError> {
+        Self::connect_with(
+            url,
+            RedisStorageConfig {
+                prefix: prefix.to_owned(),
+                ..RedisStorageConfig::default()
+            },
+        )
+        .await
+    }
+
+    /// Connects to the Redis at `url` with `config`.
+    pub async fn connect_with(
+        url: &str,
+        settings: RedisStorageConfig,
+    ) -> Result<Self, StorageError> {
+        let prefix = settings.prefix.as_str();
+        let mailbox = RedisStore::connect_with(
+            url,
+            RedisStoreConfig {
+                prefix: prefix.to_owned(),
+                quota: settings.quota,
+            },
+        )
+        .await
+        .map_err(|e| StorageError::Unavailable(e.to_string()))?;
         let info = url
             .into_connection_info()
             .map_err(|e| StorageError::Unavailable(format!("invalid Redis URL: {e}")))?;
-        let settings = info
+        let redis_settings = info
             .redis_settings()
             .clone()
             .set_protocol(ProtocolVersion::RESP3);
-        let info = info.set_redis_settings(settings);
+        let info = info.set_redis_settings(redis_settings);
         let client = redis::Client::open(info).map_err(unavailable)?;
 
         let (push_tx, push_rx) = mpsc::unbounded_channel();
@@ -275,11 +330,14 @@ impl RedisStorage {
             prefix: prefix.to_owned(),
         };
         let changes = broadcast::channel(PRESENCE_FEED_CAPACITY).0;
+        let announcements = broadcast::channel(ANNOUNCEMENT_FEED_CAPACITY).0;
+        let announcement_channel = settings.announcement_channel.clone();
         let inner = Arc::new_cyclic(|weak: &Weak<Inner>| {
             let feed = tokio::spawn(run_feed(
                 push_rx,
                 changes.clone(),
-                keys.channel(),
+                announcements.clone(),
+                (keys.channel(), announcement_channel.clone()),
                 weak.clone(),
             ));
             Inner {
@@ -287,12 +345,15 @@ impl RedisStorage {
                 keys,
                 scripts: Scripts::new(),
                 changes,
+                announcements,
+                announcement_channel,
+                mailbox,
                 feed: feed.abort_handle(),
             }
         });
         inner
             .conn()
-            .subscribe(inner.keys.channel())
+            .subscribe(&[inner.keys.channel(), inner.announcement_channel.clone()])
             .await
             .map_err(unavailable)?;
         Ok(Self { inner })
@@ -342,16 +403,30 @@ impl Inner {
 async fn run_feed(
     mut pushes: mpsc::UnboundedReceiver<PushInfo>,
     changes: broadcast::Sender<PresenceChange>,
-    channel: String,
+    announcements: broadcast::Sender<Announcement>,
+    channels: (String, String),
     storage: Weak<Inner>,
 ) {
+    let (channel, announcement_channel) = channels;
     while let Some(push) = pushes.recv().await {
         match push.kind {
             PushKind::Message => {
                 let Some(msg) = Msg::from_push_info(push) else {
                     continue;
                 };
-                if msg.get_channel_name() != channel {
+                let name = msg.get_channel_name();
+                if name == announcement_channel {
+                    // Anyone can publish there: the dispatcher verifies before relaying.
+                    match std::str::from_utf8(msg.get_payload_bytes())
+                        .ok()
+                        .map(Announcement::from_json)
+                    {
+                        Some(Ok(a)) => drop(announcements.send(a)),
+                        _ => tracing::debug!(channel = %name, "ignoring a malformed announcement"),
+                    }
+                    continue;
+                }
+                if name != channel {
                     continue;
                 }
                 match serde_json::from_slice::<PresenceChange>(msg.get_payload_bytes()) {
@@ -602,5 +677,23 @@ impl Storage for RedisStorage {
 
     fn presence_changes(&self) -> broadcast::Receiver<PresenceChange> {
         self.inner.changes.subscribe()
+    }
+
+    fn mailbox(&self) -> Arc<dyn OfflineStore> {
+        Arc::new(self.inner.mailbox.clone())
+    }
+
+    async fn publish_announcement(&self, announcement: &Announcement) -> Result<(), StorageError> {
+        redis::cmd("PUBLISH")
+            .arg(&self.inner.announcement_channel)
+            .arg(announcement.to_json())
+            .query_async::<i64>(&mut self.inner.conn())
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    fn announcements(&self) -> broadcast::Receiver<Announcement> {
+        self.inner.announcements.subscribe()
     }
 }

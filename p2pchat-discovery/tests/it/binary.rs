@@ -98,3 +98,72 @@ async fn the_binary_explains_a_taken_port_and_an_unreachable_redis() {
     )
     .await;
 }
+
+#[tokio::test]
+async fn announce_signs_with_the_servers_operator_key_and_every_online_node_shows_it() {
+    use futures::StreamExt;
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = binary()
+        .args(["--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path())
+        .spawn()
+        .expect("start the binary");
+    let mut stdout = BufReader::new(server.stdout.take().unwrap()).lines();
+    let line = tokio::time::timeout(WAIT, stdout.next_line())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let addr = line
+        .strip_prefix("p2pchat-discovery listening on ")
+        .unwrap()
+        .to_owned();
+    assert!(dir.path().join("operator.key").exists(), "created at start");
+    let node = p2pchat_core::ChatNode::builder()
+        .username("reader")
+        .listen("127.0.0.1:0".parse().unwrap())
+        .discovery(client(addr.parse().unwrap()))
+        .spawn()
+        .await
+        .unwrap();
+    let mut events = node.events();
+
+    let out = binary()
+        .args([
+            "announce",
+            "server restarts at noon",
+            "--server",
+            &addr,
+            "--data-dir",
+        ])
+        .arg(dir.path())
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains("relayed by the server"), "{said}");
+    let shown = tokio::time::timeout(WAIT, async {
+        loop {
+            if let p2pchat_core::Event::Announcement { text } = events.next().await.unwrap() {
+                return text;
+            }
+        }
+    })
+    .await
+    .expect("the node shows it");
+    assert_eq!(shown, "server restarts at noon");
+
+    // Without the operator key there is nothing to sign with.
+    let elsewhere = tempfile::tempdir().unwrap();
+    let out = binary()
+        .args(["announce", "hi", "--server", &addr, "--data-dir"])
+        .arg(elsewhere.path())
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("no operator key"), "{stderr}");
+    node.shutdown().await.unwrap();
+}

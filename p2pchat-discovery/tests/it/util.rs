@@ -171,3 +171,16 @@ pub async fn until_online(session: &dyn DiscoverySession, who: &str, online: boo
     .await
     .unwrap_or_else(|_| panic!("{who} never became online={online}"));
 }
+
+/// The texts of the messages already buffered in `events`, without waiting (unconstrained:
+/// tokio's cooperative budget would otherwise report "pending" after 128 ready events).
+pub fn buffered_texts(events: &mut p2pchat_core::Events) -> Vec<String> {
+    use futures::{FutureExt, StreamExt};
+    let mut out = Vec::new();
+    while let Some(Some(event)) = tokio::task::unconstrained(events.next()).now_or_never() {
+        if let p2pchat_core::Event::MessageReceived { text, .. } = event {
+            out.push(text);
+        }
+    }
+    out
+}

@@ -1,0 +1,142 @@
+//! [`MailboxStore`]: the offline mailboxes kept by a `p2pchat-discovery` server, reached over
+//! the node's own discovery session.
+
+use async_trait::async_trait;
+use futures::StreamExt;
+use futures::stream::BoxStream;
+use tokio::sync::{broadcast, mpsc};
+use tokio_stream::wrappers::BroadcastStream;
+
+use super::{ExpiredMessage, MAX_FETCH_BATCH, OfflineStore, StoreError, StoredMessage};
+use crate::discovery::client::{Call, Failure, call};
+use crate::protocol::discovery::{Reply, Request};
+use crate::protocol::{MAX_ACK_BATCH, MessageId};
+
+/// The server mailbox of one registered user: [`OfflineStore`] over a
+/// [`crate::DiscoveryClient`] session, so offline delivery needs no other service.
+///
+/// Get it from the session ([`crate::DiscoverySession::mailbox`]); a [`crate::ChatNode`]
+/// whose builder was given no offline store uses it by itself. It acts for that user only:
+/// it fetches, acknowledges and subscribes to that user's mailbox, takes that user's expiry
+/// notices, and deposits in that user's name ([`StoreError::Forbidden`] otherwise; the server
+/// checks the same). The server pushes a new-mail notice whenever mail arrives, and the
+/// session adds one after every reconnection. It does not keep the session alive: once the
+/// session is dropped, every call fails with [`StoreError::Unavailable`].
+#[derive(Debug, Clone)]
+pub struct MailboxStore {
+    user: String,
+    server: String,
+    cmds: mpsc::WeakSender<Call>,
+    notices: broadcast::Sender<()>,
+}
+
+impl MailboxStore {
+    pub(crate) fn new(
+        user: String,
+        server: String,
+        cmds: mpsc::WeakSender<Call>,
+        notices: broadcast::Sender<()>,
+    ) -> Self {
+        Self {
+            user,
+            server,
+            cmds,
+            notices,
+        }
+    }
+
+    /// The user this mailbox belongs to.
+    pub fn user(&self) -> &str {
+        &self.user
+    }
+
+    fn only_mine(&self, user: &str, what: &str) -> Result<(), StoreError> {
+        if user == self.user {
+            Ok(())
+        } else {
+            Err(StoreError::Forbidden(format!(
+                "{} may not {what} {user}'s mailbox",
+                self.user
+            )))
+        }
+    }
+
+    async fn call(&self, request: Request) -> Result<Reply, StoreError> {
+        let Some(cmds) = self.cmds.upgrade() else {
+            return Err(StoreError::Unavailable(format!(
+                "the discovery session with {} is closed",
+                self.server
+            )));
+        };
+        call(&cmds, request).await.map_err(|e| match e {
+            Failure::Wire(e) => StoreError::from(e),
+            Failure::Session(e) => StoreError::Unavailable(e.to_string()),
+        })
+    }
+}
+
+fn wrong_reply(reply: Reply) -> StoreError {
+    StoreError::Unavailable(format!("unexpected reply from the server: {reply:?}"))
+}
+
+#[async_trait]
+impl OfflineStore for MailboxStore {
+    async fn put(&self, message: StoredMessage) -> Result<(), StoreError> {
+        if message.from != self.user {
+            return Err(StoreError::Forbidden(format!(
+                "{} may not deposit mail in {}'s name",
+                self.user, message.from
+            )));
+        }
+        match self.call(Request::Deposit(Box::new(message))).await? {
+            Reply::Done => Ok(()),
+            other => Err(wrong_reply(other)),
+        }
+    }
+
+    async fn fetch(&self, recipient: &str, limit: usize) -> Result<Vec<StoredMessage>, StoreError> {
+        self.only_mine(recipient, "read")?;
+        let limit = limit.clamp(1, MAX_FETCH_BATCH) as u32;
+        match self.call(Request::FetchMail { limit }).await? {
+            Reply::Mail(mail) => Ok(mail),
+            other => Err(wrong_reply(other)),
+        }
+    }
+
+    async fn ack(&self, recipient: &str, ids: &[MessageId]) -> Result<(), StoreError> {
+        self.only_mine(recipient, "acknowledge mail in")?;
+        for chunk in ids.chunks(MAX_ACK_BATCH) {
+            match self
+                .call(Request::AckMail {
+                    ids: chunk.to_vec(),
+                })
+                .await?
+            {
+                Reply::Done => {}
+                other => return Err(wrong_reply(other)),
+            }
+        }
+        Ok(())
+    }
+
+    async fn take_expired(&self, sender: &str) -> Result<Vec<ExpiredMessage>, StoreError> {
+        if sender != self.user {
+            return Err(StoreError::Forbidden(format!(
+                "{} may not take {sender}'s expiry notices",
+                self.user
+            )));
+        }
+        match self.call(Request::TakeExpired).await? {
+            Reply::Expired(expired) => Ok(expired),
+            other => Err(wrong_reply(other)),
+        }
+    }
+
+    async fn subscribe(&self, recipient: &str) -> Result<BoxStream<'static, ()>, StoreError> {
+        self.only_mine(recipient, "watch")?;
+        Ok(BroadcastStream::new(self.notices.subscribe())
+            // A lagged receiver missed notices: that is still "mail may have arrived".
+            .map(|_| ())
+            .boxed())
+    }
+}

@@ -1,0 +1,345 @@
+//! [`RedbMailbox`]: the server's offline mailboxes in the embedded redb file, as an
+//! [`OfflineStore`].
+//!
+//! Tables (in `directory.redb`, beside the claims):
+//! - `mail`: (recipient, seq) → the [`StoredMessage`] (postcard), in deposit order;
+//! - `mail_ids`: (recipient, message id) → seq, for idempotent deposits and acks by id;
+//! - `mail_expiry`: (expires-at ms, seq) → recipient, so expiry is found without a scan;
+//! - `mail_expired`: (sender, seq) → the [`ExpiredMessage`] waiting for the sender;
+//! - `mail_count`: recipient → messages waiting (the quota check);
+//! - `mail_meta`: the next sequence number.
+//!
+//! Every change is one write transaction, committed durably before it is answered: a
+//! deposit the server confirmed survives a crash, and a message leaves only when its
+//! recipient acknowledges it (or it expires, which is recorded for its sender in the same
+//! transaction).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use ::redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
+use async_trait::async_trait;
+use futures::StreamExt;
+use futures::stream::BoxStream;
+use p2pchat_core::MessageId;
+use p2pchat_core::store::{ExpiredMessage, OfflineStore, StoreError, StoredMessage};
+use tokio::sync::broadcast;
+use tokio_stream::wrappers::BroadcastStream;
+
+use super::unix_ms;
+
+const MAIL: TableDefinition<'_, (&str, u64), &[u8]> = TableDefinition::new("mail");
+const MAIL_IDS: TableDefinition<'_, (&str, u128), u64> = TableDefinition::new("mail_ids");
+const MAIL_EXPIRY: TableDefinition<'_, (u64, u64), &str> = TableDefinition::new("mail_expiry");
+const MAIL_EXPIRED: TableDefinition<'_, (&str, u64), &[u8]> = TableDefinition::new("mail_expired");
+const MAIL_COUNT: TableDefinition<'_, &str, u64> = TableDefinition::new("mail_count");
+const MAIL_META: TableDefinition<'_, &str, u64> = TableDefinition::new("mail_meta");
+
+/// Expired messages moved per sweep transaction.
+const SWEEP_BATCH: usize = 1000;
+
+/// New-mail notices buffered per recipient (a lagging subscriber still gets one).
+const NOTICE_CAPACITY: usize = 8;
+
+/// Offline mailboxes in redb. Clones share the database and the notice registry.
+#[derive(Debug, Clone)]
+pub struct RedbMailbox {
+    db: Arc<Database>,
+    quota: usize,
+    /// recipient → its notice channel, created by the first subscriber.
+    notices: Arc<Mutex<HashMap<String, broadcast::Sender<()>>>>,
+}
+
+fn unavailable(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+fn id_key(id: &MessageId) -> u128 {
+    u128::from_be_bytes(*id.as_bytes())
+}
+
+fn corrupt(what: &str) -> StoreError {
+    StoreError::Corrupt(format!("a stored {what} cannot be read"))
+}
+
+impl RedbMailbox {
+    /// The mailboxes in `db`, each holding at most `quota` messages.
+    pub(crate) fn open(db: Arc<Database>, quota: usize) -> Result<Self, StoreError> {
+        let txn = db.begin_write().map_err(unavailable)?;
+        txn.open_table(MAIL).map_err(unavailable)?;
+        txn.open_table(MAIL_IDS).map_err(unavailable)?;
+        txn.open_table(MAIL_EXPIRY).map_err(unavailable)?;
+        txn.open_table(MAIL_EXPIRED).map_err(unavailable)?;
+        txn.open_table(MAIL_COUNT).map_err(unavailable)?;
+        txn.open_table(MAIL_META).map_err(unavailable)?;
+        txn.commit().map_err(unavailable)?;
+        Ok(Self {
+            db,
+            quota,
+            notices: Arc::new(Mutex::new(HashMap::new())),
+        })
+    }
+
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Database, usize) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let (db, quota) = (self.db.clone(), self.quota);
+        tokio::task::spawn_blocking(move || f(&db, quota))
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("storage task failed: {e}")))?
+    }
+
+    fn notify(&self, recipient: &str) {
+        let mut notices = self.notices.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(tx) = notices.get(recipient)
+            && tx.send(()).is_err()
+        {
+            // Every subscriber is gone.
+            notices.remove(recipient);
+        }
+    }
+}
+
+/// Moves up to [`SWEEP_BATCH`] expired messages to their senders' expiry notices.
+fn sweep(txn: &WriteTransaction, now_ms: u64) -> Result<(), StoreError> {
+    let mut expiry = txn.open_table(MAIL_EXPIRY).map_err(unavailable)?;
+    let due: Vec<((u64, u64), String)> = expiry
+        .range((0, 0)..=(now_ms, u64::MAX))
+        .map_err(unavailable)?
+        .take(SWEEP_BATCH)
+        .map(|row| {
+            row.map(|(k, v)| (k.value(), v.value().to_owned()))
+                .map_err(unavailable)
+        })
+        .collect::<Result<_, _>>()?;
+    if due.is_empty() {
+        return Ok(());
+    }
+    let mut mail = txn.open_table(MAIL).map_err(unavailable)?;
+    let mut ids = txn.open_table(MAIL_IDS).map_err(unavailable)?;
+    let mut counts = txn.open_table(MAIL_COUNT).map_err(unavailable)?;
+    let mut expired = txn.open_table(MAIL_EXPIRED).map_err(unavailable)?;
+    for ((at, seq), recipient) in due {
+        expiry.remove((at, seq)).map_err(unavailable)?;
+        let Some(bytes) = mail
+            .remove((recipient.as_str(), seq))
+            .map_err(unavailable)?
+            .map(|v| v.value().to_vec())
+        else {
+            continue;
+        };
+        let message: StoredMessage =
+            postcard::from_bytes(&bytes).map_err(|_| corrupt("message"))?;
+        ids.remove((recipient.as_str(), id_key(&message.id)))
+            .map_err(unavailable)?;
+        decrement(&mut counts, &recipient)?;
+        let notice = ExpiredMessage {
+            id: message.id,
+            to: message.to,
+        };
+        let notice = postcard::to_stdvec(&notice).map_err(|_| corrupt("expiry notice"))?;
+        expired
+            .insert((message.from.as_str(), seq), notice.as_slice())
+            .map_err(unavailable)?;
+    }
+    Ok(())
+}
+
+fn decrement(counts: &mut ::redb::Table<'_, &str, u64>, recipient: &str) -> Result<(), StoreError> {
+    let n = counts
+        .get(recipient)
+        .map_err(unavailable)?
+        .map(|v| v.value())
+        .unwrap_or(0);
+    if n <= 1 {
+        counts.remove(recipient).map_err(unavailable)?;
+    } else {
+        counts.insert(recipient, n - 1).map_err(unavailable)?;
+    }
+    Ok(())
+}
+
+fn now_ms() -> u64 {
+    unix_ms(SystemTime::now())
+}
+
+/// Whether any message is due to expire (a read, so fetches write only when needed).
+fn expiry_due(db: &Database, now_ms: u64) -> Result<bool, StoreError> {
+    let txn = db.begin_read().map_err(unavailable)?;
+    let expiry = txn.open_table(MAIL_EXPIRY).map_err(unavailable)?;
+    let first = expiry.first().map_err(unavailable)?;
+    Ok(first.is_some_and(|(k, _)| k.value().0 <= now_ms))
+}
+
+fn sweep_if_due(db: &Database) -> Result<(), StoreError> {
+    let now = now_ms();
+    if expiry_due(db, now)? {
+        let txn = db.begin_write().map_err(unavailable)?;
+        sweep(&txn, now)?;
+        txn.commit().map_err(unavailable)?;
+    }
+    Ok(())
+}
+
+#[async_trait]
+impl OfflineStore for RedbMailbox {
+    async fn put(&self, message: StoredMessage) -> Result<(), StoreError> {
+        let recipient = message.to.clone();
+        let stored = self
+            .blocking(move |db, quota| {
+                let txn = db.begin_write().map_err(unavailable)?;
+                sweep(&txn, now_ms())?;
+                {
+                    let to = message.to.as_str();
+                    let mut ids = txn.open_table(MAIL_IDS).map_err(unavailable)?;
+                    if ids
+                        .get((to, id_key(&message.id)))
+                        .map_err(unavailable)?
+                        .is_some()
+                    {
+                        return Ok(false);
+                    }
+                    let mut counts = txn.open_table(MAIL_COUNT).map_err(unavailable)?;
+                    let waiting = counts.get(to).map_err(unavailable)?.map(|v| v.value());
+                    let waiting = waiting.unwrap_or(0);
+                    if waiting >= quota as u64 {
+                        return Err(StoreError::QuotaExceeded {
+                            recipient: to.to_owned(),
+                            quota,
+                        });
+                    }
+                    let mut meta = txn.open_table(MAIL_META).map_err(unavailable)?;
+                    let seq = meta.get("next").map_err(unavailable)?.map(|v| v.value());
+                    let seq = seq.unwrap_or(0);
+                    meta.insert("next", seq + 1).map_err(unavailable)?;
+                    let bytes = postcard::to_stdvec(&message).map_err(|_| corrupt("message"))?;
+                    txn.open_table(MAIL)
+                        .map_err(unavailable)?
+                        .insert((to, seq), bytes.as_slice())
+                        .map_err(unavailable)?;
+                    ids.insert((to, id_key(&message.id)), seq)
+                        .map_err(unavailable)?;
+                    txn.open_table(MAIL_EXPIRY)
+                        .map_err(unavailable)?
+                        .insert((unix_ms(message.expires_at), seq), to)
+                        .map_err(unavailable)?;
+                    counts.insert(to, waiting + 1).map_err(unavailable)?;
+                }
+                txn.commit().map_err(unavailable)?;
+                Ok(true)
+            })
+            .await?;
+        if stored {
+            self.notify(&recipient);
+        }
+        Ok(())
+    }
+
+    async fn fetch(&self, recipient: &str, limit: usize) -> Result<Vec<StoredMessage>, StoreError> {
+        let recipient = recipient.to_owned();
+        self.blocking(move |db, _| {
+            sweep_if_due(db)?;
+            let now = SystemTime::now();
+            let txn = db.begin_read().map_err(unavailable)?;
+            let mail = txn.open_table(MAIL).map_err(unavailable)?;
+            let mut out = Vec::new();
+            for row in mail
+                .range((recipient.as_str(), 0)..=(recipient.as_str(), u64::MAX))
+                .map_err(unavailable)?
+            {
+                if out.len() >= limit {
+                    break;
+                }
+                let (_, bytes) = row.map_err(unavailable)?;
+                let message: StoredMessage =
+                    postcard::from_bytes(bytes.value()).map_err(|_| corrupt("message"))?;
+                if message.expires_at > now {
+                    out.push(message);
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn ack(&self, recipient: &str, acked: &[MessageId]) -> Result<(), StoreError> {
+        let recipient = recipient.to_owned();
+        let acked = acked.to_vec();
+        self.blocking(move |db, _| {
+            let txn = db.begin_write().map_err(unavailable)?;
+            {
+                let to = recipient.as_str();
+                let mut ids = txn.open_table(MAIL_IDS).map_err(unavailable)?;
+                let mut mail = txn.open_table(MAIL).map_err(unavailable)?;
+                let mut expiry = txn.open_table(MAIL_EXPIRY).map_err(unavailable)?;
+                let mut counts = txn.open_table(MAIL_COUNT).map_err(unavailable)?;
+                for id in &acked {
+                    let Some(seq) = ids
+                        .remove((to, id_key(id)))
+                        .map_err(unavailable)?
+                        .map(|v| v.value())
+                    else {
+                        continue;
+                    };
+                    let removed = mail
+                        .remove((to, seq))
+                        .map_err(unavailable)?
+                        .map(|v| v.value().to_vec());
+                    if let Some(bytes) = removed {
+                        let message: StoredMessage =
+                            postcard::from_bytes(&bytes).map_err(|_| corrupt("message"))?;
+                        expiry
+                            .remove((unix_ms(message.expires_at), seq))
+                            .map_err(unavailable)?;
+                        decrement(&mut counts, to)?;
+                    }
+                }
+            }
+            txn.commit().map_err(unavailable)
+        })
+        .await
+    }
+
+    async fn take_expired(&self, sender: &str) -> Result<Vec<ExpiredMessage>, StoreError> {
+        let sender = sender.to_owned();
+        self.blocking(move |db, _| {
+            let txn = db.begin_write().map_err(unavailable)?;
+            sweep(&txn, now_ms())?;
+            let mut out = Vec::new();
+            {
+                let mut expired = txn.open_table(MAIL_EXPIRED).map_err(unavailable)?;
+                let keys: Vec<(u64, Vec<u8>)> = expired
+                    .range((sender.as_str(), 0)..=(sender.as_str(), u64::MAX))
+                    .map_err(unavailable)?
+                    .map(|row| {
+                        row.map(|(k, v)| (k.value().1, v.value().to_vec()))
+                            .map_err(unavailable)
+                    })
+                    .collect::<Result<_, _>>()?;
+                for (seq, bytes) in keys {
+                    expired
+                        .remove((sender.as_str(), seq))
+                        .map_err(unavailable)?;
+                    out.push(postcard::from_bytes(&bytes).map_err(|_| corrupt("expiry notice"))?);
+                }
+            }
+            txn.commit().map_err(unavailable)?;
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn subscribe(&self, recipient: &str) -> Result<BoxStream<'static, ()>, StoreError> {
+        let rx = self
+            .notices
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(recipient.to_owned())
+            .or_insert_with(|| broadcast::channel(NOTICE_CAPACITY).0)
+            .subscribe();
+        // A lagged receiver missed notices: that is still "mail may have arrived".
+        Ok(BroadcastStream::new(rx).map(|_| ()).boxed())
+    }
+}
