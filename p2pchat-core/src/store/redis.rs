@@ -682,10 +682,16 @@ fn parse_notice(sender: &str, notice: &str) -> Result<ExpiredMessage, StoreError
     })
 }
 
-#[async_trait]
-impl OfflineStore for RedisStore {
-    async fn put(&self, message: StoredMessage) -> Result<(), StoreError> {
-        self.sweep().await?;
+/// What one put script did.
+enum PutOutcome {
+    /// Stored now, or already there.
+    Stored,
+    /// The mailbox holds its quota.
+    Full,
+}
+
+impl RedisStore {
+    async fn put_once(&self, message: &StoredMessage) -> Result<PutOutcome, StoreError> {
         let keys = &self.inner.keys;
         let to = message.to.as_str();
         let id = message.id.to_string();
@@ -709,12 +715,30 @@ impl OfflineStore for RedisStore {
             .invoke_async(&mut self.inner.conn())
             .await
             .map_err(unavailable)?;
-        match outcome {
-            0 | 1 => Ok(()),
-            _ => Err(StoreError::QuotaExceeded {
-                recipient: to.to_owned(),
-                quota: self.inner.quota,
-            }),
+        Ok(match outcome {
+            0 | 1 => PutOutcome::Stored,
+            _ => PutOutcome::Full,
+        })
+    }
+}
+
+#[async_trait]
+impl OfflineStore for RedisStore {
+    async fn put(&self, message: StoredMessage) -> Result<(), StoreError> {
+        // Expired messages count against the quota until swept: sweep only when the mailbox
+        // looks full (a sweep per put would double the round trips of every put).
+        match self.put_once(&message).await? {
+            PutOutcome::Stored => Ok(()),
+            PutOutcome::Full => {
+                self.sweep().await?;
+                match self.put_once(&message).await? {
+                    PutOutcome::Stored => Ok(()),
+                    PutOutcome::Full => Err(StoreError::QuotaExceeded {
+                        recipient: message.to.clone(),
+                        quota: self.inner.quota,
+                    }),
+                }
+            }
         }
     }
 
