@@ -1,0 +1,260 @@
+//! The client: starts a node, then runs the command loop over a line editor (in a terminal)
+//! or plain lines (anything else), printing the node's events as they come.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use futures::StreamExt;
+use p2pchat_core::store::RedisStore;
+use p2pchat_core::{ChatNode, DiscoveryClient, Identity, NodeError};
+use rustyline_async::{Readline, ReadlineEvent, SharedWriter};
+use tokio::io::AsyncBufReadExt;
+
+use crate::commands::{self, Command, HELP};
+use crate::render;
+
+/// The identity key's file name in the data directory.
+pub const IDENTITY_FILE: &str = "identity.key";
+
+/// Everything the client needs to start.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// The username.
+    pub user: String,
+    /// The port to accept peers on (0: any free port).
+    pub port: u16,
+    /// The discovery server, `host:port`.
+    pub discovery: String,
+    /// Identity key, pinned keys, block and mute lists.
+    pub data_dir: PathBuf,
+    /// Offline mail and announcements through Redis instead of the server mailbox.
+    pub redis_url: Option<String>,
+    /// The Redis channel announcements arrive on.
+    pub announcement_channel: String,
+    /// Use the line editor (stdin is a terminal).
+    pub terminal: bool,
+}
+
+/// Where lines go: above the line editor's prompt, or straight to stdout.
+#[derive(Clone)]
+enum Out {
+    Terminal(SharedWriter),
+    Plain,
+}
+
+impl Out {
+    fn say(&mut self, text: &str) {
+        match self {
+            // Printed above the prompt, keeping what is being typed.
+            Out::Terminal(w) => {
+                let _ = writeln!(w, "{text}");
+            }
+            Out::Plain => {
+                let mut stdout = std::io::stdout().lock();
+                let _ = writeln!(stdout, "{text}");
+                let _ = stdout.flush();
+            }
+        }
+    }
+}
+
+/// Starts the node described by `settings`. Failures are sentences for the user.
+async fn start(settings: &Settings) -> anyhow::Result<ChatNode> {
+    std::fs::create_dir_all(&settings.data_dir).with_context(|| {
+        format!(
+            "Cannot create the data directory {}",
+            settings.data_dir.display()
+        )
+    })?;
+    let key = settings.data_dir.join(IDENTITY_FILE);
+    let identity = Identity::load_or_generate(&key)
+        .with_context(|| format!("Cannot use the identity key {}", key.display()))?;
+    let mut builder = ChatNode::builder()
+        .identity(identity)
+        .username(settings.user.clone())
+        .listen(([0, 0, 0, 0], settings.port).into())
+        .discovery(DiscoveryClient::new(settings.discovery.clone()))
+        .data_dir(&settings.data_dir);
+    if let Some(url) = &settings.redis_url {
+        let store = RedisStore::connect(url)
+            .await
+            .map_err(|e| anyhow::anyhow!("Cannot use Redis at {url}: {e}."))?;
+        let feed = store
+            .announcements(&settings.announcement_channel)
+            .await
+            .map_err(|e| anyhow::anyhow!("Cannot listen for announcements on Redis: {e}."))?;
+        builder = builder.offline_store(store).announcements(feed);
+    }
+    builder.spawn().await.map_err(|e| match &e {
+        NodeError::Transport(t) => anyhow::anyhow!(
+            "Cannot listen on port {}: {t}. Choose another with --port (0 picks a free one).",
+            settings.port
+        ),
+        other => anyhow::anyhow!("{}", render::error(other, &settings.discovery)),
+    })
+}
+
+/// Runs the client until `quit`, end of input, Ctrl-C or SIGTERM; then shuts the node down
+/// (deregistering, storing whatever is in flight) and flushes the screen.
+pub async fn run(settings: Settings) -> anyhow::Result<()> {
+    let node = start(&settings).await?;
+    let events = node.events();
+    let greeting = "Client started. Type 'help' for commands.";
+    if settings.terminal {
+        let (mut editor, writer) = Readline::new("> ".into()).context("Cannot use the terminal")?;
+        let mut out = Out::Terminal(writer);
+        out.say(greeting);
+        let printer = tokio::spawn(print_events(events, out.clone()));
+        let result = terminal_loop(&node, &settings, &mut editor, &mut out).await;
+        finish(&node, &settings, &mut out).await;
+        drop(out);
+        let _ = printer.await;
+        let _ = editor.flush();
+        result
+    } else {
+        let mut out = Out::Plain;
+        out.say(greeting);
+        let printer = tokio::spawn(print_events(events, out.clone()));
+        let result = plain_loop(&node, &settings, &mut out).await;
+        finish(&node, &settings, &mut out).await;
+        let _ = printer.await;
+        result
+    }
+}
+
+async fn finish(node: &ChatNode, settings: &Settings, out: &mut Out) {
+    if let Err(e) = node.shutdown().await {
+        out.say(&render::error(&e, &settings.discovery));
+    }
+}
+
+async fn print_events(mut events: p2pchat_core::Events, mut out: Out) {
+    while let Some(event) = events.next().await {
+        if let Some(line) = render::event(&event) {
+            out.say(&line);
+        }
+    }
+}
+
+async fn terminal_loop(
+    node: &ChatNode,
+    settings: &Settings,
+    editor: &mut Readline,
+    out: &mut Out,
+) -> anyhow::Result<()> {
+    let mut terminate = terminate_signal();
+    loop {
+        let event = tokio::select! {
+            event = editor.readline() => event,
+            _ = &mut terminate => return Ok(()),
+        };
+        match event {
+            Ok(ReadlineEvent::Line(line)) => {
+                let line = line.trim().to_owned();
+                if !line.is_empty() {
+                    editor.add_history_entry(line.clone());
+                }
+                if !handle(node, settings, &line, out).await {
+                    return Ok(());
+                }
+            }
+            Ok(ReadlineEvent::Eof | ReadlineEvent::Interrupted) => return Ok(()),
+            Err(e) => return Err(e).context("The terminal failed"),
+        }
+    }
+}
+
+async fn plain_loop(node: &ChatNode, settings: &Settings, out: &mut Out) -> anyhow::Result<()> {
+    let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+    let mut terminate = terminate_signal();
+    loop {
+        let line = tokio::select! {
+            line = lines.next_line() => line.context("Cannot read the input")?,
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+            _ = &mut terminate => return Ok(()),
+        };
+        let Some(line) = line else { return Ok(()) };
+        if !handle(node, settings, &line, out).await {
+            return Ok(());
+        }
+    }
+}
+
+/// Completes on SIGTERM (never elsewhere).
+fn terminate_signal() -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        if let Ok(mut sigterm) = signal(SignalKind::terminate()) {
+            return Box::pin(async move {
+                sigterm.recv().await;
+            });
+        }
+    }
+    Box::pin(std::future::pending())
+}
+
+/// Runs one typed line. `false` means quit.
+async fn handle(node: &ChatNode, settings: &Settings, line: &str, out: &mut Out) -> bool {
+    let command = match commands::parse(line) {
+        Ok(command) => command,
+        Err(sentence) => {
+            out.say(&sentence);
+            return true;
+        }
+    };
+    let said = match command {
+        Command::Nothing => return true,
+        Command::Quit => return false,
+        Command::Help => Ok(Some(HELP.to_owned())),
+        Command::Send { to, text } => node.send(&to, &text).await.map(|_| None),
+        Command::List => node.peers().await.map(|peers| {
+            let names: Vec<String> = peers
+                .into_iter()
+                .map(|p| p.username)
+                .filter(|name| name != node.username())
+                .collect();
+            Some(if names.is_empty() {
+                "No other users are online.".to_owned()
+            } else {
+                format!("Online users: {}", names.join(", "))
+            })
+        }),
+        Command::Block(user) => node
+            .block(&user)
+            .await
+            .map(|()| Some(format!("Blocked {user}: nothing from them will be shown."))),
+        Command::Unblock(user) => node
+            .unblock(&user)
+            .await
+            .map(|()| Some(format!("Unblocked {user}."))),
+        Command::Mute(user, duration) => node
+            .mute(&user, duration)
+            .await
+            .map(|()| Some(format!("Muted {user} for {} seconds.", duration.as_secs()))),
+        Command::Unmute(user) => node
+            .unmute(&user)
+            .await
+            .map(|()| Some(format!("Unmuted {user}."))),
+        Command::Fingerprint(None) => Ok(Some(format!(
+            "Your safety code: {}",
+            node.public_key().fingerprint()
+        ))),
+        Command::Fingerprint(Some(user)) => node
+            .fingerprint(&user)
+            .await
+            .map(|fp| Some(format!("{user}'s safety code: {fp}"))),
+        Command::Trust(user) => node.trust(&user).await.map(|()| {
+            Some(format!(
+                "Trusted {user}'s new key; messages held for {user} are being sent."
+            ))
+        }),
+    };
+    match said {
+        Ok(Some(text)) => out.say(&text),
+        Ok(None) => {}
+        Err(e) => out.say(&render::error(&e, &settings.discovery)),
+    }
+    true
+}

@@ -1,0 +1,148 @@
+//! What the user reads: events as lines in the original's format, errors as sentences.
+
+use p2pchat_core::{DiscoveryError, Event, NodeError};
+
+/// The line an event prints, if any.
+pub fn event(event: &Event) -> Option<String> {
+    Some(match event {
+        Event::MessageReceived {
+            from,
+            text,
+            offline: false,
+            ..
+        } => format!("[{from}] {text}"),
+        Event::MessageReceived {
+            from,
+            text,
+            offline: true,
+            ..
+        } => format!("[Offline][{from}] {text}"),
+        Event::Announcement { text } => format!("[Special Message] {text}"),
+        Event::StoredOffline { to, .. } => {
+            format!("({to} is offline: the message is stored and will be delivered later)")
+        }
+        Event::Expired { to, .. } => {
+            format!("(a message to {to} expired before {to} came online; it was not delivered)")
+        }
+        Event::SendFailed { to, reason, .. } => {
+            format!("(a message to {to} could not be sent: {reason})")
+        }
+        Event::KeyChanged { username, old, new } => format!(
+            "!! WARNING: {username}'s key has changed. It was {old}, it is now {new}.\n\
+             !! Messages to {username} are held. Compare safety codes with {username} out of band \
+             ('fingerprint {username}'), then accept the new key with 'trust {username}'."
+        ),
+        Event::Error { message } => format!("(error: {message})"),
+        Event::Lagged { missed } => {
+            format!("({missed} events were missed: the screen fell behind)")
+        }
+        // Deliveries and presence are quiet, as in the original.
+        _ => return None,
+    })
+}
+
+/// A failed command as a sentence.
+pub fn error(e: &NodeError, discovery: &str) -> String {
+    match e {
+        NodeError::UnknownUser(user) => format!("There is no user named '{user}'."),
+        NodeError::MessageTooLong { len, max } => {
+            format!("That message is too long: {len} bytes, and the limit is {max}.")
+        }
+        NodeError::Blocked(user) => {
+            format!("You have blocked {user}. Type 'unblock {user}' to write to them again.")
+        }
+        NodeError::SendToSelf => "You cannot send a message to yourself.".into(),
+        NodeError::NothingToTrust(user) => {
+            format!("{user}'s key has not changed: there is nothing to trust.")
+        }
+        NodeError::InvalidUsername(e) => format!("That is not a valid username: {e}."),
+        NodeError::Discovery(e) => discovery_error(e, discovery),
+        other => format!("{other}."),
+    }
+}
+
+/// A directory failure as a sentence, naming the server.
+pub fn discovery_error(e: &DiscoveryError, discovery: &str) -> String {
+    match e {
+        DiscoveryError::Unreachable { reason, .. } => format!(
+            "Cannot reach the discovery server at {discovery} ({reason}). Start one with \
+             'p2pchat-discovery', or point to yours with --discovery HOST:PORT."
+        ),
+        DiscoveryError::NameTaken { username } => format!(
+            "The name '{username}' is already taken by another key. Choose another name with \
+             --user, or use the data directory that holds {username}'s key (--data-dir)."
+        ),
+        DiscoveryError::InvalidUsername(e) => format!("That is not a valid username: {e}."),
+        DiscoveryError::RateLimited => {
+            "The discovery server is busy (too many registrations); try again in a moment.".into()
+        }
+        other => format!("The discovery server said: {other}."),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use p2pchat_core::{Identity, MessageId};
+
+    use super::*;
+
+    #[test]
+    fn messages_print_as_the_original_printed_them() {
+        let received = |offline| Event::MessageReceived {
+            id: MessageId::random(),
+            from: "bob".into(),
+            text: "hi".into(),
+            sent_at: std::time::SystemTime::now(),
+            offline,
+        };
+        assert_eq!(event(&received(false)).unwrap(), "[bob] hi");
+        assert_eq!(event(&received(true)).unwrap(), "[Offline][bob] hi");
+        assert_eq!(
+            event(&Event::Announcement {
+                text: "maintenance".into()
+            })
+            .unwrap(),
+            "[Special Message] maintenance"
+        );
+        assert_eq!(
+            event(&Event::Delivered {
+                id: MessageId::random(),
+                to: "bob".into()
+            }),
+            None
+        );
+    }
+
+    #[test]
+    fn a_key_change_names_fingerprint_and_trust() {
+        let (old, new) = (
+            Identity::generate().public_key().fingerprint(),
+            Identity::generate().public_key().fingerprint(),
+        );
+        let line = event(&Event::KeyChanged {
+            username: "bob".into(),
+            old,
+            new,
+        })
+        .unwrap();
+        assert!(
+            line.contains("'fingerprint bob'") && line.contains("'trust bob'"),
+            "{line}"
+        );
+    }
+
+    #[test]
+    fn errors_read_as_sentences() {
+        let unreachable = NodeError::Discovery(DiscoveryError::Unreachable {
+            addr: "127.0.0.1:5001".into(),
+            reason: "connection refused".into(),
+        });
+        let said = error(&unreachable, "127.0.0.1:5001");
+        assert!(said.starts_with("Cannot reach the discovery server at 127.0.0.1:5001"));
+        assert!(said.contains("p2pchat-discovery"));
+        assert_eq!(
+            error(&NodeError::UnknownUser("zed".into()), "x"),
+            "There is no user named 'zed'."
+        );
+    }
+}

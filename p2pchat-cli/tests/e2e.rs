@@ -1,0 +1,219 @@
+//! End-to-end: the real `p2pchat` and `p2pchat-discovery` binaries, driven through pipes as a
+//! script would drive them.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Client, Server, WAIT, discovery_binary};
+
+fn offline_line(to: &str) -> String {
+    format!("({to} is offline: the message is stored and will be delivered later)")
+}
+
+#[tokio::test]
+async fn two_users_chat() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("server")).await;
+    let mut alice = Client::start(dir.path(), "alice", &server).await;
+    let mut bob = Client::start(dir.path(), "bob", &server).await;
+    alice.say("list").await;
+    alice.expect("Online users: bob").await;
+    alice.say("send bob hi bob, it's alice").await;
+    bob.expect("[alice] hi bob, it's alice").await;
+    bob.say("send alice hello alice").await;
+    alice.expect("[bob] hello alice").await;
+    bob.say("help").await;
+    bob.expect_line(|l| l.contains("send <user> <message>"))
+        .await;
+    alice.quit().await;
+    bob.quit().await;
+}
+
+#[tokio::test]
+async fn a_message_to_a_user_who_quit_arrives_marked_offline_when_they_return() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("server")).await;
+    let mut alice = Client::start(dir.path(), "alice", &server).await;
+    let bob = Client::start(dir.path(), "bob", &server).await;
+    bob.quit().await;
+    alice.say("send bob are you there?").await;
+    alice.expect(&offline_line("bob")).await;
+    let mut bob = Client::start(dir.path(), "bob", &server).await;
+    bob.expect("[Offline][alice] are you there?").await;
+    alice.quit().await;
+    let said = bob.quit().await;
+    assert_eq!(
+        said.iter().filter(|l| l.contains("are you there?")).count(),
+        1,
+        "shown once: {said:?}"
+    );
+}
+
+#[tokio::test]
+async fn block_persists_and_unblock_lets_messages_through() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("server")).await;
+    let mut alice = Client::start(dir.path(), "alice", &server).await;
+    let mut carol = Client::start(dir.path(), "carol", &server).await;
+    let mut bob = Client::start(dir.path(), "bob", &server).await;
+    bob.say("block alice").await;
+    bob.expect("Blocked alice: nothing from them will be shown.")
+        .await;
+    bob.quit().await;
+
+    // While bob is away: alice's message, then carol's, wait in his mailbox in that order.
+    alice.say("send bob you should not see this").await;
+    alice.expect(&offline_line("bob")).await;
+    carol.say("send bob marker").await;
+    carol.expect(&offline_line("bob")).await;
+    // bob comes back still blocking alice (the list persisted): carol's shows, alice's not.
+    let mut bob = Client::start(dir.path(), "bob", &server).await;
+    bob.expect("[Offline][carol] marker").await;
+    bob.say("unblock alice").await;
+    bob.expect("Unblocked alice.").await;
+    alice.say("send bob now you see me").await;
+    bob.expect_line(|l| l.ends_with("[alice] now you see me"))
+        .await;
+    let said = bob.quit().await;
+    assert!(
+        !said.iter().any(|l| l.contains("you should not see this")),
+        "a blocked user's message was shown: {said:?}"
+    );
+    alice.quit().await;
+    carol.quit().await;
+}
+
+#[tokio::test]
+async fn mute_hides_messages_until_it_expires_or_is_lifted() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("server")).await;
+    let mut alice = Client::start(dir.path(), "alice", &server).await;
+    let mut bob = Client::start(dir.path(), "bob", &server).await;
+    alice.say("send bob before the mute").await;
+    bob.expect("[alice] before the mute").await;
+
+    bob.say("mute alice 2").await;
+    bob.expect("Muted alice for 2 seconds.").await;
+    alice.say("send bob muted one").await;
+    // The mute is a duration: let it run out.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    alice.say("send bob after the mute").await;
+    bob.expect("[alice] after the mute").await;
+
+    bob.say("mute alice 3600").await;
+    bob.expect("Muted alice for 3600 seconds.").await;
+    bob.say("unmute alice").await;
+    bob.expect("Unmuted alice.").await;
+    alice.say("send bob after the unmute").await;
+    bob.expect("[alice] after the unmute").await;
+
+    bob.say("mute alice soon").await;
+    bob.expect("'soon' is not a number of seconds. Usage: mute <user> <seconds>")
+        .await;
+    let said = bob.quit().await;
+    assert!(
+        !said.iter().any(|l| l.contains("muted one")),
+        "a muted message was shown: {said:?}"
+    );
+    alice.quit().await;
+}
+
+#[tokio::test]
+async fn mistakes_are_explained_in_sentences() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("server")).await;
+    let mut alice = Client::start(dir.path(), "alice", &server).await;
+    alice.say("send zed hello").await;
+    alice.expect("There is no user named 'zed'.").await;
+    alice.say(&format!("send alice {}", "x".repeat(10))).await;
+    alice.expect("You cannot send a message to yourself.").await;
+    let bob = Client::start(dir.path(), "bob", &server).await;
+    alice.say(&format!("send bob {}", "x".repeat(70_000))).await;
+    alice
+        .expect_line(|l| l.starts_with("That message is too long: 70000 bytes"))
+        .await;
+    alice.say("dance").await;
+    alice
+        .expect("Unknown command 'dance'. Type 'help' for commands.")
+        .await;
+    let said = alice.quit().await;
+    assert!(!said.iter().any(|l| l.contains("panicked")), "{said:?}");
+    bob.quit().await;
+}
+
+#[tokio::test]
+async fn a_second_key_claiming_a_taken_name_is_refused_readably() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("server")).await;
+    let alice = Client::start(dir.path(), "alice", &server).await;
+    // Another data directory means another identity key.
+    let impostor = Client::spawn(&dir.path().join("elsewhere"), "alice", &server.addr, &[]);
+    let (status, stderr) = impostor.exit_with_stderr().await;
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("The name 'alice' is already taken by another key."),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    alice.quit().await;
+}
+
+#[tokio::test]
+async fn without_a_discovery_server_the_client_says_how_to_start_one() {
+    let dir = tempfile::tempdir().unwrap();
+    // Nothing listens on port 1.
+    let client = Client::spawn(dir.path(), "alice", "127.0.0.1:1", &[]);
+    let (status, stderr) = client.exit_with_stderr().await;
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.starts_with("Cannot reach the discovery server at 127.0.0.1:1"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("p2pchat-discovery"), "{stderr}");
+}
+
+#[tokio::test]
+async fn end_of_input_quits_cleanly_and_loses_nothing_in_flight() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("server")).await;
+    let mut alice = Client::start(dir.path(), "alice", &server).await;
+    let mut bob = Client::start(dir.path(), "bob", &server).await;
+    for i in 0..20 {
+        alice.say(&format!("send bob line {i}")).await;
+    }
+    // End of input right after: everything typed is still sent before alice exits.
+    alice.quit_by_eof().await;
+    for i in 0..20 {
+        bob.expect_line(|l| l.ends_with(&format!("[alice] line {i}")))
+            .await;
+    }
+    bob.quit().await;
+}
+
+#[tokio::test]
+async fn operator_announcements_print_as_special_messages() {
+    let dir = tempfile::tempdir().unwrap();
+    let server_dir = dir.path().join("server");
+    let server = Server::start(&server_dir).await;
+    let mut alice = Client::start(dir.path(), "alice", &server).await;
+    let mut bob = Client::start(dir.path(), "bob", &server).await;
+    let out = tokio::time::timeout(
+        WAIT,
+        tokio::process::Command::new(discovery_binary())
+            .args(["announce", "maintenance at noon", "--server", &server.addr])
+            .arg("--data-dir")
+            .arg(&server_dir)
+            .output(),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    alice.expect("[Special Message] maintenance at noon").await;
+    bob.expect("[Special Message] maintenance at noon").await;
+    alice.quit().await;
+    bob.quit().await;
+}
