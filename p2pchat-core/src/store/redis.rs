@@ -40,8 +40,9 @@
 //!   `PUBLISH` the new-mail notice.
 //! - ack: per id, the entry found through the ids hash is `XDEL`ed, its id `HDEL`ed and its
 //!   expiry member `ZREM`ed. Unknown ids are ignored.
-//! - sweep (run by `put`, `fetch` and `take_expired`, at most [`SWEEP_BATCH`] messages per
-//!   call): lists the expiry members whose score is not after "now", then per member a script
+//! - sweep (run by `fetch` and `take_expired`, and by `put` only when the mailbox looks full,
+//!   since expired entries count against the quota until swept; at most [`SWEEP_BATCH`]
+//!   messages per call): lists the expiry members whose score is not after "now", then per member a script
 //!   re-checks the score and removes the member, the id and the entry, pushing the notice to
 //!   the sender's list (the sender is read from the entry). Whoever removes the member
 //!   reports the expiry, so each is reported exactly once even with many processes sweeping.
