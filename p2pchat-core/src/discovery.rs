@@ -94,6 +94,13 @@ pub enum DiscoveryEvent {
     /// An operator announcement, as received: the node checks it against the operator key
     /// it pinned before showing it.
     Announcement(Box<Announcement>),
+    /// The session ended for good on the directory's side: the same user registered again
+    /// elsewhere, or the directory refused to take the session back after a reconnection.
+    /// The node stays up (its peer connections keep working) but is no longer listed.
+    SessionEnded {
+        /// Why, as a sentence.
+        reason: String,
+    },
 }
 
 /// Errors from the directory.

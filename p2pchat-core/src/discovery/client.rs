@@ -502,6 +502,12 @@ impl SessionTask {
                         }
                         Push::Replaced => {
                             tracing::warn!("this user registered again elsewhere; this discovery session is over");
+                            let _ = self.events.try_send(DiscoveryEvent::SessionEnded {
+                                reason: format!(
+                                    "{} registered again elsewhere with the same key; this session is no longer listed",
+                                    self.registration.username
+                                ),
+                            });
                             return Ended::Finished;
                         }
                         Push::NewMail => {
@@ -578,6 +584,11 @@ impl SessionTask {
                     | DiscoveryError::InvalidUsername(_)),
                 ) => {
                     tracing::error!(error = %e, "the discovery server refuses this registration; giving up");
+                    let _ = self.events.try_send(DiscoveryEvent::SessionEnded {
+                        reason: format!(
+                            "the discovery server no longer accepts this registration: {e}"
+                        ),
+                    });
                     return None;
                 }
                 Err(e) => {

@@ -105,6 +105,9 @@ impl Actor {
                 self.shared.emit(Event::PeerOffline { username });
             }
             DiscoveryEvent::Announcement(announcement) => self.on_announcement(&announcement),
+            DiscoveryEvent::SessionEnded { reason } => self.shared.emit(Event::Error {
+                message: format!("lost the directory: {reason}"),
+            }),
         }
     }
 

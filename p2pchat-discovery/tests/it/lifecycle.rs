@@ -62,10 +62,23 @@ async fn registering_again_elsewhere_replaces_the_old_session() {
     let alice = Identity::generate();
     let (watcher, mut pushes) = register(&server.client(), &Identity::generate(), "watcher").await;
     watcher.watch("alice").await.unwrap();
-    let (old, _rx) = register(&server.client(), &alice, "alice").await;
+    let (old, mut old_events) = register(&server.client(), &alice, "alice").await;
     expect_presence(&mut pushes, "alice", true).await;
     let (new, _rx2) = register(&server.client(), &alice, "alice").await;
     expect_presence(&mut pushes, "alice", true).await;
+    // The old session's owner is told, not left guessing.
+    let ended = tokio::time::timeout(WAIT, async {
+        loop {
+            if let p2pchat_core::discovery::DiscoveryEvent::SessionEnded { reason } =
+                old_events.recv().await.expect("events open")
+            {
+                return reason;
+            }
+        }
+    })
+    .await
+    .expect("the replaced session reports its end");
+    assert!(ended.contains("registered again elsewhere"), "{ended}");
     // The old session learns it was replaced and stops; it does not fight back.
     tokio::time::timeout(WAIT, async {
         while !matches!(old.keep_alive().await, Err(DiscoveryError::Closed)) {
