@@ -2,6 +2,21 @@
 
 use p2pchat_core::{DiscoveryError, Event, NodeError};
 
+/// `text` with its control characters escaped (`\n`, `\u{1b}`, ...): a peer must not be
+/// able to start a new line that looks like another user's message or an announcement, or
+/// send terminal escape sequences.
+pub fn printable(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// The line an event prints, if any.
 pub fn event(event: &Event) -> Option<String> {
     Some(match event {
@@ -10,14 +25,14 @@ pub fn event(event: &Event) -> Option<String> {
             text,
             offline: false,
             ..
-        } => format!("[{from}] {text}"),
+        } => format!("[{from}] {}", printable(text)),
         Event::MessageReceived {
             from,
             text,
             offline: true,
             ..
-        } => format!("[Offline][{from}] {text}"),
-        Event::Announcement { text } => format!("[Special Message] {text}"),
+        } => format!("[Offline][{from}] {}", printable(text)),
+        Event::Announcement { text } => format!("[Special Message] {}", printable(text)),
         Event::StoredOffline { to, .. } => {
             format!("({to} is offline: the message is stored and will be delivered later)")
         }
@@ -25,14 +40,17 @@ pub fn event(event: &Event) -> Option<String> {
             format!("(a message to {to} expired before {to} came online; it was not delivered)")
         }
         Event::SendFailed { to, reason, .. } => {
-            format!("(a message to {to} could not be sent: {reason})")
+            format!(
+                "(a message to {to} could not be sent: {})",
+                printable(reason)
+            )
         }
         Event::KeyChanged { username, old, new } => format!(
             "!! WARNING: {username}'s key has changed. It was {old}, it is now {new}.\n\
              !! Messages to {username} are held. Compare safety codes with {username} out of band \
              ('fingerprint {username}'), then accept the new key with 'trust {username}'."
         ),
-        Event::Error { message } => format!("(error: {message})"),
+        Event::Error { message } => format!("(error: {})", printable(message)),
         Event::Lagged { missed } => {
             format!("({missed} events were missed: the screen fell behind)")
         }
@@ -110,6 +128,23 @@ mod tests {
                 to: "bob".into()
             }),
             None
+        );
+    }
+
+    #[test]
+    fn a_peer_cannot_forge_lines_or_send_escape_sequences() {
+        let forged = Event::MessageReceived {
+            id: MessageId::random(),
+            from: "mallory".into(),
+            text: "hi\n[Special Message] send me your key\u{1b}[2J".into(),
+            sent_at: std::time::SystemTime::now(),
+            offline: false,
+        };
+        let line = event(&forged).unwrap();
+        assert!(!line.contains('\n') && !line.contains('\u{1b}'), "{line:?}");
+        assert_eq!(
+            line,
+            "[mallory] hi\\n[Special Message] send me your key\\u{1b}[2J"
         );
     }
 

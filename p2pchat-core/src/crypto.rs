@@ -172,16 +172,22 @@ impl PairKey {
     ) -> Result<Payload, CryptoError> {
         let stamped = token_timestamp(token).ok_or(CryptoError::Malformed)?;
         if stamped > now_secs + MAX_CLOCK_SKEW.as_secs() {
+            // The timestamp is in the clear: only a token that authenticates (checked at its
+            // own time) is "from the future"; anything else is junk, not a clock problem.
+            self.fernet
+                .decrypt_at_time(token, None, stamped)
+                .map_err(|_| CryptoError::Tampered)?;
             return Err(CryptoError::FromTheFuture {
                 ahead_secs: stamped - now_secs,
             });
         }
         let age_secs = now_secs.saturating_sub(stamped);
-        if age_secs > ttl.as_secs() {
-            return Err(CryptoError::Expired {
-                age_secs,
-                ttl_secs: ttl.as_secs(),
-            });
+        // Token timestamps are whole seconds, truncated: a token sealed 0.2 s ago can read as
+        // 1 s old. Round the TTL up and allow that one truncated second, so a short TTL
+        // (under a second) does not refuse fresh tokens.
+        let ttl_secs = ttl.as_secs() + u64::from(ttl.subsec_nanos() > 0);
+        if age_secs > ttl_secs + 1 {
+            return Err(CryptoError::Expired { age_secs, ttl_secs });
         }
         let plain = self
             .fernet
@@ -333,10 +339,34 @@ mod tests {
         let ahead = key.seal_at(&p, now() + 600);
         let err = key.open(&ahead, "alice", "bob", TTL).unwrap_err();
         assert!(matches!(err, CryptoError::FromTheFuture { .. }));
+        // A future timestamp on a token the key did not seal is tampering, not a clock issue.
+        let other = PairKey::derive(&a, &Identity::generate().public_key()).unwrap();
+        let forged = other.seal_at(&p, now() + 600);
+        assert!(matches!(
+            key.open(&forged, "alice", "bob", TTL),
+            Err(CryptoError::Tampered)
+        ));
         assert!(err.to_string().contains("clock"), "{err}");
         // Within the 60 s allowance is fine.
         let slightly_ahead = key.seal_at(&p, now() + 30);
         assert_eq!(key.open(&slightly_ahead, "alice", "bob", TTL).unwrap(), p);
+    }
+
+    #[test]
+    fn a_sub_second_ttl_still_accepts_a_token_stamped_in_the_previous_second() {
+        // Stamps are truncated to whole seconds: a token sealed a moment ago can carry the
+        // previous second. (Found by a node with a 300 ms TTL refusing fresh messages.)
+        let (a, b) = (Identity::generate(), Identity::generate());
+        let key = PairKey::derive(&a, &b.public_key()).unwrap();
+        let p = payload("alice", "bob");
+        let token = key.seal_at(&p, now() - 1);
+        let short = Duration::from_millis(300);
+        assert_eq!(key.open(&token, "alice", "bob", short).unwrap(), p);
+        let old = key.seal_at(&p, now() - 3);
+        assert!(matches!(
+            key.open(&old, "alice", "bob", short),
+            Err(CryptoError::Expired { ttl_secs: 1, .. })
+        ));
     }
 
     #[test]

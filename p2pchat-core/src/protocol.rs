@@ -48,6 +48,11 @@ pub const MAX_BODY_LEN: usize = 64 * 1024;
 /// and `.`, starting with a letter or digit: no upper case, no look-alike Unicode.
 pub const MAX_USERNAME_LEN: usize = 32;
 
+/// Longest sealed token a store or the server accepts, in bytes: a Fernet token of a
+/// [`MAX_BODY_LEN`] message (base64 of the ciphertext, IV, timestamp and MAC) with room to
+/// spare. Default: 90 KiB.
+pub const MAX_TOKEN_LEN: usize = 90 * 1024;
+
 /// Most ids in one [`PeerFrame::Ack`].
 pub const MAX_ACK_BATCH: usize = 4096;
 

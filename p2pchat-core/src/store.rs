@@ -32,6 +32,14 @@ pub const DEFAULT_MESSAGE_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 /// Most messages one [`OfflineStore::fetch`] returns. Default: 256.
 pub const MAX_FETCH_BATCH: usize = 256;
 
+/// Most expiry notices one [`OfflineStore::take_expired`] returns; the rest wait for the
+/// next call. Default: 1024.
+pub const MAX_EXPIRED_BATCH: usize = 1024;
+
+/// The longest a message may wait in a mailbox, whatever its sender asks: later expiry
+/// times are cut to this. Default: 30 days.
+pub const MAX_MESSAGE_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
+
 /// A sealed message waiting in a mailbox. Only routing metadata is in the clear.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StoredMessage {
@@ -104,7 +112,8 @@ pub trait OfflineStore: Debug + Send + Sync + 'static {
     async fn fetch(&self, recipient: &str, limit: usize) -> Result<Vec<StoredMessage>, StoreError>;
     /// Removes processed messages from `recipient`'s mailbox. Unknown ids are ignored.
     async fn ack(&self, recipient: &str, ids: &[MessageId]) -> Result<(), StoreError>;
-    /// Expiry notices for messages `sender` sent, each returned once.
+    /// Expiry notices for messages `sender` sent, each returned once, at most
+    /// [`MAX_EXPIRED_BATCH`] per call (the rest on later calls).
     async fn take_expired(&self, sender: &str) -> Result<Vec<ExpiredMessage>, StoreError>;
     /// New-mail notices for `recipient`.
     async fn subscribe(&self, recipient: &str) -> Result<BoxStream<'static, ()>, StoreError>;

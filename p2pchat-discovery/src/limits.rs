@@ -8,6 +8,19 @@ use std::sync::{Arc, Mutex};
 
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 
+/// The address a per-address limit counts: an IPv4 address as it is, an IPv6 address by its
+/// /64 prefix (one subscriber usually holds a whole /64, so single IPv6 addresses would make
+/// the limits meaningless), an IPv4-mapped IPv6 address as its IPv4 address.
+pub(crate) fn limit_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6((u128::from(v6) & !((1u128 << 64) - 1)).into()),
+        },
+    }
+}
+
 /// Counts open connections; a [`ConnectionPermit`] gives its slot back when dropped.
 #[derive(Debug)]
 pub(crate) struct ConnectionLimits {
@@ -52,6 +65,7 @@ impl ConnectionLimits {
     }
 
     pub(crate) fn try_acquire(self: &Arc<Self>, ip: IpAddr) -> Result<ConnectionPermit, Refused> {
+        let ip = limit_key(ip);
         let mut open = self.open();
         if open.total >= self.max_total {
             return Err(Refused::Total(self.max_total));
@@ -150,6 +164,28 @@ mod tests {
         drop(p1);
         assert_eq!(limits.open_connections(), 2);
         let _p4 = limits.try_acquire(a).expect("a slot was given back");
+    }
+
+    #[test]
+    fn ipv6_addresses_count_by_their_64_bit_prefix() {
+        let limits = ConnectionLimits::new(10, 2);
+        let a: IpAddr = "2001:db8::1".parse().unwrap();
+        let b: IpAddr = "2001:db8::ffff:1234".parse().unwrap();
+        let other: IpAddr = "2001:db8:0:1::1".parse().unwrap();
+        let _p1 = limits.try_acquire(a).unwrap();
+        let _p2 = limits.try_acquire(b).unwrap();
+        assert_eq!(
+            limits
+                .try_acquire("2001:db8::99".parse().unwrap())
+                .unwrap_err(),
+            Refused::PerIp(2),
+            "one /64 is one address"
+        );
+        let _p3 = limits.try_acquire(other).expect("another /64");
+        assert_eq!(
+            limit_key("::ffff:10.0.0.1".parse().unwrap()),
+            "10.0.0.1".parse::<IpAddr>().unwrap()
+        );
     }
 
     #[test]

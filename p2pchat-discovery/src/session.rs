@@ -14,9 +14,10 @@ use p2pchat_core::protocol::discovery::{
     Request, ServerFrame, WireError, register_transcript,
 };
 use p2pchat_core::protocol::{
-    FrameCodec, MAX_ACK_BATCH, NONCE_LEN, PROTOCOL_VERSION, ProtocolError, validate_username,
+    FrameCodec, MAX_ACK_BATCH, MAX_TOKEN_LEN, NONCE_LEN, PROTOCOL_VERSION, ProtocolError,
+    validate_username,
 };
-use p2pchat_core::store::{MAX_FETCH_BATCH, StoreError, StoredMessage};
+use p2pchat_core::store::{MAX_FETCH_BATCH, MAX_MESSAGE_TTL, StoreError, StoredMessage};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -25,6 +26,7 @@ use tokio::time::Instant;
 use tokio_util::codec::{Encoder, FramedRead};
 use tokio_util::sync::CancellationToken;
 
+use crate::limits::limit_key;
 use crate::server::{SESSION_PUSH_CAPACITY, Server};
 use crate::storage::{Lease, SessionId, StorageError, touch_interval};
 
@@ -225,7 +227,7 @@ async fn register(
         Some(Err(e)) => return Err(decode_error(e)),
         None => return Err(None),
     };
-    if !server.registrations.allow(&peer.ip()) {
+    if !server.registrations.allow(&limit_key(peer.ip())) {
         return Err(Some(WireError::RateLimited));
     }
     let claim = &request.claim;
@@ -505,11 +507,12 @@ impl Session {
             Request::Deposit(message) => (self.deposit(*message).await, Then::Continue),
             Request::FetchMail { limit } => {
                 let limit = (limit as usize).clamp(1, MAX_FETCH_BATCH);
-                let fetched = storage.mailbox().fetch(&lease.username, limit).await;
-                (
-                    fetched.map(Reply::Mail).map_err(store_error),
-                    Then::Continue,
-                )
+                let fetched = storage
+                    .mailbox()
+                    .fetch(&lease.username, limit)
+                    .await
+                    .map(within_reply_budget);
+                (fetched.map_err(store_error), Then::Continue)
             }
             Request::AckMail { ids } => {
                 if ids.len() > MAX_ACK_BATCH {
@@ -542,8 +545,16 @@ impl Session {
 
     /// Leaves a message in its recipient's mailbox: in this user's name only, for a claimed
     /// name only, within the deposit rate.
-    async fn deposit(&self, message: StoredMessage) -> Result<Reply, WireError> {
+    async fn deposit(&self, mut message: StoredMessage) -> Result<Reply, WireError> {
         let me = &self.lease.username;
+        if message.token.len() > MAX_TOKEN_LEN {
+            return Err(WireError::LimitExceeded(format!(
+                "a stored message is at most {MAX_TOKEN_LEN} bytes"
+            )));
+        }
+        // Nobody's mail waits longer than the longest TTL, whatever the sender asked.
+        let latest = SystemTime::now() + MAX_MESSAGE_TTL;
+        message.expires_at = message.expires_at.min(latest);
         if message.from != *me {
             return Err(WireError::Forbidden(format!(
                 "{me} may not deposit mail in {}'s name",
@@ -603,6 +614,26 @@ impl Session {
             })
         })))
     }
+}
+
+/// Mail tokens one reply may carry, in bytes: the reply must fit in a frame. Default: 192 KiB.
+const MAIL_REPLY_BUDGET: usize = 192 * 1024;
+
+/// The oldest messages of `mail` whose tokens fit in [`MAIL_REPLY_BUDGET`] (at least one,
+/// which always fits: tokens are at most [`MAX_TOKEN_LEN`]). The rest come with the next
+/// fetch.
+fn within_reply_budget(mut mail: Vec<StoredMessage>) -> Reply {
+    let mut used = 0;
+    let keep = mail
+        .iter()
+        .take_while(|m| {
+            used += m.token.len() + m.from.len() + m.to.len() + 64;
+            used <= MAIL_REPLY_BUDGET
+        })
+        .count()
+        .max(1);
+    mail.truncate(keep);
+    Reply::Mail(mail)
 }
 
 fn online_record(lease: Lease, now: SystemTime) -> PeerRecord {

@@ -369,8 +369,9 @@ impl DiscoverySession for ClientSession {
         match self.call(Request::Deregister).await {
             Ok(Reply::Done) => Ok(()),
             Ok(other) => Err(wrong_reply(other)),
-            // Not connected: the server already counts this session as gone.
-            Err(DiscoveryError::Unreachable { .. }) => {
+            // Not connected, or already ended by the server (replaced): the server already
+            // counts this session as gone.
+            Err(DiscoveryError::Unreachable { .. } | DiscoveryError::Closed) => {
                 tracing::debug!(server = %self.addr, "deregistered while disconnected");
                 Ok(())
             }

@@ -19,6 +19,11 @@ use crate::protocol::ErrorCode;
 use crate::store::MAX_FETCH_BATCH;
 use crate::transport::Listener;
 
+/// An authentic offline message stamped at most this far ahead of our clock waits in the
+/// mailbox for a later drain; further ahead, it is rejected (and removed) so that such
+/// messages cannot pile up at the front of the mailbox. Default: 1 hour.
+const MAX_HELD_AHEAD: std::time::Duration = std::time::Duration::from_secs(3600);
+
 /// Commands the handle sends the actor. Capacity of its channel: 16.
 pub(crate) const ACTOR_QUEUE_CAPACITY: usize = 16;
 
@@ -173,7 +178,9 @@ impl Actor {
                 match disposition {
                     Disposition::Show(event) => shown.push(event),
                     Disposition::Drop => {}
-                    Disposition::Reject(e @ CryptoError::FromTheFuture { .. }) => {
+                    Disposition::Reject(e @ CryptoError::FromTheFuture { ahead_secs })
+                        if ahead_secs <= MAX_HELD_AHEAD.as_secs() =>
+                    {
                         // Our clock is behind the sender's: keep it for a later drain.
                         processed.pop();
                         shared.emit(Event::Error {

@@ -31,8 +31,8 @@ pub const DEFAULT_DISCOVERY_PORT: u16 = 5001;
 /// Most addresses a node may announce. Default: 8.
 pub const MAX_ANNOUNCED_ADDRS: usize = 8;
 
-/// Most users one session may watch. Default: 4096.
-pub const MAX_WATCHES: usize = 4096;
+/// Most users one session may watch (each costs the server a table entry). Default: 256.
+pub const MAX_WATCHES: usize = 256;
 
 /// Frames the server sends.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

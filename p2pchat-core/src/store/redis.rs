@@ -178,8 +178,9 @@ return 1
 
 /// KEYS: expired list. Returns its notices and deletes it.
 const TAKE_EXPIRED: &str = "
-local notices = redis.call('LRANGE', KEYS[1], 0, -1)
-redis.call('DEL', KEYS[1])
+local n = tonumber(ARGV[1])
+local notices = redis.call('LRANGE', KEYS[1], 0, n - 1)
+redis.call('LTRIM', KEYS[1], n, -1)
 return notices
 ";
 
@@ -802,6 +803,7 @@ impl OfflineStore for RedisStore {
             .scripts
             .take_expired
             .key(self.inner.keys.expired(sender))
+            .arg(super::MAX_EXPIRED_BATCH)
             .invoke_async(&mut self.inner.conn())
             .await
             .map_err(unavailable)?;

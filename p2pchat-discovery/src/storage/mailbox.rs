@@ -9,13 +9,14 @@
 //! - `mail_count`: recipient → messages waiting (the quota check);
 //! - `mail_meta`: the next sequence number.
 //!
-//! Every change is one write transaction, committed durably before it is answered: a
-//! deposit the server confirmed survives a crash, and a message leaves only when its
-//! recipient acknowledges it (or it expires, which is recorded for its sender in the same
-//! transaction).
+//! Every change is committed durably before it is answered: a deposit the server confirmed
+//! survives a crash. Deposits go through one writer thread that commits whatever deposits
+//! are waiting together (group commit), so concurrent senders share one fsync. A message
+//! leaves only when its recipient acknowledges it, or when it expires, which is recorded for
+//! its sender in the same transaction.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::SystemTime;
 
 use ::redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
@@ -23,8 +24,10 @@ use async_trait::async_trait;
 use futures::StreamExt;
 use futures::stream::BoxStream;
 use p2pchat_core::MessageId;
-use p2pchat_core::store::{ExpiredMessage, OfflineStore, StoreError, StoredMessage};
-use tokio::sync::broadcast;
+use p2pchat_core::store::{
+    ExpiredMessage, MAX_EXPIRED_BATCH, OfflineStore, StoreError, StoredMessage,
+};
+use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio_stream::wrappers::BroadcastStream;
 
 use super::unix_ms;
@@ -49,6 +52,8 @@ pub struct RedbMailbox {
     quota: usize,
     /// recipient → its notice channel, created by the first subscriber.
     notices: Arc<Mutex<HashMap<String, broadcast::Sender<()>>>>,
+    /// To the writer thread, which commits concurrent deposits together.
+    deposits: mpsc::Sender<Deposit>,
 }
 
 fn unavailable(e: impl std::fmt::Display) -> StoreError {
@@ -74,10 +79,19 @@ impl RedbMailbox {
         txn.open_table(MAIL_COUNT).map_err(unavailable)?;
         txn.open_table(MAIL_META).map_err(unavailable)?;
         txn.commit().map_err(unavailable)?;
+        let (deposits, queue) = mpsc::channel(DEPOSIT_QUEUE);
+        let writer_db = Arc::downgrade(&db);
+        std::thread::Builder::new()
+            .name("mailbox-writer".into())
+            .spawn(move || write_deposits(writer_db, quota, queue))
+            .map_err(|e| {
+                StoreError::Unavailable(format!("cannot start the mailbox writer: {e}"))
+            })?;
         Ok(Self {
             db,
             quota,
             notices: Arc::new(Mutex::new(HashMap::new())),
+            deposits,
         })
     }
 
@@ -100,6 +114,112 @@ impl RedbMailbox {
             notices.remove(recipient);
         }
     }
+}
+
+/// A deposit waiting for the writer thread, and where its outcome goes (`true`: stored now,
+/// `false`: it was already there).
+struct Deposit {
+    message: StoredMessage,
+    reply: oneshot::Sender<Result<bool, StoreError>>,
+}
+
+/// Deposits waiting for the writer. Default: 1024.
+const DEPOSIT_QUEUE: usize = 1024;
+
+/// Most deposits committed together. Default: 256.
+const DEPOSIT_BATCH: usize = 256;
+
+/// The writer thread: takes every deposit waiting (up to [`DEPOSIT_BATCH`]), applies them in
+/// one write transaction and commits once, so concurrent deposits share one durable commit
+/// (one fsync) instead of paying one each. Each deposit still gets its own outcome; nobody
+/// is answered before the commit that holds their message. Ends when every mailbox handle
+/// is gone. It holds the database weakly, so closing the storage closes the file at once.
+fn write_deposits(db: Weak<Database>, quota: usize, mut queue: mpsc::Receiver<Deposit>) {
+    while let Some(first) = queue.blocking_recv() {
+        let Some(db) = db.upgrade() else { return };
+        let mut batch = vec![first];
+        while batch.len() < DEPOSIT_BATCH {
+            match queue.try_recv() {
+                Ok(next) => batch.push(next),
+                Err(_) => break,
+            }
+        }
+        let outcomes = (|| {
+            let txn = db.begin_write().map_err(unavailable)?;
+            sweep(&txn, now_ms())?;
+            let outcomes: Vec<Result<bool, StoreError>> = batch
+                .iter()
+                .map(|d| put_in(&txn, &d.message, quota))
+                .collect();
+            // A full mailbox refuses one deposit and changes nothing; any other failure may
+            // have left a deposit half written, so nothing in the batch is committed.
+            if let Some(Err(e)) = outcomes
+                .iter()
+                .find(|o| matches!(o, Err(e) if !matches!(e, StoreError::QuotaExceeded { .. })))
+            {
+                return Err(e.clone());
+            }
+            txn.commit().map_err(unavailable)?;
+            Ok::<_, StoreError>(outcomes)
+        })();
+        // Let go of the database before answering: whoever is answered may close it next.
+        drop(db);
+        match outcomes {
+            Ok(outcomes) => {
+                for (deposit, outcome) in batch.into_iter().zip(outcomes) {
+                    let _ = deposit.reply.send(outcome);
+                }
+            }
+            Err(e) => {
+                for deposit in batch {
+                    let _ = deposit.reply.send(Err(e.clone()));
+                }
+            }
+        }
+    }
+}
+
+/// Adds one message inside `txn`: `Ok(false)` if it is there already.
+fn put_in(
+    txn: &WriteTransaction,
+    message: &StoredMessage,
+    quota: usize,
+) -> Result<bool, StoreError> {
+    let to = message.to.as_str();
+    let mut ids = txn.open_table(MAIL_IDS).map_err(unavailable)?;
+    if ids
+        .get((to, id_key(&message.id)))
+        .map_err(unavailable)?
+        .is_some()
+    {
+        return Ok(false);
+    }
+    let mut counts = txn.open_table(MAIL_COUNT).map_err(unavailable)?;
+    let waiting = counts.get(to).map_err(unavailable)?.map(|v| v.value());
+    let waiting = waiting.unwrap_or(0);
+    if waiting >= quota as u64 {
+        return Err(StoreError::QuotaExceeded {
+            recipient: to.to_owned(),
+            quota,
+        });
+    }
+    let mut meta = txn.open_table(MAIL_META).map_err(unavailable)?;
+    let seq = meta.get("next").map_err(unavailable)?.map(|v| v.value());
+    let seq = seq.unwrap_or(0);
+    meta.insert("next", seq + 1).map_err(unavailable)?;
+    let bytes = postcard::to_stdvec(message).map_err(|_| corrupt("message"))?;
+    txn.open_table(MAIL)
+        .map_err(unavailable)?
+        .insert((to, seq), bytes.as_slice())
+        .map_err(unavailable)?;
+    ids.insert((to, id_key(&message.id)), seq)
+        .map_err(unavailable)?;
+    txn.open_table(MAIL_EXPIRY)
+        .map_err(unavailable)?
+        .insert((unix_ms(message.expires_at), seq), to)
+        .map_err(unavailable)?;
+    counts.insert(to, waiting + 1).map_err(unavailable)?;
+    Ok(true)
 }
 
 /// Moves up to [`SWEEP_BATCH`] expired messages to their senders' expiry notices.
@@ -187,50 +307,14 @@ fn sweep_if_due(db: &Database) -> Result<(), StoreError> {
 impl OfflineStore for RedbMailbox {
     async fn put(&self, message: StoredMessage) -> Result<(), StoreError> {
         let recipient = message.to.clone();
-        let stored = self
-            .blocking(move |db, quota| {
-                let txn = db.begin_write().map_err(unavailable)?;
-                sweep(&txn, now_ms())?;
-                {
-                    let to = message.to.as_str();
-                    let mut ids = txn.open_table(MAIL_IDS).map_err(unavailable)?;
-                    if ids
-                        .get((to, id_key(&message.id)))
-                        .map_err(unavailable)?
-                        .is_some()
-                    {
-                        return Ok(false);
-                    }
-                    let mut counts = txn.open_table(MAIL_COUNT).map_err(unavailable)?;
-                    let waiting = counts.get(to).map_err(unavailable)?.map(|v| v.value());
-                    let waiting = waiting.unwrap_or(0);
-                    if waiting >= quota as u64 {
-                        return Err(StoreError::QuotaExceeded {
-                            recipient: to.to_owned(),
-                            quota,
-                        });
-                    }
-                    let mut meta = txn.open_table(MAIL_META).map_err(unavailable)?;
-                    let seq = meta.get("next").map_err(unavailable)?.map(|v| v.value());
-                    let seq = seq.unwrap_or(0);
-                    meta.insert("next", seq + 1).map_err(unavailable)?;
-                    let bytes = postcard::to_stdvec(&message).map_err(|_| corrupt("message"))?;
-                    txn.open_table(MAIL)
-                        .map_err(unavailable)?
-                        .insert((to, seq), bytes.as_slice())
-                        .map_err(unavailable)?;
-                    ids.insert((to, id_key(&message.id)), seq)
-                        .map_err(unavailable)?;
-                    txn.open_table(MAIL_EXPIRY)
-                        .map_err(unavailable)?
-                        .insert((unix_ms(message.expires_at), seq), to)
-                        .map_err(unavailable)?;
-                    counts.insert(to, waiting + 1).map_err(unavailable)?;
-                }
-                txn.commit().map_err(unavailable)?;
-                Ok(true)
-            })
-            .await?;
+        let (reply, stored) = oneshot::channel();
+        self.deposits
+            .send(Deposit { message, reply })
+            .await
+            .map_err(|_| StoreError::Unavailable("the mailbox writer stopped".into()))?;
+        let stored = stored
+            .await
+            .map_err(|_| StoreError::Unavailable("the mailbox writer stopped".into()))??;
         if stored {
             self.notify(&recipient);
         }
@@ -313,6 +397,7 @@ impl OfflineStore for RedbMailbox {
                 let keys: Vec<(u64, Vec<u8>)> = expired
                     .range((sender.as_str(), 0)..=(sender.as_str(), u64::MAX))
                     .map_err(unavailable)?
+                    .take(MAX_EXPIRED_BATCH)
                     .map(|row| {
                         row.map(|(k, v)| (k.value().1, v.value().to_vec()))
                             .map_err(unavailable)
@@ -332,13 +417,16 @@ impl OfflineStore for RedbMailbox {
     }
 
     async fn subscribe(&self, recipient: &str) -> Result<BoxStream<'static, ()>, StoreError> {
-        let rx = self
-            .notices
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+        let mut notices = self.notices.lock().unwrap_or_else(|e| e.into_inner());
+        // Forget channels nobody listens to any more, now and then (amortized).
+        if notices.len() >= 64 && notices.len().is_power_of_two() {
+            notices.retain(|_, tx| tx.receiver_count() > 0);
+        }
+        let rx = notices
             .entry(recipient.to_owned())
             .or_insert_with(|| broadcast::channel(NOTICE_CAPACITY).0)
             .subscribe();
+        drop(notices);
         // A lagged receiver missed notices: that is still "mail may have arrived".
         Ok(BroadcastStream::new(rx).map(|_| ()).boxed())
     }

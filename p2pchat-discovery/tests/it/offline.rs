@@ -371,8 +371,7 @@ async fn a_message_that_expires_undelivered_is_reported_to_its_sender() {
     let bob = node("bob", &bob_id, &dir.path().join("bob"), &server).await;
     let mut bob_events = bob.events();
     bob.send("alice", "marker").await.unwrap();
-    let mut alice_events = alice.events();
-    receive(&mut alice_events, 1).await;
+    receive(&mut events, 1).await;
     assert!(
         !super::util::buffered_texts(&mut bob_events).contains(&"too late".to_owned()),
         "an expired message is never shown"
@@ -508,5 +507,39 @@ async fn a_recipient_killed_between_fetch_and_ack_gets_the_mail_again_and_shows_
     let mailbox = storage.mailbox();
     let server = TestServer::start(fast_config(), storage).await;
     killed_between_fetch_and_ack(mailbox, &server).await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn big_mail_comes_in_replies_that_fit_a_frame_and_oversized_tokens_are_refused() {
+    use p2pchat_core::protocol::MAX_TOKEN_LEN;
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(fast_config(), redb(dir.path())).await;
+    let (alice, _a) = register(&server.client(), &Identity::generate(), "alice").await;
+    let (bob, _b) = register(&server.client(), &Identity::generate(), "bob").await;
+    let (alice_box, bob_box) = (alice.mailbox().unwrap(), bob.mailbox().unwrap());
+    // Five messages of the largest size: together far more than one frame holds.
+    let big = "t".repeat(MAX_TOKEN_LEN);
+    for _ in 0..5 {
+        alice_box.put(message("alice", "bob", &big)).await.unwrap();
+    }
+    let too_big = "t".repeat(MAX_TOKEN_LEN + 1);
+    match alice_box.put(message("alice", "bob", &too_big)).await {
+        Err(StoreError::Unavailable(why)) => assert!(why.contains("at most"), "{why}"),
+        other => panic!("an oversized token must be refused, got {other:?}"),
+    }
+    let mut drained = 0;
+    for _ in 0..10 {
+        let batch = bob_box.fetch("bob", 256).await.expect("a reply that fits");
+        if batch.is_empty() {
+            break;
+        }
+        assert!(batch.len() < 5, "one reply cannot hold all five");
+        drained += batch.len();
+        let ids: Vec<MessageId> = batch.iter().map(|m| m.id).collect();
+        bob_box.ack("bob", &ids).await.unwrap();
+    }
+    assert_eq!(drained, 5);
+    bob.keep_alive().await.expect("the session survived");
     server.stop().await;
 }
