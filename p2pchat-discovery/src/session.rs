@@ -448,9 +448,11 @@ impl Session {
                         Ok(Some(current)) if current.session != lease.session => {
                             (Ok(Reply::Done), Then::Replaced)
                         }
-                        // Missed its keep-alives but is still here: online again.
-                        Ok(_) => match storage.set_online(lease, config.presence_ttl).await {
-                            Ok(()) => (Ok(Reply::Done), Then::Continue),
+                        // Missed its keep-alives but is still here: online again, unless a
+                        // newer registration took the name meanwhile (then that one wins).
+                        Ok(_) => match storage.revive(lease, config.presence_ttl).await {
+                            Ok(true) => (Ok(Reply::Done), Then::Continue),
+                            Ok(false) => (Ok(Reply::Done), Then::Replaced),
                             Err(e) => (Err(backend(e)), Then::Continue),
                         },
                         Err(e) => (Err(backend(e)), Then::Continue),

@@ -143,6 +143,10 @@ pub trait Storage: Debug + Send + Sync + 'static {
     /// Puts `lease` online for `ttl`, replacing any other lease of the same user.
     async fn set_online(&self, lease: &Lease, ttl: Duration) -> Result<(), StorageError>;
 
+    /// Puts `lease` online again after it expired, unless someone holds the name now (a
+    /// newer registration that arrived meanwhile wins). `true` when it was put online.
+    async fn revive(&self, lease: &Lease, ttl: Duration) -> Result<bool, StorageError>;
+
     /// Extends the lease of `username` held by `session` by `ttl`. `false` when `session`
     /// does not hold it (expired, or replaced).
     async fn refresh(

@@ -51,6 +51,7 @@ impl Actor {
         let mut keep_alive = tokio::time::interval(shared.config.keep_alive);
         keep_alive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut accepting = true;
+        let mut housekeeping: Option<tokio::task::JoinHandle<()>> = None;
         self.drain().await;
         self.report_expired().await;
         loop {
@@ -86,12 +87,11 @@ impl Actor {
                     }
                 }
                 _ = keep_alive.tick() => {
-                    if let Ok(session) = shared.session()
-                        && let Err(e) = session.keep_alive().await
-                    {
-                        tracing::warn!(error = %e, "keep-alive failed");
+                    // In its own task: a directory that accepts but does not answer must not
+                    // stall accepting peers or shutting down. One at a time.
+                    if housekeeping.as_ref().is_none_or(|h| h.is_finished()) {
+                        housekeeping = Some(shared.spawn(housekeep(shared.clone())));
                     }
-                    self.report_expired().await;
                 }
             }
         }
@@ -212,15 +212,30 @@ impl Actor {
     }
 
     async fn report_expired(&mut self) {
-        match self.shared.store.take_expired(self.shared.me()).await {
-            Ok(expired) => {
-                for e in expired {
-                    self.shared.emit(Event::Expired { id: e.id, to: e.to });
-                }
-            }
-            Err(e) => tracing::debug!(error = %e, "cannot check for expired messages"),
-        }
+        report_expired(&self.shared).await;
     }
+}
+
+/// Expiry notices for messages we sent, as events.
+async fn report_expired(shared: &Shared) {
+    match shared.store.take_expired(shared.me()).await {
+        Ok(expired) => {
+            for e in expired {
+                shared.emit(Event::Expired { id: e.id, to: e.to });
+            }
+        }
+        Err(e) => tracing::debug!(error = %e, "cannot check for expired messages"),
+    }
+}
+
+/// The periodic work: keep the directory registration alive, collect expiry notices.
+async fn housekeep(shared: Arc<Shared>) {
+    if let Ok(session) = shared.session()
+        && let Err(e) = session.keep_alive().await
+    {
+        tracing::warn!(error = %e, "keep-alive failed");
+    }
+    report_expired(&shared).await;
 }
 
 /// Authenticates one incoming connection and hands it to the peer's link.

@@ -54,6 +54,28 @@ impl LocalPresence {
         });
     }
 
+    pub(crate) fn revive(&self, lease: &Lease, ttl: Duration) -> bool {
+        let now = Instant::now();
+        {
+            let mut leases = self.leases();
+            if leases.get(&lease.username).is_some_and(|e| e.expires > now) {
+                return false;
+            }
+            leases.insert(
+                lease.username.clone(),
+                Entry {
+                    lease: lease.clone(),
+                    expires: now + ttl,
+                },
+            );
+        }
+        self.publish(PresenceChange::Online {
+            username: lease.username.clone(),
+            session: lease.session,
+        });
+        true
+    }
+
     pub(crate) fn refresh(&self, username: &str, session: SessionId, ttl: Duration) -> bool {
         let now = Instant::now();
         match self.leases().get_mut(username) {

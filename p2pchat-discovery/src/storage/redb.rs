@@ -208,6 +208,10 @@ impl Storage for RedbStorage {
         Ok(())
     }
 
+    async fn revive(&self, lease: &Lease, ttl: Duration) -> Result<bool, StorageError> {
+        Ok(self.presence.revive(lease, ttl))
+    }
+
     async fn refresh(
         &self,
         username: &str,

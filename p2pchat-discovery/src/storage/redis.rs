@@ -207,6 +207,8 @@ struct Scripts {
     claim: Script,
     touch: Script,
     set_online: Script,
+    /// SET_ONLINE, only when no lease exists.
+    revive: Script,
     refresh: Script,
     set_offline: Script,
     sweep_one: Script,
@@ -219,6 +221,9 @@ impl Scripts {
             claim: with_now(CLAIM),
             touch: with_now(TOUCH),
             set_online: with_now(SET_ONLINE),
+            revive: with_now(&format!(
+                "if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end\n{SET_ONLINE}"
+            )),
             refresh: with_now(REFRESH),
             set_offline: with_now(SET_OFFLINE),
             sweep_one: with_now(SWEEP_ONE),
@@ -546,6 +551,33 @@ impl Storage for RedisStorage {
             .await
             .map_err(unavailable)?;
         Ok(())
+    }
+
+    async fn revive(&self, lease: &Lease, ttl: Duration) -> Result<bool, StorageError> {
+        let keys = &self.inner.keys;
+        let user = lease.username.as_str();
+        let change = to_json(&PresenceChange::Online {
+            username: lease.username.clone(),
+            session: lease.session,
+        })?;
+        let revived: i64 = self
+            .inner
+            .scripts
+            .revive
+            .key(keys.presence(user))
+            .key(keys.expiry())
+            .key(keys.online())
+            .arg(user)
+            .arg(lease.session.to_string())
+            .arg(to_json(lease)?)
+            .arg(lease.public_key.to_string())
+            .arg(millis(ttl))
+            .arg(keys.channel())
+            .arg(change)
+            .invoke_async(&mut self.inner.conn())
+            .await
+            .map_err(unavailable)?;
+        Ok(revived == 1)
     }
 
     async fn refresh(

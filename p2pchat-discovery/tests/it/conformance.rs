@@ -229,6 +229,29 @@ async fn storage_conformance(s: Arc<dyn Storage>) {
     s.sweep().await.unwrap();
     assert!(feed.try_recv().is_err(), "an expiry is published once");
 
+    // Reviving an expired lease works only while nobody else holds the name.
+    assert!(s.revive(&dave, hour).await.unwrap(), "dave comes back");
+    assert!(matches!(
+        next_change(&mut feed).await,
+        PresenceChange::Online { .. }
+    ));
+    let dave2 = lease("dave", &k1, SessionId::random());
+    s.set_online(&dave2, hour).await.unwrap();
+    assert!(matches!(
+        next_change(&mut feed).await,
+        PresenceChange::Online { .. }
+    ));
+    assert!(
+        !s.revive(&dave, hour).await.unwrap(),
+        "a newer registration is not overwritten"
+    );
+    assert_eq!(s.online("dave").await.unwrap(), Some(dave2.clone()));
+    assert!(s.set_offline("dave", dave2.session).await.unwrap());
+    assert!(matches!(
+        next_change(&mut feed).await,
+        PresenceChange::Offline { .. }
+    ));
+
     // Listing: online users after a name, in order, bounded.
     let names: Vec<String> = (0..25).map(|i| format!("user{i:02}")).collect();
     for n in &names {
