@@ -118,3 +118,25 @@ pub trait OfflineStore: Debug + Send + Sync + 'static {
     /// New-mail notices for `recipient`.
     async fn subscribe(&self, recipient: &str) -> Result<BoxStream<'static, ()>, StoreError>;
 }
+
+/// A shared store is a store: lets an `Arc<dyn OfflineStore>` (such as
+/// [`crate::DiscoverySession::mailbox`]) be handed to
+/// [`crate::ChatNodeBuilder::offline_store`].
+#[async_trait]
+impl<T: OfflineStore + ?Sized> OfflineStore for std::sync::Arc<T> {
+    async fn put(&self, message: StoredMessage) -> Result<(), StoreError> {
+        (**self).put(message).await
+    }
+    async fn fetch(&self, recipient: &str, limit: usize) -> Result<Vec<StoredMessage>, StoreError> {
+        (**self).fetch(recipient, limit).await
+    }
+    async fn ack(&self, recipient: &str, ids: &[MessageId]) -> Result<(), StoreError> {
+        (**self).ack(recipient, ids).await
+    }
+    async fn take_expired(&self, sender: &str) -> Result<Vec<ExpiredMessage>, StoreError> {
+        (**self).take_expired(sender).await
+    }
+    async fn subscribe(&self, recipient: &str) -> Result<BoxStream<'static, ()>, StoreError> {
+        (**self).subscribe(recipient).await
+    }
+}

@@ -4,7 +4,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
 use p2pchat_core::{
     ChatNode, DiscoveryClient, DiscoveryError, Event, Events, Identity, MemoryStore, TcpTransport,
 };
@@ -33,19 +32,6 @@ async fn node_with(
         .spawn()
         .await
         .unwrap_or_else(|e| panic!("{name} starts: {e}"))
-}
-
-async fn wait_event(events: &mut Events, mut pred: impl FnMut(&Event) -> bool) -> Event {
-    tokio::time::timeout(WAIT, async {
-        loop {
-            let event = events.next().await.expect("events open");
-            if pred(&event) {
-                return event;
-            }
-        }
-    })
-    .await
-    .expect("event in time")
 }
 
 async fn received(events: &mut Events) -> (String, String) {

@@ -8,7 +8,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use futures::StreamExt;
 use futures::stream::BoxStream;
 use p2pchat_core::store::{ExpiredMessage, OfflineStore, StoreError, StoredMessage};
 use p2pchat_core::testing::{SharedStore, StoreAccess, store_conformance};
@@ -27,6 +26,8 @@ const SUITE_USERS: [&str; 6] = ["alice", "bob", "carol", "dave", "erin", "frank"
 struct Mailboxes {
     _server: TestServer,
     sessions: HashMap<String, Box<dyn DiscoverySession>>,
+    /// The server's data directory, removed when the run ends.
+    _dir: Option<tempfile::TempDir>,
 }
 
 #[async_trait]
@@ -48,6 +49,20 @@ async fn mailboxes(storage: Arc<dyn Storage>) -> Mailboxes {
     Mailboxes {
         _server: server,
         sessions,
+        _dir: None,
+    }
+}
+
+/// Access to a store, keeping its data directory until the run ends.
+struct InDir<A> {
+    access: A,
+    _dir: tempfile::TempDir,
+}
+
+#[async_trait]
+impl<A: StoreAccess> StoreAccess for InDir<A> {
+    async fn store_for(&self, user: &str) -> Arc<dyn OfflineStore> {
+        self.access.store_for(user).await
     }
 }
 
@@ -56,9 +71,9 @@ async fn the_server_mailbox_passes_the_store_suite_on_redb() {
     store_conformance(|quota| async move {
         let dir = tempfile::tempdir().unwrap();
         let storage = RedbStorage::open_with_quota(dir.path(), quota).unwrap();
-        // The directory stays open through the run; the temp dir is removed at exit.
-        std::mem::forget(dir);
-        mailboxes(Arc::new(storage)).await
+        let mut access = mailboxes(Arc::new(storage)).await;
+        access._dir = Some(dir);
+        access
     })
     .await;
 }
@@ -90,8 +105,10 @@ async fn the_redb_mailbox_itself_passes_the_store_suite() {
     store_conformance(|quota| async move {
         let dir = tempfile::tempdir().unwrap();
         let storage = RedbStorage::open_with_quota(dir.path(), quota).unwrap();
-        std::mem::forget(dir);
-        SharedStore(storage.mailbox())
+        InDir {
+            access: SharedStore(storage.mailbox()),
+            _dir: dir,
+        }
     })
     .await;
 }
@@ -169,48 +186,12 @@ async fn node_on(
         .keep_alive_interval(TTL / 4)
         .message_ttl(Duration::from_secs(3600));
     if let Some(store) = store {
-        builder = builder.offline_store(ArcStore(store));
+        builder = builder.offline_store(store);
     }
     builder
         .spawn()
         .await
         .unwrap_or_else(|e| panic!("{name} starts: {e}"))
-}
-
-/// An `Arc<dyn OfflineStore>` as an `OfflineStore` (the builder takes one by value).
-#[derive(Debug)]
-struct ArcStore(Arc<dyn OfflineStore>);
-
-#[async_trait]
-impl OfflineStore for ArcStore {
-    async fn put(&self, m: StoredMessage) -> Result<(), StoreError> {
-        self.0.put(m).await
-    }
-    async fn fetch(&self, r: &str, n: usize) -> Result<Vec<StoredMessage>, StoreError> {
-        self.0.fetch(r, n).await
-    }
-    async fn ack(&self, r: &str, ids: &[MessageId]) -> Result<(), StoreError> {
-        self.0.ack(r, ids).await
-    }
-    async fn take_expired(&self, s: &str) -> Result<Vec<ExpiredMessage>, StoreError> {
-        self.0.take_expired(s).await
-    }
-    async fn subscribe(&self, r: &str) -> Result<BoxStream<'static, ()>, StoreError> {
-        self.0.subscribe(r).await
-    }
-}
-
-async fn wait_event(events: &mut Events, mut pred: impl FnMut(&Event) -> bool) -> Event {
-    tokio::time::timeout(WAIT, async {
-        loop {
-            let event = events.next().await.expect("events open");
-            if pred(&event) {
-                return event;
-            }
-        }
-    })
-    .await
-    .expect("event in time")
 }
 
 /// Waits for `n` messages; returns (text, offline) in arrival order.

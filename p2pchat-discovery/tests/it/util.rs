@@ -184,3 +184,21 @@ pub fn buffered_texts(events: &mut p2pchat_core::Events) -> Vec<String> {
     }
     out
 }
+
+/// Waits for the first event matching `pred`, failing the test after [`WAIT`].
+pub async fn wait_event(
+    events: &mut p2pchat_core::Events,
+    mut pred: impl FnMut(&p2pchat_core::Event) -> bool,
+) -> p2pchat_core::Event {
+    use futures::StreamExt;
+    tokio::time::timeout(WAIT, async {
+        loop {
+            let event = events.next().await.expect("events open");
+            if pred(&event) {
+                return event;
+            }
+        }
+    })
+    .await
+    .expect("event in time")
+}
