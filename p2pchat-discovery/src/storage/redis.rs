@@ -364,6 +364,36 @@ impl RedisStorage {
         Ok(Self { inner })
     }
 
+    /// Runs SET_ONLINE or REVIVE for `lease`; `true` when the lease was put online.
+    async fn put_lease(
+        &self,
+        script: &Script,
+        lease: &Lease,
+        ttl: Duration,
+    ) -> Result<bool, StorageError> {
+        let keys = &self.inner.keys;
+        let user = lease.username.as_str();
+        let change = to_json(&PresenceChange::Online {
+            username: lease.username.clone(),
+            session: lease.session,
+        })?;
+        let put: i64 = script
+            .key(keys.presence(user))
+            .key(keys.expiry())
+            .key(keys.online())
+            .arg(user)
+            .arg(lease.session.to_string())
+            .arg(to_json(lease)?)
+            .arg(lease.public_key.to_string())
+            .arg(millis(ttl))
+            .arg(keys.channel())
+            .arg(change)
+            .invoke_async(&mut self.inner.conn())
+            .await
+            .map_err(unavailable)?;
+        Ok(put == 1)
+    }
+
     async fn server_time_ms(&self) -> Result<u64, StorageError> {
         let (secs, micros): (u64, u64) = redis::cmd("TIME")
             .query_async(&mut self.inner.conn())
@@ -527,57 +557,13 @@ impl Storage for RedisStorage {
     }
 
     async fn set_online(&self, lease: &Lease, ttl: Duration) -> Result<(), StorageError> {
-        let keys = &self.inner.keys;
-        let user = lease.username.as_str();
-        let change = to_json(&PresenceChange::Online {
-            username: lease.username.clone(),
-            session: lease.session,
-        })?;
-        let _: i64 = self
-            .inner
-            .scripts
-            .set_online
-            .key(keys.presence(user))
-            .key(keys.expiry())
-            .key(keys.online())
-            .arg(user)
-            .arg(lease.session.to_string())
-            .arg(to_json(lease)?)
-            .arg(lease.public_key.to_string())
-            .arg(millis(ttl))
-            .arg(keys.channel())
-            .arg(change)
-            .invoke_async(&mut self.inner.conn())
+        self.put_lease(&self.inner.scripts.set_online, lease, ttl)
             .await
-            .map_err(unavailable)?;
-        Ok(())
+            .map(drop)
     }
 
     async fn revive(&self, lease: &Lease, ttl: Duration) -> Result<bool, StorageError> {
-        let keys = &self.inner.keys;
-        let user = lease.username.as_str();
-        let change = to_json(&PresenceChange::Online {
-            username: lease.username.clone(),
-            session: lease.session,
-        })?;
-        let revived: i64 = self
-            .inner
-            .scripts
-            .revive
-            .key(keys.presence(user))
-            .key(keys.expiry())
-            .key(keys.online())
-            .arg(user)
-            .arg(lease.session.to_string())
-            .arg(to_json(lease)?)
-            .arg(lease.public_key.to_string())
-            .arg(millis(ttl))
-            .arg(keys.channel())
-            .arg(change)
-            .invoke_async(&mut self.inner.conn())
-            .await
-            .map_err(unavailable)?;
-        Ok(revived == 1)
+        self.put_lease(&self.inner.scripts.revive, lease, ttl).await
     }
 
     async fn refresh(
