@@ -21,7 +21,10 @@ use crate::protocol::MessageId;
 pub use mailbox::MailboxStore;
 pub use memory::MemoryStore;
 #[cfg(feature = "redis")]
-pub use redis::{DEFAULT_ANNOUNCEMENT_CHANNEL, DEFAULT_REDIS_PREFIX, RedisStore, RedisStoreConfig};
+pub use redis::{
+    DEFAULT_ANNOUNCEMENT_CHANNEL, DEFAULT_REDIS_PREFIX, RedisStore, RedisStoreConfig, connection,
+    until_reconnected,
+};
 
 /// Most messages waiting for one recipient. Default: 10,000.
 pub const DEFAULT_MAILBOX_QUOTA: usize = 10_000;

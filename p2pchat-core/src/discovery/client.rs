@@ -24,7 +24,7 @@ use crate::protocol::discovery::{
     Claim, ClientFrame, DEFAULT_DISCOVERY_PORT, MAX_ANNOUNCED_ADDRS, Push, RegisterRequest,
     Registered, Reply, Request, ServerFrame, WireError, register_transcript,
 };
-use crate::protocol::{FrameCodec, validate_username};
+use crate::protocol::{FrameCodec, NONCE_LEN, validate_username};
 use crate::store::{MailboxStore, OfflineStore};
 
 /// Where [`DiscoveryClient::default`] looks for the server: a local `p2pchat-discovery` on
@@ -112,6 +112,37 @@ impl DiscoveryClient {
         }
     }
 
+    /// Connects and reads the server's challenge.
+    async fn open(&self) -> Result<(Reader, Writer, [u8; NONCE_LEN]), DiscoveryError> {
+        let stream = TcpStream::connect(&self.addr)
+            .await
+            .map_err(|e| self.unreachable(e.to_string()))?;
+        let _ = stream.set_nodelay(true);
+        let (read, write) = stream.into_split();
+        let mut reader = FramedRead::new(read, FrameCodec::<ServerFrame>::default());
+        let writer = FramedWrite::new(write, FrameCodec::<ClientFrame>::default());
+        match self.next_frame(&mut reader).await? {
+            ServerFrame::Challenge { nonce } => Ok((reader, writer, nonce)),
+            ServerFrame::Error(e) => Err(e.into()),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// `attempt`, failing with `Unreachable` after [`DISCOVERY_CONNECT_TIMEOUT`].
+    async fn bounded<T>(
+        &self,
+        attempt: impl Future<Output = Result<T, DiscoveryError>>,
+    ) -> Result<T, DiscoveryError> {
+        tokio::time::timeout(DISCOVERY_CONNECT_TIMEOUT, attempt)
+            .await
+            .unwrap_or_else(|_| {
+                Err(self.unreachable(format!(
+                    "no answer within {} s",
+                    DISCOVERY_CONNECT_TIMEOUT.as_secs()
+                )))
+            })
+    }
+
     /// Connects, answers the challenge, and waits for the verdict.
     async fn establish(
         &self,
@@ -119,18 +150,7 @@ impl DiscoveryClient {
         registration: &Registration,
     ) -> Result<(Reader, Writer, Registered), DiscoveryError> {
         let attempt = async {
-            let stream = TcpStream::connect(&self.addr)
-                .await
-                .map_err(|e| self.unreachable(e.to_string()))?;
-            let _ = stream.set_nodelay(true);
-            let (read, write) = stream.into_split();
-            let mut reader = FramedRead::new(read, FrameCodec::<ServerFrame>::default());
-            let mut writer = FramedWrite::new(write, FrameCodec::<ClientFrame>::default());
-            let nonce = match self.next_frame(&mut reader).await? {
-                ServerFrame::Challenge { nonce } => nonce,
-                ServerFrame::Error(e) => return Err(e.into()),
-                other => return Err(unexpected(&other)),
-            };
+            let (mut reader, mut writer, nonce) = self.open().await?;
             let claim = Claim {
                 username: registration.username.clone(),
                 public_key: identity.public_key(),
@@ -151,14 +171,7 @@ impl DiscoveryClient {
                 other => Err(unexpected(&other)),
             }
         };
-        tokio::time::timeout(DISCOVERY_CONNECT_TIMEOUT, attempt)
-            .await
-            .unwrap_or_else(|_| {
-                Err(self.unreachable(format!(
-                    "no answer within {} s",
-                    DISCOVERY_CONNECT_TIMEOUT.as_secs()
-                )))
-            })
+        self.bounded(attempt).await
     }
 
     /// Hands a signed operator announcement to the server, which relays it to its sessions
@@ -166,17 +179,7 @@ impl DiscoveryClient {
     /// has. The server refuses an announcement its operator key did not sign.
     pub async fn announce(&self, announcement: &Announcement) -> Result<u64, DiscoveryError> {
         let attempt = async {
-            let stream = TcpStream::connect(&self.addr)
-                .await
-                .map_err(|e| self.unreachable(e.to_string()))?;
-            let (read, write) = stream.into_split();
-            let mut reader = FramedRead::new(read, FrameCodec::<ServerFrame>::default());
-            let mut writer = FramedWrite::new(write, FrameCodec::<ClientFrame>::default());
-            match self.next_frame(&mut reader).await? {
-                ServerFrame::Challenge { .. } => {}
-                ServerFrame::Error(e) => return Err(e.into()),
-                other => return Err(unexpected(&other)),
-            }
+            let (mut reader, mut writer, _) = self.open().await?;
             writer
                 .send(ClientFrame::Announce(Box::new(announcement.clone())))
                 .await
@@ -187,14 +190,7 @@ impl DiscoveryClient {
                 other => Err(unexpected(&other)),
             }
         };
-        tokio::time::timeout(DISCOVERY_CONNECT_TIMEOUT, attempt)
-            .await
-            .unwrap_or_else(|_| {
-                Err(self.unreachable(format!(
-                    "no answer within {} s",
-                    DISCOVERY_CONNECT_TIMEOUT.as_secs()
-                )))
-            })
+        self.bounded(attempt).await
     }
 
     async fn next_frame(&self, reader: &mut Reader) -> Result<ServerFrame, DiscoveryError> {

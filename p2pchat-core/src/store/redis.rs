@@ -109,6 +109,59 @@ const RECONNECT_MIN_DELAY: Duration = Duration::from_millis(100);
 const RECONNECT_MAX_DELAY: Duration = Duration::from_secs(1);
 /// After a disconnection, how often the feed task pings until the connection is back.
 const FEED_RECONNECT_INTERVAL: Duration = Duration::from_secs(1);
+/// Opens the Redis connection every p2pchat component uses: RESP3 (so subscriptions share
+/// the connection), pushes delivered on the returned channel, subscriptions restored after a
+/// reconnection, bounded connection and response times, a few retries per outage. Errors
+/// are sentences.
+pub async fn connection(
+    url: &str,
+) -> Result<(ConnectionManager, mpsc::UnboundedReceiver<PushInfo>), String> {
+    let info = url
+        .into_connection_info()
+        .map_err(|e| format!("invalid Redis URL: {e}"))?;
+    let settings = info
+        .redis_settings()
+        .clone()
+        .set_protocol(ProtocolVersion::RESP3);
+    let info = info.set_redis_settings(settings);
+    let client = redis::Client::open(info).map_err(|e| e.to_string())?;
+    let (push_tx, push_rx) = mpsc::unbounded_channel();
+    let config = ConnectionManagerConfig::new()
+        .set_push_sender(push_tx)
+        .set_automatic_resubscription()
+        .set_connection_timeout(Some(CONNECTION_TIMEOUT))
+        .set_response_timeout(Some(RESPONSE_TIMEOUT))
+        .set_number_of_retries(RECONNECT_RETRIES)
+        .set_min_delay(RECONNECT_MIN_DELAY)
+        .set_max_delay(RECONNECT_MAX_DELAY);
+    let conn = ConnectionManager::new_with_config(client, config)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok((conn, push_rx))
+}
+
+/// After a `Disconnection` push: pings until the connection is back. The manager reconnects
+/// (and resubscribes) on its own, but gives up after a few attempts until the next request,
+/// so a component that makes no requests must keep asking. `conn` gives the connection while
+/// its owner lives; `false` when the owner is gone.
+pub async fn until_reconnected(conn: impl Fn() -> Option<ConnectionManager>) -> bool {
+    loop {
+        let Some(mut conn) = conn() else {
+            return false;
+        };
+        if redis::cmd("PING")
+            .query_async::<()>(&mut conn)
+            .await
+            .is_ok()
+        {
+            tracing::info!("reconnected to Redis");
+            return true;
+        }
+        drop(conn);
+        tokio::time::sleep(FEED_RECONNECT_INTERVAL).await;
+    }
+}
+
 /// Most expired messages one sweep handles.
 const SWEEP_BATCH: usize = 256;
 /// Announcements buffered for a slow reader before newer ones are dropped.
@@ -452,19 +505,8 @@ async fn run_feed(mut pushes: mpsc::UnboundedReceiver<PushInfo>, store: Weak<Inn
                 tracing::warn!("lost the connection to Redis; reconnecting");
                 // The manager reconnects (and subscribes again) on its own, but gives up after
                 // a few attempts until the next request; keep requesting until it is back.
-                loop {
-                    let Some(conn) = store.upgrade().map(|inner| inner.conn()) else {
-                        return;
-                    };
-                    let ping = redis::cmd("PING")
-                        .query_async::<()>(&mut conn.clone())
-                        .await;
-                    drop(conn);
-                    if ping.is_ok() {
-                        tracing::info!("reconnected to Redis");
-                        break;
-                    }
-                    tokio::time::sleep(FEED_RECONNECT_INTERVAL).await;
+                if !until_reconnected(|| store.upgrade().map(|inner| inner.conn())).await {
+                    return;
                 }
                 // The subscriptions are back (the manager resubscribes before it hands out
                 // the new connection); mail put while they were down went unannounced.
@@ -501,28 +543,7 @@ impl RedisStore {
 
     /// Connects to the Redis at `url` with `config`.
     pub async fn connect_with(url: &str, config: RedisStoreConfig) -> Result<Self, StoreError> {
-        let info = url
-            .into_connection_info()
-            .map_err(|e| StoreError::Unavailable(format!("invalid Redis URL: {e}")))?;
-        let settings = info
-            .redis_settings()
-            .clone()
-            .set_protocol(ProtocolVersion::RESP3);
-        let info = info.set_redis_settings(settings);
-        let client = redis::Client::open(info).map_err(unavailable)?;
-
-        let (push_tx, push_rx) = mpsc::unbounded_channel();
-        let manager_config = ConnectionManagerConfig::new()
-            .set_push_sender(push_tx)
-            .set_automatic_resubscription()
-            .set_connection_timeout(Some(CONNECTION_TIMEOUT))
-            .set_response_timeout(Some(RESPONSE_TIMEOUT))
-            .set_number_of_retries(RECONNECT_RETRIES)
-            .set_min_delay(RECONNECT_MIN_DELAY)
-            .set_max_delay(RECONNECT_MAX_DELAY);
-        let conn = ConnectionManager::new_with_config(client, manager_config)
-            .await
-            .map_err(unavailable)?;
+        let (conn, push_rx) = connection(url).await.map_err(StoreError::Unavailable)?;
 
         let inner = Arc::new_cyclic(|weak: &Weak<Inner>| {
             let feed = tokio::spawn(run_feed(push_rx, weak.clone()));

@@ -47,11 +47,12 @@ use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use p2pchat_core::store::{
-    DEFAULT_ANNOUNCEMENT_CHANNEL, DEFAULT_MAILBOX_QUOTA, OfflineStore, RedisStore, RedisStoreConfig,
+    DEFAULT_ANNOUNCEMENT_CHANNEL, DEFAULT_MAILBOX_QUOTA, OfflineStore, RedisStore,
+    RedisStoreConfig, connection, until_reconnected,
 };
 use p2pchat_core::{Announcement, PublicKey};
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{IntoConnectionInfo, Msg, ProtocolVersion, PushInfo, PushKind, Script};
+use redis::aio::ConnectionManager;
+use redis::{Msg, PushInfo, PushKind, Script};
 use tokio::sync::{broadcast, mpsc};
 
 use super::{
@@ -85,17 +86,6 @@ impl Default for RedisStorageConfig {
     }
 }
 
-/// Each attempt to (re)connect to Redis gives up after this long.
-const CONNECTION_TIMEOUT: Duration = Duration::from_secs(3);
-/// A request without a reply after this long fails (and the connection is re-established).
-const RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
-/// Reconnection attempts per outage before requests fail; the delay grows from
-/// [`RECONNECT_MIN_DELAY`] up to [`RECONNECT_MAX_DELAY`].
-const RECONNECT_RETRIES: usize = 5;
-const RECONNECT_MIN_DELAY: Duration = Duration::from_millis(100);
-const RECONNECT_MAX_DELAY: Duration = Duration::from_secs(1);
-/// After a disconnection, how often the feed task pings until the connection is back.
-const FEED_RECONNECT_INTERVAL: Duration = Duration::from_secs(1);
 /// Expired leases handled per sweep round trip.
 const SWEEP_BATCH: usize = 1000;
 
@@ -308,28 +298,7 @@ impl RedisStorage {
         )
         .await
         .map_err(|e| StorageError::Unavailable(e.to_string()))?;
-        let info = url
-            .into_connection_info()
-            .map_err(|e| StorageError::Unavailable(format!("invalid Redis URL: {e}")))?;
-        let redis_settings = info
-            .redis_settings()
-            .clone()
-            .set_protocol(ProtocolVersion::RESP3);
-        let info = info.set_redis_settings(redis_settings);
-        let client = redis::Client::open(info).map_err(unavailable)?;
-
-        let (push_tx, push_rx) = mpsc::unbounded_channel();
-        let config = ConnectionManagerConfig::new()
-            .set_push_sender(push_tx)
-            .set_automatic_resubscription()
-            .set_connection_timeout(Some(CONNECTION_TIMEOUT))
-            .set_response_timeout(Some(RESPONSE_TIMEOUT))
-            .set_number_of_retries(RECONNECT_RETRIES)
-            .set_min_delay(RECONNECT_MIN_DELAY)
-            .set_max_delay(RECONNECT_MAX_DELAY);
-        let conn = ConnectionManager::new_with_config(client, config)
-            .await
-            .map_err(unavailable)?;
+        let (conn, push_rx) = connection(url).await.map_err(StorageError::Unavailable)?;
 
         let keys = Keys {
             prefix: prefix.to_owned(),
@@ -474,19 +443,8 @@ async fn run_feed(
                 tracing::warn!("lost the connection to Redis; reconnecting");
                 // The manager reconnects (and subscribes again) on its own, but gives up after
                 // a few attempts until the next request; keep requesting until it is back.
-                loop {
-                    let Some(conn) = storage.upgrade().map(|inner| inner.conn()) else {
-                        return;
-                    };
-                    let ping = redis::cmd("PING")
-                        .query_async::<()>(&mut conn.clone())
-                        .await;
-                    drop(conn);
-                    if ping.is_ok() {
-                        tracing::info!("reconnected to Redis");
-                        break;
-                    }
-                    tokio::time::sleep(FEED_RECONNECT_INTERVAL).await;
+                if !until_reconnected(|| storage.upgrade().map(|inner| inner.conn())).await {
+                    return;
                 }
             }
             _ => {}
