@@ -45,6 +45,7 @@ fn payload(len: usize) -> Payload {
 
 fn seal_and_open(c: &mut Criterion) {
     let (alice, bob) = pair_keys();
+    let reference = fernet::Fernet::new(&fernet::Fernet::generate_key()).expect("a fresh key");
     let mut group = c.benchmark_group("crypto");
     for &(label, len) in BODY_SIZES {
         let payload = payload(len);
@@ -59,6 +60,26 @@ fn seal_and_open(c: &mut Criterion) {
                     .expect("a fresh token opens")
             })
         });
+        // The baseline, in the same run: the `fernet` crate on the same plaintext size (the
+        // postcard-encoded payload), as the raw ceiling in `compare` uses it.
+        let plain = postcard::to_stdvec(&payload).expect("a payload serialises");
+        group.bench_with_input(
+            BenchmarkId::new("fernet-crate-encrypt", label),
+            &plain,
+            |b, p| b.iter(|| reference.encrypt(black_box(p))),
+        );
+        let token = reference.encrypt(&plain);
+        group.bench_with_input(
+            BenchmarkId::new("fernet-crate-decrypt", label),
+            &token,
+            |b, t| {
+                b.iter(|| {
+                    reference
+                        .decrypt(black_box(t))
+                        .expect("a fresh token decrypts")
+                })
+            },
+        );
     }
     group.finish();
 }

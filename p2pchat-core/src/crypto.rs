@@ -8,7 +8,6 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use base64::Engine as _;
 use hmac::{KeyInit, Mac};
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
@@ -16,6 +15,10 @@ use zeroize::Zeroizing;
 
 use crate::identity::{Identity, PublicKey};
 use crate::protocol::MessageId;
+
+mod fernet;
+
+use self::fernet::FernetKey;
 
 /// The protocol label mixed into every derived key: a new protocol version derives new keys.
 pub const KEY_DERIVATION_LABEL: &str = "p2pchat/1";
@@ -95,10 +98,41 @@ impl Payload {
     }
 }
 
+/// The fields of a [`Payload`], borrowed: serialises to exactly the same bytes, so sealing
+/// does not copy the names and the body, and opening checks the names without allocating.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct PayloadRef<'a> {
+    pub(crate) id: MessageId,
+    pub(crate) from: &'a str,
+    pub(crate) to: &'a str,
+    pub(crate) sent_at_ms: u64,
+    pub(crate) body: &'a str,
+}
+
+impl<'a> From<&'a Payload> for PayloadRef<'a> {
+    fn from(p: &'a Payload) -> Self {
+        Self {
+            id: p.id,
+            from: &p.from,
+            to: &p.to,
+            sent_at_ms: p.sent_at_ms,
+            body: &p.body,
+        }
+    }
+}
+
+/// What an opened token holds besides the two names the caller already checked.
+#[derive(Debug)]
+pub(crate) struct Opened {
+    pub(crate) id: MessageId,
+    pub(crate) sent_at_ms: u64,
+    pub(crate) body: String,
+}
+
 /// The symmetric keys two users share. Cheap to use, not cheap to derive: cache it per peer.
 #[derive(Clone)]
 pub struct PairKey {
-    fernet: fernet::Fernet,
+    fernet: FernetKey,
     ack_key: Zeroizing<[u8; 32]>,
 }
 
@@ -124,25 +158,37 @@ impl PairKey {
         let mut okm = Zeroizing::new([0u8; 64]);
         hk.expand_multi_info(&[KEY_DERIVATION_LABEL.as_bytes(), &lo, &hi], &mut okm[..])
             .map_err(|_| CryptoError::DegenerateKey)?;
-        let fernet_key =
-            Zeroizing::new(base64::engine::general_purpose::URL_SAFE.encode(&okm[..32]));
-        let fernet = fernet::Fernet::new(&fernet_key).ok_or(CryptoError::DegenerateKey)?;
+        let mut fernet_key = Zeroizing::new([0u8; 32]);
+        fernet_key.copy_from_slice(&okm[..32]);
         let mut ack_key = Zeroizing::new([0u8; 32]);
         ack_key.copy_from_slice(&okm[32..]);
-        Ok(Self { fernet, ack_key })
+        Ok(Self {
+            fernet: FernetKey::new(&fernet_key),
+            ack_key,
+        })
     }
 
     /// Seals `payload` into a Fernet token stamped with the current time.
     pub fn seal(&self, payload: &Payload) -> String {
-        self.fernet.encrypt(&encode_payload(payload))
+        self.seal_ref(&payload.into())
+    }
+
+    pub(crate) fn seal_ref(&self, payload: &PayloadRef<'_>) -> String {
+        self.seal_ref_at(payload, unix_secs_now())
+    }
+
+    fn seal_ref_at(&self, payload: &PayloadRef<'_>, unix_secs: u64) -> String {
+        self.fernet.seal_with(unix_secs, |buf| {
+            // Writing into a Vec cannot fail, and every field serialises.
+            let _ = postcard::to_io(payload, buf);
+        })
     }
 
     /// Seals with an explicit timestamp (seconds since the Unix epoch): for tests of
     /// expiry and clock skew.
     #[cfg(any(test, feature = "test-utils"))]
     pub fn seal_at(&self, payload: &Payload, unix_secs: u64) -> String {
-        self.fernet
-            .encrypt_at_time(&encode_payload(payload), unix_secs)
+        self.seal_ref_at(&payload.into(), unix_secs)
     }
 
     /// Opens a token from `expected_from` to `expected_to`, accepting it only if it is
@@ -155,11 +201,7 @@ impl PairKey {
         expected_to: &str,
         ttl: Duration,
     ) -> Result<Payload, CryptoError> {
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_secs();
-        self.open_at(token, expected_from, expected_to, ttl, now)
+        self.open_at(token, expected_from, expected_to, ttl, unix_secs_now())
     }
 
     pub(crate) fn open_at(
@@ -170,12 +212,31 @@ impl PairKey {
         ttl: Duration,
         now_secs: u64,
     ) -> Result<Payload, CryptoError> {
-        let stamped = token_timestamp(token).ok_or(CryptoError::Malformed)?;
+        let opened = self.open_parts(token, expected_from, expected_to, ttl, now_secs)?;
+        Ok(Payload {
+            id: opened.id,
+            from: expected_from.to_owned(),
+            to: expected_to.to_owned(),
+            sent_at_ms: opened.sent_at_ms,
+            body: opened.body,
+        })
+    }
+
+    /// [`Self::open`] without copying the names the caller already has.
+    pub(crate) fn open_parts(
+        &self,
+        token: &str,
+        expected_from: &str,
+        expected_to: &str,
+        ttl: Duration,
+        now_secs: u64,
+    ) -> Result<Opened, CryptoError> {
+        let stamped = fernet::timestamp(token).ok_or(CryptoError::Malformed)?;
         if stamped > now_secs + MAX_CLOCK_SKEW.as_secs() {
-            // The timestamp is in the clear: only a token that authenticates (checked at its
-            // own time) is "from the future"; anything else is junk, not a clock problem.
+            // The timestamp is in the clear: only a token that authenticates is "from the
+            // future"; anything else is junk, not a clock problem.
             self.fernet
-                .decrypt_at_time(token, None, stamped)
+                .open_with(token, |_| ())
                 .map_err(|_| CryptoError::Tampered)?;
             return Err(CryptoError::FromTheFuture {
                 ahead_secs: stamped - now_secs,
@@ -189,20 +250,25 @@ impl PairKey {
         if age_secs > ttl_secs + 1 {
             return Err(CryptoError::Expired { age_secs, ttl_secs });
         }
-        let plain = self
-            .fernet
-            .decrypt_at_time(token, None, now_secs)
-            .map_err(|_| CryptoError::Tampered)?;
-        let payload: Payload = postcard::from_bytes(&plain).map_err(|_| CryptoError::BadPayload)?;
-        if payload.from != expected_from || payload.to != expected_to {
-            return Err(CryptoError::Misrouted {
-                from: payload.from,
-                to: payload.to,
-                expected_from: expected_from.to_owned(),
-                expected_to: expected_to.to_owned(),
-            });
-        }
-        Ok(payload)
+        self.fernet
+            .open_with(token, |plain| {
+                let payload: PayloadRef<'_> =
+                    postcard::from_bytes(plain).map_err(|_| CryptoError::BadPayload)?;
+                if payload.from != expected_from || payload.to != expected_to {
+                    return Err(CryptoError::Misrouted {
+                        from: payload.from.to_owned(),
+                        to: payload.to.to_owned(),
+                        expected_from: expected_from.to_owned(),
+                        expected_to: expected_to.to_owned(),
+                    });
+                }
+                Ok(Opened {
+                    id: payload.id,
+                    sent_at_ms: payload.sent_at_ms,
+                    body: payload.body.to_owned(),
+                })
+            })
+            .map_err(|_| CryptoError::Tampered)?
     }
 
     /// The MAC that authenticates an acknowledgement of `ids` sent by `acker`.
@@ -228,21 +294,11 @@ impl PairKey {
     }
 }
 
-fn encode_payload(payload: &Payload) -> Vec<u8> {
-    postcard::to_stdvec(payload).expect("serializing a payload to a Vec cannot fail")
-}
-
-/// The timestamp inside a Fernet token (bytes 1..9 after the 0x80 version byte).
-fn token_timestamp(token: &str) -> Option<u64> {
-    // 12 base64 characters decode to exactly the 9 header bytes.
-    let head = token.get(..12)?;
-    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(head)
-        .ok()?;
-    if bytes.first() != Some(&0x80) {
-        return None;
-    }
-    Some(u64::from_be_bytes(bytes[1..9].try_into().ok()?))
+fn unix_secs_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs()
 }
 
 #[cfg(test)]

@@ -291,14 +291,18 @@ impl Shared {
         token: &str,
         offline: bool,
     ) -> Disposition {
-        let payload = match pair.open(token, from, self.me(), self.config.message_ttl) {
-            Ok(p) => p,
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs();
+        let opened = match pair.open_parts(token, from, self.me(), self.config.message_ttl, now) {
+            Ok(opened) => opened,
             // A late copy of a message already shown (its ack was lost) is a duplicate, not
             // a failure, even if it has since expired.
             Err(_) if lock(&self.seen).contains(from, id) => return Disposition::Drop,
             Err(e) => return Disposition::Reject(e),
         };
-        if payload.id != id {
+        if opened.id != id {
             return Disposition::Reject(CryptoError::Tampered);
         }
         let hidden = {
@@ -310,9 +314,9 @@ impl Shared {
         }
         Disposition::Show(Event::MessageReceived {
             id,
-            sent_at: payload.sent_at(),
-            from: payload.from,
-            text: payload.body,
+            sent_at: UNIX_EPOCH + Duration::from_millis(opened.sent_at_ms),
+            from: from.to_owned(),
+            text: opened.body,
             offline,
         })
     }

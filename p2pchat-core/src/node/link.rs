@@ -18,7 +18,7 @@ use tracing::Instrument;
 
 use super::handshake::{self, FrameReader, FrameWriter};
 use super::{Disposition, HANDSHAKE_TIMEOUT, SHUTDOWN_GRACE, Shared};
-use crate::crypto::{PairKey, Payload};
+use crate::crypto::{PairKey, PayloadRef};
 use crate::event::Event;
 use crate::identity::PublicKey;
 use crate::protocol::{MAX_ACK_BATCH, MessageId, PeerFrame};
@@ -283,16 +283,16 @@ impl Link {
             self.queue.push_back(msg);
             return;
         };
-        let payload = Payload {
+        let token = pair.seal_ref(&PayloadRef {
             id: msg.id,
-            from: self.shared.me().to_owned(),
-            to: self.peer.clone(),
+            from: self.shared.me(),
+            to: &self.peer,
             sent_at_ms: msg.sent_at_ms,
-            body: msg.body,
-        };
+            body: &msg.body,
+        });
         let entry = InFlight {
             id: msg.id,
-            token: pair.seal(&payload),
+            token,
             sent_at_ms: msg.sent_at_ms,
             sent: Instant::now(),
         };
@@ -628,6 +628,10 @@ impl Link {
 /// Feeds one frame, giving up after `timeout`: a peer that stops reading cannot block the
 /// link forever.
 async fn feed(conn: &mut Conn, frame: &PeerFrame, timeout: Duration) -> Result<(), String> {
+    // Usually the write buffer has room and this completes at once, without arming a timer.
+    if let Some(done) = conn.writer.feed(frame).now_or_never() {
+        return done.map_err(|e| format!("write failed: {e}"));
+    }
     match tokio::time::timeout(timeout, conn.writer.feed(frame)).await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => Err(format!("write failed: {e}")),
