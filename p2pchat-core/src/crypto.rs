@@ -281,15 +281,50 @@ impl PairKey {
         self.ack_mac(acker, ids).verify_slice(tag).is_ok()
     }
 
+    /// The MAC that authenticates `refuser`'s refusal of message `id` for the reason `detail`.
+    pub fn reject_tag(&self, refuser: &str, id: MessageId, detail: &str) -> [u8; 32] {
+        self.reject_mac(refuser, id, detail)
+            .finalize()
+            .into_bytes()
+            .into()
+    }
+
+    /// Checks a refusal's tag in constant time.
+    pub fn verify_reject(
+        &self,
+        refuser: &str,
+        id: MessageId,
+        detail: &str,
+        tag: &[u8; 32],
+    ) -> bool {
+        self.reject_mac(refuser, id, detail)
+            .verify_slice(tag)
+            .is_ok()
+    }
+
     fn ack_mac(&self, acker: &str, ids: &[MessageId]) -> hmac::Hmac<Sha256> {
-        let mut mac = hmac::Hmac::<Sha256>::new_from_slice(&self.ack_key[..])
-            .expect("HMAC accepts any key length");
-        mac.update(b"p2pchat/1 ack");
-        mac.update(&(acker.len() as u64).to_be_bytes());
-        mac.update(acker.as_bytes());
+        let mut mac = self.control_mac(b"p2pchat/1 ack", acker);
         for id in ids {
             mac.update(id.as_bytes());
         }
+        mac
+    }
+
+    fn reject_mac(&self, refuser: &str, id: MessageId, detail: &str) -> hmac::Hmac<Sha256> {
+        let mut mac = self.control_mac(b"p2pchat/1 reject", refuser);
+        mac.update(id.as_bytes());
+        mac.update(detail.as_bytes());
+        mac
+    }
+
+    /// A MAC under the control key, started with the frame kind and the sender's name (length
+    /// first, so names and what follows cannot be shifted into each other).
+    fn control_mac(&self, kind: &[u8], sender: &str) -> hmac::Hmac<Sha256> {
+        let mut mac = hmac::Hmac::<Sha256>::new_from_slice(&self.ack_key[..])
+            .expect("HMAC accepts any key length");
+        mac.update(kind);
+        mac.update(&(sender.len() as u64).to_be_bytes());
+        mac.update(sender.as_bytes());
         mac
     }
 }
@@ -434,5 +469,19 @@ mod tests {
         assert!(key.verify_ack("bob", &ids, &tag));
         assert!(!key.verify_ack("alice", &ids, &tag));
         assert!(!key.verify_ack("bob", &ids[..1], &tag));
+    }
+
+    #[test]
+    fn reject_tags_bind_the_refuser_id_and_reason() {
+        let (a, b) = (Identity::generate(), Identity::generate());
+        let key = PairKey::derive(&a, &b.public_key()).unwrap();
+        let id = MessageId::random();
+        let tag = key.reject_tag("bob", id, "expired");
+        assert!(key.verify_reject("bob", id, "expired", &tag));
+        assert!(!key.verify_reject("alice", id, "expired", &tag));
+        assert!(!key.verify_reject("bob", MessageId::random(), "expired", &tag));
+        assert!(!key.verify_reject("bob", id, "expired!", &tag));
+        let other = PairKey::derive(&a, &Identity::generate().public_key()).unwrap();
+        assert!(!other.verify_reject("bob", id, "expired", &tag));
     }
 }

@@ -44,6 +44,7 @@
 //! - [`node`]: [`ChatNode`], its builder and errors; the actor, per-peer links and readers.
 //! - [`event`]: [`Event`] and the [`Events`] stream.
 //! - [`identity`]: Ed25519 identity keys, storage, fingerprints.
+//! - [`limits`]: connection caps in total and per address (node listener and server).
 //! - [`crypto`]: pairwise keys (X25519 + HKDF-SHA256), sealing and opening Fernet tokens.
 //! - [`protocol`]: wire types and the frame codec (no I/O), limits.
 //! - [`transport`]: the [`Transport`] trait, [`TcpTransport`], [`MemoryNetwork`].
@@ -58,6 +59,7 @@ pub mod crypto;
 pub mod discovery;
 pub mod event;
 pub mod identity;
+pub mod limits;
 pub mod node;
 pub mod protocol;
 pub mod store;

@@ -49,8 +49,13 @@ pub const DEFAULT_EVENT_CAPACITY: usize = 4096;
 /// How long a connection handshake may take. Default: 5 s.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Incoming handshakes in progress at once; more wait. Default: 64.
+/// Incoming handshakes in progress at once; a connection beyond this is closed at once.
+/// Default: 64.
 pub const MAX_PENDING_HANDSHAKES: usize = 64;
+
+/// Incoming handshakes in progress at once from one address (an IPv6 /64 counts as one, see
+/// [`crate::limits::limit_key`]); a connection beyond this is closed at once. Default: 8.
+pub const MAX_PENDING_HANDSHAKES_PER_ADDRESS: usize = 8;
 
 /// How long `shutdown` waits for outstanding acknowledgements before storing the rest
 /// offline. Default: 2 s.

@@ -206,6 +206,10 @@ pub enum PeerFrame {
         id: MessageId,
         /// Why, as a sentence.
         detail: String,
+        /// [`crate::crypto::PairKey::reject_tag`] over the refuser's name, `id` and `detail`:
+        /// nobody on the path can make a sender give up on a message.
+        #[serde(with = "serde_bytes")]
+        tag: [u8; 32],
     },
     /// Acknowledges messages processed by the sender of this frame.
     Ack {
@@ -345,9 +349,11 @@ impl<T: DeserializeOwned> Decoder for FrameCodec<T> {
         if frame[0] != PROTOCOL_VERSION {
             return Err(ProtocolError::UnsupportedVersion { got: frame[0] });
         }
-        postcard::from_bytes(&frame[1..])
-            .map(Some)
-            .map_err(|_| ProtocolError::Malformed)
+        // The body must be exactly one value: trailing bytes are as malformed as missing ones.
+        match postcard::take_from_bytes(&frame[1..]) {
+            Ok((value, [])) => Ok(Some(value)),
+            _ => Err(ProtocolError::Malformed),
+        }
     }
 }
 
@@ -408,6 +414,7 @@ mod tests {
             PeerFrame::Reject {
                 id: MessageId::random(),
                 detail: "clock".into(),
+                tag: [2; 32],
             },
             PeerFrame::Ack {
                 ids: vec![MessageId::random(), MessageId::random()],
@@ -503,6 +510,15 @@ mod tests {
         let mut garbage = BytesMut::from(&[0u8, 0, 0, 3, PROTOCOL_VERSION, 0xff, 0xff][..]);
         assert!(matches!(
             codec.decode(&mut garbage),
+            Err(ProtocolError::Malformed)
+        ));
+        // A whole frame with bytes left over inside its length is malformed too.
+        let mut trailing = encode_all(&[PeerFrame::Ping(1)]);
+        trailing.extend_from_slice(&[7, 7]);
+        let len = u32::try_from(trailing.len() - HEADER_LEN).unwrap();
+        trailing[..HEADER_LEN].copy_from_slice(&len.to_be_bytes());
+        assert!(matches!(
+            codec.decode(&mut trailing),
             Err(ProtocolError::Malformed)
         ));
     }

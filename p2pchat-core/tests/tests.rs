@@ -3,9 +3,11 @@
 mod it {
     pub mod conformance;
     pub mod faults;
+    pub mod hostile;
     pub mod messaging;
     pub mod mocks;
     pub mod redis_store;
     pub mod security;
     pub mod util;
+    pub mod wire_props;
 }

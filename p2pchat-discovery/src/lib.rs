@@ -27,7 +27,7 @@
 //! - [`server`]: [`Config`], [`Server`] (shared state) and [`serve`] (the accept loop).
 //! - `session`: one connection: handshake, requests, pushes.
 //! - [`storage`]: the [`Storage`] trait, [`RedbStorage`] and [`RedisStorage`].
-//! - `limits`: connection caps and the registration rate.
+//! - `limits`: the registration and deposit rates (connection caps: `p2pchat_core::limits`).
 
 mod limits;
 pub mod server;

@@ -1,112 +1,10 @@
-//! Connection caps (in total and per IP address) and the per-IP registration rate.
+//! The per-address registration rate and the per-user deposit rate. The connection caps are
+//! [`p2pchat_core::limits`], shared with the node.
 
-use std::collections::HashMap;
 use std::hash::Hash;
-use std::net::IpAddr;
 use std::num::NonZeroU32;
-use std::sync::{Arc, Mutex};
 
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
-
-/// The address a per-address limit counts: an IPv4 address as it is, an IPv6 address by its
-/// /64 prefix (one subscriber usually holds a whole /64, so single IPv6 addresses would make
-/// the limits meaningless), an IPv4-mapped IPv6 address as its IPv4 address.
-pub(crate) fn limit_key(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V4(_) => ip,
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => IpAddr::V4(v4),
-            None => IpAddr::V6((u128::from(v6) & !((1u128 << 64) - 1)).into()),
-        },
-    }
-}
-
-/// Counts open connections; a [`ConnectionPermit`] gives its slot back when dropped.
-#[derive(Debug)]
-pub(crate) struct ConnectionLimits {
-    max_total: usize,
-    max_per_ip: usize,
-    open: Mutex<Open>,
-}
-
-#[derive(Debug, Default)]
-struct Open {
-    total: usize,
-    per_ip: HashMap<IpAddr, usize>,
-}
-
-/// Why a connection was refused.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Refused {
-    Total(usize),
-    PerIp(usize),
-}
-
-impl std::fmt::Display for Refused {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Refused::Total(n) => write!(f, "the server holds its maximum of {n} connections"),
-            Refused::PerIp(n) => write!(f, "at most {n} connections from one address"),
-        }
-    }
-}
-
-impl ConnectionLimits {
-    pub(crate) fn new(max_total: usize, max_per_ip: usize) -> Arc<Self> {
-        Arc::new(Self {
-            max_total,
-            max_per_ip,
-            open: Mutex::new(Open::default()),
-        })
-    }
-
-    fn open(&self) -> std::sync::MutexGuard<'_, Open> {
-        self.open.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    pub(crate) fn try_acquire(self: &Arc<Self>, ip: IpAddr) -> Result<ConnectionPermit, Refused> {
-        let ip = limit_key(ip);
-        let mut open = self.open();
-        if open.total >= self.max_total {
-            return Err(Refused::Total(self.max_total));
-        }
-        let from_ip = open.per_ip.entry(ip).or_default();
-        if *from_ip >= self.max_per_ip {
-            return Err(Refused::PerIp(self.max_per_ip));
-        }
-        *from_ip += 1;
-        open.total += 1;
-        Ok(ConnectionPermit {
-            limits: self.clone(),
-            ip,
-        })
-    }
-
-    /// Connections open now.
-    pub(crate) fn open_connections(&self) -> usize {
-        self.open().total
-    }
-}
-
-/// One open connection's slot.
-#[derive(Debug)]
-pub(crate) struct ConnectionPermit {
-    limits: Arc<ConnectionLimits>,
-    ip: IpAddr,
-}
-
-impl Drop for ConnectionPermit {
-    fn drop(&mut self) {
-        let mut open = self.limits.open();
-        open.total = open.total.saturating_sub(1);
-        if let Some(n) = open.per_ip.get_mut(&self.ip) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                open.per_ip.remove(&self.ip);
-            }
-        }
-    }
-}
 
 /// A rate per key (registrations per IP address, deposits per user), with bursts.
 pub(crate) struct KeyedRate<K: Hash + Eq + Clone> {
@@ -149,44 +47,9 @@ impl<K: Hash + Eq + Clone> KeyedRate<K> {
 
 #[cfg(test)]
 mod tests {
+    use std::net::IpAddr;
+
     use super::*;
-
-    #[test]
-    fn connection_slots_are_counted_and_given_back() {
-        let limits = ConnectionLimits::new(3, 2);
-        let a: IpAddr = "10.0.0.1".parse().unwrap();
-        let b: IpAddr = "10.0.0.2".parse().unwrap();
-        let p1 = limits.try_acquire(a).unwrap();
-        let _p2 = limits.try_acquire(a).unwrap();
-        assert_eq!(limits.try_acquire(a).unwrap_err(), Refused::PerIp(2));
-        let _p3 = limits.try_acquire(b).unwrap();
-        assert_eq!(limits.try_acquire(b).unwrap_err(), Refused::Total(3));
-        drop(p1);
-        assert_eq!(limits.open_connections(), 2);
-        let _p4 = limits.try_acquire(a).expect("a slot was given back");
-    }
-
-    #[test]
-    fn ipv6_addresses_count_by_their_64_bit_prefix() {
-        let limits = ConnectionLimits::new(10, 2);
-        let a: IpAddr = "2001:db8::1".parse().unwrap();
-        let b: IpAddr = "2001:db8::ffff:1234".parse().unwrap();
-        let other: IpAddr = "2001:db8:0:1::1".parse().unwrap();
-        let _p1 = limits.try_acquire(a).unwrap();
-        let _p2 = limits.try_acquire(b).unwrap();
-        assert_eq!(
-            limits
-                .try_acquire("2001:db8::99".parse().unwrap())
-                .unwrap_err(),
-            Refused::PerIp(2),
-            "one /64 is one address"
-        );
-        let _p3 = limits.try_acquire(other).expect("another /64");
-        assert_eq!(
-            limit_key("::ffff:10.0.0.1".parse().unwrap()),
-            "10.0.0.1".parse::<IpAddr>().unwrap()
-        );
-    }
 
     #[test]
     fn rates_are_limited_per_key_with_bursts() {

@@ -8,6 +8,7 @@ use std::time::{Duration, SystemTime};
 
 use p2pchat_core::announce::AnnouncementGuard;
 use p2pchat_core::discovery::{DEFAULT_CLAIM_LAPSE, DEFAULT_PRESENCE_TTL};
+use p2pchat_core::limits::ConnectionLimits;
 use p2pchat_core::protocol::discovery::{Push, WireError};
 use p2pchat_core::{Announcement, Identity, PublicKey};
 use tokio::net::TcpListener;
@@ -16,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use crate::limits::{ConnectionLimits, KeyedRate};
+use crate::limits::KeyedRate;
 use crate::session;
 use crate::storage::{PresenceChange, SessionId, Storage};
 

@@ -9,6 +9,7 @@ use bytes::BytesMut;
 use futures::StreamExt;
 use futures::stream::BoxStream;
 use p2pchat_core::discovery::{MAX_PAGE_SIZE, Page, PeerRecord};
+use p2pchat_core::limits::limit_key;
 use p2pchat_core::protocol::discovery::{
     ClientFrame, MAX_ANNOUNCED_ADDRS, MAX_WATCHES, Push, RegisterRequest, Registered, Reply,
     Request, ServerFrame, WireError, register_transcript,
@@ -26,7 +27,6 @@ use tokio::time::Instant;
 use tokio_util::codec::{Encoder, FramedRead};
 use tokio_util::sync::CancellationToken;
 
-use crate::limits::limit_key;
 use crate::server::{SESSION_PUSH_CAPACITY, Server};
 use crate::storage::{Lease, SessionId, StorageError, touch_interval};
 

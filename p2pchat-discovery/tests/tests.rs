@@ -9,6 +9,7 @@ mod it {
     pub mod bad_input;
     pub mod binary;
     pub mod conformance;
+    pub mod hostile;
     pub mod lifecycle;
     pub mod offline;
     pub mod util;

@@ -5,16 +5,20 @@ use std::sync::Arc;
 
 use futures::StreamExt;
 use futures::stream::BoxStream;
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot};
 use tracing::Instrument;
 
 use super::handshake::{self, Refusal};
 use super::link::{Established, LinkCmd};
-use super::{Disposition, HANDSHAKE_TIMEOUT, MAX_PENDING_HANDSHAKES, Shared};
+use super::{
+    Disposition, HANDSHAKE_TIMEOUT, MAX_PENDING_HANDSHAKES, MAX_PENDING_HANDSHAKES_PER_ADDRESS,
+    Shared,
+};
 use crate::announce::Announcement;
 use crate::crypto::CryptoError;
 use crate::discovery::DiscoveryEvent;
 use crate::event::Event;
+use crate::limits::ConnectionLimits;
 use crate::protocol::ErrorCode;
 use crate::store::MAX_FETCH_BATCH;
 use crate::transport::Listener;
@@ -47,7 +51,8 @@ impl Actor {
     pub(crate) async fn run(mut self) {
         let shared = self.shared.clone();
         let halt = shared.halt.clone();
-        let handshakes = Arc::new(Semaphore::new(MAX_PENDING_HANDSHAKES));
+        let handshakes =
+            ConnectionLimits::new(MAX_PENDING_HANDSHAKES, MAX_PENDING_HANDSHAKES_PER_ADDRESS);
         let mut keep_alive = tokio::time::interval(shared.config.keep_alive);
         keep_alive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut accepting = true;
@@ -65,7 +70,16 @@ impl Actor {
                 },
                 accepted = self.listener.accept(), if accepting => match accepted {
                     Ok(conn) => {
-                        let Ok(permit) = handshakes.clone().acquire_owned().await else { continue };
+                        // Never wait for a slot here: the actor also serves the directory, the
+                        // mailbox and shutdown. Beyond the caps a connection is closed at once,
+                        // so silent connections from one address cannot crowd out the others.
+                        let permit = match handshakes.try_acquire(conn.remote.ip()) {
+                            Ok(permit) => permit,
+                            Err(refused) => {
+                                tracing::debug!(remote = %conn.remote, %refused, "refused a connection");
+                                continue;
+                            }
+                        };
                         let shared = shared.clone();
                         let span = tracing::debug_span!("inbound", remote = %conn.remote);
                         shared.tasks.clone().spawn(async move {

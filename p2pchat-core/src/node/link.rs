@@ -381,7 +381,9 @@ impl Link {
                 }
             }
             FromReader::RejectThis(conn, id, detail) if Some(conn) == current => {
-                self.write(PeerFrame::Reject { id, detail }).await;
+                let Some(pair) = &self.pair else { return };
+                let tag = pair.reject_tag(self.shared.me(), id, &detail);
+                self.write(PeerFrame::Reject { id, detail, tag }).await;
             }
             FromReader::Ping(conn, n) if Some(conn) == current => {
                 self.write(PeerFrame::Pong(n)).await;
@@ -699,7 +701,11 @@ async fn read_loop(
                     }
                     let _ = to_link.send(FromReader::Acked(ids));
                 }
-                PeerFrame::Reject { id, detail } => {
+                PeerFrame::Reject { id, detail, tag } => {
+                    if !pair.verify_reject(&peer, id, &detail, &tag) {
+                        end = Some("forged refusal".into());
+                        break;
+                    }
                     let _ = to_link.send(FromReader::Rejected(id, detail));
                 }
                 PeerFrame::Ping(n) => {

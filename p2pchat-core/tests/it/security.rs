@@ -144,7 +144,7 @@ async fn a_reflected_or_rerouted_token_is_rejected() {
     .await
     .expect("send");
     match next_reply(&mut raw).await {
-        PeerFrame::Reject { id, detail } => {
+        PeerFrame::Reject { id, detail, .. } => {
             assert_eq!(id, reflected);
             assert!(detail.contains("arrived on"), "{detail}");
         }
@@ -258,5 +258,54 @@ async fn the_bytes_on_the_wire_never_contain_the_plaintext() {
         "part of the plaintext crossed the wire"
     );
     alice.shutdown().await.expect("shutdown");
+    bob.shutdown().await.expect("shutdown");
+}
+
+/// A refusal makes the sender give up on a message only if it carries the pair's tag: a
+/// forged one (anyone on the path could write it) closes the connection instead, and the
+/// message goes on to the offline store.
+#[tokio::test]
+async fn a_refusal_counts_only_with_the_pairs_tag() {
+    let world = World::new();
+    let (bob, mut raw, pair) = bob_and_raw_alice(&world).await;
+    let mut events = bob.events();
+    let genuine = bob.send("alice", "first").await.expect("send");
+    assert!(matches!(next_reply(&mut raw).await, PeerFrame::Message { id, .. } if id == genuine));
+    raw.send(PeerFrame::Reject {
+        id: genuine,
+        detail: "no thanks".into(),
+        tag: pair.reject_tag("alice", genuine, "no thanks"),
+    })
+    .await
+    .expect("send");
+    let failed = wait_for(
+        &mut events,
+        |e| matches!(e, Event::SendFailed { id, .. } if *id == genuine),
+    )
+    .await;
+    assert!(matches!(failed, Event::SendFailed { reason, .. } if reason.contains("no thanks")));
+
+    let forged = bob.send("alice", "second").await.expect("send");
+    assert!(matches!(next_reply(&mut raw).await, PeerFrame::Message { id, .. } if id == forged));
+    raw.send(PeerFrame::Reject {
+        id: forged,
+        detail: "forged".into(),
+        tag: pair.reject_tag("alice", forged, "something else"),
+    })
+    .await
+    .expect("send");
+    let closed = tokio::time::timeout(Duration::from_secs(30), async {
+        while raw.recv().await.is_some() {}
+    })
+    .await;
+    assert!(closed.is_ok(), "bob hangs up on a forged refusal");
+    let outcome = wait_for(&mut events, |e| {
+        matches!(e, Event::SendFailed { id, .. } | Event::StoredOffline { id, .. } if *id == forged)
+    })
+    .await;
+    assert!(
+        matches!(outcome, Event::StoredOffline { .. }),
+        "the message was not given up: {outcome:?}"
+    );
     bob.shutdown().await.expect("shutdown");
 }
