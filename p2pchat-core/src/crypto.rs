@@ -133,7 +133,8 @@ pub(crate) struct Opened {
 #[derive(Clone)]
 pub struct PairKey {
     fernet: FernetKey,
-    ack_key: Zeroizing<[u8; 32]>,
+    /// HMAC-SHA256 keyed with the control key (acks and refusals), cloned per MAC.
+    control: hmac::Hmac<Sha256>,
 }
 
 impl std::fmt::Debug for PairKey {
@@ -160,11 +161,11 @@ impl PairKey {
             .map_err(|_| CryptoError::DegenerateKey)?;
         let mut fernet_key = Zeroizing::new([0u8; 32]);
         fernet_key.copy_from_slice(&okm[..32]);
-        let mut ack_key = Zeroizing::new([0u8; 32]);
-        ack_key.copy_from_slice(&okm[32..]);
+        let control =
+            hmac::Hmac::<Sha256>::new_from_slice(&okm[32..]).expect("HMAC accepts any key length");
         Ok(Self {
             fernet: FernetKey::new(&fernet_key),
-            ack_key,
+            control,
         })
     }
 
@@ -320,8 +321,7 @@ impl PairKey {
     /// A MAC under the control key, started with the frame kind and the sender's name (length
     /// first, so names and what follows cannot be shifted into each other).
     fn control_mac(&self, kind: &[u8], sender: &str) -> hmac::Hmac<Sha256> {
-        let mut mac = hmac::Hmac::<Sha256>::new_from_slice(&self.ack_key[..])
-            .expect("HMAC accepts any key length");
+        let mut mac = self.control.clone();
         mac.update(kind);
         mac.update(&(sender.len() as u64).to_be_bytes());
         mac.update(sender.as_bytes());

@@ -1,14 +1,16 @@
 //! One link per peer: the single connection to it, the unacknowledged messages, and the
 //! fallback to the offline store.
 //!
-//! The link task owns the write half of the connection and everything that is in flight. A
-//! separate reader task per connection reads frames, opens tokens and reports back over an
+//! The link task owns the write half of the connection and sends. A separate reader task per
+//! connection reads frames, opens tokens, settles acknowledgements and reports back over an
 //! unbounded channel (bounded in practice by the peer's in-flight window), so a link blocked
 //! writing never stops acknowledgements from being read: two links writing to each other
-//! cannot deadlock.
+//! cannot deadlock. The messages in flight are shared by the link and its readers
+//! ([`Unacked`]): a reader takes an acknowledged message out and reports it delivered itself,
+//! without a hand-off to the link.
 
 use std::collections::VecDeque;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, UNIX_EPOCH};
 
 use futures::{FutureExt, SinkExt, StreamExt};
@@ -17,7 +19,7 @@ use tokio::time::Instant;
 use tracing::Instrument;
 
 use super::handshake::{self, FrameReader, FrameWriter};
-use super::{Disposition, HANDSHAKE_TIMEOUT, SHUTDOWN_GRACE, Shared};
+use super::{Disposition, HANDSHAKE_TIMEOUT, SHUTDOWN_GRACE, Shared, lock};
 use crate::crypto::{PairKey, PayloadRef};
 use crate::event::Event;
 use crate::identity::PublicKey;
@@ -106,8 +108,8 @@ impl LinkHandle {
 /// What a reader tells its link.
 #[derive(Debug)]
 enum FromReader {
-    /// The peer acknowledged these.
-    Acked(Vec<MessageId>),
+    /// Acknowledgements took messages out of flight while the link waited for that.
+    Settled,
     /// The peer refused this one.
     Rejected(MessageId, String),
     /// We processed these; acknowledge them.
@@ -124,6 +126,27 @@ struct InFlight {
     token: String,
     sent_at_ms: u64,
     sent: Instant,
+}
+
+/// The messages sent to one peer and not yet acknowledged, oldest first: shared by the link
+/// (which adds, times out, resends and stores them) and its readers (which settle
+/// acknowledgements). Never held across an `.await`.
+#[derive(Default)]
+struct Unacked {
+    entries: VecDeque<InFlight>,
+    /// The link waits for room or, shutting down, for everything to settle: a reader that
+    /// settles something tells it.
+    link_waiting: bool,
+}
+
+impl Unacked {
+    fn take(&mut self, id: MessageId) -> Option<InFlight> {
+        if self.entries.front().is_some_and(|m| m.id == id) {
+            return self.entries.pop_front();
+        }
+        let i = self.entries.iter().position(|m| m.id == id)?;
+        self.entries.remove(i)
+    }
 }
 
 struct Conn {
@@ -149,7 +172,7 @@ struct Link {
     held: bool,
     /// Messages waiting while held.
     queue: VecDeque<Outgoing>,
-    in_flight: VecDeque<InFlight>,
+    in_flight: Arc<Mutex<Unacked>>,
     conn: Option<Conn>,
     next_conn: u64,
     reader_tx: mpsc::UnboundedSender<FromReader>,
@@ -171,7 +194,7 @@ pub(crate) fn spawn(shared: Arc<Shared>, peer: String, key: PublicKey) -> LinkHa
         held: pair.is_none(),
         pair,
         queue: VecDeque::new(),
-        in_flight: VecDeque::new(),
+        in_flight: Arc::default(),
         conn: None,
         next_conn: 0,
         reader_tx,
@@ -185,13 +208,37 @@ pub(crate) fn spawn(shared: Arc<Shared>, peer: String, key: PublicKey) -> LinkHa
 }
 
 impl Link {
+    fn unacked(&self) -> std::sync::MutexGuard<'_, Unacked> {
+        lock(&self.in_flight)
+    }
+
+    /// Whether another message may go out; if not, a reader wakes the link when one settles.
+    fn has_room(&self) -> bool {
+        let mut unacked = self.unacked();
+        let room = unacked.entries.len() < MAX_IN_FLIGHT;
+        unacked.link_waiting |= !room;
+        room
+    }
+
+    /// Whether nothing is in flight; if something is, a reader wakes the link when it settles.
+    fn all_settled(&self) -> bool {
+        let mut unacked = self.unacked();
+        let settled = unacked.entries.is_empty();
+        unacked.link_waiting |= !settled;
+        settled
+    }
+
+    fn take_all_unacked(&self) -> Vec<InFlight> {
+        self.unacked().entries.drain(..).collect()
+    }
+
     async fn run(mut self) {
         let halt = self.shared.halt.clone();
         let tick_every = (self.shared.config.ack_timeout / 4).max(Duration::from_millis(20));
         let mut tick = tokio::time::interval(tick_every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            let can_take = self.in_flight.len() < MAX_IN_FLIGHT;
+            let can_take = self.has_room();
             tokio::select! {
                 biased;
                 _ = halt.cancelled() => return,
@@ -208,7 +255,7 @@ impl Link {
             }
             self.flush().await;
             if let Some((deadline, _)) = &self.closing {
-                let settled = self.in_flight.is_empty() && self.cmds.is_empty();
+                let settled = self.cmds.is_empty() && self.all_settled();
                 if settled || Instant::now() >= *deadline {
                     self.store_all("the node shut down before the peer acknowledged")
                         .await;
@@ -227,7 +274,7 @@ impl Link {
                 self.on_send(msg).await;
                 // Pipeline: take what else is queued before flushing once.
                 let mut n = 1;
-                while n < WRITE_BATCH && self.in_flight.len() < MAX_IN_FLIGHT {
+                while n < WRITE_BATCH && self.has_room() {
                     match self.cmds.try_recv() {
                         Ok(LinkCmd::Send(msg)) => self.on_send(msg).await,
                         Ok(other) => {
@@ -320,7 +367,9 @@ impl Link {
         // `sent` stays the first transmission: a peer that keeps accepting and dropping the
         // connection cannot keep a message from timing out into the offline store.
         entry.token = token;
-        self.in_flight.push_back(entry);
+        // Only now: `feed` leaves this frame in the write buffer (it flushes only what was
+        // there before), so its acknowledgement cannot arrive before the entry is in place.
+        self.unacked().entries.push_back(entry);
         if let Err(e) = written {
             self.lost(&e).await;
         }
@@ -339,27 +388,11 @@ impl Link {
     async fn on_reader(&mut self, ev: FromReader) {
         let current = self.conn.as_ref().map(|c| c.id);
         match ev {
-            FromReader::Acked(ids) => {
-                for id in ids {
-                    let found = if self.in_flight.front().is_some_and(|m| m.id == id) {
-                        self.in_flight.pop_front()
-                    } else {
-                        self.in_flight
-                            .iter()
-                            .position(|m| m.id == id)
-                            .and_then(|i| self.in_flight.remove(i))
-                    };
-                    if found.is_some() {
-                        self.shared.emit(Event::Delivered {
-                            id,
-                            to: self.peer.clone(),
-                        });
-                    }
-                }
-            }
+            // The select loop re-checks for room and settlement after every event.
+            FromReader::Settled => {}
             FromReader::Rejected(id, reason) => {
-                if let Some(i) = self.in_flight.iter().position(|m| m.id == id) {
-                    self.in_flight.remove(i);
+                let refused = self.unacked().take(id);
+                if refused.is_some() {
                     self.shared.emit(Event::SendFailed {
                         id,
                         to: self.peer.clone(),
@@ -413,11 +446,15 @@ impl Link {
     async fn on_tick(&mut self) {
         let now = Instant::now();
         let timeout = self.shared.config.ack_timeout;
-        if self
-            .in_flight
-            .front()
-            .is_some_and(|m| now.duration_since(m.sent) >= timeout)
-        {
+        let (overdue, idle) = {
+            let unacked = self.unacked();
+            let oldest = unacked.entries.front();
+            (
+                oldest.is_some_and(|m| now.duration_since(m.sent) >= timeout),
+                oldest.is_none(),
+            )
+        };
+        if overdue {
             self.lost("no acknowledgement in time").await;
             return;
         }
@@ -426,7 +463,7 @@ impl Link {
             if now.duration_since(sent) >= timeout {
                 self.lost("no answer to ping").await;
             }
-        } else if self.in_flight.is_empty() && now.duration_since(conn.last_ping) >= PING_INTERVAL {
+        } else if idle && now.duration_since(conn.last_ping) >= PING_INTERVAL {
             let n: u64 = rand::random();
             conn.ping = Some((n, now));
             conn.last_ping = now;
@@ -439,18 +476,19 @@ impl Link {
         if self.conn.take().is_none() {
             return;
         }
-        tracing::debug!(peer = %self.peer, %reason, unacked = self.in_flight.len(), "connection lost");
+        let unacked = self.unacked().entries.len();
+        tracing::debug!(peer = %self.peer, %reason, unacked, "connection lost");
         self.resend_or_store().await;
     }
 
     async fn resend_or_store(&mut self) {
-        if self.in_flight.is_empty() {
+        if self.unacked().entries.is_empty() {
             return;
         }
         if self.closing.is_none() {
             self.connect().await;
         }
-        let pending: Vec<InFlight> = self.in_flight.drain(..).collect();
+        let pending = self.take_all_unacked();
         if self.conn.is_some() {
             for entry in pending {
                 Box::pin(self.transmit(entry)).await;
@@ -536,12 +574,15 @@ impl Link {
         let id = self.next_conn;
         let reader = self.shared.spawn(
             read_loop(
-                self.shared.clone(),
-                pair,
-                self.peer.clone(),
-                id,
+                ReadSide {
+                    shared: self.shared.clone(),
+                    pair,
+                    peer: self.peer.clone(),
+                    conn: id,
+                    unacked: self.in_flight.clone(),
+                    to_link: self.reader_tx.clone(),
+                },
                 est.reader,
-                self.reader_tx.clone(),
             )
             .in_current_span(),
         );
@@ -556,7 +597,7 @@ impl Link {
         if replaced.is_some() {
             // Whatever was unacknowledged on the old connection goes again on the new one;
             // the peer drops what it already has by id.
-            let pending: Vec<InFlight> = self.in_flight.drain(..).collect();
+            let pending = self.take_all_unacked();
             for entry in pending {
                 Box::pin(self.transmit(entry)).await;
             }
@@ -594,7 +635,7 @@ impl Link {
     /// Stores everything unacknowledged or queued; used when the link stops.
     async fn store_all(&mut self, reason: &str) {
         self.conn = None;
-        let pending: Vec<InFlight> = self.in_flight.drain(..).collect();
+        let pending = self.take_all_unacked();
         self.store(pending).await;
         // Close first: a send racing the stop is either queued here or refused to its caller.
         self.cmds.close();
@@ -641,16 +682,47 @@ async fn feed(conn: &mut Conn, frame: &PeerFrame, timeout: Duration) -> Result<(
     }
 }
 
-/// Reads one connection until it closes. Processes frames in batches: open and record each
-/// message, make the batch's ids durable, emit the events, then acknowledge the batch.
-async fn read_loop(
+/// What a reader works with besides the connection.
+struct ReadSide {
     shared: Arc<Shared>,
     pair: PairKey,
     peer: String,
+    /// Which of the link's connections this is.
     conn: u64,
-    mut reader: FrameReader,
+    unacked: Arc<Mutex<Unacked>>,
     to_link: mpsc::UnboundedSender<FromReader>,
-) {
+}
+
+/// Takes the acknowledged messages out of flight and reports each delivered, once: an id no
+/// longer in flight (acknowledged twice after a resend, or already stored) is ignored.
+/// Returns whether the link waits to hear of it.
+fn settle(shared: &Shared, peer: &str, unacked: &Mutex<Unacked>, ids: &[MessageId]) -> bool {
+    let mut delivered = Vec::with_capacity(ids.len());
+    let wake_link = {
+        let mut unacked = lock(unacked);
+        delivered.extend(ids.iter().filter_map(|&id| unacked.take(id).map(|m| m.id)));
+        !delivered.is_empty() && std::mem::take(&mut unacked.link_waiting)
+    };
+    for id in delivered {
+        shared.emit(Event::Delivered {
+            id,
+            to: peer.to_owned(),
+        });
+    }
+    wake_link
+}
+
+/// Reads one connection until it closes. Processes frames in batches: open and record each
+/// message, make the batch's ids durable, emit the events, then acknowledge the batch.
+async fn read_loop(side: ReadSide, mut reader: FrameReader) {
+    let ReadSide {
+        shared,
+        pair,
+        peer,
+        conn,
+        unacked,
+        to_link,
+    } = side;
     let halt = shared.halt.clone();
     let mut batch = Vec::with_capacity(READ_BATCH);
     let mut acks = Vec::with_capacity(READ_BATCH);
@@ -699,7 +771,10 @@ async fn read_loop(
                         end = Some("forged acknowledgement".into());
                         break;
                     }
-                    let _ = to_link.send(FromReader::Acked(ids));
+                    let wake_link = settle(&shared, &peer, &unacked, &ids);
+                    if wake_link {
+                        let _ = to_link.send(FromReader::Settled);
+                    }
                 }
                 PeerFrame::Reject { id, detail, tag } => {
                     if !pair.verify_reject(&peer, id, &detail, &tag) {
