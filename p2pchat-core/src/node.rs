@@ -182,9 +182,12 @@ pub(crate) fn unix_ms_now() -> u64 {
 
 /// What the receiving side decided about one incoming token.
 pub(crate) enum Disposition {
-    /// Show it (the event), then acknowledge.
+    /// Recorded as seen: commit it, show it (the event), then acknowledge.
     Show(Event),
-    /// Acknowledge without showing: a duplicate, or from a blocked or muted user.
+    /// Recorded as seen but from a blocked or muted user: commit it, acknowledge it, do not
+    /// show it.
+    Hide,
+    /// A duplicate: acknowledge it only.
     Drop,
     /// Refuse: the token cannot be accepted.
     Reject(CryptoError),
@@ -314,8 +317,11 @@ impl Shared {
             let peers = self.peer_state();
             peers.is_blocked(from) || peers.is_muted(from)
         };
-        if !lock(&self.seen).insert(from, id) || hidden {
+        if !lock(&self.seen).insert(from, id) {
             return Disposition::Drop;
+        }
+        if hidden {
+            return Disposition::Hide;
         }
         Disposition::Show(Event::MessageReceived {
             id,
@@ -326,9 +332,10 @@ impl Shared {
         })
     }
 
-    /// Makes the ids recorded since the last call durable (before they are acknowledged).
-    pub(crate) fn commit_seen(&self) {
-        if let Err(e) = lock(&self.seen).commit() {
+    /// Makes the ids a batch recorded (its `Show` and `Hide` dispositions) durable, before
+    /// they are shown and acknowledged.
+    pub(crate) fn commit_seen<'a>(&self, records: impl IntoIterator<Item = (&'a str, MessageId)>) {
+        if let Err(e) = lock(&self.seen).commit(records) {
             tracing::warn!(error = %e, "could not record shown message ids");
         }
     }
@@ -585,7 +592,6 @@ impl ChatNode {
         for rx in flushed {
             let _ = rx.await;
         }
-        self.shared.commit_seen();
         let session = lock(&self.shared.session).take();
         let result = match session {
             Some(session) => session.deregister().await.map_err(NodeError::from),

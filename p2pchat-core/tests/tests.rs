@@ -2,6 +2,7 @@
 
 mod it {
     pub mod conformance;
+    pub mod drain_crash;
     pub mod faults;
     pub mod hostile;
     pub mod messaging;

@@ -9,8 +9,12 @@ mod it {
     pub mod bad_input;
     pub mod binary;
     pub mod conformance;
+    pub mod counts;
     pub mod hostile;
+    pub mod kills;
     pub mod lifecycle;
     pub mod offline;
+    pub mod proxied;
+    pub mod proxy;
     pub mod util;
 }

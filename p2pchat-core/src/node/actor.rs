@@ -56,9 +56,17 @@ impl Actor {
         let mut keep_alive = tokio::time::interval(shared.config.keep_alive);
         keep_alive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut accepting = true;
-        let mut housekeeping: Option<tokio::task::JoinHandle<()>> = None;
-        self.drain().await;
-        self.report_expired().await;
+        // The mailbox is drained in a task of its own, once now and once more after every
+        // notice (a notice during a drain leaves a permit for one more): a drain waiting on
+        // the store or on a directory lookup must not stall accepting peers.
+        let mail_waiting = Arc::new(tokio::sync::Notify::new());
+        mail_waiting.notify_one();
+        shared.spawn(drain_on_notice(shared.clone(), mail_waiting.clone()));
+        // Expiry notices from before we started, in the background as every store call.
+        let mut housekeeping: Option<tokio::task::JoinHandle<()>> = Some(shared.spawn({
+            let shared = shared.clone();
+            async move { report_expired(&shared).await }
+        }));
         loop {
             tokio::select! {
                 _ = halt.cancelled() => return,
@@ -93,7 +101,7 @@ impl Actor {
                     }
                 },
                 Some(event) = self.discovery_events.recv() => self.on_discovery(event).await,
-                Some(()) = self.mail.next() => self.drain().await,
+                Some(()) = self.mail.next() => mail_waiting.notify_one(),
                 Some(json) = next_announcement(&mut self.announcements) => {
                     match Announcement::from_json(&json) {
                         Ok(announcement) => self.on_announcement(&announcement),
@@ -143,90 +151,92 @@ impl Actor {
             }
         }
     }
+}
 
-    /// Fetches and shows everything in our mailbox, in order, acknowledging each batch only
-    /// after its ids are recorded: a crash mid-drain redelivers, and duplicates are dropped.
-    async fn drain(&mut self) {
-        let shared = self.shared.clone();
-        loop {
-            let batch = match shared.store.fetch(shared.me(), MAX_FETCH_BATCH).await {
-                Ok(batch) => batch,
-                Err(e) => {
-                    shared.emit(Event::Error {
-                        message: format!("could not fetch offline messages: {e}"),
-                    });
-                    return;
-                }
-            };
-            if batch.is_empty() {
-                return;
-            }
-            let mut shown = Vec::new();
-            let mut processed = Vec::with_capacity(batch.len());
-            for message in batch {
-                processed.push(message.id);
-                if message.to != shared.me() || shared.peer_state().is_blocked(&message.from) {
-                    continue;
-                }
-                // The pinned key if we have one: no directory round trip per message.
-                let pinned = shared.peer_state().pin(&message.from);
-                let key = match pinned {
-                    Some(key) => key,
-                    None => match shared.resolve(&message.from).await {
-                        Ok((record, _)) => record.public_key,
-                        Err(e) => {
-                            // Leave it in the mailbox: the sender may be resolvable later.
-                            tracing::warn!(from = %message.from, error = %e, "cannot open offline message yet");
-                            processed.pop();
-                            continue;
-                        }
-                    },
-                };
-                let pair = shared.pair_key(&key);
-                let disposition = match pair {
-                    Ok(pair) => {
-                        shared.receive(&pair, &message.from, message.id, &message.token, true)
-                    }
-                    Err(e) => Disposition::Reject(e),
-                };
-                match disposition {
-                    Disposition::Show(event) => shown.push(event),
-                    Disposition::Drop => {}
-                    Disposition::Reject(e @ CryptoError::FromTheFuture { ahead_secs })
-                        if ahead_secs <= MAX_HELD_AHEAD.as_secs() =>
-                    {
-                        // Our clock is behind the sender's: keep it for a later drain.
-                        processed.pop();
-                        shared.emit(Event::Error {
-                            message: format!("an offline message from {} waits: {e}", message.from),
-                        });
-                    }
-                    Disposition::Reject(e) => shared.emit(Event::Error {
-                        message: format!(
-                            "an offline message from {} was rejected: {e}",
-                            message.from
-                        ),
-                    }),
-                }
-            }
-            shared.commit_seen();
-            for event in shown {
-                shared.emit(event);
-            }
-            if processed.is_empty() {
-                return;
-            }
-            if let Err(e) = shared.store.ack(shared.me(), &processed).await {
+async fn drain_on_notice(shared: Arc<Shared>, notice: Arc<tokio::sync::Notify>) {
+    loop {
+        notice.notified().await;
+        drain(&shared).await;
+    }
+}
+
+/// Fetches and shows everything in our mailbox, in order, acknowledging each batch only
+/// after its ids are recorded: a crash mid-drain redelivers, and duplicates are dropped.
+async fn drain(shared: &Arc<Shared>) {
+    loop {
+        let batch = match shared.store.fetch(shared.me(), MAX_FETCH_BATCH).await {
+            Ok(batch) => batch,
+            Err(e) => {
                 shared.emit(Event::Error {
-                    message: format!("could not acknowledge offline messages: {e}"),
+                    message: format!("could not fetch offline messages: {e}"),
                 });
                 return;
             }
+        };
+        if batch.is_empty() {
+            return;
         }
-    }
-
-    async fn report_expired(&mut self) {
-        report_expired(&self.shared).await;
+        let mut shown = Vec::new();
+        let mut recorded = Vec::new();
+        let mut processed = Vec::with_capacity(batch.len());
+        for message in batch {
+            processed.push(message.id);
+            if message.to != shared.me() || shared.peer_state().is_blocked(&message.from) {
+                continue;
+            }
+            // The pinned key if we have one: no directory round trip per message.
+            let pinned = shared.peer_state().pin(&message.from);
+            let key = match pinned {
+                Some(key) => key,
+                None => match shared.resolve(&message.from).await {
+                    Ok((record, _)) => record.public_key,
+                    Err(e) => {
+                        // Leave it in the mailbox: the sender may be resolvable later.
+                        tracing::warn!(from = %message.from, error = %e, "cannot open offline message yet");
+                        processed.pop();
+                        continue;
+                    }
+                },
+            };
+            let pair = shared.pair_key(&key);
+            let disposition = match pair {
+                Ok(pair) => shared.receive(&pair, &message.from, message.id, &message.token, true),
+                Err(e) => Disposition::Reject(e),
+            };
+            match disposition {
+                Disposition::Show(event) => {
+                    shown.push(event);
+                    recorded.push((message.from, message.id));
+                }
+                Disposition::Hide => recorded.push((message.from, message.id)),
+                Disposition::Drop => {}
+                Disposition::Reject(e @ CryptoError::FromTheFuture { ahead_secs })
+                    if ahead_secs <= MAX_HELD_AHEAD.as_secs() =>
+                {
+                    // Our clock is behind the sender's: keep it for a later drain.
+                    processed.pop();
+                    shared.emit(Event::Error {
+                        message: format!("an offline message from {} waits: {e}", message.from),
+                    });
+                }
+                Disposition::Reject(e) => shared.emit(Event::Error {
+                    message: format!("an offline message from {} was rejected: {e}", message.from),
+                }),
+            }
+        }
+        shared.commit_seen(recorded.iter().map(|(from, id)| (from.as_str(), *id)));
+        for event in shown {
+            shared.emit(event);
+        }
+        if processed.is_empty() {
+            return;
+        }
+        if let Err(e) = shared.store.ack(shared.me(), &processed).await {
+            shared.emit(Event::Error {
+                message: format!("could not acknowledge offline messages: {e}"),
+            });
+            return;
+        }
     }
 }
 

@@ -727,6 +727,7 @@ async fn read_loop(side: ReadSide, mut reader: FrameReader) {
     let mut batch = Vec::with_capacity(READ_BATCH);
     let mut acks = Vec::with_capacity(READ_BATCH);
     let mut shown = Vec::with_capacity(READ_BATCH);
+    let mut recorded = Vec::with_capacity(READ_BATCH);
     let reason = loop {
         let first = tokio::select! {
             _ = halt.cancelled() => return,
@@ -754,6 +755,11 @@ async fn read_loop(side: ReadSide, mut reader: FrameReader) {
                     match shared.receive(&pair, &peer, id, &token, false) {
                         Disposition::Show(event) => {
                             shown.push(event);
+                            recorded.push(id);
+                            acks.push(id);
+                        }
+                        Disposition::Hide => {
+                            recorded.push(id);
                             acks.push(id);
                         }
                         Disposition::Drop => acks.push(id),
@@ -801,7 +807,7 @@ async fn read_loop(side: ReadSide, mut reader: FrameReader) {
         }
         batch.clear();
         if !acks.is_empty() {
-            shared.commit_seen();
+            shared.commit_seen(recorded.drain(..).map(|id| (peer.as_str(), id)));
             for event in shown.drain(..) {
                 shared.emit(event);
             }

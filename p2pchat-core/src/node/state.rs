@@ -206,6 +206,7 @@ pub(crate) struct Seen {
     order: VecDeque<(u64, MessageId)>,
     log: Option<(PathBuf, std::fs::File)>,
     logged: usize,
+    /// Reused for the records of one commit.
     unwritten: Vec<u8>,
 }
 
@@ -284,30 +285,35 @@ impl Seen {
         self.set.contains(&(sender_key(from), id))
     }
 
-    /// Records `id` from `from`; `false` if it was already seen.
+    /// Records `id` from `from` in memory; `false` if it was already seen. Nothing is
+    /// written: the caller commits the ids of its batch when it is about to show them.
     pub(crate) fn insert(&mut self, from: &str, id: MessageId) -> bool {
-        let key = sender_key(from);
-        if !self.remember(key, id) {
-            return false;
-        }
-        if self.log.is_some() {
-            self.unwritten.extend_from_slice(&key.to_be_bytes());
-            self.unwritten.extend_from_slice(id.as_bytes());
-        }
-        true
+        self.remember(sender_key(from), id)
     }
 
-    /// Appends what was recorded since the last commit to the log (one write). The page
-    /// cache is enough: the log has to survive a process crash, not a power cut.
-    pub(crate) fn commit(&mut self) -> Result<(), NodeError> {
+    /// Appends `records` (ids this caller inserted and is about to show or hide) to the log,
+    /// in one write. Only the caller's own ids: another batch's ids, recorded but not yet
+    /// shown, must not reach the log before they are, or a crash in between would drop them
+    /// as duplicates when they come again. The page cache is enough: the log has to survive
+    /// a process crash, not a power cut.
+    pub(crate) fn commit<'a>(
+        &mut self,
+        records: impl IntoIterator<Item = (&'a str, MessageId)>,
+    ) -> Result<(), NodeError> {
         let Some((path, file)) = &mut self.log else {
             return Ok(());
         };
+        self.unwritten.clear();
+        for (from, id) in records {
+            self.unwritten
+                .extend_from_slice(&sender_key(from).to_be_bytes());
+            self.unwritten.extend_from_slice(id.as_bytes());
+        }
         if self.unwritten.is_empty() {
             return Ok(());
         }
         if let Err(e) = file.write_all(&self.unwritten) {
-            // Cut a partial record off so the log stays aligned; the batch is retried.
+            // Cut a partial record off so the log stays aligned.
             let _ = file.set_len((self.logged * SEEN_RECORD_LEN) as u64);
             return Err(state_error(path, e));
         }
@@ -333,10 +339,28 @@ mod tests {
         assert!(seen.insert("bob", id));
         assert!(!seen.insert("bob", id));
         assert!(seen.insert("carol", id), "ids are per sender");
-        seen.commit().unwrap();
+        seen.commit([("bob", id), ("carol", id)]).unwrap();
         drop(seen);
         let mut seen = Seen::load(Some(dir.path())).unwrap();
         assert!(!seen.insert("bob", id));
+    }
+
+    #[test]
+    fn only_the_committed_ids_reach_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mine, theirs) = (MessageId::random(), MessageId::random());
+        let mut seen = Seen::load(Some(dir.path())).unwrap();
+        assert!(seen.insert("bob", mine));
+        // Another batch, recorded and not yet shown, when this one commits.
+        assert!(seen.insert("bob", theirs));
+        seen.commit([("bob", mine)]).unwrap();
+        drop(seen);
+        let mut seen = Seen::load(Some(dir.path())).unwrap();
+        assert!(!seen.insert("bob", mine));
+        assert!(
+            seen.insert("bob", theirs),
+            "an id never committed is not in the log"
+        );
     }
 
     #[test]

@@ -1,0 +1,429 @@
+//! Services killed under the nodes' feet, counting every message: the `p2pchat-discovery`
+//! binary killed with SIGKILL (mid-stream between peers, mid-drain of a mailbox, with mail
+//! waiting) and restarted on the same port and data directory; `redis-server` killed and
+//! restarted while nodes keep their offline mail in it through `RedisStore`.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use p2pchat_core::testing::RedisServer;
+use p2pchat_core::{
+    ChatNode, ChatNodeBuilder, DiscoveryClient, Identity, RedisStore, TcpTransport,
+};
+use tokio::io::{AsyncBufReadExt, BufReader, Lines};
+use tokio::process::{Child, ChildStdout, Command};
+
+use super::counts::{Book, Outcome};
+use super::proxy::{Mode, Proxy};
+use super::util::*;
+
+/// The longest a test waits for one stage.
+const STAGE: Duration = Duration::from_secs(30);
+
+/// A `p2pchat-discovery` process on its embedded store.
+struct Binary {
+    child: Child,
+    addr: SocketAddr,
+    /// Kept open: the server may still write to its stdout.
+    _stdout: Lines<BufReader<ChildStdout>>,
+}
+
+impl Binary {
+    async fn start(data_dir: &Path, listen: &str) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_p2pchat-discovery"))
+            .args(["--listen", listen, "--presence-ttl", "2", "--data-dir"])
+            .arg(data_dir)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start p2pchat-discovery");
+        let mut stdout = BufReader::new(child.stdout.take().unwrap()).lines();
+        let line = tokio::time::timeout(WAIT, stdout.next_line())
+            .await
+            .expect("the server starts in time")
+            .unwrap()
+            .expect("it says where it listens");
+        let addr = line
+            .strip_prefix("p2pchat-discovery listening on ")
+            .unwrap_or_else(|| panic!("unexpected first line: {line}"))
+            .parse()
+            .unwrap();
+        Self {
+            child,
+            addr,
+            _stdout: stdout,
+        }
+    }
+
+    /// SIGKILL, and wait for the process to be gone.
+    async fn kill(&mut self) {
+        self.child.start_kill().expect("SIGKILL the server");
+        self.child.wait().await.unwrap();
+    }
+}
+
+fn fast_client(addr: impl ToString) -> DiscoveryClient {
+    DiscoveryClient::new(addr.to_string())
+        .reconnect_backoff(Duration::from_millis(50), Duration::from_millis(400))
+        .request_timeout(Duration::from_secs(2))
+}
+
+fn builder(name: &str, id: &Identity, dir: &Path, directory: DiscoveryClient) -> ChatNodeBuilder {
+    ChatNode::builder()
+        .identity(id.clone())
+        .username(name)
+        .listen("127.0.0.1:0".parse().unwrap())
+        .transport(TcpTransport::new())
+        .discovery(directory)
+        .data_dir(dir.join(name))
+        .keep_alive_interval(Duration::from_millis(250))
+}
+
+/// Sends `n` messages from `from` to `to`, recording each, pausing `pace` after each.
+async fn send_n(book: &Book, from: &ChatNode, to: &str, n: usize, pace: Duration) {
+    for i in 0..n {
+        let id = from
+            .send(to, &format!("{} to {to} #{i}", from.username()))
+            .await
+            .unwrap_or_else(|e| panic!("send {i} to {to}: {e}"));
+        book.sent(id, from.username(), to);
+        if !pace.is_zero() {
+            tokio::time::sleep(pace).await;
+        }
+    }
+}
+
+fn outcomes_to(book: &Book, to: &str) -> Vec<Outcome> {
+    let l = book.ledger();
+    l.sent
+        .iter()
+        .filter(|(_, (_, r))| r == to)
+        .filter_map(|(id, _)| l.outcome(id).cloned())
+        .collect()
+}
+
+fn settled_to(to: &str) -> impl Fn(&super::counts::Ledger) -> bool {
+    let to = to.to_owned();
+    move |l| {
+        l.sent
+            .iter()
+            .filter(|(_, (_, r))| *r == to)
+            .all(|(id, _)| l.outcomes.contains_key(id))
+    }
+}
+
+fn shown_to(to: &str) -> impl Fn(&super::counts::Ledger) -> bool {
+    let to = to.to_owned();
+    move |l| {
+        l.sent
+            .iter()
+            .filter(|(_, (_, r))| *r == to)
+            .all(|(id, _)| match l.outcome(id) {
+                None => false,
+                Some(Outcome::Failed(_)) => true,
+                Some(_) => l.shown.contains_key(id),
+            })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_killed_mid_stream_and_mid_drain_keeps_the_mail_and_shows_each_message_once() {
+    const MAIL: usize = 1_000;
+    const STREAM: usize = 2_000;
+    const OUTAGE: usize = 20;
+    const AFTER: usize = 50;
+    let started = Instant::now();
+    let dir = tempfile::tempdir().unwrap();
+    let server_dir = dir.path().join("server");
+    let mut server = Binary::start(&server_dir, "127.0.0.1:0").await;
+    let addr = server.addr;
+    // bob reaches the server through a proxy that will slow his session down, so that his
+    // drain of a thousand messages is still going when the server dies.
+    let proxy = Proxy::start(Some(addr)).await;
+    let [alice_id, bob_id, carol_id, dave_id] = std::array::from_fn(|_| Identity::generate());
+    let nodes = dir.path();
+    // bob and dave have names and are away.
+    for (name, id, client) in [
+        ("bob", &bob_id, fast_client(proxy.addr())),
+        ("dave", &dave_id, fast_client(addr)),
+    ] {
+        let n = builder(name, id, nodes, client).spawn().await.unwrap();
+        n.shutdown().await.unwrap();
+    }
+    let alice = builder("alice", &alice_id, nodes, fast_client(addr))
+        .spawn()
+        .await
+        .unwrap();
+    let carol = builder("carol", &carol_id, nodes, fast_client(addr))
+        .spawn()
+        .await
+        .unwrap();
+    let book = Book::new();
+    let mut collectors = vec![
+        book.collect("alice", alice.events()),
+        book.collect("carol", carol.events()),
+    ];
+
+    // Mail waits on the server for bob, and one message for dave (so alice's link to dave
+    // exists when the server is gone).
+    send_n(&book, &alice, "bob", MAIL, Duration::ZERO).await;
+    send_n(&book, &alice, "dave", 1, Duration::ZERO).await;
+    book.until("the mail deposited", STAGE, |l| l.all_settled())
+        .await;
+    assert!(
+        book.ledger()
+            .outcomes
+            .values()
+            .all(|o| o == &[Outcome::Stored]),
+        "mail for bob and dave is deposited"
+    );
+
+    // alice streams to carol; bob comes back through the slow link and drains meanwhile.
+    let stream = {
+        let (book, alice) = (book.clone(), alice.clone());
+        tokio::spawn(async move {
+            send_n(&book, &alice, "carol", STREAM, Duration::from_millis(2)).await;
+        })
+    };
+    book.until("the stream under way", STAGE, |l| {
+        l.shown_to("carol") >= 100
+    })
+    .await;
+    proxy.set_mode(Mode::Delay(Duration::from_millis(60)));
+    let bob = builder("bob", &bob_id, nodes, fast_client(proxy.addr()))
+        .spawn()
+        .await
+        .unwrap();
+    collectors.push(book.collect("bob", bob.events()));
+    // The first batch of bob's mail is shown; its acknowledgement is on the slow link.
+    book.until("bob's drain under way", STAGE, |l| l.shown_to("bob") >= 1)
+        .await;
+    server.kill().await;
+    let (bob_at_kill, carol_at_kill) = {
+        let l = book.ledger();
+        (l.shown_to("bob"), l.shown_to("carol"))
+    };
+    let killed_at = started.elapsed();
+
+    // While the server is down, mail for dave cannot be deposited: alice is told.
+    send_n(&book, &alice, "dave", OUTAGE, Duration::ZERO).await;
+    book.until(
+        "an outcome for the outage's messages",
+        STAGE,
+        settled_to("dave"),
+    )
+    .await;
+    let outage_failed = outcomes_to(&book, "dave")
+        .iter()
+        .filter(|o| matches!(o, Outcome::Failed(why) if why.contains("offline store failed")))
+        .count();
+
+    // The server comes back on the same port and data directory.
+    let mut server = Binary::start(&server_dir, &addr.to_string()).await;
+    let restarted_at = started.elapsed();
+    proxy.set_mode(Mode::Forward);
+    let (observer, _o) = register(&fast_client(addr), &Identity::generate(), "observer").await;
+    for who in ["alice", "bob", "carol"] {
+        until_online(observer.as_ref(), who, true).await;
+    }
+    stream.await.unwrap();
+    book.until("the stream to carol shown", STAGE, shown_to("carol"))
+        .await;
+    book.until("bob's mail shown", STAGE, shown_to("bob")).await;
+
+    // dave comes back: what failed during the outage never arrives, what follows does.
+    let dave = builder("dave", &dave_id, nodes, fast_client(addr))
+        .spawn()
+        .await
+        .unwrap();
+    collectors.push(book.collect("dave", dave.events()));
+    send_n(&book, &alice, "dave", AFTER, Duration::ZERO).await;
+    book.until("dave's mail shown", STAGE, shown_to("dave"))
+        .await;
+    for n in [&alice, &bob, &carol, &dave] {
+        n.shutdown().await.unwrap();
+    }
+    for c in collectors {
+        c.await.unwrap();
+    }
+    server.kill().await;
+
+    let l = book.ledger();
+    let to_bob = l.counts_to(|r| r == "bob");
+    let to_carol = l.counts_to(|r| r == "carol");
+    let to_dave = l.counts_to(|r| r == "dave");
+    println!(
+        "server-kill: SIGKILL at {killed_at:.1?} with {bob_at_kill} of bob's {MAIL} messages \
+         and {carol_at_kill} of carol's {STREAM} shown; restarted at {restarted_at:.1?}; \
+         {OUTAGE} sent to dave during the outage, {outage_failed} reported failed; done in \
+         {:.1?}",
+        started.elapsed()
+    );
+    to_bob.print("server-kill (mail for bob, drained across the kill)");
+    to_carol.print("server-kill (alice to carol, peer link)");
+    to_dave.print("server-kill (dave: 1 before, 20 during the outage, 50 after)");
+    let all = l.counts();
+    all.print("server-kill (all)");
+
+    assert!(
+        bob_at_kill < MAIL,
+        "the kill came in the middle of bob's drain"
+    );
+    to_bob.assert_exactly_once();
+    assert_eq!(
+        (to_bob.sent, to_bob.stored, to_bob.shown),
+        (MAIL, MAIL, MAIL)
+    );
+    assert_eq!(to_bob.shown_offline, MAIL, "bob's mail is marked offline");
+    assert!(carol_at_kill < STREAM, "the kill came mid-stream");
+    to_carol.assert_exactly_once();
+    assert_eq!(
+        (to_carol.sent, to_carol.delivered, to_carol.shown),
+        (STREAM, STREAM, STREAM),
+        "the peer link does not need the server"
+    );
+    to_dave.assert_exactly_once();
+    assert_eq!(
+        outage_failed, OUTAGE,
+        "every deposit during the outage is reported failed"
+    );
+    assert_eq!(
+        to_dave.failed_but_shown, 0,
+        "a failed message is never shown"
+    );
+    assert_eq!(to_dave.shown, 1 + AFTER);
+    all.assert_exactly_once();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_killed_and_restarted_keeps_stored_mail_and_outage_sends_are_failed_or_stored_once() {
+    const MAIL: usize = 500;
+    const WAITED_OUT: usize = 2;
+    const RACING: usize = 20;
+    const AFTER: usize = 100;
+    let started = Instant::now();
+    let mut redis = RedisServer::start_with_appendonly();
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(fast_config(), redb(&dir.path().join("server"))).await;
+    // Each node its own RedisStore, as separate processes would have.
+    let url = redis.url();
+    let store = || async { RedisStore::connect(&url).await.unwrap() };
+    let (alice_id, bob_id) = (Identity::generate(), Identity::generate());
+    let nodes = dir.path();
+    let bob = builder("bob", &bob_id, nodes, server.client())
+        .offline_store(store().await)
+        .spawn()
+        .await
+        .unwrap();
+    bob.shutdown().await.unwrap();
+    let alice = builder("alice", &alice_id, nodes, server.client())
+        .offline_store(store().await)
+        .spawn()
+        .await
+        .unwrap();
+    let book = Book::new();
+    let mut collectors = vec![book.collect("alice", alice.events())];
+
+    // Mail for bob, in Redis before it dies.
+    send_n(&book, &alice, "bob", MAIL, Duration::ZERO).await;
+    book.until("the mail stored", STAGE, |l| l.all_settled())
+        .await;
+    assert_eq!(book.counts().stored, MAIL);
+
+    redis.kill();
+    let killed_at = started.elapsed();
+    // Redis stays down: each put waits out the store's reconnection attempts and fails, and
+    // the sender is told.
+    send_n(&book, &alice, "bob", WAITED_OUT, Duration::ZERO).await;
+    book.until("the sends during the outage answered", STAGE, |l| {
+        l.all_settled()
+    })
+    .await;
+    let waited_out = book.counts();
+    let failed_at = started.elapsed();
+    // Sent while down, with Redis restarted right after: each ends stored or failed.
+    send_n(&book, &alice, "bob", RACING, Duration::ZERO).await;
+    tokio::task::block_in_place(|| redis.restart());
+    let restarted_at = started.elapsed();
+    book.until("the racing sends answered", STAGE, |l| l.all_settled())
+        .await;
+    let racing = book.counts();
+
+    // bob comes back and drains: the mail from before the kill, and whatever of the outage's
+    // messages was stored.
+    let bob = builder("bob", &bob_id, nodes, server.client())
+        .offline_store(store().await)
+        .spawn()
+        .await
+        .unwrap();
+    collectors.push(book.collect("bob", bob.events()));
+    book.until("bob's mail shown", STAGE, |l| l.all_shown())
+        .await;
+    // And live again.
+    send_n(&book, &alice, "bob", AFTER, Duration::ZERO).await;
+    book.until("the messages after the restart shown", STAGE, |l| {
+        l.all_shown()
+    })
+    .await;
+    alice.shutdown().await.unwrap();
+    bob.shutdown().await.unwrap();
+    for c in collectors {
+        c.await.unwrap();
+    }
+
+    server.stop().await;
+    let l = book.ledger();
+    let counts = l.counts();
+    let failures: Vec<&String> = l
+        .outcomes
+        .values()
+        .flatten()
+        .filter_map(|o| match o {
+            Outcome::Failed(why) => Some(why),
+            _ => None,
+        })
+        .collect();
+    println!(
+        "redis-kill: SIGKILL at {killed_at:.1?}; {WAITED_OUT} sends while down answered by \
+         {failed_at:.1?} ({} failed); {RACING} more sent, Redis restarted at \
+         {restarted_at:.1?}: {} of them stored, {} failed; done in {:.1?}",
+        waited_out.failed,
+        racing.stored - waited_out.stored,
+        racing.failed - waited_out.failed,
+        started.elapsed()
+    );
+    if let Some(why) = failures.first() {
+        println!("redis-kill: a failure reads: {why}");
+    }
+    counts.print("redis-kill");
+    counts.assert_exactly_once();
+    assert_eq!(counts.sent, MAIL + WAITED_OUT + RACING + AFTER);
+    assert_eq!(
+        waited_out.failed, WAITED_OUT,
+        "a send while Redis stays down fails"
+    );
+    assert!(
+        failures
+            .iter()
+            .all(|why| why.contains("offline store failed")),
+        "{failures:?}"
+    );
+    assert_eq!(
+        counts.failed_but_shown, 0,
+        "a failed message is never shown"
+    );
+    assert_eq!(
+        counts.shown + counts.failed,
+        counts.sent,
+        "every message shown or reported failed"
+    );
+    let mail_shown_offline = l
+        .sent
+        .keys()
+        .filter(|id| matches!(l.outcome(id), Some(Outcome::Stored)))
+        .all(|id| l.shown[id].iter().all(|s| s.offline));
+    assert!(mail_shown_offline, "stored mail is shown marked offline");
+}

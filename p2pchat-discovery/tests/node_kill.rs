@@ -1,0 +1,713 @@
+//! Nodes killed with SIGKILL mid-stream, counting every message. The killed node must be
+//! another process, so this test binary runs itself as the child: with
+//! `P2PCHAT_NODE_KILL_CHILD=sender|receiver` set it runs one node, its identity key and data
+//! directory on disk, reports on stdout what the application saw (`sent ID` when `send`
+//! returned, `delivered ID` / `stored ID` / `failed ID` for the outcome events, `shown ID
+//! OFFLINE` for each message shown), and runs until it is killed or its stdin closes (then it
+//! shuts down cleanly). The discovery server (the library's `serve` on redb) and the other
+//! node run in this process. (`harness = false`; prints libtest-style result lines.)
+//!
+//! - The sender is killed and restarted. A node keeps no outbox on disk: what it had sent
+//!   but not had acknowledged (delivered, or stored offline) lives only in its memory, so a
+//!   killed sender cannot send it again. "Sent" therefore counts the messages whose outcome
+//!   the application was told before the kill; each must be shown exactly once, and nothing
+//!   else may be shown more than once.
+//! - The receiver is killed and restarted: every message the (living) sender sent is shown
+//!   once over the receiver's two lives, live or from the server mailbox. The node records a
+//!   message as shown (`seen.log`) before it hands the event to the application; a message
+//!   recorded that the application had not shown yet when it died is not offered again.
+//!   The test reads the killed node's `seen.log` to tell those apart from any other loss.
+//! - The same, with the receiver's application lagging behind its node when it is killed
+//!   (it stops reading events; its node keeps acknowledging): this makes the gap above
+//!   certain rather than a matter of timing, and checks that it is the only loss: a message
+//!   is acknowledged once its node has recorded it and handed it to the event stream, as
+//!   documented (`docs/ARCHITECTURE.md`, "What Delivered means").
+
+// Helpers outside `#[test]` functions too: in tests a panic is the failure report.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use p2pchat_core::{ChatNode, DiscoveryClient, Event, Identity, MessageId, TcpTransport};
+use p2pchat_discovery::{Config, RedbStorage, Server, serve};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader, Lines};
+use tokio::process::{Child, ChildStdout, Command};
+use tokio::sync::Notify;
+
+const CHILD_ENV: &str = "P2PCHAT_NODE_KILL_CHILD";
+const SERVER_ENV: &str = "P2PCHAT_NODE_KILL_SERVER";
+const DIR_ENV: &str = "P2PCHAT_NODE_KILL_DIR";
+/// Sender: messages to send. Receiver: stop reading events after showing this many (0:
+/// never).
+const COUNT_ENV: &str = "P2PCHAT_NODE_KILL_COUNT";
+/// The longest any stage waits.
+const WAIT: Duration = Duration::from_secs(30);
+/// The sender's acknowledgement timeout.
+const ACK_TIMEOUT: Duration = Duration::from_secs(2);
+
+type TestFn = fn(&tokio::runtime::Runtime);
+
+const TESTS: [(&str, TestFn); 3] = [
+    (
+        "a_sender_killed_mid_stream_and_restarted_shows_every_acknowledged_message_once",
+        |rt| rt.block_on(sender_killed()),
+    ),
+    (
+        "a_receiver_killed_mid_stream_and_restarted_shows_every_message_once",
+        |rt| rt.block_on(receiver_killed(Kill::AfterShown(2_000))),
+    ),
+    (
+        "a_receiver_killed_while_its_application_lags_loses_only_what_its_node_handed_over",
+        |rt| {
+            rt.block_on(receiver_killed(Kill::WhileLagging {
+                shown: 1_000,
+                beyond: 500,
+            }))
+        },
+    ),
+];
+
+fn main() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    if let Ok(role) = std::env::var(CHILD_ENV) {
+        runtime.block_on(child(&role));
+        return;
+    }
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let flag = |f: &str| args.iter().any(|a| a == f);
+    let exact = flag("--exact");
+    let filters: Vec<&String> = args.iter().filter(|a| !a.starts_with('-')).collect();
+    let selected: Vec<&(&str, TestFn)> = TESTS
+        .iter()
+        .filter(|(name, _)| {
+            filters.is_empty()
+                || filters.iter().any(|f| {
+                    if exact {
+                        name == f
+                    } else {
+                        name.contains(f.as_str())
+                    }
+                })
+        })
+        .filter(|_| !flag("--ignored"))
+        .collect();
+    if flag("--list") {
+        for (name, _) in &selected {
+            println!("{name}: test");
+        }
+        return;
+    }
+    let started = Instant::now();
+    println!("\nrunning {} tests", selected.len());
+    let mut failed = Vec::new();
+    for (name, test) in &selected {
+        let outcome = std::panic::catch_unwind(|| test(&runtime));
+        match outcome {
+            Ok(()) => println!("test {name} ... ok"),
+            Err(_) => {
+                println!("test {name} ... FAILED");
+                failed.push(name);
+            }
+        }
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let passed = selected.len() - failed.len();
+    let filtered = TESTS.len() - selected.len();
+    let verdict = if failed.is_empty() { "ok" } else { "FAILED" };
+    println!(
+        "\ntest result: {verdict}. {passed} passed; {} failed; 0 ignored; 0 measured; \
+         {filtered} filtered out; finished in {secs:.2}s\n",
+        failed.len()
+    );
+    if !failed.is_empty() {
+        std::process::exit(101);
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The child
+
+fn env(name: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| panic!("{name} is not set"))
+}
+
+async fn child(role: &str) {
+    let server = env(SERVER_ENV);
+    let dir = PathBuf::from(env(DIR_ENV));
+    let (me, peer) = match role {
+        "sender" => ("alice", "bob"),
+        "receiver" => ("bob", "alice"),
+        other => panic!("unknown role {other}"),
+    };
+    let identity = Identity::load_or_generate(dir.join(format!("{me}.key"))).unwrap();
+    let node = ChatNode::builder()
+        .identity(identity)
+        .username(me)
+        .listen("127.0.0.1:0".parse().unwrap())
+        .transport(TcpTransport::new())
+        .discovery(
+            DiscoveryClient::new(server)
+                .reconnect_backoff(Duration::from_millis(50), Duration::from_millis(400)),
+        )
+        .data_dir(dir.join(me))
+        .ack_timeout(ACK_TIMEOUT)
+        .event_capacity(1 << 16)
+        .spawn()
+        .await
+        .unwrap();
+    let mut events = node.events();
+    let outcomes = Arc::new(Notify::new());
+    let told = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count: usize = env(COUNT_ENV).parse().unwrap();
+    let pause_after = (role == "receiver" && count > 0).then_some(count);
+    let reporter = {
+        let (outcomes, told) = (outcomes.clone(), told.clone());
+        tokio::spawn(async move {
+            let mut shown = 0;
+            while let Some(event) = events.next().await {
+                if pause_after == Some(shown) {
+                    // A busy application: it reads no more events.
+                    std::future::pending::<()>().await;
+                }
+                let line = match event {
+                    Event::MessageReceived { id, offline, .. } => format!("shown {id} {offline}"),
+                    Event::Delivered { id, .. } => format!("delivered {id}"),
+                    Event::StoredOffline { id, .. } => format!("stored {id}"),
+                    Event::SendFailed { id, reason, .. } => format!("failed {id} {reason}"),
+                    Event::Lagged { missed } => format!("lagged {missed}"),
+                    _ => continue,
+                };
+                println!("{line}");
+                if line.starts_with("shown") {
+                    shown += 1;
+                } else {
+                    told.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    outcomes.notify_waiters();
+                }
+            }
+        })
+    };
+    println!("ready");
+    if role == "sender" {
+        for i in 0..count {
+            let id = node.send(peer, &format!("message {i}")).await.unwrap();
+            println!("sent {id}");
+        }
+        loop {
+            let notified = outcomes.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if told.load(std::sync::atomic::Ordering::SeqCst) >= count {
+                break;
+            }
+            notified.await;
+        }
+        println!("done");
+    }
+    // Until the parent closes stdin (or kills us).
+    let _ = tokio::io::stdin().read_to_end(&mut Vec::new()).await;
+    node.shutdown().await.unwrap();
+    reporter.await.unwrap();
+}
+
+// ---------------------------------------------------------------------------------------
+// The parent
+
+/// What one life of a child reported.
+#[derive(Debug, Default)]
+struct Life {
+    sent: Vec<MessageId>,
+    /// Outcome lines: id → how many.
+    delivered: HashSet<MessageId>,
+    stored: HashSet<MessageId>,
+    failed: HashSet<MessageId>,
+    extra_outcomes: usize,
+    shown: Vec<(MessageId, bool)>,
+    lagged: bool,
+    ready: bool,
+    done: bool,
+}
+
+impl Life {
+    fn take(&mut self, line: &str) {
+        let mut words = line.split(' ');
+        let (kind, id) = (words.next(), words.next().map(|w| w.parse::<MessageId>()));
+        let mut outcome = |set: fn(&mut Self) -> &mut HashSet<MessageId>, id: MessageId| {
+            let seen = self.delivered.contains(&id)
+                || self.stored.contains(&id)
+                || self.failed.contains(&id);
+            if seen {
+                self.extra_outcomes += 1;
+            }
+            set(self).insert(id);
+        };
+        match (kind, id) {
+            (Some("sent"), Some(Ok(id))) => self.sent.push(id),
+            (Some("delivered"), Some(Ok(id))) => outcome(|l| &mut l.delivered, id),
+            (Some("stored"), Some(Ok(id))) => outcome(|l| &mut l.stored, id),
+            (Some("failed"), Some(Ok(id))) => outcome(|l| &mut l.failed, id),
+            (Some("shown"), Some(Ok(id))) => self.shown.push((id, words.next() == Some("true"))),
+            (Some("lagged"), _) => self.lagged = true,
+            (Some("done"), _) => self.done = true,
+            (Some("ready"), _) => self.ready = true,
+            _ => panic!("unexpected line from the child: {line}"),
+        }
+    }
+
+    fn acknowledged(&self) -> usize {
+        self.delivered.len() + self.stored.len()
+    }
+}
+
+/// One life of a child node.
+struct ChildNode {
+    child: Child,
+    lines: Lines<BufReader<ChildStdout>>,
+    life: Life,
+}
+
+impl ChildNode {
+    async fn start(role: &str, server: SocketAddr, dir: &Path, count: usize) -> Self {
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .env(CHILD_ENV, role)
+            .env(SERVER_ENV, server.to_string())
+            .env(DIR_ENV, dir)
+            .env(COUNT_ENV, count.to_string())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn the child");
+        let lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let mut me = Self {
+            child,
+            lines,
+            life: Life::default(),
+        };
+        me.read_until("ready", |l| l.ready).await;
+        me
+    }
+
+    /// Reads lines until what they tell satisfies `stop`.
+    async fn read_until(&mut self, what: &str, stop: impl Fn(&Life) -> bool) {
+        if !self.read_until_or_timeout(stop).await {
+            panic!("the child did not get to '{what}' within {WAIT:?}");
+        }
+    }
+
+    /// Reads lines until what they tell satisfies `stop`; `false` after [`WAIT`].
+    async fn read_until_or_timeout(&mut self, stop: impl Fn(&Life) -> bool) -> bool {
+        tokio::time::timeout(WAIT, async {
+            while !stop(&self.life) {
+                let line = self
+                    .lines
+                    .next_line()
+                    .await
+                    .unwrap()
+                    .expect("the child stopped early");
+                self.life.take(&line);
+            }
+        })
+        .await
+        .is_ok()
+    }
+
+    /// SIGKILL, then everything it printed before dying.
+    async fn kill(mut self) -> Life {
+        self.child.start_kill().expect("SIGKILL the child");
+        self.read_to_end().await
+    }
+
+    /// Closes its stdin (it shuts down cleanly), then everything it printed.
+    async fn stop(mut self) -> Life {
+        drop(self.child.stdin.take());
+        self.read_to_end().await
+    }
+
+    async fn read_to_end(mut self) -> Life {
+        tokio::time::timeout(WAIT, async {
+            while let Some(line) = self.lines.next_line().await.unwrap() {
+                self.life.take(&line);
+            }
+        })
+        .await
+        .expect("the child's output ends");
+        self.child.wait().await.unwrap();
+        self.life
+    }
+}
+
+/// A discovery server on redb, in this process.
+async fn start_server(dir: &Path) -> (SocketAddr, tokio::sync::oneshot::Sender<()>) {
+    let config = Config {
+        presence_ttl: Duration::from_secs(3),
+        registrations_per_second_per_ip: 0,
+        ..Config::default()
+    };
+    let server = Server::new(config, RedbStorage::open(dir).unwrap());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(serve(listener, server, async move {
+        let _ = stopped.await;
+    }));
+    (addr, stop)
+}
+
+/// A node in this process whose shown messages and outcomes are counted.
+#[derive(Clone, Default)]
+struct Seen {
+    shown: Arc<Mutex<HashMap<MessageId, Vec<bool>>>>,
+    outcomes: Arc<Mutex<HashMap<MessageId, Vec<&'static str>>>>,
+    changed: Arc<Notify>,
+}
+
+impl Seen {
+    fn watch(&self, node: &ChatNode) -> tokio::task::JoinHandle<()> {
+        let mut events = node.events();
+        let me = self.clone();
+        tokio::spawn(async move {
+            while let Some(event) = events.next().await {
+                match event {
+                    Event::MessageReceived { id, offline, .. } => me
+                        .shown
+                        .lock()
+                        .unwrap()
+                        .entry(id)
+                        .or_default()
+                        .push(offline),
+                    Event::Delivered { id, .. } => me
+                        .outcomes
+                        .lock()
+                        .unwrap()
+                        .entry(id)
+                        .or_default()
+                        .push("delivered"),
+                    Event::StoredOffline { id, .. } => me
+                        .outcomes
+                        .lock()
+                        .unwrap()
+                        .entry(id)
+                        .or_default()
+                        .push("stored"),
+                    Event::SendFailed { id, .. } => me
+                        .outcomes
+                        .lock()
+                        .unwrap()
+                        .entry(id)
+                        .or_default()
+                        .push("failed"),
+                    Event::Lagged { .. } => panic!("events lagged"),
+                    _ => {}
+                }
+                me.changed.notify_waiters();
+            }
+        })
+    }
+
+    async fn until(&self, what: &str, cond: impl Fn(&Self) -> bool) {
+        if !self.until_or_timeout(cond).await {
+            panic!("{what}: not within {WAIT:?}");
+        }
+    }
+
+    /// Waits until `cond` holds; `false` after [`WAIT`].
+    async fn until_or_timeout(&self, cond: impl Fn(&Self) -> bool) -> bool {
+        tokio::time::timeout(WAIT, async {
+            loop {
+                let notified = self.changed.notified();
+                tokio::pin!(notified);
+                notified.as_mut().enable();
+                if cond(self) {
+                    return;
+                }
+                notified.await;
+            }
+        })
+        .await
+        .is_ok()
+    }
+}
+
+fn node(name: &str, dir: &Path, server: SocketAddr) -> p2pchat_core::ChatNodeBuilder {
+    ChatNode::builder()
+        .identity(Identity::load_or_generate(dir.join(format!("{name}.key"))).unwrap())
+        .username(name)
+        .listen("127.0.0.1:0".parse().unwrap())
+        .transport(TcpTransport::new())
+        .discovery(
+            DiscoveryClient::new(server.to_string())
+                .reconnect_backoff(Duration::from_millis(50), Duration::from_millis(400)),
+        )
+        .data_dir(dir.join(name))
+        .ack_timeout(ACK_TIMEOUT)
+        .event_capacity(1 << 16)
+}
+
+async fn sender_killed() {
+    const FIRST_LIFE: usize = 20_000;
+    const KILL_AFTER: usize = 2_000;
+    const IN_FLIGHT: usize = 100;
+    const SECOND_LIFE: usize = 1_000;
+    let started = Instant::now();
+    let dir = tempfile::tempdir().unwrap();
+    let (server, stop_server) = start_server(&dir.path().join("server")).await;
+    let bob = node("bob", dir.path(), server).spawn().await.unwrap();
+    let seen = Seen::default();
+    let watching = seen.watch(&bob);
+
+    // alice streams to bob and is killed once a good part is acknowledged, with more sent
+    // and not acknowledged yet.
+    let mut alice = ChildNode::start("sender", server, dir.path(), FIRST_LIFE).await;
+    alice
+        .read_until("acknowledgements, and more in flight", |l| {
+            l.delivered.len() >= KILL_AFTER && l.sent.len() >= l.acknowledged() + IN_FLIGHT
+        })
+        .await;
+    let first = alice.kill().await;
+    let killed_at = started.elapsed();
+
+    // alice comes back with the same key and data directory, and sends more.
+    let mut alice = ChildNode::start("sender", server, dir.path(), SECOND_LIFE).await;
+    alice.read_until("done", |l| l.done).await;
+    let second = alice.stop().await;
+
+    let acknowledged: HashSet<MessageId> = [&first, &second]
+        .iter()
+        .flat_map(|l| l.delivered.iter().chain(&l.stored))
+        .copied()
+        .collect();
+    // (Not panicking on a timeout: the counts below say what is missing.)
+    seen.until_or_timeout(|s| {
+        let shown = s.shown.lock().unwrap();
+        acknowledged.iter().all(|id| shown.contains_key(id))
+    })
+    .await;
+    bob.shutdown().await.unwrap();
+    watching.await.unwrap();
+    let _ = stop_server.send(());
+
+    let shown = seen.shown.lock().unwrap();
+    let returned: HashSet<MessageId> = first.sent.iter().chain(&second.sent).copied().collect();
+    let sent = acknowledged.len();
+    let shown_acknowledged = acknowledged
+        .iter()
+        .filter(|id| shown.contains_key(*id))
+        .count();
+    let lost = sent - shown_acknowledged;
+    let duplicated: usize = shown.values().map(|v| v.len() - 1).sum();
+    let phantom = shown.keys().filter(|id| !returned.contains(*id)).count();
+    let unacknowledged: Vec<&MessageId> = first
+        .sent
+        .iter()
+        .filter(|id| !first.delivered.contains(*id) && !first.stored.contains(*id))
+        .collect();
+    let unacknowledged_shown = unacknowledged
+        .iter()
+        .filter(|id| shown.contains_key(**id))
+        .count();
+    println!(
+        "node-kill (sender killed): sent={sent} shown={shown_acknowledged} lost={lost} \
+         duplicated={duplicated} (\"sent\" = acknowledged to the application: {} in the first \
+         life, SIGKILL at {killed_at:.1?} after {} sends returned; {} in the second life of \
+         {SECOND_LIFE}; unacknowledged at the kill {}, of which shown {} and never shown {} (no \
+         outbox: the killed sender cannot resend them); shown in all {}, not sent {phantom}; \
+         {:.1?})",
+        first.acknowledged(),
+        first.sent.len(),
+        second.acknowledged(),
+        unacknowledged.len(),
+        unacknowledged_shown,
+        unacknowledged.len() - unacknowledged_shown,
+        shown.len(),
+        started.elapsed()
+    );
+    assert!(first.sent.len() < FIRST_LIFE, "killed mid-stream");
+    assert!(!first.lagged && !second.lagged);
+    assert_eq!(first.extra_outcomes + second.extra_outcomes, 0);
+    assert!(first.failed.is_empty() && second.failed.is_empty());
+    assert_eq!(
+        second.acknowledged(),
+        SECOND_LIFE,
+        "the second life's sends all settle"
+    );
+    assert_eq!(lost, 0, "every acknowledged message shown");
+    assert_eq!(duplicated, 0, "nothing shown twice");
+    assert_eq!(phantom, 0, "nothing shown that was not sent");
+}
+
+/// The ids `seen.log` holds: 24-byte records, 8 bytes naming the sender and the 16 bytes of
+/// the id (docs/ARCHITECTURE.md, "Duplicate detection").
+fn seen_log(path: &Path) -> HashSet<MessageId> {
+    let bytes = std::fs::read(path).unwrap_or_default();
+    bytes
+        .chunks_exact(24)
+        .map(|r| MessageId::from_bytes(r[8..].try_into().unwrap()))
+        .collect()
+}
+
+/// How bob's first life ends.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kill {
+    /// Once his application has shown this many messages, wherever his node is.
+    AfterShown(usize),
+    /// His application stops reading its events after showing this many; he is killed once
+    /// his node has acknowledged `beyond` more (his application lags, as a busy screen
+    /// might).
+    WhileLagging { shown: usize, beyond: usize },
+}
+
+async fn receiver_killed(kill: Kill) {
+    const COUNT: usize = 3_000;
+    let started = Instant::now();
+    let dir = tempfile::tempdir().unwrap();
+    let (server, stop_server) = start_server(&dir.path().join("server")).await;
+    // bob first, so that alice finds him online.
+    let pause = match kill {
+        Kill::AfterShown(_) => 0,
+        Kill::WhileLagging { shown, .. } => shown,
+    };
+    let mut bob = ChildNode::start("receiver", server, dir.path(), pause).await;
+    let alice = node("alice", dir.path(), server).spawn().await.unwrap();
+    let seen = Seen::default();
+    let watching = seen.watch(&alice);
+    let sending = {
+        let alice = alice.clone();
+        tokio::spawn(async move {
+            let mut ids = Vec::with_capacity(COUNT);
+            for i in 0..COUNT {
+                ids.push(alice.send("bob", &format!("message {i}")).await.unwrap());
+            }
+            ids
+        })
+    };
+    match kill {
+        Kill::AfterShown(n) => {
+            bob.read_until("messages shown", |l| l.shown.len() >= n)
+                .await
+        }
+        Kill::WhileLagging { shown, beyond } => {
+            bob.read_until("messages shown", |l| l.shown.len() >= shown)
+                .await;
+            seen.until("bob's node acknowledges more", |s| {
+                s.outcomes
+                    .lock()
+                    .unwrap()
+                    .values()
+                    .filter(|v| v[0] == "delivered")
+                    .count()
+                    >= shown + beyond
+            })
+            .await;
+        }
+    }
+    let first = bob.kill().await;
+    let killed_at = started.elapsed();
+    // What bob's node had recorded as shown when it died.
+    let recorded = seen_log(&dir.path().join("bob").join("seen.log"));
+    let sent: Vec<MessageId> = sending.await.unwrap();
+    seen.until("an outcome for every message", |s| {
+        s.outcomes.lock().unwrap().len() >= COUNT
+    })
+    .await;
+    let outcomes_before_restart = {
+        let o = seen.outcomes.lock().unwrap();
+        (
+            o.values().filter(|v| v[0] == "delivered").count(),
+            o.values().filter(|v| v[0] == "stored").count(),
+        )
+    };
+
+    // bob comes back with the same key and data directory and drains his mailbox: everything
+    // his first life did not show, except what his node had recorded as shown (it drops
+    // those as duplicates).
+    let mut bob = ChildNode::start("receiver", server, dir.path(), 0).await;
+    let first_shown: HashSet<MessageId> = first.shown.iter().map(|(id, _)| *id).collect();
+    let expected: HashSet<MessageId> = sent
+        .iter()
+        .filter(|id| !first_shown.contains(*id) && !recorded.contains(*id))
+        .copied()
+        .collect();
+    // (Not panicking on a timeout: the counts below say what is missing.)
+    bob.read_until_or_timeout(|l| {
+        l.shown
+            .iter()
+            .filter(|(id, _)| expected.contains(id))
+            .map(|(id, _)| id)
+            .collect::<HashSet<_>>()
+            .len()
+            >= expected.len()
+    })
+    .await;
+    let second = bob.stop().await;
+    alice.shutdown().await.unwrap();
+    watching.await.unwrap();
+    let _ = stop_server.send(());
+
+    let mut shown: HashMap<MessageId, usize> = HashMap::new();
+    for (id, _) in first.shown.iter().chain(&second.shown) {
+        *shown.entry(*id).or_default() += 1;
+    }
+    let outcomes = seen.outcomes.lock().unwrap();
+    let failed = outcomes.values().filter(|v| v[0] == "failed").count();
+    let extra_outcomes: usize = outcomes.values().map(|v| v.len() - 1).sum();
+    let shown_sent = sent.iter().filter(|id| shown.contains_key(*id)).count();
+    let lost = sent.len() - shown_sent;
+    // Never shown, but recorded by the killed node as shown: its events were emitted and
+    // the application died before it showed them.
+    let lost_recorded = sent
+        .iter()
+        .filter(|id| !shown.contains_key(*id) && recorded.contains(*id))
+        .count();
+    let duplicated: usize = shown.values().map(|n| n - 1).sum();
+    let phantom = shown.keys().filter(|id| !sent.contains(id)).count();
+    let second_offline = second.shown.iter().filter(|(_, offline)| *offline).count();
+    let label = match kill {
+        Kill::AfterShown(_) => "receiver killed",
+        Kill::WhileLagging { .. } => "receiver killed while its application lags",
+    };
+    println!(
+        "node-kill ({label}): sent={} shown={shown_sent} lost={lost} duplicated={duplicated} \
+         (SIGKILL at {killed_at:.1?} after {} shown by the application, {} ids in the node's \
+         seen.log; lost and in that seen.log: {lost_recorded}, lost otherwise: {}; outcomes \
+         delivered={} stored={} failed={failed}; second life showed {} ({second_offline} \
+         offline); not sent {phantom}; {:.1?})",
+        sent.len(),
+        first.shown.len(),
+        recorded.len(),
+        lost - lost_recorded,
+        outcomes_before_restart.0,
+        outcomes_before_restart.1,
+        second.shown.len(),
+        started.elapsed()
+    );
+    assert!(first.shown.len() < COUNT, "killed mid-stream");
+    assert!(!first.lagged && !second.lagged);
+    assert_eq!(extra_outcomes, 0, "one outcome per message");
+    assert_eq!(failed, 0, "every message delivered or stored");
+    assert_eq!(duplicated, 0, "nothing shown twice");
+    assert_eq!(phantom, 0, "nothing shown that was not sent");
+    assert_eq!(
+        lost - lost_recorded,
+        0,
+        "every message shown, or recorded as shown by the killed node"
+    );
+    if let Kill::WhileLagging { beyond, .. } = kill {
+        // The application stopped reading with `beyond` more acknowledged: those were handed
+        // to its event stream and die with it (the documented limit), and nothing else.
+        assert!(
+            lost_recorded >= beyond,
+            "the application lagged by {beyond}, lost {lost_recorded}"
+        );
+    }
+}
