@@ -3,14 +3,21 @@
 //!
 //! A new backend passes the same suite as the in-memory one:
 //!
-//! ```ignore
-//! #[tokio::test]
-//! async fn my_store_conforms() {
-//!     p2pchat_core::testing::store_conformance(|quota| async move { SharedStore::new(MyStore::new(quota)) }).await;
-//! }
+//! ```no_run
+//! use p2pchat_core::MemoryStore;
+//! use p2pchat_core::testing::{SharedStore, store_conformance};
+//!
+//! # async fn demo() {
+//! // In a `#[tokio::test]`, with your store in place of `MemoryStore`:
+//! store_conformance(|quota| async move { SharedStore::new(MemoryStore::with_quota(quota)) })
+//!     .await;
+//! # }
 //! ```
 //!
 //! The suites panic (with a message naming the broken rule) on the first violation.
+//!
+//! [`fuzz`] holds the checks the `cargo fuzz` targets in `fuzz/` run, which the regression
+//! tests replay on the inputs kept in `fuzz/regressions/`.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -29,6 +36,7 @@ use crate::protocol::{MessageId, PeerFrame};
 use crate::store::{OfflineStore, StoreError, StoredMessage};
 use crate::transport::{Connection, Listener, Transport, TransportError};
 
+pub mod fuzz;
 mod redis;
 pub use redis::{RedisServer, TestRedis};
 

@@ -4,6 +4,7 @@ mod it {
     pub mod conformance;
     pub mod drain_crash;
     pub mod faults;
+    pub mod fuzz_regressions;
     pub mod hostile;
     pub mod messaging;
     pub mod mocks;

@@ -28,7 +28,10 @@
 //! - `session`: one connection: handshake, requests, pushes.
 //! - [`storage`]: the [`Storage`] trait, [`RedbStorage`] and [`RedisStorage`].
 //! - `limits`: the registration and deposit rates (connection caps: `p2pchat_core::limits`).
+//! - `fuzz` (feature `test-utils`): the check behind the `discovery_protocol` fuzz target.
 
+#[cfg(feature = "test-utils")]
+pub mod fuzz;
 mod limits;
 pub mod server;
 mod session;

@@ -19,9 +19,8 @@ use p2pchat_core::protocol::{
     validate_username,
 };
 use p2pchat_core::store::{MAX_FETCH_BATCH, MAX_MESSAGE_TTL, StoreError, StoredMessage};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{Notify, mpsc};
 use tokio::time::Instant;
 use tokio_util::codec::{Encoder, FramedRead};
@@ -40,16 +39,16 @@ const KEEP_WRITE_BUFFER: usize = 4096;
 /// How long one frame may take to write before the client is considered stuck. Default: 10 s.
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
-type Reader = FramedRead<OwnedReadHalf, FrameCodec<ClientFrame>>;
+type Reader<R> = FramedRead<R, FrameCodec<ClientFrame>>;
 
 /// Writes whole frames, with a deadline, through a small reused buffer.
-struct Writer {
-    half: OwnedWriteHalf,
+struct Writer<W> {
+    half: W,
     codec: FrameCodec<ServerFrame>,
     buf: BytesMut,
 }
 
-impl Writer {
+impl<W: AsyncWrite + Unpin> Writer<W> {
     async fn send(&mut self, frame: &ServerFrame) -> Result<(), ProtocolError> {
         self.buf.clear();
         self.codec.encode(frame, &mut self.buf)?;
@@ -75,7 +74,10 @@ impl Writer {
 const LINGER: Duration = Duration::from_secs(1);
 
 /// Closes the connection: our side first, then waits (bounded) for the client's end.
-async fn close(mut writer: Writer, reader: Reader) {
+async fn close<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
+    mut writer: Writer<W>,
+    reader: Reader<R>,
+) {
     let _ = writer.half.shutdown().await;
     let mut read = reader.into_inner();
     let mut sink = [0u8; 512];
@@ -84,7 +86,11 @@ async fn close(mut writer: Writer, reader: Reader) {
 }
 
 /// Sends a last error frame, best effort, and closes.
-async fn refuse(mut writer: Writer, reader: Reader, error: WireError) {
+async fn refuse<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
+    mut writer: Writer<W>,
+    reader: Reader<R>,
+    error: WireError,
+) {
     tracing::debug!(%error, "closing the connection");
     let _ = writer.send(&ServerFrame::Error(error)).await;
     close(writer, reader).await;
@@ -135,6 +141,21 @@ pub(crate) async fn run(
 ) {
     let _ = stream.set_nodelay(true);
     let (read, write) = stream.into_split();
+    serve_connection(server, read, write, peer, stop).await;
+}
+
+/// [`run`] over any byte stream, split into its halves: `peer` is the address the client is
+/// taken to connect from.
+pub(crate) async fn serve_connection<R, W>(
+    server: Arc<Server>,
+    read: R,
+    write: W,
+    peer: SocketAddr,
+    stop: CancellationToken,
+) where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
     let mut reader = FramedRead::with_capacity(read, FrameCodec::default(), READ_BUFFER);
     let mut writer = Writer {
         half: write,
@@ -181,9 +202,9 @@ enum Opening {
 
 /// Relays a signed announcement (through the storage, so every instance sharing it relays it
 /// too) and answers how many sessions this instance has.
-async fn announce(
+async fn announce<W: AsyncWrite + Unpin>(
     server: &Arc<Server>,
-    writer: &mut Writer,
+    writer: &mut Writer<W>,
     announcement: &p2pchat_core::Announcement,
 ) -> Result<Opening, Option<WireError>> {
     server.admit_announcement(announcement).map_err(Some)?;
@@ -203,10 +224,10 @@ async fn announce(
 
 /// Challenge, verify, claim, go online (or relay an announcement). `Err(None)`: the
 /// connection failed, say nothing.
-async fn register(
+async fn register<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     server: &Arc<Server>,
-    reader: &mut Reader,
-    writer: &mut Writer,
+    reader: &mut Reader<R>,
+    writer: &mut Writer<W>,
     peer: SocketAddr,
 ) -> Result<Opening, Option<WireError>> {
     let nonce: [u8; NONCE_LEN] = rand::random();
@@ -315,10 +336,10 @@ enum Then {
 }
 
 impl Session {
-    async fn serve(
+    async fn serve<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
         mut self,
-        mut reader: Reader,
-        mut writer: Writer,
+        mut reader: Reader<R>,
+        mut writer: Writer<W>,
         mut mail: BoxStream<'static, ()>,
         stop: CancellationToken,
     ) {

@@ -10,6 +10,7 @@ mod it {
     pub mod binary;
     pub mod conformance;
     pub mod counts;
+    pub mod fuzz_regressions;
     pub mod hostile;
     pub mod kills;
     pub mod lifecycle;
