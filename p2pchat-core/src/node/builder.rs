@@ -19,7 +19,7 @@ use crate::discovery::{DEFAULT_KEEP_ALIVE_INTERVAL, Discovery, DiscoveryClient, 
 use crate::event::Event;
 use crate::identity::Identity;
 use crate::protocol::validate_username;
-use crate::store::{DEFAULT_MESSAGE_TTL, OfflineStore};
+use crate::store::{DEFAULT_MESSAGE_TTL, MAX_MESSAGE_TTL, OfflineStore};
 use crate::transport::{TcpTransport, Transport};
 
 /// Capacity of the channel carrying directory pushes to the actor. Default: 256.
@@ -143,7 +143,8 @@ impl ChatNodeBuilder {
         self
     }
 
-    /// How long a message may wait in the offline store, and the oldest token accepted.
+    /// How long a message may wait in the offline store, and the oldest token accepted:
+    /// from 1 s to [`MAX_MESSAGE_TTL`] (30 days); `spawn` refuses anything else.
     ///
     /// By default, [`DEFAULT_MESSAGE_TTL`] (7 days).
     pub fn message_ttl(mut self, ttl: Duration) -> Self {
@@ -195,6 +196,24 @@ impl ChatNodeBuilder {
         if config.keep_alive.is_zero() || config.ack_timeout.is_zero() {
             return Err(NodeError::Config(
                 "keep-alive interval and ack timeout must be positive".into(),
+            ));
+        }
+        // Longer would mean nothing useful and overflow clock arithmetic.
+        for (what, value) in [
+            ("keep-alive interval", config.keep_alive),
+            ("ack timeout", config.ack_timeout),
+            ("message TTL", config.message_ttl),
+        ] {
+            if value > MAX_MESSAGE_TTL {
+                return Err(NodeError::Config(format!(
+                    "the {what} is {value:?}; at most {} days",
+                    MAX_MESSAGE_TTL.as_secs() / 86_400
+                )));
+            }
+        }
+        if config.message_ttl < Duration::from_secs(1) {
+            return Err(NodeError::Config(
+                "the message TTL must be at least 1 s".into(),
             ));
         }
         if let Some(dir) = &config.data_dir {

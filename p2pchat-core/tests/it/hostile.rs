@@ -704,3 +704,38 @@ async fn replayed_and_reflected_tokens_in_the_mailbox_are_not_shown() {
         "nothing else was shown"
     );
 }
+
+/// Timings a caller might pass by mistake (`Duration::MAX`, zero, a TTL under a second) are
+/// refused by `spawn` with a configuration error instead of overflowing clock arithmetic
+/// later; the longest accepted is `MAX_MESSAGE_TTL`.
+#[tokio::test]
+async fn out_of_range_timings_are_refused_at_spawn() {
+    let world = World::new();
+    let build = |f: fn(p2pchat_core::ChatNodeBuilder) -> p2pchat_core::ChatNodeBuilder| {
+        f(world.builder("alice", Identity::generate(), None, world.network.clone())).spawn()
+    };
+    for (what, result) in [
+        ("ttl max", build(|b| b.message_ttl(Duration::MAX)).await),
+        ("ttl zero", build(|b| b.message_ttl(Duration::ZERO)).await),
+        (
+            "ttl 0.5 s",
+            build(|b| b.message_ttl(Duration::from_millis(500))).await,
+        ),
+        ("ack max", build(|b| b.ack_timeout(Duration::MAX)).await),
+        ("ack zero", build(|b| b.ack_timeout(Duration::ZERO)).await),
+        (
+            "keep-alive max",
+            build(|b| b.keep_alive_interval(Duration::MAX)).await,
+        ),
+    ] {
+        assert!(
+            matches!(result, Err(NodeError::Config(_))),
+            "{what}: {:?}",
+            result.map(|_| ())
+        );
+    }
+    let longest = build(|b| b.message_ttl(p2pchat_core::store::MAX_MESSAGE_TTL))
+        .await
+        .expect("the longest TTL is accepted");
+    longest.shutdown().await.expect("shutdown");
+}
