@@ -41,7 +41,7 @@ struct Args {
     /// Body sizes in bytes.
     #[arg(long, value_delimiter = ',', default_values_t = [64, 1024])]
     sizes: Vec<usize>,
-    /// Run one side only (for profiling it): `raw` or `nodes`. No ratio is printed.
+    /// Run one side only (for profiling it). No ratio is printed.
     #[arg(long)]
     only: Option<Side>,
 }
