@@ -143,8 +143,9 @@ impl ChatNodeBuilder {
         self
     }
 
-    /// How long a message may wait in the offline store, and the oldest token accepted:
-    /// from 1 s to [`MAX_MESSAGE_TTL`] (30 days); `spawn` refuses anything else.
+    /// How long a message may wait in the offline store, and the oldest token accepted: more
+    /// than zero and at most [`MAX_MESSAGE_TTL`] (30 days); `spawn` refuses anything else.
+    /// Tokens carry whole seconds, so a TTL under a second accepts tokens up to about 2 s old.
     ///
     /// By default, [`DEFAULT_MESSAGE_TTL`] (7 days).
     pub fn message_ttl(mut self, ttl: Duration) -> Self {
@@ -211,10 +212,8 @@ impl ChatNodeBuilder {
                 )));
             }
         }
-        if config.message_ttl < Duration::from_secs(1) {
-            return Err(NodeError::Config(
-                "the message TTL must be at least 1 s".into(),
-            ));
+        if config.message_ttl.is_zero() {
+            return Err(NodeError::Config("the message TTL must be positive".into()));
         }
         if let Some(dir) = &config.data_dir {
             std::fs::create_dir_all(dir).map_err(|source| NodeError::State {
