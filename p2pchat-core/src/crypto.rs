@@ -180,8 +180,8 @@ impl PairKey {
 
     fn seal_ref_at(&self, payload: &PayloadRef<'_>, unix_secs: u64) -> String {
         self.fernet.seal_with(unix_secs, |buf| {
-            // Writing into a Vec cannot fail, and every field serialises.
-            let _ = postcard::to_io(payload, buf);
+            postcard::to_io(payload, buf)
+                .expect("a payload of strings and integers serialises into a Vec");
         })
     }
 
@@ -233,7 +233,7 @@ impl PairKey {
         now_secs: u64,
     ) -> Result<Opened, CryptoError> {
         let stamped = fernet::timestamp(token).ok_or(CryptoError::Malformed)?;
-        if stamped > now_secs + MAX_CLOCK_SKEW.as_secs() {
+        if stamped > now_secs.saturating_add(MAX_CLOCK_SKEW.as_secs()) {
             // The timestamp is in the clear: only a token that authenticates is "from the
             // future"; anything else is junk, not a clock problem.
             self.fernet
@@ -247,8 +247,10 @@ impl PairKey {
         // Token timestamps are whole seconds, truncated: a token sealed 0.2 s ago can read as
         // 1 s old. Round the TTL up and allow that one truncated second, so a short TTL
         // (under a second) does not refuse fresh tokens.
-        let ttl_secs = ttl.as_secs() + u64::from(ttl.subsec_nanos() > 0);
-        if age_secs > ttl_secs + 1 {
+        let ttl_secs = ttl
+            .as_secs()
+            .saturating_add(u64::from(ttl.subsec_nanos() > 0));
+        if age_secs > ttl_secs.saturating_add(1) {
             return Err(CryptoError::Expired { age_secs, ttl_secs });
         }
         self.fernet

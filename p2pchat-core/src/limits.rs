@@ -23,6 +23,8 @@ pub fn limit_key(ip: IpAddr) -> IpAddr {
 pub struct ConnectionLimits {
     max_total: usize,
     max_per_ip: usize,
+    /// The per-address cap applies once this many slots are taken in all.
+    per_ip_from: usize,
     open: Mutex<Open>,
 }
 
@@ -53,9 +55,18 @@ impl std::fmt::Display for Refused {
 impl ConnectionLimits {
     /// Caps of `max_total` connections in all and `max_per_ip` per address ([`limit_key`]).
     pub fn new(max_total: usize, max_per_ip: usize) -> Arc<Self> {
+        Self::under_pressure(max_total, max_per_ip, 0)
+    }
+
+    /// Like [`Self::new`], but the per-address cap applies only once `from_total` slots are
+    /// taken in all: many connections from one address (peers behind one NAT, or every test
+    /// node on one host) are served while there is room, and a flood from one address still
+    /// leaves `max_total - from_total` slots to the others.
+    pub fn under_pressure(max_total: usize, max_per_ip: usize, from_total: usize) -> Arc<Self> {
         Arc::new(Self {
             max_total,
             max_per_ip,
+            per_ip_from: from_total,
             open: Mutex::new(Open::default()),
         })
     }
@@ -71,8 +82,9 @@ impl ConnectionLimits {
         if open.total >= self.max_total {
             return Err(Refused::Total(self.max_total));
         }
+        let pressed = open.total >= self.per_ip_from;
         let from_ip = open.per_ip.entry(ip).or_default();
-        if *from_ip >= self.max_per_ip {
+        if pressed && *from_ip >= self.max_per_ip {
             return Err(Refused::PerIp(self.max_per_ip));
         }
         *from_ip += 1;
@@ -112,6 +124,20 @@ impl Drop for ConnectionPermit {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn under_pressure_the_per_address_cap_applies_only_past_the_threshold() {
+        let limits = ConnectionLimits::under_pressure(6, 2, 4);
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        let b: IpAddr = "10.0.0.2".parse().unwrap();
+        let held: Vec<_> = (0..4).map(|_| limits.try_acquire(a).unwrap()).collect();
+        assert_eq!(limits.try_acquire(a).unwrap_err(), Refused::PerIp(2));
+        let _b1 = limits.try_acquire(b).expect("others still get in");
+        let _b2 = limits.try_acquire(b).unwrap();
+        assert_eq!(limits.try_acquire(b).unwrap_err(), Refused::Total(6));
+        drop(held);
+        let _a = limits.try_acquire(a).expect("room again");
+    }
 
     #[test]
     fn connection_slots_are_counted_and_given_back() {

@@ -54,7 +54,8 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 pub const MAX_PENDING_HANDSHAKES: usize = 64;
 
 /// Incoming handshakes in progress at once from one address (an IPv6 /64 counts as one, see
-/// [`crate::limits::limit_key`]); a connection beyond this is closed at once. Default: 8.
+/// [`crate::limits::limit_key`]) once half of [`MAX_PENDING_HANDSHAKES`] are in progress; a
+/// connection beyond this is closed at once. Below half, one address may take more. Default: 8.
 pub const MAX_PENDING_HANDSHAKES_PER_ADDRESS: usize = 8;
 
 /// How long `shutdown` waits for outstanding acknowledgements before storing the rest
@@ -592,6 +593,8 @@ impl ChatNode {
         for rx in flushed {
             let _ = rx.await;
         }
+        // Records a failed write left, if any: one more try.
+        self.shared.commit_seen(std::iter::empty());
         let session = lock(&self.shared.session).take();
         let result = match session {
             Some(session) => session.deregister().await.map_err(NodeError::from),

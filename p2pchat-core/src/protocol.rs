@@ -15,7 +15,7 @@
 //! The dialer sends [`PeerFrame::Hello`]; the listener answers with its own `Hello` and an
 //! [`PeerFrame::Auth`] signing the transcript; the dialer replies with its `Auth`. After that
 //! both sides send [`PeerFrame::Message`] (a Fernet token), [`PeerFrame::Ack`] (batched, MACed
-//! under the pair key), and `Ping`/`Pong`. A side that refuses anything sends
+//! under the pair key), [`PeerFrame::Reject`] (MACed likewise), and `Ping`/`Pong`. A side that refuses anything sends
 //! [`PeerFrame::Error`] and closes.
 //!
 //! # Discovery session

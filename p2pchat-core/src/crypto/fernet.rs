@@ -9,7 +9,8 @@
 //! or six buffers per token. On the send path of small messages those costs were the largest
 //! single item in the profile (see `BENCHMARKS.md`). Here the AES key schedule and the keyed
 //! HMAC state are built once per pair key and cloned per token, the IV comes from the thread's
-//! CSPRNG, and a token costs one allocation to seal (its string) and none to open.
+//! CSPRNG, and a token costs one allocation to seal (its string) and none to open. The
+//! scratch buffer is zeroed after opening, so no plaintext stays behind in it.
 //!
 //! Time checks (expiry, clock skew) are the caller's: [`super::PairKey::open`] applies them
 //! from the clear-text timestamp before the token is authenticated and decrypted here.
@@ -22,6 +23,7 @@ use cbc::cipher::block_padding::Pkcs7;
 use cbc::cipher::{BlockDecryptMut, BlockEncryptMut, InnerIvInit, KeyInit as _};
 use hmac::Mac as _;
 use sha2::Sha256;
+use zeroize::Zeroize as _;
 
 /// The version byte every Fernet token starts with.
 const VERSION: u8 = 0x80;
@@ -109,6 +111,8 @@ impl FernetKey {
         SCRATCH.with_borrow_mut(|raw| {
             raw.clear();
             let result = self.open_into(token, raw).map(read);
+            // The plaintext was decrypted in place: it does not stay behind in the buffer.
+            raw.as_mut_slice().zeroize();
             shrink(raw);
             result
         })

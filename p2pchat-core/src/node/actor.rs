@@ -51,8 +51,13 @@ impl Actor {
     pub(crate) async fn run(mut self) {
         let shared = self.shared.clone();
         let halt = shared.halt.clone();
-        let handshakes =
-            ConnectionLimits::new(MAX_PENDING_HANDSHAKES, MAX_PENDING_HANDSHAKES_PER_ADDRESS);
+        // The per-address cap applies once half the slots are taken: peers behind one address
+        // are not turned away while there is room, and a flood from one address leaves half.
+        let handshakes = ConnectionLimits::under_pressure(
+            MAX_PENDING_HANDSHAKES,
+            MAX_PENDING_HANDSHAKES_PER_ADDRESS,
+            MAX_PENDING_HANDSHAKES / 2,
+        );
         let mut keep_alive = tokio::time::interval(shared.config.keep_alive);
         keep_alive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut accepting = true;

@@ -145,7 +145,7 @@ impl ChatNodeBuilder {
 
     /// How long a message may wait in the offline store, and the oldest token accepted: more
     /// than zero and at most [`MAX_MESSAGE_TTL`] (30 days); `spawn` refuses anything else.
-    /// Tokens carry whole seconds, so a TTL under a second accepts tokens up to about 2 s old.
+    /// Tokens carry whole seconds, so a TTL under a second accepts tokens up to about 3 s old.
     ///
     /// By default, [`DEFAULT_MESSAGE_TTL`] (7 days).
     pub fn message_ttl(mut self, ttl: Duration) -> Self {

@@ -350,7 +350,7 @@ impl Link {
         }
     }
 
-    /// Writes a sealed message to the connection (not flushed) and tracks it.
+    /// Writes a newly sealed message to the connection (not flushed) and tracks it.
     async fn transmit(&mut self, mut entry: InFlight) {
         let Some(conn) = &mut self.conn else {
             self.store(vec![entry]).await;
@@ -364,8 +364,6 @@ impl Link {
         let PeerFrame::Message { token, .. } = frame else {
             unreachable!("constructed above")
         };
-        // `sent` stays the first transmission: a peer that keeps accepting and dropping the
-        // connection cannot keep a message from timing out into the offline store.
         entry.token = token;
         // Only now: `feed` leaves this frame in the write buffer (it flushes only what was
         // there before), so its acknowledgement cannot arrive before the entry is in place.
@@ -488,13 +486,37 @@ impl Link {
         if self.closing.is_none() {
             self.connect().await;
         }
-        let pending = self.take_all_unacked();
         if self.conn.is_some() {
-            for entry in pending {
-                Box::pin(self.transmit(entry)).await;
-            }
+            Box::pin(self.resend_unacked()).await;
         } else {
+            let pending = self.take_all_unacked();
             self.store(pending).await;
+        }
+    }
+
+    /// Writes every unacknowledged message again on the current connection, leaving each in
+    /// flight meanwhile: an acknowledgement read on the old connection while this runs still
+    /// settles it. Their `sent` stays the first transmission, so a peer that keeps accepting
+    /// and dropping the connection cannot keep a message from timing out into the offline
+    /// store.
+    async fn resend_unacked(&mut self) {
+        let frames: Vec<PeerFrame> = self
+            .unacked()
+            .entries
+            .iter()
+            .map(|m| PeerFrame::Message {
+                id: m.id,
+                token: m.token.clone(),
+            })
+            .collect();
+        let timeout = self.shared.config.ack_timeout;
+        for frame in &frames {
+            let Some(conn) = &mut self.conn else { return };
+            if let Err(e) = feed(conn, frame, timeout).await {
+                // Resends (or stores) everything still in flight, on a fresh connection.
+                self.lost(&e).await;
+                return;
+            }
         }
     }
 
@@ -597,10 +619,7 @@ impl Link {
         if replaced.is_some() {
             // Whatever was unacknowledged on the old connection goes again on the new one;
             // the peer drops what it already has by id.
-            let pending = self.take_all_unacked();
-            for entry in pending {
-                Box::pin(self.transmit(entry)).await;
-            }
+            Box::pin(self.resend_unacked()).await;
         }
     }
 

@@ -206,7 +206,9 @@ pub(crate) struct Seen {
     order: VecDeque<(u64, MessageId)>,
     log: Option<(PathBuf, std::fs::File)>,
     logged: usize,
-    /// Reused for the records of one commit.
+    /// Inserted in memory and not yet committed: a compaction leaves them out of the log.
+    uncommitted: HashSet<(u64, MessageId)>,
+    /// Committed records not yet written (a failed write leaves them for the next commit).
     unwritten: Vec<u8>,
 }
 
@@ -225,6 +227,7 @@ impl Seen {
             order: VecDeque::new(),
             log: None,
             logged: 0,
+            uncommitted: HashSet::new(),
             unwritten: Vec::new(),
         };
         let Some(dir) = dir else { return Ok(seen) };
@@ -257,17 +260,24 @@ impl Seen {
             && let Some(old) = self.order.pop_front()
         {
             self.set.remove(&old);
+            self.uncommitted.remove(&old);
         }
         true
     }
 
-    /// Rewrites the log with just the window and reopens it for appending.
+    /// Rewrites the log with just the window (less what no batch has committed yet) and
+    /// reopens it for appending.
     fn compact(&mut self, path: &Path) -> Result<(), NodeError> {
         let tmp = path.with_extension("log.tmp");
         let mut buf = Vec::with_capacity(self.order.len() * SEEN_RECORD_LEN);
-        for (key, id) in &self.order {
+        let mut records = 0;
+        for record @ (key, id) in &self.order {
+            if self.uncommitted.contains(record) {
+                continue;
+            }
             buf.extend_from_slice(&key.to_be_bytes());
             buf.extend_from_slice(id.as_bytes());
+            records += 1;
         }
         std::fs::write(&tmp, &buf).map_err(|e| state_error(path, e))?;
         std::fs::rename(&tmp, path).map_err(|e| state_error(path, e))?;
@@ -275,7 +285,8 @@ impl Seen {
             .append(true)
             .open(path)
             .map_err(|e| state_error(path, e))?;
-        self.logged = self.order.len();
+        self.logged = records;
+        self.unwritten.clear();
         self.log = Some((path.to_owned(), file));
         Ok(())
     }
@@ -288,11 +299,16 @@ impl Seen {
     /// Records `id` from `from` in memory; `false` if it was already seen. Nothing is
     /// written: the caller commits the ids of its batch when it is about to show them.
     pub(crate) fn insert(&mut self, from: &str, id: MessageId) -> bool {
-        self.remember(sender_key(from), id)
+        let key = sender_key(from);
+        let new = self.remember(key, id);
+        if new && self.log.is_some() {
+            self.uncommitted.insert((key, id));
+        }
+        new
     }
 
-    /// Appends `records` (ids this caller inserted and is about to show or hide) to the log,
-    /// in one write. Only the caller's own ids: another batch's ids, recorded but not yet
+    /// Appends `records` (ids this caller inserted and is about to show or hide), after any a
+    /// failed write left, to the log in one write. Only the caller's own ids: another batch's ids, recorded but not yet
     /// shown, must not reach the log before they are, or a crash in between would drop them
     /// as duplicates when they come again. The page cache is enough: the log has to survive
     /// a process crash, not a power cut.
@@ -303,17 +319,18 @@ impl Seen {
         let Some((path, file)) = &mut self.log else {
             return Ok(());
         };
-        self.unwritten.clear();
         for (from, id) in records {
-            self.unwritten
-                .extend_from_slice(&sender_key(from).to_be_bytes());
+            let key = sender_key(from);
+            self.uncommitted.remove(&(key, id));
+            self.unwritten.extend_from_slice(&key.to_be_bytes());
             self.unwritten.extend_from_slice(id.as_bytes());
         }
         if self.unwritten.is_empty() {
             return Ok(());
         }
         if let Err(e) = file.write_all(&self.unwritten) {
-            // Cut a partial record off so the log stays aligned.
+            // Cut a partial record off so the log stays aligned; the records stay for the
+            // next commit (or the compaction) to write.
             let _ = file.set_len((self.logged * SEEN_RECORD_LEN) as u64);
             return Err(state_error(path, e));
         }
@@ -343,6 +360,35 @@ mod tests {
         drop(seen);
         let mut seen = Seen::load(Some(dir.path())).unwrap();
         assert!(!seen.insert("bob", id));
+    }
+
+    #[test]
+    fn a_compaction_leaves_out_what_no_batch_has_committed() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut seen = Seen::load(Some(dir.path())).unwrap();
+        // Other batches fill the log up to the point of compaction.
+        let ids: Vec<MessageId> = (0..2 * DEDUP_WINDOW).map(|_| MessageId::random()).collect();
+        for chunk in ids.chunks(4096) {
+            for id in chunk {
+                seen.insert("carol", *id);
+            }
+            seen.commit(chunk.iter().map(|id| ("carol", *id))).unwrap();
+        }
+        // A batch records an id and has not shown it yet when another batch's commit
+        // compacts the log.
+        let pending = MessageId::random();
+        assert!(seen.insert("bob", pending));
+        let last = MessageId::random();
+        seen.insert("carol", last);
+        seen.commit([("carol", last)]).unwrap();
+        assert!(seen.logged <= DEDUP_WINDOW, "compacted: {}", seen.logged);
+        drop(seen);
+        let mut seen = Seen::load(Some(dir.path())).unwrap();
+        assert!(!seen.insert("carol", last));
+        assert!(
+            seen.insert("bob", pending),
+            "an uncommitted id did not reach the log"
+        );
     }
 
     #[test]

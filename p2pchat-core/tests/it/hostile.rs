@@ -247,6 +247,46 @@ async fn a_flood_of_silent_connections_does_not_stop_a_legitimate_peer() {
     bob.shutdown().await.expect("shutdown");
 }
 
+/// The other side of the per-address cap: 24 peers on one address (every in-memory peer
+/// comes from 127.0.0.1, as peers behind one NAT would) dialing one node at the same moment
+/// all reach it directly. The cap applies only once half the handshake slots are taken.
+#[tokio::test]
+async fn a_burst_of_first_contacts_from_one_address_is_served() {
+    let world = World::new();
+    let hub = world.memory_node("hub").await;
+    let mut hub_events = hub.events();
+    let mut senders = Vec::new();
+    for i in 0..24 {
+        let node = world.memory_node(&format!("peer{i}")).await;
+        let events = node.events();
+        senders.push((node, events));
+    }
+    let sends = senders.iter().map(|(node, _)| node.send("hub", "hello"));
+    let ids: Vec<MessageId> = futures::future::join_all(sends)
+        .await
+        .into_iter()
+        .map(|r| r.expect("send"))
+        .collect();
+    for ((_, events), id) in senders.iter_mut().zip(&ids) {
+        let outcome = wait_for(events, |e| match e {
+            Event::Delivered { id: got, .. }
+            | Event::StoredOffline { id: got, .. }
+            | Event::SendFailed { id: got, .. } => got == id,
+            _ => false,
+        })
+        .await;
+        assert!(
+            matches!(outcome, Event::Delivered { .. }),
+            "every first contact is delivered directly: {outcome:?}"
+        );
+    }
+    assert_eq!(receive_n(&mut hub_events, ids.len()).await.len(), ids.len());
+    for (node, _) in senders {
+        node.shutdown().await.expect("shutdown");
+    }
+    hub.shutdown().await.expect("shutdown");
+}
+
 /// A length prefix over `MAX_FRAME_LEN` as the first bytes of a connection (including an
 /// HTTP request line, read as a 1.2 GB length) is refused at once: the connection is closed
 /// well before the handshake timeout, without the listener revealing anything, and the node
