@@ -5,7 +5,6 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use p2pchat_core::Identity;
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
 
 use super::util::*;
@@ -21,39 +20,24 @@ fn binary() -> Command {
 #[tokio::test]
 async fn the_binary_serves_on_its_data_dir_and_stops_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();
-    let mut server = binary()
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--presence-ttl",
-            "2",
-            "--data-dir",
-        ])
-        .arg(dir.path())
-        .spawn()
-        .expect("start the binary");
-    let mut stdout = BufReader::new(server.stdout.take().unwrap()).lines();
-    let line = tokio::time::timeout(WAIT, stdout.next_line())
-        .await
-        .expect("it says where it listens")
-        .unwrap()
-        .expect("a line");
-    let addr: std::net::SocketAddr = line
-        .strip_prefix("p2pchat-discovery listening on ")
-        .unwrap_or_else(|| panic!("unexpected first line: {line}"))
-        .parse()
-        .unwrap();
+    // Its stdout stays open to the end: the server may still write to it.
+    let mut server = DiscoveryProcess::start(
+        dir.path(),
+        &["--listen", "127.0.0.1:0", "--presence-ttl", "2"],
+    )
+    .await;
+    let addr = server.addr;
     let (session, _rx) = register(&client(addr), &Identity::generate(), "alice").await;
     assert!(session.lookup("alice").await.unwrap().unwrap().online);
     assert!(dir.path().join("directory.redb").exists());
 
-    let pid = server.id().expect("running").to_string();
+    let pid = server.child.id().expect("running").to_string();
     let status = std::process::Command::new("kill")
         .args(["-TERM", &pid])
         .status()
         .unwrap();
     assert!(status.success());
-    let exit = tokio::time::timeout(WAIT, server.wait())
+    let exit = tokio::time::timeout(WAIT, server.child.wait())
         .await
         .expect("it exits after SIGTERM")
         .unwrap();
@@ -103,21 +87,8 @@ async fn the_binary_explains_a_taken_port_and_an_unreachable_redis() {
 async fn announce_signs_with_the_servers_operator_key_and_every_online_node_shows_it() {
     use futures::StreamExt;
     let dir = tempfile::tempdir().unwrap();
-    let mut server = binary()
-        .args(["--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(dir.path())
-        .spawn()
-        .expect("start the binary");
-    let mut stdout = BufReader::new(server.stdout.take().unwrap()).lines();
-    let line = tokio::time::timeout(WAIT, stdout.next_line())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
-    let addr = line
-        .strip_prefix("p2pchat-discovery listening on ")
-        .unwrap()
-        .to_owned();
+    let server = DiscoveryProcess::start(dir.path(), &["--listen", "127.0.0.1:0"]).await;
+    let addr = server.addr.to_string();
     assert!(dir.path().join("operator.key").exists(), "created at start");
     let node = p2pchat_core::ChatNode::builder()
         .username("reader")

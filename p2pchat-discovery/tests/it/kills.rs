@@ -3,17 +3,13 @@
 //! waiting) and restarted on the same port and data directory; `redis-server` killed and
 //! restarted while nodes keep their offline mail in it through `RedisStore`.
 
-use std::net::SocketAddr;
 use std::path::Path;
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use p2pchat_core::testing::RedisServer;
 use p2pchat_core::{
     ChatNode, ChatNodeBuilder, DiscoveryClient, Identity, RedisStore, TcpTransport,
 };
-use tokio::io::{AsyncBufReadExt, BufReader, Lines};
-use tokio::process::{Child, ChildStdout, Command};
 
 use super::counts::{Book, Outcome};
 use super::proxy::{Mode, Proxy};
@@ -22,46 +18,18 @@ use super::util::*;
 /// The longest a test waits for one stage.
 const STAGE: Duration = Duration::from_secs(30);
 
-/// A `p2pchat-discovery` process on its embedded store.
-struct Binary {
-    child: Child,
-    addr: SocketAddr,
-    /// Kept open: the server may still write to its stdout.
-    _stdout: Lines<BufReader<ChildStdout>>,
-}
+/// The server binary, as the tests here run it: short presence TTL, killed with SIGKILL.
+struct Binary(DiscoveryProcess);
 
 impl Binary {
     async fn start(data_dir: &Path, listen: &str) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_p2pchat-discovery"))
-            .args(["--listen", listen, "--presence-ttl", "2", "--data-dir"])
-            .arg(data_dir)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("start p2pchat-discovery");
-        let mut stdout = BufReader::new(child.stdout.take().unwrap()).lines();
-        let line = tokio::time::timeout(WAIT, stdout.next_line())
-            .await
-            .expect("the server starts in time")
-            .unwrap()
-            .expect("it says where it listens");
-        let addr = line
-            .strip_prefix("p2pchat-discovery listening on ")
-            .unwrap_or_else(|| panic!("unexpected first line: {line}"))
-            .parse()
-            .unwrap();
-        Self {
-            child,
-            addr,
-            _stdout: stdout,
-        }
+        Self(DiscoveryProcess::start(data_dir, &["--listen", listen, "--presence-ttl", "2"]).await)
     }
 
     /// SIGKILL, and wait for the process to be gone.
     async fn kill(&mut self) {
-        self.child.start_kill().expect("SIGKILL the server");
-        self.child.wait().await.unwrap();
+        self.0.child.start_kill().expect("SIGKILL the server");
+        self.0.child.wait().await.unwrap();
     }
 }
 
@@ -139,7 +107,7 @@ async fn the_server_killed_mid_stream_and_mid_drain_keeps_the_mail_and_shows_eac
     let dir = tempfile::tempdir().unwrap();
     let server_dir = dir.path().join("server");
     let mut server = Binary::start(&server_dir, "127.0.0.1:0").await;
-    let addr = server.addr;
+    let addr = server.0.addr;
     // bob reaches the server through a proxy that will slow his session down, so that his
     // drain of a thousand messages is still going when the server dies.
     let proxy = Proxy::start(Some(addr)).await;

@@ -1,6 +1,8 @@
 //! Shared helpers: servers on 127.0.0.1, clients, storages, waiting for events.
 
 use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -8,7 +10,9 @@ use p2pchat_core::discovery::{DiscoveryEvent, Registration};
 use p2pchat_core::testing::TestRedis;
 use p2pchat_core::{Discovery, DiscoveryClient, DiscoverySession, Identity};
 use p2pchat_discovery::{Config, RedbStorage, RedisStorage, Server, Storage, serve};
+use tokio::io::{AsyncBufReadExt, BufReader, Lines};
 use tokio::net::TcpListener;
+use tokio::process::{Child, ChildStdout, Command};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
@@ -201,4 +205,44 @@ pub async fn wait_event(
     })
     .await
     .expect("event in time")
+}
+
+/// The real `p2pchat-discovery` binary on its embedded store, started with `args` and
+/// `--data-dir`; killed when dropped.
+pub struct DiscoveryProcess {
+    pub child: Child,
+    /// Where it says it listens.
+    pub addr: SocketAddr,
+    /// Kept open: the server may still write to its stdout.
+    _stdout: Lines<BufReader<ChildStdout>>,
+}
+
+impl DiscoveryProcess {
+    pub async fn start(data_dir: &Path, args: &[&str]) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_p2pchat-discovery"))
+            .args(args)
+            .arg("--data-dir")
+            .arg(data_dir)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start p2pchat-discovery");
+        let mut stdout = BufReader::new(child.stdout.take().unwrap()).lines();
+        let line = tokio::time::timeout(WAIT, stdout.next_line())
+            .await
+            .expect("the server starts in time")
+            .unwrap()
+            .expect("it says where it listens");
+        let addr = line
+            .strip_prefix("p2pchat-discovery listening on ")
+            .unwrap_or_else(|| panic!("unexpected first line: {line}"))
+            .parse()
+            .unwrap();
+        Self {
+            child,
+            addr,
+            _stdout: stdout,
+        }
+    }
 }
