@@ -28,7 +28,7 @@ use tokio::net::{TcpSocket, TcpStream};
 use tokio::time::Instant;
 use tokio_util::codec::{Encoder, FramedRead};
 
-use super::util::{EVENT_TIMEOUT, World, buffered, receive_n, wait_for};
+use super::util::{EVENT_TIMEOUT, World, bob_and_raw_alice, buffered, receive_n, wait_for};
 
 type RawReader = FramedRead<OwnedReadHalf, FrameCodec<PeerFrame>>;
 
@@ -641,27 +641,8 @@ async fn a_pinned_peer_dialing_in_with_a_new_key_is_refused_until_trusted() {
 #[tokio::test]
 async fn replayed_and_reflected_tokens_in_the_mailbox_are_not_shown() {
     let world = World::new();
-    let alice_id = Identity::generate();
-    let alice = world
-        .node_with("alice", alice_id.clone(), None, TcpTransport::new())
-        .await;
-    alice
-        .shutdown()
-        .await
-        .expect("the test speaks as alice by hand");
-    let bob = world.tcp_node("bob").await;
+    let (bob, mut raw, pair) = bob_and_raw_alice(&world).await;
     let mut bob_events = bob.events();
-    let mut raw = RawPeer::connect(
-        &TcpTransport::new(),
-        bob.local_addr(),
-        &alice_id,
-        "alice",
-        "bob",
-        &bob.public_key(),
-    )
-    .await
-    .expect("handshake as alice");
-    let pair = PairKey::derive(&alice_id, &bob.public_key()).expect("derive");
     let live = MessageId::random();
     let live_token = sealed(&pair, live, "alice", "bob", "shown once");
     raw.send(PeerFrame::Message {

@@ -7,7 +7,7 @@ use p2pchat_core::protocol::PeerFrame;
 use p2pchat_core::testing::{RawPeer, RecordingTransport};
 use p2pchat_core::{Event, Identity, MessageId, OfflineStore, TcpTransport};
 
-use super::util::{World, buffered, receive_n, wait_for};
+use super::util::{World, bob_and_raw_alice, buffered, receive_n, wait_for};
 
 #[tokio::test]
 async fn a_third_identity_cannot_open_the_pairs_tokens() {
@@ -48,31 +48,6 @@ async fn a_third_identity_cannot_open_the_pairs_tokens() {
         "for bob only"
     );
     alice.shutdown().await.expect("shutdown");
-}
-
-/// Alice's node registers her key; the test then speaks as Alice by hand.
-async fn bob_and_raw_alice(world: &World) -> (p2pchat_core::ChatNode, RawPeer, PairKey) {
-    let alice_id = Identity::generate();
-    let alice = world
-        .node_with("alice", alice_id.clone(), None, TcpTransport::new())
-        .await;
-    let bob = world.tcp_node("bob").await;
-    let raw = RawPeer::connect(
-        &TcpTransport::new(),
-        bob.local_addr(),
-        &alice_id,
-        "alice",
-        "bob",
-        &bob.public_key(),
-    )
-    .await
-    .expect("handshake as alice");
-    alice
-        .shutdown()
-        .await
-        .expect("the real alice node is not needed");
-    let pair = PairKey::derive(&alice_id, &bob.public_key()).expect("derive");
-    (bob, raw, pair)
 }
 
 fn payload(id: MessageId, from: &str, to: &str, body: &str) -> Payload {

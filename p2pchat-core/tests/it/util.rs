@@ -4,8 +4,11 @@ use std::path::Path;
 use std::time::Duration;
 
 use futures::StreamExt;
+use p2pchat_core::crypto::PairKey;
+use p2pchat_core::testing::RawPeer;
 use p2pchat_core::{
-    ChatNode, Event, Events, Identity, MemoryDiscovery, MemoryNetwork, MemoryStore, Transport,
+    ChatNode, Event, Events, Identity, MemoryDiscovery, MemoryNetwork, MemoryStore, TcpTransport,
+    Transport,
 };
 
 /// The longest any test waits for one event.
@@ -118,4 +121,29 @@ pub fn buffered(events: &mut Events) -> Vec<Event> {
         out.push(event);
     }
     out
+}
+
+/// Alice's node registers her key; the test then speaks as Alice by hand.
+pub async fn bob_and_raw_alice(world: &World) -> (ChatNode, RawPeer, PairKey) {
+    let alice_id = Identity::generate();
+    let alice = world
+        .node_with("alice", alice_id.clone(), None, TcpTransport::new())
+        .await;
+    let bob = world.tcp_node("bob").await;
+    let raw = RawPeer::connect(
+        &TcpTransport::new(),
+        bob.local_addr(),
+        &alice_id,
+        "alice",
+        "bob",
+        &bob.public_key(),
+    )
+    .await
+    .expect("handshake as alice");
+    alice
+        .shutdown()
+        .await
+        .expect("the real alice node is not needed");
+    let pair = PairKey::derive(&alice_id, &bob.public_key()).expect("derive");
+    (bob, raw, pair)
 }
