@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use futures::StreamExt;
 use p2pchat_core::store::RedisStore;
-use p2pchat_core::{ChatNode, DiscoveryClient, Identity, NodeError};
+use p2pchat_core::{ChatNode, DiscoveryClient, Event, Identity, NodeError};
 use rustyline_async::{Readline, ReadlineEvent, SharedWriter};
 use tokio::io::AsyncBufReadExt;
 
@@ -100,7 +100,14 @@ async fn start(settings: &Settings) -> anyhow::Result<ChatNode> {
 pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let node = start(&settings).await?;
     let events = node.events();
-    let greeting = "Client started. Type 'help' for commands.";
+    let waiting = node.outbox().await.len();
+    let greeting = match waiting {
+        0 => "Client started. Type 'help' for commands.".to_owned(),
+        n => format!(
+            "Client started. Type 'help' for commands.\n({n} message(s) from last time are still queued and will be sent.)"
+        ),
+    };
+    let greeting = greeting.as_str();
     if settings.terminal {
         let (mut editor, writer) = Readline::new("> ".into()).context("Cannot use the terminal")?;
         let mut out = Out::Terminal(writer);
@@ -129,8 +136,32 @@ async fn finish(node: &ChatNode, settings: &Settings, out: &mut Out) {
     }
 }
 
+/// Messages whose retries the screen was told about already: one line per message, not
+/// one per retry. Bounded; forgetting only means a second line.
+const RETRIES_REMEMBERED: usize = 4096;
+
 async fn print_events(mut events: p2pchat_core::Events, mut out: Out) {
+    let mut retried = std::collections::HashSet::new();
     while let Some(event) = events.next().await {
+        match &event {
+            Event::Queued {
+                id, retry: Some(_), ..
+            } => {
+                if retried.len() >= RETRIES_REMEMBERED {
+                    retried.clear();
+                }
+                if !retried.insert(*id) {
+                    continue;
+                }
+            }
+            Event::Delivered { id, .. }
+            | Event::StoredOffline { id, .. }
+            | Event::SendFailed { id, .. }
+            | Event::Expired { id, .. } => {
+                retried.remove(id);
+            }
+            _ => {}
+        }
         if let Some(line) = render::event(&event) {
             out.say(&line);
         }

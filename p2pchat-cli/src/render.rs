@@ -36,6 +36,12 @@ pub fn event(event: &Event) -> Option<String> {
         Event::StoredOffline { to, .. } => {
             format!("({to} is offline: the message is stored and will be delivered later)")
         }
+        Event::Queued {
+            to,
+            retry: Some(reason),
+            ..
+        } => format!("(a message to {to} is queued: {})", printable(reason)),
+        Event::Cancelled { to, .. } => format!("(the message to {to} was cancelled)"),
         Event::Expired { to, .. } => {
             format!("(a message to {to} expired before {to} came online; it was not delivered)")
         }
@@ -54,7 +60,7 @@ pub fn event(event: &Event) -> Option<String> {
         Event::Lagged { missed } => {
             format!("({missed} events were missed: the screen fell behind)")
         }
-        // Deliveries and presence are quiet, as in the original.
+        // Deliveries, first queueing, sending and presence are quiet, as in the original.
         _ => return None,
     })
 }

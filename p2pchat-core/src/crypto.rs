@@ -251,6 +251,11 @@ impl PairKey {
             .as_secs()
             .saturating_add(u64::from(ttl.subsec_nanos() > 0));
         if age_secs > ttl_secs.saturating_add(1) {
+            // Like the future case: only a token that authenticates is "expired", so that
+            // nobody on the path can turn an altered timestamp into a refusal.
+            self.fernet
+                .open_with(token, |_| ())
+                .map_err(|_| CryptoError::Tampered)?;
             return Err(CryptoError::Expired { age_secs, ttl_secs });
         }
         self.fernet

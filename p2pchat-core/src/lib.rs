@@ -41,7 +41,9 @@
 //!
 //! ## Modules
 //! - [`announce`]: signed operator announcements and the guard against forgeries and replays.
-//! - [`node`]: [`ChatNode`], its builder and errors; the actor, per-peer links and readers.
+//! - [`node`]: [`ChatNode`], its builder and errors; the actor, per-peer links (each driven
+//!   by a pure outbox state machine) and readers; the node database (outbox, inbox, dedup
+//!   windows, block/mute/pins) in a memory-mapped journal compacted into redb.
 //! - [`event`]: [`Event`] and the [`Events`] stream.
 //! - [`identity`]: Ed25519 identity keys, storage, fingerprints.
 //! - [`limits`]: connection caps in total and per address (node listener and server).
@@ -73,7 +75,9 @@ pub use discovery::{
 };
 pub use event::{Event, Events};
 pub use identity::{Fingerprint, Identity, PublicKey};
-pub use node::{ChatNode, ChatNodeBuilder, NodeError};
+pub use node::{
+    ChatNode, ChatNodeBuilder, Confirm, DbError, Durability, NodeError, OutboxEntry, OutboxState,
+};
 pub use protocol::MessageId;
 #[cfg(feature = "redis")]
 pub use store::{DEFAULT_ANNOUNCEMENT_CHANNEL, RedisStore, RedisStoreConfig};

@@ -3,21 +3,30 @@
 //! A node is a cheap `Clone` handle over shared state and a few tasks:
 //! - the **actor** (`actor.rs`) keeps the directory registration alive, turns directory
 //!   pushes into events, drains the offline mailbox, and accepts peer connections;
-//! - one **link** per peer (`link.rs`) owns the single connection to that peer, seals and
-//!   pipelines outgoing messages, tracks which are unacknowledged, and moves them to the
-//!   offline store when the peer stops acknowledging;
-//! - one **reader** per connection opens incoming tokens, drops duplicates, applies block
-//!   and mute, emits events, and hands acknowledgements back to its link.
+//! - one **link** per peer (`link.rs`) performs what the peer's outbox (`outbox.rs`, a
+//!   pure state machine) decides: it owns the single connection to that peer, dials and
+//!   stores beside its loop, seals and pipelines outgoing messages;
+//! - one **reader** per connection opens incoming tokens, makes them durable in the inbox
+//!   (`inbox.rs`: dedup windows per sender, unconfirmed and held messages), then
+//!   acknowledges them, and settles the acknowledgements of our own messages;
+//! - the **node database** (`db.rs`) keeps all of it, and the block, mute and pin lists
+//!   (`state.rs`), across crashes: versioned records (`records.rs`) in a memory-mapped
+//!   journal compacted into redb.
 
 mod actor;
 mod builder;
+pub(crate) mod db;
 pub(crate) mod handshake;
+mod inbox;
 mod link;
+pub(crate) mod outbox;
+mod records;
 mod state;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -26,8 +35,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use builder::ChatNodeBuilder;
+pub use db::{DbError, Durability};
+pub(crate) use inbox::InboxStream;
+pub use inbox::{Confirm, DEDUP_WINDOW, MAX_UNCONFIRMED};
 pub use link::{LINK_QUEUE_CAPACITY, MAX_IN_FLIGHT};
-pub use state::DEDUP_WINDOW;
 
 use crate::crypto::{CryptoError, PairKey};
 use crate::discovery::{DiscoveryError, DiscoverySession, MAX_PAGE_SIZE, PeerRecord};
@@ -36,8 +47,12 @@ use crate::identity::{Fingerprint, Identity, IdentityError, PublicKey};
 use crate::protocol::{MAX_BODY_LEN, MessageId, UsernameError, validate_username};
 use crate::store::{OfflineStore, StoreError};
 use crate::transport::{Transport, TransportError};
+use db::{Batch, Db, Table};
+use inbox::{Inbox, Keep, Opened};
 use link::{LinkCmd, LinkHandle, Outgoing};
-use state::{PeerState, Seen};
+use outbox::Outcome;
+use records::OutboxRecord;
+use state::PeerState;
 
 /// How long an acknowledgement may take before the connection is presumed dead and its
 /// unacknowledged messages go to the offline store. Default: 10 s.
@@ -61,6 +76,42 @@ pub const MAX_PENDING_HANDSHAKES_PER_ADDRESS: usize = 8;
 /// How long `shutdown` waits for outstanding acknowledgements before storing the rest
 /// offline. Default: 2 s.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+
+/// Most messages a node keeps in its outbox (queued, in flight or being stored, to every
+/// peer); `send` refuses more with [`NodeError::OutboxFull`]. Default: 100,000.
+pub const MAX_OUTBOX: usize = 100_000;
+
+/// How long `send` waits for the directory to say whether a user it has never talked to
+/// exists; without an answer the message is queued anyway. Default: 3 s.
+pub const SEND_LOOKUP_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Where a message waiting in the outbox is ([`ChatNode::outbox`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum OutboxState {
+    /// Waiting to be sent (or retried).
+    Queued,
+    /// Written to the peer, not yet acknowledged.
+    Sent,
+    /// Being handed to the offline store.
+    Storing,
+}
+
+/// A message waiting in the outbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct OutboxEntry {
+    /// Its id, as `send` returned it.
+    pub id: MessageId,
+    /// The recipient.
+    pub to: String,
+    /// Where it is.
+    pub state: OutboxState,
+    /// How many times it was written to a connection or handed to the store.
+    pub attempts: u32,
+    /// When `send` queued it.
+    pub queued_at: SystemTime,
+}
 
 /// Errors from [`ChatNode`] operations.
 #[derive(Debug, thiserror::Error)]
@@ -116,6 +167,18 @@ pub enum NodeError {
         #[source]
         source: std::io::Error,
     },
+    /// The node database failed.
+    #[error(transparent)]
+    Database(#[from] DbError),
+    /// The outbox holds [`MAX_OUTBOX`] messages already.
+    #[error("{max} messages are still waiting to be sent; try again once some are delivered")]
+    OutboxFull {
+        /// The limit.
+        max: usize,
+    },
+    /// The message is not in the outbox, or has been sent already.
+    #[error("message {0} cannot be cancelled: it was sent already or is not in the outbox")]
+    NotCancellable(MessageId),
 }
 
 /// Settings fixed at spawn time.
@@ -129,6 +192,8 @@ pub(crate) struct Config {
     pub(crate) ack_timeout: Duration,
     pub(crate) message_ttl: Duration,
     pub(crate) event_capacity: usize,
+    pub(crate) durability: Durability,
+    pub(crate) confirm: Confirm,
 }
 
 /// State shared by the handle and the node's tasks. Locks are held briefly and never across
@@ -144,7 +209,12 @@ pub(crate) struct Shared {
     /// while starting (the first mailbox drain) is missed.
     pub(crate) first_events: Mutex<Option<broadcast::Receiver<Event>>>,
     pub(crate) peers: Mutex<PeerState>,
-    pub(crate) seen: Mutex<Seen>,
+    pub(crate) db: Arc<Db>,
+    pub(crate) inbox: Arc<Inbox>,
+    /// Order of everything queued in the outbox.
+    pub(crate) outbox_seq: AtomicU64,
+    /// Messages in the outbox now.
+    pub(crate) outbox_len: AtomicUsize,
     links: Mutex<HashMap<String, LinkHandle>>,
     pair_keys: Mutex<HashMap<PublicKey, PairKey>>,
     pub(crate) store: Arc<dyn OfflineStore>,
@@ -181,17 +251,15 @@ pub(crate) fn unix_ms_now() -> u64 {
         .unwrap_or(u64::MAX)
 }
 
-/// What the receiving side decided about one incoming token.
-pub(crate) enum Disposition {
-    /// Recorded as seen: commit it, show it (the event), then acknowledge.
-    Show(Event),
-    /// Recorded as seen but from a blocked or muted user: commit it, acknowledge it, do not
-    /// show it.
-    Hide,
-    /// A duplicate: acknowledge it only.
-    Drop,
-    /// Refuse: the token cannot be accepted.
-    Reject(CryptoError),
+/// What the receiving side made of a batch of incoming tokens.
+#[derive(Debug, Default)]
+pub(crate) struct Received {
+    /// Durable (or duplicates): acknowledge these.
+    pub(crate) ack: Vec<MessageId>,
+    /// Authentic but not acceptable (expired, from the future, misrouted): refuse these.
+    pub(crate) refuse: Vec<(MessageId, CryptoError)>,
+    /// Tokens that do not authenticate under the pair key.
+    pub(crate) unopenable: Vec<MessageId>,
 }
 
 impl Shared {
@@ -290,55 +358,137 @@ impl Shared {
         });
     }
 
-    /// Decides about one incoming token from `from` sealed under `pair`. Records the id as
-    /// seen when it is consumed (shown or deliberately dropped).
-    pub(crate) fn receive(
+    /// Opens tokens from `from` sealed under `pair` and makes the acceptable ones durable
+    /// (in the inbox, or held when `hold`; only their ids when `from` is blocked or muted).
+    pub(crate) async fn receive_batch(
         &self,
         pair: &PairKey,
         from: &str,
-        id: MessageId,
-        token: &str,
+        tokens: impl IntoIterator<Item = (MessageId, String)>,
         offline: bool,
-    ) -> Disposition {
+        hold: bool,
+    ) -> Result<Received, NodeError> {
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default()
             .as_secs();
-        let opened = match pair.open_parts(token, from, self.me(), self.config.message_ttl, now) {
-            Ok(opened) => opened,
-            // A late copy of a message already shown (its ack was lost) is a duplicate, not
-            // a failure, even if it has since expired.
-            Err(_) if lock(&self.seen).contains(from, id) => return Disposition::Drop,
-            Err(e) => return Disposition::Reject(e),
-        };
-        if opened.id != id {
-            return Disposition::Reject(CryptoError::Tampered);
+        let mut received = Received::default();
+        let mut opened = Vec::new();
+        for (id, token) in tokens {
+            match pair.open_parts(&token, from, self.me(), self.config.message_ttl, now) {
+                Ok(o) if o.id == id => {
+                    opened.push(Opened {
+                        id,
+                        sent_at_ms: o.sent_at_ms,
+                        body: o.body,
+                    });
+                    received.ack.push(id);
+                }
+                // A late copy of a message already taken (its ack was lost) is a duplicate,
+                // not a failure, even if it has since expired.
+                _ if self.inbox.seen(from, id) => received.ack.push(id),
+                Ok(_)
+                | Err(CryptoError::Tampered | CryptoError::Malformed | CryptoError::BadPayload) => {
+                    received.unopenable.push(id)
+                }
+                Err(e) => received.refuse.push((id, e)),
+            }
         }
-        let hidden = {
+        let keep = {
             let peers = self.peer_state();
-            peers.is_blocked(from) || peers.is_muted(from)
+            if peers.is_blocked(from) || peers.is_muted(from) {
+                Keep::Hide
+            } else if hold {
+                Keep::Hold
+            } else {
+                Keep::Show
+            }
         };
-        if !lock(&self.seen).insert(from, id) {
-            return Disposition::Drop;
+        if !opened.is_empty() {
+            self.inbox.accept(from, opened, offline, keep).await?;
         }
-        if hidden {
-            return Disposition::Hide;
-        }
-        Disposition::Show(Event::MessageReceived {
-            id,
-            sent_at: UNIX_EPOCH + Duration::from_millis(opened.sent_at_ms),
-            from: from.to_owned(),
-            text: opened.body,
-            offline,
-        })
+        Ok(received)
     }
 
-    /// Makes the ids a batch recorded (its `Show` and `Hide` dispositions) durable, before
-    /// they are shown and acknowledged.
-    pub(crate) fn commit_seen<'a>(&self, records: impl IntoIterator<Item = (&'a str, MessageId)>) {
-        if let Err(e) = lock(&self.seen).commit(records) {
-            tracing::warn!(error = %e, "could not record shown message ids");
+    /// Our messages to `peer` left the outbox so: forget them and say it.
+    pub(crate) fn settle_sent(&self, peer: &str, ids: &[MessageId], outcome: Outcome) {
+        if ids.is_empty() {
+            return;
         }
+        let mut batch = Batch::new();
+        for id in ids {
+            batch.delete(Table::Outbox, id.as_bytes());
+        }
+        if let Err(e) = self.db.write(&batch) {
+            // They are sent again after a restart; the peer drops them by id.
+            tracing::warn!(error = %e, "cannot record settled messages");
+        }
+        self.outbox_len.fetch_sub(
+            ids.len().min(self.outbox_len.load(Ordering::Relaxed)),
+            Ordering::Relaxed,
+        );
+        for &id in ids {
+            let to = peer.to_owned();
+            self.emit(match &outcome {
+                Outcome::Delivered => Event::Delivered { id, to },
+                Outcome::StoredOffline => Event::StoredOffline { id, to },
+                Outcome::Expired => Event::Expired { id, to },
+                Outcome::Cancelled => Event::Cancelled { id, to },
+                Outcome::Failed(reason) => Event::SendFailed {
+                    id,
+                    to,
+                    reason: reason.clone(),
+                },
+            });
+        }
+    }
+
+    /// Starts the link for a first message to `peer` in this run: looks the peer up (so a
+    /// name the directory does not know fails at once), pins its key on first sight, holds
+    /// messages if the key changed, and watches its presence. An unreachable directory does
+    /// not fail it: the link learns the key when it dials.
+    async fn first_link(self: &Arc<Self>, peer: &str) -> Result<LinkHandle, NodeError> {
+        let pinned = self.peer_state().pin(peer);
+        let looked_up = match pinned {
+            Some(_) => None,
+            None => tokio::time::timeout(SEND_LOOKUP_TIMEOUT, self.resolve(peer))
+                .await
+                .ok(),
+        };
+        let (key, changed) = match looked_up {
+            None => (pinned, None),
+            Some(Ok((record, changed))) => (
+                Some(record.public_key),
+                changed.map(|old| (old, record.public_key)),
+            ),
+            Some(Err(e @ NodeError::UnknownUser(_))) => return Err(e),
+            Some(Err(e)) => {
+                tracing::debug!(peer = %peer, error = %e, "directory unavailable; queueing");
+                (None, None)
+            }
+        };
+        let key = match changed {
+            Some((old, new)) => {
+                self.key_changed(peer, &old, &new);
+                Some(old)
+            }
+            None => key,
+        };
+        let link = self.link(peer, key)?;
+        if changed.is_some() {
+            let _ = link.send(LinkCmd::Hold).await;
+        }
+        if let Ok(session) = self.session() {
+            // Presence of the people we talk to is pushed to us from now on.
+            let session = session.clone();
+            let peer = peer.to_owned();
+            self.spawn(async move {
+                if let Err(e) = session.watch(&peer).await {
+                    tracing::debug!(%peer, error = %e, "cannot watch presence");
+                }
+            });
+        }
+        Ok(link)
     }
 
     /// The link to `peer`, if one is running.
@@ -354,7 +504,7 @@ impl Shared {
     pub(crate) fn link(
         self: &Arc<Self>,
         peer: &str,
-        key: PublicKey,
+        key: Option<PublicKey>,
     ) -> Result<LinkHandle, NodeError> {
         let mut links = lock(&self.links);
         if self.is_closing() {
@@ -416,18 +566,27 @@ impl ChatNode {
     /// calls return independent streams starting now.
     pub fn events(&self) -> Events {
         let first = lock(&self.shared.first_events).take();
-        Events::new(first.unwrap_or_else(|| self.shared.subscribe()))
+        Events::new(
+            first.unwrap_or_else(|| self.shared.subscribe()),
+            Some(self.shared.inbox.open_stream()),
+        )
     }
 
-    /// Sends `text` to `to`. Returns at once with the message's id; the outcome arrives as
-    /// an event carrying it: [`Event::Delivered`], [`Event::StoredOffline`] (then maybe
-    /// [`Event::Expired`]), or [`Event::SendFailed`]. Messages to one peer are delivered in
-    /// the order they were sent.
+    /// Sends `text` to `to`. Returns once the message is durable in the outbox (at the
+    /// builder's [`Durability`]), with its id; every step after that arrives as an event
+    /// carrying it: [`Event::Queued`], [`Event::Sent`], then [`Event::Delivered`] or
+    /// [`Event::StoredOffline`] (then maybe [`Event::Expired`]), or [`Event::SendFailed`].
+    /// The outbox retries across dial failures, lost connections, directory and store
+    /// outages and restarts of the node until the message is delivered, stored or expired.
+    /// Messages to one peer are sent in the order they were queued.
     ///
-    /// Fails at once for a blocked or unknown user, a message over [`MAX_BODY_LEN`], or after
-    /// shutdown. Waits only when many messages to the same peer are still being sent.
+    /// Fails at once only for bad input (a blocked user, oneself, an invalid name, a message
+    /// over [`MAX_BODY_LEN`]), a user the directory says does not exist, a full outbox
+    /// ([`MAX_OUTBOX`]), or after shutdown. An unreachable directory does not fail it: the
+    /// message is queued. Waits only when many messages to the same peer are in flight.
     pub async fn send(&self, to: &str, text: &str) -> Result<MessageId, NodeError> {
-        if self.shared.is_closing() {
+        let shared = &self.shared;
+        if shared.is_closing() {
             return Err(NodeError::ShutDown);
         }
         if text.len() > MAX_BODY_LEN {
@@ -437,45 +596,97 @@ impl ChatNode {
             });
         }
         validate_username(to)?;
-        if to == self.shared.me() {
+        if to == shared.me() {
             return Err(NodeError::SendToSelf);
         }
-        if self.shared.peer_state().is_blocked(to) {
+        if shared.peer_state().is_blocked(to) {
             return Err(NodeError::Blocked(to.to_owned()));
         }
-        let link = match self.shared.existing_link(to) {
+        if shared.outbox_len.load(Ordering::Relaxed) >= MAX_OUTBOX {
+            return Err(NodeError::OutboxFull { max: MAX_OUTBOX });
+        }
+        let link = match shared.existing_link(to) {
             Some(link) => link,
-            None => {
-                let (record, changed) = self.shared.resolve(to).await?;
-                let key = match changed {
-                    Some(pinned) => {
-                        self.shared.key_changed(to, &pinned, &record.public_key);
-                        pinned
-                    }
-                    None => record.public_key,
-                };
-                let link = self.shared.link(to, key)?;
-                if changed.is_some() {
-                    link.hold().await;
-                }
-                if let Ok(session) = self.shared.session() {
-                    // Presence of the people we talk to is pushed to us from now on.
-                    if let Err(e) = session.watch(to).await {
-                        tracing::debug!(peer = %to, error = %e, "cannot watch presence");
-                    }
-                }
-                link
-            }
+            None => shared.first_link(to).await?,
         };
         let id = MessageId::random();
-        link.send(LinkCmd::Send(Outgoing {
-            id,
+        let now = unix_ms_now();
+        let expires_at_ms = now.saturating_add(
+            shared
+                .config
+                .message_ttl
+                .as_millis()
+                .try_into()
+                .unwrap_or(u64::MAX),
+        );
+        let record = OutboxRecord::V1 {
+            seq: shared.outbox_seq.fetch_add(1, Ordering::Relaxed),
+            to: to.to_owned(),
             body: text.to_owned(),
-            sent_at_ms: unix_ms_now(),
-        }))
-        .await
-        .map_err(|_| NodeError::ShutDown)?;
+            sent_at_ms: now,
+            queued_at_ms: now,
+            expires_at_ms,
+        };
+        let mut batch = Batch::new();
+        batch.put(Table::Outbox, id.as_bytes(), &records::encode(&record));
+        shared.db.commit(&batch).await?;
+        shared.outbox_len.fetch_add(1, Ordering::Relaxed);
+        shared.emit(Event::Queued {
+            id,
+            to: to.to_owned(),
+            retry: None,
+        });
+        let OutboxRecord::V1 { body, .. } = record;
+        let queued = link
+            .send(LinkCmd::Send(Outgoing {
+                id,
+                body,
+                sent_at_ms: now,
+                expires_at_ms,
+                queued_at_ms: now,
+            }))
+            .await;
+        if queued.is_err() {
+            // Shut down meanwhile: the message is in the outbox for the next start.
+            return Err(NodeError::ShutDown);
+        }
         Ok(id)
+    }
+
+    /// The messages waiting in the outbox, to every peer, oldest first per peer.
+    pub async fn outbox(&self) -> Vec<OutboxEntry> {
+        let links: Vec<LinkHandle> = lock(&self.shared.links).values().cloned().collect();
+        let mut all = Vec::new();
+        for link in links {
+            let (tx, rx) = oneshot::channel();
+            if link.send(LinkCmd::List(tx)).await.is_ok()
+                && let Ok(entries) = rx.await
+            {
+                all.extend(entries);
+            }
+        }
+        all
+    }
+
+    /// Cancels a message still waiting to be sent: it leaves the outbox with
+    /// [`Event::Cancelled`]. Fails with [`NodeError::NotCancellable`] once it was sent (or
+    /// is being stored), or if no such message waits.
+    pub async fn cancel(&self, id: MessageId) -> Result<(), NodeError> {
+        let links: Vec<LinkHandle> = lock(&self.shared.links).values().cloned().collect();
+        for link in links {
+            let (tx, rx) = oneshot::channel();
+            if link.send(LinkCmd::Cancel(id, tx)).await.is_ok() && rx.await == Ok(true) {
+                return Ok(());
+            }
+        }
+        Err(NodeError::NotCancellable(id))
+    }
+
+    /// Confirms that the application has taken message `id` from `from` (with
+    /// [`Confirm::Explicit`]): it leaves the inbox and is not handed out again. `false` if
+    /// no such message waits (confirmed already, or never received).
+    pub fn confirm(&self, from: &str, id: MessageId) -> Result<bool, NodeError> {
+        Ok(self.shared.inbox.confirm(from, id)?)
     }
 
     /// Blocks `user`: nothing from them is shown, live or offline, their connections are
@@ -559,6 +770,7 @@ impl ChatNode {
         if let Some(link) = self.shared.existing_link(user) {
             let _ = link.send(LinkCmd::Trusted(record.public_key)).await;
         }
+        self.shared.inbox.release(user)?;
         Ok(())
     }
 
@@ -593,14 +805,13 @@ impl ChatNode {
         for rx in flushed {
             let _ = rx.await;
         }
-        // Records a failed write left, if any: one more try.
-        self.shared.commit_seen(std::iter::empty());
         let session = lock(&self.shared.session).take();
         let result = match session {
             Some(session) => session.deregister().await.map_err(NodeError::from),
             None => Ok(()),
         };
         self.shared.stop_tasks().await;
+        self.shared.db.close();
         *done = true;
         result
     }
@@ -613,6 +824,7 @@ impl ChatNode {
         *lock(&self.shared.closing) = true;
         self.shared.stop_tasks().await;
         lock(&self.shared.session).take();
+        self.shared.db.close();
         *self.shared.shutdown_done.lock().await = true;
     }
 }

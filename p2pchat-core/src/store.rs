@@ -111,6 +111,16 @@ pub enum StoreError {
 pub trait OfflineStore: Debug + Send + Sync + 'static {
     /// Stores a message for `message.to`.
     async fn put(&self, message: StoredMessage) -> Result<(), StoreError>;
+    /// Stores several messages, in order, answering for each. By default one
+    /// [`put`](OfflineStore::put) after another; a backend that can do better (one round
+    /// trip, one transaction) overrides it.
+    async fn put_many(&self, messages: Vec<StoredMessage>) -> Vec<Result<(), StoreError>> {
+        let mut results = Vec::with_capacity(messages.len());
+        for message in messages {
+            results.push(self.put(message).await);
+        }
+        results
+    }
     /// Up to `limit` of `recipient`'s oldest waiting messages, left in place.
     async fn fetch(&self, recipient: &str, limit: usize) -> Result<Vec<StoredMessage>, StoreError>;
     /// Removes processed messages from `recipient`'s mailbox. Unknown ids are ignored.
@@ -129,6 +139,9 @@ pub trait OfflineStore: Debug + Send + Sync + 'static {
 impl<T: OfflineStore + ?Sized> OfflineStore for std::sync::Arc<T> {
     async fn put(&self, message: StoredMessage) -> Result<(), StoreError> {
         (**self).put(message).await
+    }
+    async fn put_many(&self, messages: Vec<StoredMessage>) -> Vec<Result<(), StoreError>> {
+        (**self).put_many(messages).await
     }
     async fn fetch(&self, recipient: &str, limit: usize) -> Result<Vec<StoredMessage>, StoreError> {
         (**self).fetch(recipient, limit).await

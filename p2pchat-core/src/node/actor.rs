@@ -11,7 +11,7 @@ use tracing::Instrument;
 use super::handshake::{self, Refusal};
 use super::link::{Established, LinkCmd};
 use super::{
-    Disposition, HANDSHAKE_TIMEOUT, MAX_PENDING_HANDSHAKES, MAX_PENDING_HANDSHAKES_PER_ADDRESS,
+    HANDSHAKE_TIMEOUT, MAX_PENDING_HANDSHAKES, MAX_PENDING_HANDSHAKES_PER_ADDRESS, NodeError,
     Shared,
 };
 use crate::announce::Announcement;
@@ -19,7 +19,7 @@ use crate::crypto::CryptoError;
 use crate::discovery::DiscoveryEvent;
 use crate::event::Event;
 use crate::limits::ConnectionLimits;
-use crate::protocol::ErrorCode;
+use crate::protocol::{ErrorCode, MessageId};
 use crate::store::MAX_FETCH_BATCH;
 use crate::transport::Listener;
 
@@ -165,10 +165,12 @@ async fn drain_on_notice(shared: Arc<Shared>, notice: Arc<tokio::sync::Notify>) 
     }
 }
 
-/// Fetches and shows everything in our mailbox, in order, acknowledging each batch only
-/// after its ids are recorded: a crash mid-drain redelivers, and duplicates are dropped.
+/// Fetches everything in our mailbox, in order, makes it durable in the inbox, then
+/// acknowledges it to the store: a crash mid-drain fetches it again, and duplicates are
+/// dropped by id.
 async fn drain(shared: &Arc<Shared>) {
     loop {
+        shared.inbox.wait_for_room().await;
         let batch = match shared.store.fetch(shared.me(), MAX_FETCH_BATCH).await {
             Ok(batch) => batch,
             Err(e) => {
@@ -181,57 +183,28 @@ async fn drain(shared: &Arc<Shared>) {
         if batch.is_empty() {
             return;
         }
-        let mut shown = Vec::new();
-        let mut recorded = Vec::new();
         let mut processed = Vec::with_capacity(batch.len());
+        // Runs of one sender, in mailbox order.
+        let mut runs: Vec<(String, Vec<(MessageId, String)>)> = Vec::new();
         for message in batch {
-            processed.push(message.id);
             if message.to != shared.me() || shared.peer_state().is_blocked(&message.from) {
+                processed.push(message.id);
                 continue;
             }
-            // The pinned key if we have one: no directory round trip per message.
-            let pinned = shared.peer_state().pin(&message.from);
-            let key = match pinned {
-                Some(key) => key,
-                None => match shared.resolve(&message.from).await {
-                    Ok((record, _)) => record.public_key,
-                    Err(e) => {
-                        // Leave it in the mailbox: the sender may be resolvable later.
-                        tracing::warn!(from = %message.from, error = %e, "cannot open offline message yet");
-                        processed.pop();
-                        continue;
-                    }
-                },
-            };
-            let pair = shared.pair_key(&key);
-            let disposition = match pair {
-                Ok(pair) => shared.receive(&pair, &message.from, message.id, &message.token, true),
-                Err(e) => Disposition::Reject(e),
-            };
-            match disposition {
-                Disposition::Show(event) => {
-                    shown.push(event);
-                    recorded.push((message.from, message.id));
+            match runs.last_mut() {
+                Some((from, tokens)) if *from == message.from => {
+                    tokens.push((message.id, message.token))
                 }
-                Disposition::Hide => recorded.push((message.from, message.id)),
-                Disposition::Drop => {}
-                Disposition::Reject(e @ CryptoError::FromTheFuture { ahead_secs })
-                    if ahead_secs <= MAX_HELD_AHEAD.as_secs() =>
-                {
-                    // Our clock is behind the sender's: keep it for a later drain.
-                    processed.pop();
-                    shared.emit(Event::Error {
-                        message: format!("an offline message from {} waits: {e}", message.from),
-                    });
-                }
-                Disposition::Reject(e) => shared.emit(Event::Error {
-                    message: format!("an offline message from {} was rejected: {e}", message.from),
-                }),
+                _ => runs.push((message.from, vec![(message.id, message.token)])),
             }
         }
-        shared.commit_seen(recorded.iter().map(|(from, id)| (from.as_str(), *id)));
-        for event in shown {
-            shared.emit(event);
+        for (from, tokens) in runs {
+            match drain_run(shared, &from, tokens).await {
+                Ok(done) => processed.extend(done),
+                Err(e) => {
+                    tracing::warn!(%from, error = %e, "cannot take offline messages yet");
+                }
+            }
         }
         if processed.is_empty() {
             return;
@@ -243,6 +216,82 @@ async fn drain(shared: &Arc<Shared>) {
             return;
         }
     }
+}
+
+/// Takes one sender's run of offline messages; returns the ids done with (durable, or
+/// refused for good), leaving the rest in the mailbox.
+async fn drain_run(
+    shared: &Arc<Shared>,
+    from: &str,
+    tokens: Vec<(MessageId, String)>,
+) -> Result<Vec<MessageId>, NodeError> {
+    // The pinned key if we have one: no directory round trip per message.
+    let pinned = shared.peer_state().pin(from);
+    let key = match pinned {
+        Some(key) => key,
+        None => shared.resolve(from).await?.0.public_key,
+    };
+    let pair = shared
+        .pair_key(&key)
+        .map_err(|e| NodeError::Config(e.to_string()))?;
+    let by_id: std::collections::HashMap<MessageId, String> = tokens.iter().cloned().collect();
+    let received = shared
+        .receive_batch(&pair, from, tokens, true, false)
+        .await?;
+    let mut done = received.ack;
+    for (id, e) in received.refuse {
+        if let CryptoError::FromTheFuture { ahead_secs } = e
+            && ahead_secs <= MAX_HELD_AHEAD.as_secs()
+        {
+            // Our clock is behind the sender's: keep it for a later drain.
+            shared.emit(Event::Error {
+                message: format!("an offline message from {from} waits: {e}"),
+            });
+            continue;
+        }
+        shared.emit(Event::Error {
+            message: format!("an offline message from {from} was rejected: {e}"),
+        });
+        done.push(id);
+    }
+    if received.unopenable.is_empty() {
+        return Ok(done);
+    }
+    // Sealed under another key: the sender's key may have changed. Held until trusted.
+    let retry: Vec<(MessageId, String)> = received
+        .unopenable
+        .iter()
+        .filter_map(|id| Some((*id, by_id.get(id)?.clone())))
+        .collect();
+    let (record, changed) = shared.resolve(from).await?;
+    let held = match changed {
+        Some(old) if record.public_key != key || pinned.is_some() => {
+            let new = shared
+                .pair_key(&record.public_key)
+                .map_err(|e| NodeError::Config(e.to_string()))?;
+            let again = shared.receive_batch(&new, from, retry, true, true).await?;
+            if !again.ack.is_empty() {
+                shared.key_changed(from, &old, &record.public_key);
+            }
+            again
+        }
+        _ => super::Received {
+            unopenable: received.unopenable,
+            ..Default::default()
+        },
+    };
+    done.extend(held.ack);
+    for id in held
+        .unopenable
+        .into_iter()
+        .chain(held.refuse.into_iter().map(|(id, _)| id))
+    {
+        shared.emit(Event::Error {
+            message: format!("an offline message from {from} could not be opened and was dropped"),
+        });
+        done.push(id);
+    }
+    Ok(done)
 }
 
 /// Expiry notices for messages we sent, as events.
@@ -296,11 +345,16 @@ async fn accept_one(shared: Arc<Shared>, conn: crate::transport::Connection) {
             return;
         }
     };
-    let Ok(link) = shared.link(&peer, key) else {
+    let pinned = shared.peer_state().pin(&peer);
+    let Ok(link) = shared.link(&peer, pinned.or(Some(key))) else {
         return;
     };
     let _ = link
-        .send(LinkCmd::Inbound(Established { reader, writer }))
+        .send(LinkCmd::Inbound(Established {
+            reader,
+            writer,
+            key,
+        }))
         .await;
 }
 
@@ -327,11 +381,13 @@ async fn admit(
     match shared.resolve(user).await {
         Ok((record, None)) if record.public_key == key => Ok(()),
         Ok((record, Some(pinned))) if record.public_key == key => {
+            // The directory vouches for the new key: talk, but hold what it sends (and what
+            // we send it) until the user trusts it.
             shared.key_changed(user, &pinned, &key);
-            Err(refuse(
-                ErrorCode::AuthenticationFailed,
-                "your key changed; waiting for the user to trust it",
-            ))
+            if let Some(link) = shared.existing_link(user) {
+                let _ = link.try_send(LinkCmd::Hold);
+            }
+            Ok(())
         }
         Ok(_) => Err(refuse(
             ErrorCode::AuthenticationFailed,

@@ -12,13 +12,19 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+use std::sync::atomic::{AtomicU64, AtomicUsize};
+
 use super::actor::{ACTOR_QUEUE_CAPACITY, Actor};
-use super::state::{PeerState, Seen};
+use super::db::{Db, Durability, Table};
+use super::inbox::{Confirm, Inbox};
+use super::link::{LinkCmd, Outgoing};
+use super::records::{self, OutboxRecord, PEERS_KEY};
+use super::state::PeerState;
 use super::{ChatNode, Config, DEFAULT_ACK_TIMEOUT, DEFAULT_EVENT_CAPACITY, NodeError, Shared};
 use crate::discovery::{DEFAULT_KEEP_ALIVE_INTERVAL, Discovery, DiscoveryClient, Registration};
 use crate::event::Event;
 use crate::identity::Identity;
-use crate::protocol::validate_username;
+use crate::protocol::{MessageId, validate_username};
 use crate::store::{DEFAULT_MESSAGE_TTL, MAX_MESSAGE_TTL, OfflineStore};
 use crate::transport::{TcpTransport, Transport};
 
@@ -40,6 +46,8 @@ pub struct ChatNodeBuilder {
     ack_timeout: Option<Duration>,
     message_ttl: Option<Duration>,
     event_capacity: Option<usize>,
+    durability: Durability,
+    confirm: Confirm,
     announcements: Option<BoxStream<'static, String>>,
 }
 
@@ -117,10 +125,11 @@ impl ChatNodeBuilder {
         self
     }
 
-    /// A directory for the state that must survive restarts: block and mute lists, pinned
-    /// keys, ids of messages already shown. Created if missing.
+    /// A directory for the node database: the outbox, the inbox, ids of messages already
+    /// received, block and mute lists, pinned keys. Created if missing (mode 0700). One
+    /// process at a time may use it.
     ///
-    /// By default, none: that state lives in memory and is lost at exit.
+    /// By default, none: the same database lives in memory and is lost at exit.
     pub fn data_dir(mut self, dir: impl Into<PathBuf>) -> Self {
         self.data_dir = Some(dir.into());
         self
@@ -150,6 +159,23 @@ impl ChatNodeBuilder {
     /// By default, [`DEFAULT_MESSAGE_TTL`] (7 days).
     pub fn message_ttl(mut self, ttl: Duration) -> Self {
         self.message_ttl = Some(ttl);
+        self
+    }
+
+    /// How durable a message must be before `send` returns it and before a received message
+    /// is acknowledged.
+    ///
+    /// By default, [`Durability::Process`]: kept across a kill of the process.
+    pub fn durability(mut self, durability: Durability) -> Self {
+        self.durability = durability;
+        self
+    }
+
+    /// When a received message counts as taken by the application and leaves the inbox.
+    ///
+    /// By default, [`Confirm::OnRead`]: when an [`crate::Events`] stream hands it out.
+    pub fn confirm(mut self, confirm: Confirm) -> Self {
+        self.confirm = confirm;
         self
     }
 
@@ -193,6 +219,8 @@ impl ChatNodeBuilder {
             ack_timeout: self.ack_timeout.unwrap_or(DEFAULT_ACK_TIMEOUT),
             message_ttl: self.message_ttl.unwrap_or(DEFAULT_MESSAGE_TTL),
             event_capacity: self.event_capacity.unwrap_or(DEFAULT_EVENT_CAPACITY).max(1),
+            durability: self.durability,
+            confirm: self.confirm,
         };
         if config.keep_alive.is_zero() || config.ack_timeout.is_zero() {
             return Err(NodeError::Config(
@@ -215,15 +243,38 @@ impl ChatNodeBuilder {
         if config.message_ttl.is_zero() {
             return Err(NodeError::Config("the message TTL must be positive".into()));
         }
-        if let Some(dir) = &config.data_dir {
-            std::fs::create_dir_all(dir).map_err(|source| NodeError::State {
-                path: dir.display().to_string(),
-                source,
-            })?;
-        }
         let identity = self.identity.unwrap_or_else(Identity::generate);
-        let mut peers = PeerState::load(config.data_dir.as_deref())?;
-        let seen = Seen::load(config.data_dir.as_deref())?;
+        let (db, mut snapshot) = {
+            let dir = config.data_dir.clone();
+            let durability = config.durability;
+            tokio::task::spawn_blocking(move || Db::open(dir.as_deref(), durability))
+                .await
+                .map_err(|e| {
+                    NodeError::Config(format!("opening the node database failed: {e}"))
+                })??
+        };
+        let meta = snapshot.take(Table::Meta);
+        let mut peers = PeerState::load(db.clone(), meta.get(PEERS_KEY).map(Vec::as_slice))?;
+        let inbox = Arc::new(Inbox::load(
+            db.clone(),
+            config.confirm,
+            snapshot.take(Table::Inbox),
+            snapshot.take(Table::Held),
+            snapshot.take(Table::Seen),
+            &meta,
+        ));
+        let mut pending: Vec<(MessageId, OutboxRecord)> = snapshot
+            .take(Table::Outbox)
+            .into_iter()
+            .filter_map(|(key, value)| {
+                let id = MessageId::from_bytes(key.as_slice().try_into().ok()?);
+                Some((id, records::decode::<OutboxRecord>(&value)?))
+            })
+            .collect();
+        pending.sort_by_key(|(_, OutboxRecord::V1 { seq, .. })| *seq);
+        let next_seq = pending
+            .last()
+            .map_or(0, |(_, OutboxRecord::V1 { seq, .. })| seq + 1);
         let transport = self
             .transport
             .unwrap_or_else(|| Arc::new(TcpTransport::new()));
@@ -265,7 +316,10 @@ impl ChatNodeBuilder {
             events: RwLock::new(Some(events)),
             first_events: Mutex::new(Some(first_events)),
             peers: Mutex::new(peers),
-            seen: Mutex::new(seen),
+            db,
+            inbox,
+            outbox_seq: AtomicU64::new(next_seq),
+            outbox_len: AtomicUsize::new(pending.len()),
             links: Mutex::default(),
             pair_keys: Mutex::default(),
             store,
@@ -293,10 +347,41 @@ impl ChatNodeBuilder {
                 ),
             });
         }
-        shared.spawn(actor.run().instrument(span));
+        shared.spawn(actor.run().instrument(span.clone()));
+        if !pending.is_empty() {
+            shared.spawn(restore_outbox(shared.clone(), pending).instrument(span));
+        }
         Ok(ChatNode {
             shared,
             actor: actor_tx,
         })
+    }
+}
+
+/// Hands the messages a previous run left in the outbox to their links, in order.
+async fn restore_outbox(shared: Arc<Shared>, pending: Vec<(MessageId, OutboxRecord)>) {
+    for (id, record) in pending {
+        let OutboxRecord::V1 {
+            to,
+            body,
+            sent_at_ms,
+            queued_at_ms,
+            expires_at_ms,
+            ..
+        } = record;
+        let key = shared.peer_state().pin(&to);
+        let Ok(link) = shared.link(&to, key) else {
+            return;
+        };
+        let msg = Outgoing {
+            id,
+            body,
+            sent_at_ms,
+            expires_at_ms,
+            queued_at_ms,
+        };
+        if link.send(LinkCmd::Send(msg)).await.is_err() {
+            return;
+        }
     }
 }

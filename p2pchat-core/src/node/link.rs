@@ -1,54 +1,55 @@
-//! One link per peer: the single connection to it, the unacknowledged messages, and the
-//! fallback to the offline store.
+//! One link per peer: the task that performs what the peer's outbox ([`PeerOutbox`], a pure
+//! state machine) decides, owns the single connection to the peer, and runs the reader of
+//! each connection.
 //!
-//! The link task owns the write half of the connection and sends. A separate reader task per
-//! connection reads frames, opens tokens, settles acknowledgements and reports back over an
-//! unbounded channel (bounded in practice by the peer's in-flight window), so a link blocked
-//! writing never stops acknowledgements from being read: two links writing to each other
-//! cannot deadlock. The messages in flight are shared by the link and its readers
-//! ([`Unacked`]): a reader takes an acknowledged message out and reports it delivered itself,
-//! without a hand-off to the link.
+//! The link task owns the write half and seals and writes messages. Dials and store calls
+//! run beside its loop (a dial that waits on a directory or a handshake never stalls
+//! writes, acknowledgements or shutdown). A reader task per connection reads frames, hands
+//! incoming messages to the node's inbox, and settles acknowledgements itself: the outbox
+//! is shared by the link and its reader under a lock never held across an `.await`, so an
+//! acknowledgement costs no hand-off to the link. A link blocked writing never stops
+//! acknowledgements from being read: two links writing to each other cannot deadlock.
 
-use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, UNIX_EPOCH};
+use std::time::Duration;
 
+use futures::stream::FuturesUnordered;
 use futures::{FutureExt, SinkExt, StreamExt};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::time::Instant;
+use tokio_util::task::AbortOnDropHandle;
 use tracing::Instrument;
 
 use super::handshake::{self, FrameReader, FrameWriter};
-use super::{Disposition, HANDSHAKE_TIMEOUT, SHUTDOWN_GRACE, Shared, lock};
+use super::outbox::{Action, Input, Millis, Outcome, PeerOutbox, State, StoreResult};
+use super::{HANDSHAKE_TIMEOUT, OutboxEntry, OutboxState, SHUTDOWN_GRACE, Shared, lock};
 use crate::crypto::{PairKey, PayloadRef};
 use crate::event::Event;
 use crate::identity::PublicKey;
 use crate::protocol::{MAX_ACK_BATCH, MessageId, PeerFrame};
-use crate::store::StoredMessage;
+use crate::store::{StoreError, StoredMessage};
+
+pub use super::outbox::MAX_IN_FLIGHT;
 
 /// Commands queued for one link before `send` waits. Default: 1024.
 pub const LINK_QUEUE_CAPACITY: usize = 1024;
 
-/// Messages sent to one peer and not yet acknowledged before the link stops taking more.
-/// Default: 4096.
-pub const MAX_IN_FLIGHT: usize = 4096;
-
 /// Frames a reader processes before recording them and acknowledging. Default: 256.
 const READ_BATCH: usize = 256;
 
-/// Commands a link sends before flushing. Default: 256.
+/// Commands a link takes before flushing. Default: 256.
 const WRITE_BATCH: usize = 256;
-
-/// After a failed dial, messages go straight to the offline store for this long, unless the
-/// directory says the peer came online. Default: 2 s.
-const DIAL_BACKOFF: Duration = Duration::from_secs(2);
 
 /// An idle connection is probed this often. Default: 15 s.
 const PING_INTERVAL: Duration = Duration::from_secs(15);
 
+/// Longest a store call may take before it counts as failed (and is retried). Default: 30 s.
+const STORE_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// What a link is asked to do.
 #[derive(Debug)]
 pub(crate) enum LinkCmd {
+    /// A message, already durable in the outbox.
     Send(Outgoing),
     /// An authenticated connection the peer opened to us.
     Inbound(Established),
@@ -60,20 +61,31 @@ pub(crate) enum LinkCmd {
     Trusted(PublicKey),
     /// Drop the connection (the peer was blocked).
     Disconnect,
+    /// Cancel a message not yet sent; answers whether it was.
+    Cancel(MessageId, oneshot::Sender<bool>),
+    /// The messages waiting for this peer.
+    List(oneshot::Sender<Vec<OutboxEntry>>),
     /// Send what is queued, wait a little for acks, store the rest, stop.
     Shutdown(oneshot::Sender<()>),
 }
 
+/// A message for the link, as the outbox holds it.
 #[derive(Debug)]
 pub(crate) struct Outgoing {
     pub(crate) id: MessageId,
     pub(crate) body: String,
     pub(crate) sent_at_ms: u64,
+    /// Wall-clock Unix milliseconds when it expires undelivered.
+    pub(crate) expires_at_ms: u64,
+    /// Wall-clock Unix milliseconds when `send` queued it.
+    pub(crate) queued_at_ms: u64,
 }
 
 pub(crate) struct Established {
     pub(crate) reader: FrameReader,
     pub(crate) writer: FrameWriter,
+    /// The key the peer proved in the handshake.
+    pub(crate) key: PublicKey,
 }
 
 impl std::fmt::Debug for Established {
@@ -99,186 +111,241 @@ impl LinkHandle {
     pub(crate) fn try_send(&self, cmd: LinkCmd) -> bool {
         self.tx.try_send(cmd).is_ok()
     }
-
-    pub(crate) async fn hold(&self) {
-        let _ = self.send(LinkCmd::Hold).await;
-    }
 }
+
+/// What the link keeps with each message in the outbox.
+#[derive(Debug)]
+struct Payload {
+    body: String,
+    sent_at_ms: u64,
+    queued_at_ms: u64,
+    expires_at_ms: u64,
+    /// Sealed on first use, kept for resends and the store; dropped when the key changes.
+    token: Option<String>,
+}
+
+type Outbox = Arc<Mutex<PeerOutbox<Payload>>>;
 
 /// What a reader tells its link.
 #[derive(Debug)]
 enum FromReader {
-    /// Acknowledgements took messages out of flight while the link waited for that.
-    Settled,
-    /// The peer refused this one.
+    /// The peer refused this one (authenticated).
     Rejected(MessageId, String),
-    /// We processed these; acknowledge them.
+    /// We made these durable in our inbox; acknowledge them.
     AckThese(u64, Vec<MessageId>),
-    /// We could not accept this one; tell the peer.
+    /// We could not accept this one, for a reason the peer's own message caused; tell it.
     RejectThis(u64, MessageId, String),
     Ping(u64, u64),
     Pong(u64),
     Closed(u64, String),
 }
 
-struct InFlight {
-    id: MessageId,
-    token: String,
-    sent_at_ms: u64,
-    sent: Instant,
-}
-
-/// The messages sent to one peer and not yet acknowledged, oldest first: shared by the link
-/// (which adds, times out, resends and stores them) and its readers (which settle
-/// acknowledgements). Never held across an `.await`.
-#[derive(Default)]
-struct Unacked {
-    entries: VecDeque<InFlight>,
-    /// The link waits for room or, shutting down, for everything to settle: a reader that
-    /// settles something tells it.
-    link_waiting: bool,
-}
-
-impl Unacked {
-    fn take(&mut self, id: MessageId) -> Option<InFlight> {
-        if self.entries.front().is_some_and(|m| m.id == id) {
-            return self.entries.pop_front();
-        }
-        let i = self.entries.iter().position(|m| m.id == id)?;
-        self.entries.remove(i)
-    }
+/// Why a dial did not give a connection.
+struct DialFailure {
+    reason: String,
+    /// The directory says nobody has the name.
+    unknown: bool,
+    /// The directory has another key than the pinned one: (pinned, new).
+    key_changed: Option<(PublicKey, PublicKey)>,
 }
 
 struct Conn {
     id: u64,
     writer: FrameWriter,
-    reader: tokio::task::JoinHandle<()>,
+    _reader: AbortOnDropHandle<()>,
     dialed_by_me: bool,
     ping: Option<(u64, Instant)>,
     last_ping: Instant,
 }
 
-impl Drop for Conn {
-    fn drop(&mut self) {
-        self.reader.abort();
-    }
-}
+type StoreJob = futures::future::BoxFuture<'static, (Vec<MessageId>, Vec<Result<(), StoreError>>)>;
 
 struct Link {
     shared: Arc<Shared>,
     peer: String,
-    key: PublicKey,
+    /// The pinned key; `None` until the directory has told us (a first message queued
+    /// while it was unreachable).
+    key: Option<PublicKey>,
     pair: Option<PairKey>,
-    held: bool,
-    /// Messages waiting while held.
-    queue: VecDeque<Outgoing>,
-    in_flight: Arc<Mutex<Unacked>>,
+    outbox: Outbox,
+    /// Set by a reader that settled something the link waits for.
+    wake: Arc<Notify>,
     conn: Option<Conn>,
     next_conn: u64,
+    dial: Option<AbortOnDropHandle<Result<Established, DialFailure>>>,
+    stores: FuturesUnordered<StoreJob>,
     reader_tx: mpsc::UnboundedSender<FromReader>,
     reader_rx: mpsc::UnboundedReceiver<FromReader>,
     cmds: mpsc::Receiver<LinkCmd>,
-    dial_after: Instant,
-    closing: Option<(Instant, oneshot::Sender<()>)>,
+    closing: Option<oneshot::Sender<()>>,
+    /// The link's clock starts here (the outbox counts milliseconds from it).
+    epoch: Instant,
+    actions: Vec<Action>,
 }
 
-pub(crate) fn spawn(shared: Arc<Shared>, peer: String, key: PublicKey) -> LinkHandle {
+/// Starts the link to `peer`, whose pinned key is `key` (if known yet).
+pub(crate) fn spawn(shared: Arc<Shared>, peer: String, key: Option<PublicKey>) -> LinkHandle {
     let (tx, cmds) = mpsc::channel(LINK_QUEUE_CAPACITY);
     let (reader_tx, reader_rx) = mpsc::unbounded_channel();
     let span = tracing::info_span!("link", me = %shared.me(), peer = %peer);
-    let pair = shared.pair_key(&key).ok();
+    let pair = key.and_then(|key| shared.pair_key(&key).ok());
+    let outbox = PeerOutbox::new(shared.config.ack_timeout);
+    let actions = Vec::new();
     let link = Link {
         shared: shared.clone(),
         peer,
         key,
-        held: pair.is_none(),
         pair,
-        queue: VecDeque::new(),
-        in_flight: Arc::default(),
+        outbox: Arc::new(Mutex::new(outbox)),
+        wake: Arc::new(Notify::new()),
         conn: None,
         next_conn: 0,
+        dial: None,
+        stores: FuturesUnordered::new(),
         reader_tx,
         reader_rx,
         cmds,
-        dial_after: Instant::now(),
         closing: None,
+        epoch: Instant::now(),
+        actions,
     };
     shared.spawn(link.run().instrument(span));
     LinkHandle { tx }
 }
 
+/// Waits for an optional task; pending forever without one.
+async fn join_opt<T: Send + 'static>(task: &mut Option<AbortOnDropHandle<T>>) -> Option<T> {
+    match task {
+        Some(handle) => {
+            let result = handle.await.ok();
+            *task = None;
+            result
+        }
+        None => std::future::pending().await,
+    }
+}
+
 impl Link {
-    fn unacked(&self) -> std::sync::MutexGuard<'_, Unacked> {
-        lock(&self.in_flight)
+    fn now(&self) -> Millis {
+        self.epoch
+            .elapsed()
+            .as_millis()
+            .try_into()
+            .unwrap_or(Millis::MAX)
     }
 
-    /// Whether another message may go out; if not, a reader wakes the link when one settles.
-    fn has_room(&self) -> bool {
-        let mut unacked = self.unacked();
-        let room = unacked.entries.len() < MAX_IN_FLIGHT;
-        unacked.link_waiting |= !room;
-        room
+    /// The outbox's milliseconds for a wall-clock Unix time.
+    fn mono(&self, unix_ms: u64) -> Millis {
+        let wall = super::unix_ms_now();
+        self.now()
+            .saturating_add(unix_ms.saturating_sub(wall))
+            .saturating_sub(wall.saturating_sub(unix_ms))
     }
 
-    /// Whether nothing is in flight; if something is, a reader wakes the link when it settles.
-    fn all_settled(&self) -> bool {
-        let mut unacked = self.unacked();
-        let settled = unacked.entries.is_empty();
-        unacked.link_waiting |= !settled;
-        settled
-    }
-
-    fn take_all_unacked(&self) -> Vec<InFlight> {
-        self.unacked().entries.drain(..).collect()
+    fn handle(&mut self, input: Input) {
+        let now = self.now();
+        lock(&self.outbox).handle(now, input, &mut self.actions);
     }
 
     async fn run(mut self) {
         let halt = self.shared.halt.clone();
-        let tick_every = (self.shared.config.ack_timeout / 4).max(Duration::from_millis(20));
-        let mut tick = tokio::time::interval(tick_every);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut ping = tokio::time::interval(PING_INTERVAL / 3);
+        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            let can_take = self.has_room();
+            let can_take = self.closing.is_none() && lock(&self.outbox).has_room();
+            let deadline = lock(&self.outbox)
+                .next_deadline()
+                .map(|at| self.epoch + Duration::from_millis(at));
+            let sleep = async {
+                match deadline {
+                    Some(at) => tokio::time::sleep_until(at.max(Instant::now())).await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 biased;
                 _ = halt.cancelled() => return,
                 Some(ev) = self.reader_rx.recv() => self.on_reader(ev).await,
+                _ = self.wake.notified() => self.handle(Input::Tick),
                 cmd = self.cmds.recv(), if can_take => match cmd {
                     Some(cmd) => self.on_cmd(cmd).await,
-                    // Every handle is gone and the node is not shutting us down: settle.
-                    None => {
-                        self.store_all("the node is stopping").await;
-                        return;
-                    }
+                    // Every handle is gone and the node is not shutting us down.
+                    None => self.start_closing(None),
                 },
-                _ = tick.tick() => self.on_tick().await,
+                dialed = join_opt(&mut self.dial) => self.on_dialed(dialed).await,
+                Some((ids, results)) = self.stores.next() => self.on_stored(ids, results),
+                _ = sleep => self.handle(Input::Tick),
+                _ = ping.tick() => self.on_ping().await,
             }
+            self.perform().await;
             self.flush().await;
-            if let Some((deadline, _)) = &self.closing {
-                let settled = self.cmds.is_empty() && self.all_settled();
-                if settled || Instant::now() >= *deadline {
-                    self.store_all("the node shut down before the peer acknowledged")
-                        .await;
-                    if let Some((_, done)) = self.closing.take() {
-                        let _ = done.send(());
-                    }
-                    return;
+            if self.closing.is_some() && lock(&self.outbox).is_stopped() {
+                if let Some(done) = self.closing.take() {
+                    let _ = done.send(());
                 }
+                return;
             }
         }
+    }
+
+    fn start_closing(&mut self, done: Option<oneshot::Sender<()>>) {
+        let (tx, _) = oneshot::channel();
+        self.closing = Some(done.unwrap_or(tx));
+        // Messages queued behind the shutdown are stored with the rest.
+        self.cmds.close();
+        while let Ok(cmd) = self.cmds.try_recv() {
+            match cmd {
+                LinkCmd::Send(msg) => self.queue(msg),
+                LinkCmd::Shutdown(done) => {
+                    let _ = done.send(());
+                }
+                _ => {}
+            }
+        }
+        self.dial = None;
+        if lock(&self.outbox)
+            .entries()
+            .any(|e| e.state == State::Queued)
+        {
+            // An aborted dial: the outbox waits for its answer.
+            self.handle(Input::DialFailed {
+                reason: "the node is shutting down".into(),
+                unknown: false,
+            });
+        }
+        let deadline = self.now().saturating_add(SHUTDOWN_GRACE.as_millis() as u64);
+        self.handle(Input::Shutdown { deadline });
+    }
+
+    fn queue(&mut self, msg: Outgoing) {
+        let expires_at = self.mono(msg.expires_at_ms);
+        let now = self.now();
+        lock(&self.outbox).queue(
+            now,
+            msg.id,
+            expires_at,
+            Payload {
+                body: msg.body,
+                sent_at_ms: msg.sent_at_ms,
+                queued_at_ms: msg.queued_at_ms,
+                expires_at_ms: msg.expires_at_ms,
+                token: None,
+            },
+            &mut self.actions,
+        );
     }
 
     async fn on_cmd(&mut self, cmd: LinkCmd) {
         match cmd {
             LinkCmd::Send(msg) => {
-                self.on_send(msg).await;
-                // Pipeline: take what else is queued before flushing once.
+                self.queue(msg);
+                // Pipeline: take what else is queued before writing and flushing once.
                 let mut n = 1;
-                while n < WRITE_BATCH && self.has_room() {
+                while n < WRITE_BATCH && lock(&self.outbox).has_room() {
                     match self.cmds.try_recv() {
-                        Ok(LinkCmd::Send(msg)) => self.on_send(msg).await,
+                        Ok(LinkCmd::Send(msg)) => self.queue(msg),
                         Ok(other) => {
-                            self.flush().await;
+                            self.perform().await;
                             Box::pin(self.on_cmd(other)).await;
                             break;
                         }
@@ -287,90 +354,381 @@ impl Link {
                     n += 1;
                 }
             }
-            LinkCmd::Inbound(est) => self.adopt(est, false).await,
-            LinkCmd::PeerOnline => {
-                self.dial_after = Instant::now();
-            }
-            LinkCmd::Hold => self.held = true,
+            LinkCmd::Inbound(est) => self.adopt(est, false),
+            LinkCmd::PeerOnline => self.handle(Input::PeerOnline),
+            LinkCmd::Hold => self.handle(Input::Hold),
             LinkCmd::Trusted(key) => {
-                self.key = key;
-                if self.conn.take().is_some() {
-                    self.resend_or_store().await;
-                }
+                self.key = Some(key);
+                self.drop_conn();
                 match self.shared.pair_key(&key) {
                     Ok(pair) => {
                         self.pair = Some(pair);
-                        self.held = false;
-                        self.dial_after = Instant::now();
-                        for msg in std::mem::take(&mut self.queue) {
-                            self.on_send(msg).await;
+                        // Tokens sealed under the old key are of no use to the peer now.
+                        for payload in lock(&self.outbox).payloads_mut() {
+                            payload.token = None;
+                        }
+                        self.handle(Input::Trusted);
+                    }
+                    Err(e) => {
+                        tracing::warn!(peer = %self.peer, error = %e, "cannot use the trusted key")
+                    }
+                }
+            }
+            LinkCmd::Disconnect => self.drop_conn(),
+            LinkCmd::Cancel(id, reply) => {
+                let cancelled = lock(&self.outbox).cancel(id, &mut self.actions);
+                let _ = reply.send(cancelled);
+            }
+            LinkCmd::List(reply) => {
+                let list = lock(&self.outbox)
+                    .entries()
+                    .map(|e| OutboxEntry {
+                        id: e.id,
+                        to: self.peer.clone(),
+                        state: match e.state {
+                            State::Queued => OutboxState::Queued,
+                            State::InFlight { .. } => OutboxState::Sent,
+                            State::Storing => OutboxState::Storing,
+                        },
+                        attempts: e.attempts,
+                        queued_at: std::time::UNIX_EPOCH
+                            + Duration::from_millis(e.payload.queued_at_ms),
+                    })
+                    .collect();
+                let _ = reply.send(list);
+            }
+            LinkCmd::Shutdown(done) => self.start_closing(Some(done)),
+        }
+    }
+
+    /// Drops the connection; what it had in flight waits again.
+    fn drop_conn(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            self.handle(Input::ConnectionLost { conn: conn.id });
+        }
+    }
+
+    /// Performs the outbox's actions.
+    async fn perform(&mut self) {
+        while !self.actions.is_empty() {
+            let actions = std::mem::take(&mut self.actions);
+            for action in actions {
+                match action {
+                    Action::Dial => self.start_dial(),
+                    Action::Write { conn, ids } => self.write_messages(conn, ids).await,
+                    Action::Close { conn } => {
+                        if self.conn.as_ref().is_some_and(|c| c.id == conn) {
+                            tracing::debug!(peer = %self.peer, "no acknowledgement in time; closing");
+                            self.conn = None;
                         }
                     }
-                    Err(e) => self.fail_queue(&e.to_string()),
+                    Action::Store(ids) => self.start_store(ids),
+                    Action::Done { ids, outcome } => {
+                        self.shared.settle_sent(&self.peer, &ids, outcome)
+                    }
+                    Action::Retrying { ids, reason } => {
+                        for id in ids {
+                            self.shared.emit(Event::Queued {
+                                id,
+                                to: self.peer.clone(),
+                                retry: Some(reason.clone()),
+                            });
+                        }
+                    }
                 }
-            }
-            LinkCmd::Disconnect => {
-                // The peer was blocked: what it has not acknowledged waits in the store.
-                if self.conn.take().is_some() {
-                    self.resend_or_store().await;
-                }
-            }
-            LinkCmd::Shutdown(done) => {
-                self.closing = Some((Instant::now() + SHUTDOWN_GRACE, done));
             }
         }
     }
 
-    async fn on_send(&mut self, msg: Outgoing) {
-        if self.conn.is_none() && self.closing.is_none() {
-            self.connect().await;
-        }
-        let Some(pair) = self.pair.as_ref().filter(|_| !self.held) else {
-            // The peer's key changed: wait for the user to trust the new one.
-            self.queue.push_back(msg);
+    /// Seals (once) and writes messages on the current connection, in order.
+    async fn write_messages(&mut self, conn: u64, ids: Vec<MessageId>) {
+        if self.conn.as_ref().is_none_or(|c| c.id != conn) {
+            // The connection is gone already: its loss re-queued them.
             return;
+        }
+        let frames: Vec<PeerFrame> = {
+            let mut outbox = lock(&self.outbox);
+            ids.iter()
+                .filter_map(|&id| {
+                    let payload = outbox.payload_mut(id)?;
+                    let token = seal(&self.shared, self.pair.as_ref()?, &self.peer, id, payload);
+                    Some(PeerFrame::Message { id, token })
+                })
+                .collect()
         };
-        let token = pair.seal_ref(&PayloadRef {
-            id: msg.id,
-            from: self.shared.me(),
-            to: &self.peer,
-            sent_at_ms: msg.sent_at_ms,
-            body: &msg.body,
+        for id in &ids {
+            self.shared.emit(Event::Sent {
+                id: *id,
+                to: self.peer.clone(),
+            });
+        }
+        let timeout = self.shared.config.ack_timeout;
+        for frame in &frames {
+            let Some(c) = &mut self.conn else { return };
+            if let Err(e) = feed(c, frame, timeout).await {
+                self.lost(&e);
+                return;
+            }
+        }
+    }
+
+    fn start_store(&mut self, ids: Vec<MessageId>) {
+        if self.pair.is_none() {
+            // Nothing to seal with before the directory tells us the peer's key.
+            let ids2 = ids.clone();
+            self.stores.push(
+                async move {
+                    let n = ids2.len();
+                    let e = StoreError::Unavailable("the peer's key is not known yet".into());
+                    (ids2, vec![Err(e); n])
+                }
+                .boxed(),
+            );
+            let _ = ids;
+            return;
+        }
+        let messages: Vec<StoredMessage> = {
+            let mut outbox = lock(&self.outbox);
+            ids.iter()
+                .filter_map(|&id| {
+                    let payload = outbox.payload_mut(id)?;
+                    let token = seal(&self.shared, self.pair.as_ref()?, &self.peer, id, payload);
+                    Some(StoredMessage {
+                        id,
+                        from: self.shared.me().to_owned(),
+                        to: self.peer.clone(),
+                        token,
+                        expires_at: std::time::UNIX_EPOCH
+                            + Duration::from_millis(payload.expires_at_ms),
+                    })
+                })
+                .collect()
+        };
+        let store = self.shared.store.clone();
+        self.stores.push(
+            async move {
+                let n = messages.len();
+                let results =
+                    match tokio::time::timeout(STORE_TIMEOUT, store.put_many(messages)).await {
+                        Ok(results) => results,
+                        Err(_) => vec![
+                            Err(StoreError::Unavailable(
+                                "the offline store did not answer in time".into()
+                            ));
+                            n
+                        ],
+                    };
+                (ids, results)
+            }
+            .boxed(),
+        );
+    }
+
+    fn on_stored(&mut self, ids: Vec<MessageId>, results: Vec<Result<(), StoreError>>) {
+        let mut stored = Vec::new();
+        let mut retry: Vec<(MessageId, StoreError)> = Vec::new();
+        let mut refused: Vec<(MessageId, StoreError)> = Vec::new();
+        for (i, id) in ids.into_iter().enumerate() {
+            match results
+                .get(i)
+                .cloned()
+                .unwrap_or_else(|| Err(StoreError::Unavailable("the store gave no answer".into())))
+            {
+                Ok(()) => stored.push(id),
+                Err(e @ (StoreError::Unavailable(_) | StoreError::QuotaExceeded { .. })) => {
+                    retry.push((id, e))
+                }
+                Err(e) => refused.push((id, e)),
+            }
+        }
+        if !stored.is_empty() {
+            self.handle(Input::Stored {
+                ids: stored,
+                result: StoreResult::Stored,
+            });
+        }
+        if let Some((_, e)) = retry.first() {
+            let reason = format!(
+                "{} cannot be reached and the offline store failed ({e}); will retry",
+                self.peer
+            );
+            self.handle(Input::Stored {
+                ids: retry.iter().map(|(id, _)| *id).collect(),
+                result: StoreResult::Retry(reason),
+            });
+        }
+        for (id, e) in refused {
+            self.handle(Input::Stored {
+                ids: vec![id],
+                result: StoreResult::Refused(format!("the offline store refused the message: {e}")),
+            });
+        }
+    }
+
+    /// Starts a dial beside the loop: look the peer up, dial its addresses, handshake.
+    fn start_dial(&mut self) {
+        if self.shared.peer_state().is_blocked(&self.peer) {
+            self.handle(Input::DialFailed {
+                reason: format!("{} is blocked", self.peer),
+                unknown: false,
+            });
+            return;
+        }
+        let shared = self.shared.clone();
+        let peer = self.peer.clone();
+        let pinned = self.key;
+        let task = async move {
+            let record = match shared.resolve(&peer).await {
+                Ok((record, None)) => record,
+                Ok((record, Some(pinned))) => {
+                    return Err(DialFailure {
+                        reason: format!("{peer}'s key changed"),
+                        unknown: false,
+                        key_changed: Some((pinned, record.public_key)),
+                    });
+                }
+                Err(super::NodeError::UnknownUser(_)) => {
+                    return Err(DialFailure {
+                        reason: format!("unknown user '{peer}': nobody has registered that name"),
+                        unknown: true,
+                        key_changed: None,
+                    });
+                }
+                Err(e) => {
+                    return Err(DialFailure {
+                        reason: format!("cannot look {peer} up: {e}"),
+                        unknown: false,
+                        key_changed: None,
+                    });
+                }
+            };
+            if !record.online {
+                return Err(DialFailure {
+                    reason: format!("{peer} is offline"),
+                    unknown: false,
+                    key_changed: None,
+                });
+            }
+            let key = pinned.unwrap_or(record.public_key);
+            let mut last = format!("{peer} announces no address");
+            for addr in record.addrs {
+                let attempt = async {
+                    let conn = shared
+                        .transport
+                        .dial(addr)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    let (mut reader, mut writer) = handshake::frames(conn);
+                    handshake::dial(
+                        &mut reader,
+                        &mut writer,
+                        &shared.identity,
+                        shared.me(),
+                        &peer,
+                        &key,
+                    )
+                    .await
+                    .map_err(|e| e.to_string())?;
+                    Ok::<_, String>(Established {
+                        reader,
+                        writer,
+                        key,
+                    })
+                };
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, attempt).await {
+                    Ok(Ok(est)) => return Ok(est),
+                    Ok(Err(e)) => last = format!("dialing {peer} at {addr} failed: {e}"),
+                    Err(_) => last = format!("dialing {peer} at {addr} timed out"),
+                }
+            }
+            Err(DialFailure {
+                reason: last,
+                unknown: false,
+                key_changed: None,
+            })
+        };
+        self.dial = Some(AbortOnDropHandle::new(tokio::spawn(task.in_current_span())));
+    }
+
+    async fn on_dialed(&mut self, dialed: Option<Result<Established, DialFailure>>) {
+        match dialed {
+            Some(Ok(est)) => self.adopt(est, true),
+            Some(Err(failure)) => {
+                tracing::debug!(peer = %self.peer, reason = %failure.reason, "dial failed");
+                if let Some((pinned, new)) = failure.key_changed {
+                    self.shared.key_changed(&self.peer, &pinned, &new);
+                    self.handle(Input::Hold);
+                }
+                self.handle(Input::DialFailed {
+                    reason: failure.reason,
+                    unknown: failure.unknown,
+                });
+            }
+            None => self.handle(Input::DialFailed {
+                reason: "the dial was cancelled".into(),
+                unknown: false,
+            }),
+        }
+    }
+
+    /// Takes a new authenticated connection. With one already open, both ends keep the one
+    /// dialed by the side with the smaller key (or the newer, if one side dialed both), so
+    /// simultaneous dials converge on one connection per pair.
+    fn adopt(&mut self, est: Established, dialed_by_me: bool) {
+        if self.key.is_none() {
+            // First sight (the directory had been unreachable when the message was queued).
+            self.key = Some(est.key);
+            self.pair = self.shared.pair_key(&est.key).ok();
+        }
+        // A key the user has not trusted (it changed): talk, but hold both ways.
+        let untrusted = self.key != Some(est.key);
+        let pair = match self.shared.pair_key(&est.key) {
+            Ok(pair) => pair,
+            Err(e) => {
+                tracing::debug!(peer = %self.peer, error = %e, "unusable key");
+                return;
+            }
+        };
+        if untrusted {
+            self.handle(Input::Hold);
+        }
+        if let Some(existing) = &self.conn {
+            let me_smaller = self.shared.identity.public_key().to_bytes() < est.key.to_bytes();
+            let keep_existing =
+                existing.dialed_by_me != dialed_by_me && existing.dialed_by_me == me_smaller;
+            if keep_existing {
+                return;
+            }
+        }
+        self.next_conn += 1;
+        let id = self.next_conn;
+        let reader = self.shared.spawn(
+            read_loop(
+                ReadSide {
+                    shared: self.shared.clone(),
+                    pair,
+                    peer: self.peer.clone(),
+                    conn: id,
+                    hold: untrusted,
+                    outbox: self.outbox.clone(),
+                    wake: self.wake.clone(),
+                    to_link: self.reader_tx.clone(),
+                },
+                est.reader,
+            )
+            .in_current_span(),
+        );
+        self.conn = Some(Conn {
+            id,
+            writer: est.writer,
+            _reader: AbortOnDropHandle::new(reader),
+            dialed_by_me,
+            ping: None,
+            last_ping: Instant::now(),
         });
-        let entry = InFlight {
-            id: msg.id,
-            token,
-            sent_at_ms: msg.sent_at_ms,
-            sent: Instant::now(),
-        };
-        if self.conn.is_some() {
-            self.transmit(entry).await;
-        } else {
-            self.store(vec![entry]).await;
-        }
-    }
-
-    /// Writes a newly sealed message to the connection (not flushed) and tracks it.
-    async fn transmit(&mut self, mut entry: InFlight) {
-        let Some(conn) = &mut self.conn else {
-            self.store(vec![entry]).await;
-            return;
-        };
-        let frame = PeerFrame::Message {
-            id: entry.id,
-            token: std::mem::take(&mut entry.token),
-        };
-        let written = feed(conn, &frame, self.shared.config.ack_timeout).await;
-        let PeerFrame::Message { token, .. } = frame else {
-            unreachable!("constructed above")
-        };
-        entry.token = token;
-        // Only now: `feed` leaves this frame in the write buffer (it flushes only what was
-        // there before), so its acknowledgement cannot arrive before the entry is in place.
-        self.unacked().entries.push_back(entry);
-        if let Err(e) = written {
-            self.lost(&e).await;
-        }
+        // Whatever was in flight on an old connection goes again on this one; the peer
+        // drops what it already has by id.
+        self.handle(Input::Connected { conn: id });
     }
 
     async fn flush(&mut self) {
@@ -378,26 +736,36 @@ impl Link {
         let timeout = self.shared.config.ack_timeout;
         match tokio::time::timeout(timeout, SinkExt::<&PeerFrame>::flush(&mut conn.writer)).await {
             Ok(Ok(())) => {}
-            Ok(Err(e)) => self.lost(&format!("write failed: {e}")).await,
-            Err(_) => self.lost("the peer stopped reading").await,
+            Ok(Err(e)) => self.lost(&format!("write failed: {e}")),
+            Err(_) => self.lost("the peer stopped reading"),
+        }
+        // A loss re-queues; write those again at once (on a new connection, or store them).
+        if !self.actions.is_empty() {
+            Box::pin(self.perform()).await;
+        }
+    }
+
+    fn lost(&mut self, reason: &str) {
+        if let Some(conn) = self.conn.take() {
+            tracing::debug!(peer = %self.peer, %reason, "connection lost");
+            self.handle(Input::ConnectionLost { conn: conn.id });
+        }
+    }
+
+    async fn write(&mut self, frame: PeerFrame) {
+        let Some(conn) = &mut self.conn else { return };
+        if let Err(e) = feed(conn, &frame, self.shared.config.ack_timeout).await {
+            self.lost(&e);
         }
     }
 
     async fn on_reader(&mut self, ev: FromReader) {
         let current = self.conn.as_ref().map(|c| c.id);
         match ev {
-            // The select loop re-checks for room and settlement after every event.
-            FromReader::Settled => {}
-            FromReader::Rejected(id, reason) => {
-                let refused = self.unacked().take(id);
-                if refused.is_some() {
-                    self.shared.emit(Event::SendFailed {
-                        id,
-                        to: self.peer.clone(),
-                        reason: format!("{} refused the message: {reason}", self.peer),
-                    });
-                }
-            }
+            FromReader::Rejected(id, reason) => self.handle(Input::Rejected {
+                id,
+                reason: format!("{} refused the message: {reason}", self.peer),
+            }),
             FromReader::AckThese(conn, ids) if Some(conn) == current => {
                 for chunk in ids.chunks(MAX_ACK_BATCH) {
                     let tag = match &self.pair {
@@ -426,40 +794,22 @@ impl Link {
                     conn.ping = None;
                 }
             }
-            FromReader::Closed(conn, reason) if Some(conn) == current => {
-                self.lost(&reason).await;
-            }
-            // Reports from a connection that has since been replaced.
+            FromReader::Closed(conn, reason) if Some(conn) == current => self.lost(&reason),
+            // About a connection that is no longer current.
             _ => {}
         }
     }
 
-    async fn write(&mut self, frame: PeerFrame) {
-        let Some(conn) = &mut self.conn else { return };
-        if let Err(e) = feed(conn, &frame, self.shared.config.ack_timeout).await {
-            self.lost(&e).await;
-        }
-    }
-
-    async fn on_tick(&mut self) {
+    async fn on_ping(&mut self) {
         let now = Instant::now();
         let timeout = self.shared.config.ack_timeout;
-        let (overdue, idle) = {
-            let unacked = self.unacked();
-            let oldest = unacked.entries.front();
-            (
-                oldest.is_some_and(|m| now.duration_since(m.sent) >= timeout),
-                oldest.is_none(),
-            )
-        };
-        if overdue {
-            self.lost("no acknowledgement in time").await;
-            return;
-        }
+        let idle = lock(&self.outbox)
+            .entries()
+            .all(|e| !matches!(e.state, State::InFlight { .. }));
         let Some(conn) = &mut self.conn else { return };
         if let Some((_, sent)) = conn.ping {
             if now.duration_since(sent) >= timeout {
-                self.lost("no answer to ping").await;
+                self.lost("no answer to ping");
             }
         } else if idle && now.duration_since(conn.last_ping) >= PING_INTERVAL {
             let n: u64 = rand::random();
@@ -468,223 +818,28 @@ impl Link {
             self.write(PeerFrame::Ping(n)).await;
         }
     }
+}
 
-    /// The connection is gone: resend what is unacknowledged over a fresh one, or store it.
-    async fn lost(&mut self, reason: &str) {
-        if self.conn.take().is_none() {
-            return;
-        }
-        let unacked = self.unacked().entries.len();
-        tracing::debug!(peer = %self.peer, %reason, unacked, "connection lost");
-        self.resend_or_store().await;
-    }
-
-    async fn resend_or_store(&mut self) {
-        if self.unacked().entries.is_empty() {
-            return;
-        }
-        if self.closing.is_none() {
-            self.connect().await;
-        }
-        if self.conn.is_some() {
-            Box::pin(self.resend_unacked()).await;
-        } else {
-            let pending = self.take_all_unacked();
-            self.store(pending).await;
-        }
-    }
-
-    /// Writes every unacknowledged message again on the current connection, leaving each in
-    /// flight meanwhile: an acknowledgement read on the old connection while this runs still
-    /// settles it. Their `sent` stays the first transmission, so a peer that keeps accepting
-    /// and dropping the connection cannot keep a message from timing out into the offline
-    /// store.
-    async fn resend_unacked(&mut self) {
-        let frames: Vec<PeerFrame> = self
-            .unacked()
-            .entries
-            .iter()
-            .map(|m| PeerFrame::Message {
-                id: m.id,
-                token: m.token.clone(),
+/// The message's token under `pair`, sealed on first use and kept.
+fn seal(
+    shared: &Shared,
+    pair: &PairKey,
+    peer: &str,
+    id: MessageId,
+    payload: &mut Payload,
+) -> String {
+    payload
+        .token
+        .get_or_insert_with(|| {
+            pair.seal_ref(&PayloadRef {
+                id,
+                from: shared.me(),
+                to: peer,
+                sent_at_ms: payload.sent_at_ms,
+                body: &payload.body,
             })
-            .collect();
-        let timeout = self.shared.config.ack_timeout;
-        for frame in &frames {
-            let Some(conn) = &mut self.conn else { return };
-            if let Err(e) = feed(conn, frame, timeout).await {
-                // Resends (or stores) everything still in flight, on a fresh connection.
-                self.lost(&e).await;
-                return;
-            }
-        }
-    }
-
-    /// Tries to open a connection, unless a recent attempt failed.
-    async fn connect(&mut self) {
-        if Instant::now() < self.dial_after
-            || self.held
-            || self.shared.peer_state().is_blocked(&self.peer)
-        {
-            return;
-        }
-        self.dial_after = Instant::now() + DIAL_BACKOFF;
-        let record = match self.shared.resolve(&self.peer).await {
-            Ok((record, None)) => record,
-            Ok((record, Some(pinned))) => {
-                self.shared
-                    .key_changed(&self.peer, &pinned, &record.public_key);
-                self.held = true;
-                return;
-            }
-            Err(e) => {
-                tracing::debug!(peer = %self.peer, error = %e, "lookup failed");
-                return;
-            }
-        };
-        if !record.online {
-            return;
-        }
-        for addr in record.addrs {
-            let attempt = async {
-                let conn = self
-                    .shared
-                    .transport
-                    .dial(addr)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                let (mut reader, mut writer) = handshake::frames(conn);
-                handshake::dial(
-                    &mut reader,
-                    &mut writer,
-                    &self.shared.identity,
-                    self.shared.me(),
-                    &self.peer,
-                    &self.key,
-                )
-                .await
-                .map_err(|e| e.to_string())?;
-                Ok::<_, String>(Established { reader, writer })
-            };
-            match tokio::time::timeout(HANDSHAKE_TIMEOUT, attempt).await {
-                Ok(Ok(est)) => {
-                    self.adopt(est, true).await;
-                    return;
-                }
-                Ok(Err(e)) => tracing::debug!(peer = %self.peer, %addr, error = %e, "dial failed"),
-                Err(_) => tracing::debug!(peer = %self.peer, %addr, "dial timed out"),
-            }
-        }
-    }
-
-    /// Takes a new authenticated connection. With one already open, both ends keep the one
-    /// dialed by the side with the smaller key (or the newer, if one side dialed both), so
-    /// simultaneous dials converge on one connection per pair.
-    async fn adopt(&mut self, est: Established, dialed_by_me: bool) {
-        let Some(pair) = self.pair.clone() else {
-            return;
-        };
-        if let Some(existing) = &self.conn {
-            let me_smaller = self.shared.identity.public_key().to_bytes() < self.key.to_bytes();
-            let keep_existing =
-                existing.dialed_by_me != dialed_by_me && existing.dialed_by_me == me_smaller;
-            if keep_existing {
-                return;
-            }
-        }
-        self.next_conn += 1;
-        let id = self.next_conn;
-        let reader = self.shared.spawn(
-            read_loop(
-                ReadSide {
-                    shared: self.shared.clone(),
-                    pair,
-                    peer: self.peer.clone(),
-                    conn: id,
-                    unacked: self.in_flight.clone(),
-                    to_link: self.reader_tx.clone(),
-                },
-                est.reader,
-            )
-            .in_current_span(),
-        );
-        let replaced = self.conn.replace(Conn {
-            id,
-            writer: est.writer,
-            reader,
-            dialed_by_me,
-            ping: None,
-            last_ping: Instant::now(),
-        });
-        if replaced.is_some() {
-            // Whatever was unacknowledged on the old connection goes again on the new one;
-            // the peer drops what it already has by id.
-            Box::pin(self.resend_unacked()).await;
-        }
-    }
-
-    async fn store(&mut self, entries: Vec<InFlight>) {
-        let ttl = self.shared.config.message_ttl;
-        for entry in entries {
-            let message = StoredMessage {
-                id: entry.id,
-                from: self.shared.me().to_owned(),
-                to: self.peer.clone(),
-                token: entry.token,
-                expires_at: UNIX_EPOCH + Duration::from_millis(entry.sent_at_ms) + ttl,
-            };
-            let event = match self.shared.store.put(message).await {
-                Ok(()) => Event::StoredOffline {
-                    id: entry.id,
-                    to: self.peer.clone(),
-                },
-                Err(e) => Event::SendFailed {
-                    id: entry.id,
-                    to: self.peer.clone(),
-                    reason: format!(
-                        "{} is unreachable and the offline store failed: {e}",
-                        self.peer
-                    ),
-                },
-            };
-            self.shared.emit(event);
-        }
-    }
-
-    /// Stores everything unacknowledged or queued; used when the link stops.
-    async fn store_all(&mut self, reason: &str) {
-        self.conn = None;
-        let pending = self.take_all_unacked();
-        self.store(pending).await;
-        // Close first: a send racing the stop is either queued here or refused to its caller.
-        self.cmds.close();
-        while let Some(cmd) = self.cmds.recv().await {
-            match cmd {
-                LinkCmd::Send(msg) => self.queue.push_back(msg),
-                LinkCmd::Shutdown(done) => {
-                    let _ = done.send(());
-                }
-                _ => {}
-            }
-        }
-        if self.held || self.pair.is_none() {
-            self.fail_queue(reason);
-            return;
-        }
-        for msg in std::mem::take(&mut self.queue) {
-            self.on_send(msg).await;
-        }
-    }
-
-    fn fail_queue(&mut self, reason: &str) {
-        for msg in std::mem::take(&mut self.queue) {
-            self.shared.emit(Event::SendFailed {
-                id: msg.id,
-                to: self.peer.clone(),
-                reason: format!("not sent ({reason}); the peer's key changed and was not trusted"),
-            });
-        }
-    }
+        })
+        .clone()
 }
 
 /// Feeds one frame, giving up after `timeout`: a peer that stops reading cannot block the
@@ -708,46 +863,32 @@ struct ReadSide {
     peer: String,
     /// Which of the link's connections this is.
     conn: u64,
-    unacked: Arc<Mutex<Unacked>>,
+    /// Messages on this connection wait for the user to trust the peer's new key.
+    hold: bool,
+    outbox: Outbox,
+    wake: Arc<Notify>,
     to_link: mpsc::UnboundedSender<FromReader>,
 }
 
-/// Takes the acknowledged messages out of flight and reports each delivered, once: an id no
-/// longer in flight (acknowledged twice after a resend, or already stored) is ignored.
-/// Returns whether the link waits to hear of it.
-fn settle(shared: &Shared, peer: &str, unacked: &Mutex<Unacked>, ids: &[MessageId]) -> bool {
-    let mut delivered = Vec::with_capacity(ids.len());
-    let wake_link = {
-        let mut unacked = lock(unacked);
-        delivered.extend(ids.iter().filter_map(|&id| unacked.take(id).map(|m| m.id)));
-        !delivered.is_empty() && std::mem::take(&mut unacked.link_waiting)
-    };
-    for id in delivered {
-        shared.emit(Event::Delivered {
-            id,
-            to: peer.to_owned(),
-        });
-    }
-    wake_link
-}
-
-/// Reads one connection until it closes. Processes frames in batches: open and record each
-/// message, make the batch's ids durable, emit the events, then acknowledge the batch.
+/// Reads one connection until it closes. Processes frames in batches: open each message and
+/// make the batch durable in the inbox, then acknowledge the batch.
 async fn read_loop(side: ReadSide, mut reader: FrameReader) {
     let ReadSide {
         shared,
         pair,
         peer,
         conn,
-        unacked,
+        hold,
+        outbox,
+        wake,
         to_link,
     } = side;
     let halt = shared.halt.clone();
     let mut batch = Vec::with_capacity(READ_BATCH);
-    let mut acks = Vec::with_capacity(READ_BATCH);
-    let mut shown = Vec::with_capacity(READ_BATCH);
-    let mut recorded = Vec::with_capacity(READ_BATCH);
+    let mut messages = Vec::with_capacity(READ_BATCH);
     let reason = loop {
+        // The application is far behind: stop reading (the peer's acknowledgements wait).
+        shared.inbox.wait_for_room().await;
         let first = tokio::select! {
             _ = halt.cancelled() => return,
             next = reader.next() => next,
@@ -770,36 +911,21 @@ async fn read_loop(side: ReadSide, mut reader: FrameReader) {
         }
         for frame in batch.drain(..) {
             match frame {
-                PeerFrame::Message { id, token } => {
-                    match shared.receive(&pair, &peer, id, &token, false) {
-                        Disposition::Show(event) => {
-                            shown.push(event);
-                            recorded.push(id);
-                            acks.push(id);
-                        }
-                        Disposition::Hide => {
-                            recorded.push(id);
-                            acks.push(id);
-                        }
-                        Disposition::Drop => acks.push(id),
-                        Disposition::Reject(e) => {
-                            tracing::warn!(peer = %peer, error = %e, "rejected a message");
-                            shared.emit(Event::Error {
-                                message: format!("a message from {peer} was rejected: {e}"),
-                            });
-                            let _ = to_link.send(FromReader::RejectThis(conn, id, e.to_string()));
-                        }
-                    }
-                }
+                PeerFrame::Message { id, token } => messages.push((id, token)),
                 PeerFrame::Ack { ids, tag } => {
                     if !pair.verify_ack(&peer, &ids, &tag) {
                         end = Some("forged acknowledgement".into());
                         break;
                     }
-                    let wake_link = settle(&shared, &peer, &unacked, &ids);
-                    if wake_link {
-                        let _ = to_link.send(FromReader::Settled);
-                    }
+                    let delivered = {
+                        let mut outbox = lock(&outbox);
+                        let delivered = outbox.settle(&ids);
+                        if outbox.take_link_waiting() {
+                            wake.notify_one();
+                        }
+                        delivered
+                    };
+                    shared.settle_sent(&peer, &delivered, Outcome::Delivered);
                 }
                 PeerFrame::Reject { id, detail, tag } => {
                     if !pair.verify_reject(&peer, id, &detail, &tag) {
@@ -825,12 +951,35 @@ async fn read_loop(side: ReadSide, mut reader: FrameReader) {
             }
         }
         batch.clear();
-        if !acks.is_empty() {
-            shared.commit_seen(recorded.drain(..).map(|id| (peer.as_str(), id)));
-            for event in shown.drain(..) {
-                shared.emit(event);
+        if !messages.is_empty() {
+            let received = shared
+                .receive_batch(&pair, &peer, messages.drain(..), false, hold)
+                .await;
+            match received {
+                Ok(received) => {
+                    for (id, e) in received.refuse {
+                        tracing::warn!(peer = %peer, error = %e, "refused a message");
+                        shared.emit(Event::Error {
+                            message: format!("a message from {peer} was refused: {e}"),
+                        });
+                        let _ = to_link.send(FromReader::RejectThis(conn, id, e.to_string()));
+                    }
+                    if !received.ack.is_empty() {
+                        let _ = to_link.send(FromReader::AckThese(conn, received.ack));
+                    }
+                    if !received.unopenable.is_empty() {
+                        // A token that does not authenticate: drop the connection without
+                        // a refusal (anyone on the path can alter a token); the genuine
+                        // sender resends on a new one.
+                        end.get_or_insert_with(|| "a token did not authenticate".into());
+                    }
+                }
+                Err(e) => {
+                    // Not durable, so not acknowledged: the sender resends.
+                    tracing::warn!(peer = %peer, error = %e, "cannot record received messages");
+                    end.get_or_insert_with(|| format!("cannot record messages: {e}"));
+                }
             }
-            let _ = to_link.send(FromReader::AckThese(conn, std::mem::take(&mut acks)));
         }
         if let Some(reason) = end {
             break reason;

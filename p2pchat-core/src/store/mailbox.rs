@@ -94,6 +94,16 @@ impl OfflineStore for MailboxStore {
         }
     }
 
+    /// The deposits pipelined on the session, in order: one round trip for the batch.
+    async fn put_many(&self, messages: Vec<StoredMessage>) -> Vec<Result<(), StoreError>> {
+        futures::future::join_all(
+            messages
+                .into_iter()
+                .map(|m| async move { self.put(m).await }),
+        )
+        .await
+    }
+
     async fn fetch(&self, recipient: &str, limit: usize) -> Result<Vec<StoredMessage>, StoreError> {
         self.only_mine(recipient, "read")?;
         let limit = limit.clamp(1, MAX_FETCH_BATCH) as u32;

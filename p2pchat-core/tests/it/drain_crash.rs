@@ -1,12 +1,11 @@
 //! A node that crashes while its mailbox drain waits on the directory: what the drain had
 //! opened but not yet shown must still be shown after the restart, exactly once.
 //!
-//! The drain records each message's id as seen as it opens it, and shows the batch only at
-//! its end; for a sender whose key is not pinned yet it asks the directory in between. Any
-//! other task that makes the seen ids durable meanwhile (a live connection's reader does, for
-//! its own batch) writes those ids too. A crash then leaves ids in `seen.log` for messages
-//! never shown and never acknowledged: after the restart the drain fetches them again and
-//! drops them as duplicates.
+//! For a sender whose key is not pinned yet the drain asks the directory; meanwhile a live
+//! connection's reader makes its own batch durable in the inbox (and in the sender's dedup
+//! window). A crash then must not leave ids remembered as received for messages never made
+//! durable in the inbox and never acknowledged in the mailbox: after the restart the drain
+//! fetches them again and must show them, not drop them as duplicates.
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -9,7 +9,7 @@ use p2pchat_core::node::NodeError;
 use p2pchat_core::protocol::MAX_BODY_LEN;
 use p2pchat_core::{Event, Identity, MessageId, TcpTransport};
 
-use super::util::{World, buffered, receive_n, wait_for};
+use super::util::{World, buffered, outcome, receive_n, wait_for};
 
 const N: usize = 10_000;
 
@@ -129,10 +129,7 @@ async fn message_to_an_offline_user_is_stored_and_shown_marked_offline_when_they
     let alice = world.tcp_node("alice").await;
     let mut alice_events = alice.events();
     let id = alice.send("bob", "while you were out").await.expect("send");
-    let event = wait_for(&mut alice_events, |e| {
-        !matches!(e, Event::PeerOnline { .. } | Event::PeerOffline { .. })
-    })
-    .await;
+    let event = wait_for(&mut alice_events, outcome).await;
     assert_eq!(
         event,
         Event::StoredOffline {

@@ -1,5 +1,7 @@
 //! How the node reacts when a backend fails, with mocked backends.
 
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -14,7 +16,7 @@ use p2pchat_core::{
 };
 use tokio::sync::mpsc;
 
-use super::util::wait_for;
+use super::util::{buffered, outcome, receive_n, wait_for};
 
 mockall::mock! {
     pub Store {}
@@ -45,7 +47,7 @@ fn quiet_store() -> MockStore {
 }
 
 #[tokio::test]
-async fn a_failing_offline_store_turns_into_a_send_failed_event() {
+async fn a_failing_offline_store_is_retried_until_it_takes_the_message() {
     let directory = MemoryDiscovery::new();
     let bob = ChatNode::builder()
         .username("bob")
@@ -57,11 +59,23 @@ async fn a_failing_offline_store_turns_into_a_send_failed_event() {
         .expect("bob");
     bob.shutdown().await.expect("bob leaves");
 
+    // The store refuses the first two attempts as unreachable, then takes the message.
+    const FAILURES: usize = 2;
+    let calls = Arc::new(AtomicUsize::new(0));
+    let stored = Arc::new(Mutex::new(Vec::new()));
     let mut store = quiet_store();
-    store
-        .expect_put()
-        .times(1)
-        .returning(|_| Err(StoreError::Unavailable("connection refused".into())));
+    {
+        let calls = calls.clone();
+        let stored = stored.clone();
+        store.expect_put().returning(move |message: StoredMessage| {
+            if calls.fetch_add(1, Ordering::SeqCst) < FAILURES {
+                Err(StoreError::Unavailable("connection refused".into()))
+            } else {
+                stored.lock().expect("lock").push(message.id);
+                Ok(())
+            }
+        });
+    }
     let alice = ChatNode::builder()
         .username("alice")
         .listen("127.0.0.1:0".parse().expect("addr"))
@@ -73,21 +87,51 @@ async fn a_failing_offline_store_turns_into_a_send_failed_event() {
         .expect("alice");
     let mut events = alice.events();
     let id = alice.send("bob", "hello?").await.expect("send is accepted");
-    match wait_for(&mut events, |e| {
-        matches!(e, Event::SendFailed { .. } | Event::StoredOffline { .. })
-    })
-    .await
-    {
-        Event::SendFailed {
-            id: failed,
-            to,
-            reason,
-        } => {
-            assert_eq!((failed, to.as_str()), (id, "bob"));
-            assert!(reason.contains("offline store failed"), "{reason}");
+    let mut retries = Vec::new();
+    loop {
+        match wait_for(&mut events, |e| {
+            !matches!(
+                e,
+                Event::Sent { .. } | Event::PeerOnline { .. } | Event::PeerOffline { .. }
+            )
+        })
+        .await
+        {
+            Event::Queued {
+                id: got,
+                to,
+                retry: None,
+            } => {
+                assert_eq!((got, to.as_str()), (id, "bob"));
+                assert!(retries.is_empty(), "queued once, before any retry");
+            }
+            Event::Queued {
+                id: got,
+                to,
+                retry: Some(reason),
+            } => {
+                assert_eq!((got, to.as_str()), (id, "bob"));
+                assert!(reason.contains("offline store failed"), "{reason}");
+                retries.push(reason);
+            }
+            Event::StoredOffline { id: got, to } => {
+                assert_eq!((got, to.as_str()), (id, "bob"));
+                break;
+            }
+            other => panic!("expected the message to be retried, then stored: {other:?}"),
         }
-        other => panic!("expected SendFailed, got {other:?}"),
     }
+    assert_eq!(
+        retries.len(),
+        FAILURES,
+        "each failed attempt is reported as a retry"
+    );
+    assert_eq!(calls.load(Ordering::SeqCst), FAILURES + 1);
+    assert_eq!(
+        *stored.lock().expect("lock"),
+        vec![id],
+        "stored once, not lost"
+    );
     alice.shutdown().await.expect("shutdown");
 }
 
@@ -118,77 +162,135 @@ async fn a_failing_mailbox_fetch_is_reported_and_the_node_keeps_running() {
     node.shutdown().await.expect("shutdown");
 }
 
-mockall::mock! {
-    pub Session {}
-    #[async_trait]
-    impl DiscoverySession for Session {
-        async fn keep_alive(&self) -> Result<(), DiscoveryError>;
-        async fn lookup(&self, username: &str) -> Result<Option<PeerRecord>, DiscoveryError>;
-        async fn list_online(&self, after: Option<String>, limit: usize) -> Result<Page, DiscoveryError>;
-        async fn watch(&self, username: &str) -> Result<(), DiscoveryError>;
-        async fn deregister(&self) -> Result<(), DiscoveryError>;
-    }
+/// A real directory whose lookups fail with an outage while `down` is set.
+#[derive(Debug, Clone)]
+struct Flaky {
+    inner: MemoryDiscovery,
+    down: Arc<AtomicBool>,
 }
 
-impl std::fmt::Debug for MockSession {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("MockSession")
-    }
-}
-
-/// A directory that registers everyone and answers every lookup with an outage.
 #[derive(Debug)]
-struct Unreachable;
+struct FlakySession {
+    inner: Box<dyn DiscoverySession>,
+    down: Arc<AtomicBool>,
+}
 
 #[async_trait]
-impl Discovery for Unreachable {
+impl Discovery for Flaky {
     async fn register(
         &self,
-        _identity: &Identity,
-        _registration: Registration,
-        _events: mpsc::Sender<DiscoveryEvent>,
+        identity: &Identity,
+        registration: Registration,
+        events: mpsc::Sender<DiscoveryEvent>,
     ) -> Result<Box<dyn DiscoverySession>, DiscoveryError> {
-        let mut session = MockSession::new();
-        session.expect_lookup().returning(|_| {
-            Err(DiscoveryError::Unreachable {
+        let inner = self.inner.register(identity, registration, events).await?;
+        Ok(Box::new(FlakySession {
+            inner,
+            down: self.down.clone(),
+        }))
+    }
+}
+
+#[async_trait]
+impl DiscoverySession for FlakySession {
+    async fn keep_alive(&self) -> Result<(), DiscoveryError> {
+        self.inner.keep_alive().await
+    }
+    async fn lookup(&self, username: &str) -> Result<Option<PeerRecord>, DiscoveryError> {
+        if self.down.load(Ordering::SeqCst) {
+            return Err(DiscoveryError::Unreachable {
                 addr: "127.0.0.1:5001".into(),
                 reason: "connection refused".into(),
-            })
-        });
-        session.expect_keep_alive().returning(|| Ok(()));
-        session.expect_deregister().returning(|| Ok(()));
-        Ok(Box::new(session))
+            });
+        }
+        self.inner.lookup(username).await
+    }
+    async fn list_online(
+        &self,
+        after: Option<String>,
+        limit: usize,
+    ) -> Result<Page, DiscoveryError> {
+        self.inner.list_online(after, limit).await
+    }
+    async fn watch(&self, username: &str) -> Result<(), DiscoveryError> {
+        self.inner.watch(username).await
+    }
+    async fn deregister(&self) -> Result<(), DiscoveryError> {
+        self.inner.deregister().await
     }
 }
 
 #[tokio::test]
-async fn a_directory_outage_fails_the_send_with_a_discovery_error() {
+async fn a_directory_outage_queues_the_send_until_the_directory_answers() {
+    let directory = MemoryDiscovery::new();
+    let bob = ChatNode::builder()
+        .username("bob")
+        .listen("127.0.0.1:0".parse().expect("addr"))
+        .transport(TcpTransport::new())
+        .discovery(directory.clone())
+        .offline_store(quiet_store())
+        .spawn()
+        .await
+        .expect("bob");
+    let mut bob_events = bob.events();
+    let down = Arc::new(AtomicBool::new(true));
     let node = ChatNode::builder()
         .username("alice")
         .listen("127.0.0.1:0".parse().expect("addr"))
-        .discovery(Unreachable)
+        .transport(TcpTransport::new())
+        .discovery(Flaky {
+            inner: directory,
+            down: down.clone(),
+        })
         .offline_store(quiet_store())
         .keep_alive_interval(Duration::from_secs(60))
         .spawn()
         .await
         .expect("starts");
-    let err = node
+    let mut events = node.events();
+    // Alice has never seen bob and cannot look him up: the message waits.
+    let id = node
         .send("bob", "hi")
         .await
-        .expect_err("cannot resolve bob");
-    assert!(
-        matches!(
-            err,
-            NodeError::Discovery(DiscoveryError::Unreachable { .. })
-        ),
-        "{err}"
+        .expect("an unreachable directory queues the message");
+    assert_eq!(
+        wait_for(&mut events, |e| matches!(e, Event::Queued { .. })).await,
+        Event::Queued {
+            id,
+            to: "bob".into(),
+            retry: None
+        }
     );
+    let retry = wait_for(&mut events, |e| {
+        matches!(e, Event::Queued { retry: Some(_), .. }) || outcome(e)
+    })
+    .await;
     assert!(
-        err.to_string()
-            .contains("cannot reach the discovery server"),
-        "{err}"
+        matches!(&retry, Event::Queued { id: got, retry: Some(_), .. } if *got == id),
+        "the failed attempt is retried, not ended: {retry:?}"
+    );
+
+    down.store(false, Ordering::SeqCst);
+    let done = wait_for(&mut events, outcome).await;
+    assert_eq!(
+        done,
+        Event::Delivered {
+            id,
+            to: "bob".into()
+        }
+    );
+    assert_eq!(
+        receive_n(&mut bob_events, 1).await,
+        vec![("hi".to_owned(), false)]
     );
     node.shutdown().await.expect("shutdown");
+    bob.shutdown().await.expect("shutdown");
+    assert!(
+        !buffered(&mut bob_events)
+            .iter()
+            .any(|e| matches!(e, Event::MessageReceived { .. })),
+        "shown once"
+    );
 }
 
 #[tokio::test]

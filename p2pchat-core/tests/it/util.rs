@@ -99,6 +99,19 @@ pub async fn wait_for(events: &mut Events, mut pred: impl FnMut(&Event) -> bool)
     .expect("expected event did not arrive in time")
 }
 
+/// Whether `event` says how a send went rather than a step on the way: not
+/// [`Event::Queued`] (first queued or waiting for a retry), not [`Event::Sent`] (written to a
+/// connection), not presence. For `wait_for(&mut events, outcome)` right after a `send`.
+pub fn outcome(event: &Event) -> bool {
+    !matches!(
+        event,
+        Event::Queued { .. }
+            | Event::Sent { .. }
+            | Event::PeerOnline { .. }
+            | Event::PeerOffline { .. }
+    )
+}
+
 /// Collects received message texts from `from` until `n` have arrived.
 pub async fn receive_n(events: &mut Events, n: usize) -> Vec<(String, bool)> {
     let mut got = Vec::with_capacity(n);

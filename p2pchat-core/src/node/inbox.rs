@@ -1,0 +1,464 @@
+//! The receiving side's memory: ids already received per sender (the dedup windows), the
+//! inbox of messages the application has not confirmed, and the messages held under a key
+//! the user has not trusted yet. All three live in the node database; a message is
+//! acknowledged to its sender (or to the mailbox) only after [`Inbox::accept`] made it
+//! durable here.
+//!
+//! Every [`crate::Events`] stream reads the inbox through a cursor of its own, so messages
+//! are never lost to a slow reader: a stream that falls behind reads them later, in order.
+//! A message leaves the inbox when the application confirms it ([`Confirm::Explicit`]) or
+//! when a stream hands it out ([`Confirm::OnRead`], the default); an unconfirmed message is
+//! handed out again after a restart.
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::Waker;
+use std::time::{Duration, UNIX_EPOCH};
+
+use tokio::sync::Notify;
+
+use super::db::{Batch, Db, DbError, Table};
+use super::records::{self, FLOOR_PREFIX, InboxRecord, SeenRecord};
+use crate::event::Event;
+use crate::protocol::MessageId;
+
+/// How many ids a node remembers per sender to drop duplicates. A token sent before the
+/// oldest id remembered for its sender is dropped as a duplicate too, so no sender can
+/// flush another's window, and one sender's replays are caught however old. Default: 16,384.
+pub const DEDUP_WINDOW: usize = 16_384;
+
+/// Messages the application may leave unconfirmed before the node stops reading from peers
+/// and the mailbox (their acknowledgements wait, and so do they). Default: 100,000.
+pub const MAX_UNCONFIRMED: usize = 100_000;
+
+/// When a received message leaves the inbox.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Confirm {
+    /// When an [`crate::Events`] stream hands it out: what a terminal client needs. A crash
+    /// between the stream and the screen can lose what was in hand. The default.
+    #[default]
+    OnRead,
+    /// When the application calls [`crate::ChatNode::confirm`]: until then it is handed out
+    /// again by every new stream and after every restart.
+    Explicit,
+}
+
+/// How an accepted message is kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Keep {
+    /// In the inbox, to show.
+    Show,
+    /// Not at all (blocked or muted): only its id, so it is not taken again.
+    Hide,
+    /// Held until the user trusts the sender's new key.
+    Hold,
+}
+
+/// One message opened and ready to accept.
+#[derive(Debug)]
+pub(crate) struct Opened {
+    pub(crate) id: MessageId,
+    pub(crate) sent_at_ms: u64,
+    pub(crate) body: String,
+}
+
+#[derive(Debug, Clone)]
+struct Entry {
+    from: String,
+    id: MessageId,
+    text: String,
+    sent_at_ms: u64,
+    offline: bool,
+    confirmed: bool,
+}
+
+impl Entry {
+    fn event(&self) -> Event {
+        Event::MessageReceived {
+            id: self.id,
+            from: self.from.clone(),
+            text: self.text.clone(),
+            sent_at: UNIX_EPOCH + Duration::from_millis(self.sent_at_ms),
+            offline: self.offline,
+        }
+    }
+
+    fn record(&self) -> InboxRecord {
+        InboxRecord::V1 {
+            from: self.from.clone(),
+            id: *self.id.as_bytes(),
+            text: self.text.clone(),
+            sent_at_ms: self.sent_at_ms,
+            offline: self.offline,
+        }
+    }
+
+    fn from_record(record: InboxRecord) -> Self {
+        let InboxRecord::V1 {
+            from,
+            id,
+            text,
+            sent_at_ms,
+            offline,
+        } = record;
+        Self {
+            from,
+            id: MessageId::from_bytes(id),
+            text,
+            sent_at_ms,
+            offline,
+            confirmed: false,
+        }
+    }
+}
+
+/// One sender's dedup window.
+#[derive(Debug, Default)]
+struct Window {
+    ids: HashSet<MessageId>,
+    order: VecDeque<(MessageId, u64)>,
+    /// Tokens sent before this (Unix ms) are older than everything remembered.
+    floor: u64,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    next_seq: u64,
+    entries: BTreeMap<u64, Entry>,
+    unconfirmed: usize,
+    /// Stream id → the next sequence number it reads.
+    cursors: HashMap<u64, u64>,
+    next_stream: u64,
+    wakers: Vec<Waker>,
+    windows: HashMap<String, Window>,
+    held: BTreeMap<u64, Entry>,
+}
+
+/// The inbox, the held messages and the dedup windows. See the module docs.
+#[derive(Debug)]
+pub(crate) struct Inbox {
+    db: Arc<Db>,
+    confirm: Confirm,
+    state: Mutex<State>,
+    room: Notify,
+}
+
+fn seq_key(seq: u64) -> [u8; 8] {
+    seq.to_be_bytes()
+}
+
+fn floor_key(from: &str) -> Vec<u8> {
+    [FLOOR_PREFIX, from.as_bytes()].concat()
+}
+
+impl Inbox {
+    /// The inbox as the database holds it.
+    pub(crate) fn load(
+        db: Arc<Db>,
+        confirm: Confirm,
+        inbox: BTreeMap<Vec<u8>, Vec<u8>>,
+        held: BTreeMap<Vec<u8>, Vec<u8>>,
+        seen: BTreeMap<Vec<u8>, Vec<u8>>,
+        meta: &BTreeMap<Vec<u8>, Vec<u8>>,
+    ) -> Self {
+        let mut state = State::default();
+        let rows = |table: BTreeMap<Vec<u8>, Vec<u8>>| {
+            table.into_iter().filter_map(|(key, value)| {
+                let seq = u64::from_be_bytes(key.as_slice().try_into().ok()?);
+                let record = records::decode::<InboxRecord>(&value)?;
+                Some((seq, Entry::from_record(record)))
+            })
+        };
+        state.entries = rows(inbox).collect();
+        state.held = rows(held).collect();
+        state.unconfirmed = state.entries.len();
+        state.next_seq = [state.entries.keys().last(), state.held.keys().last()]
+            .into_iter()
+            .flatten()
+            .max()
+            .map_or(0, |last| last + 1);
+        let mut ids: Vec<(String, MessageId, u64)> = seen
+            .iter()
+            .filter_map(|(key, value)| {
+                let (from, id) = records::split_seen_key(key)?;
+                let SeenRecord::V1 { sent_at_ms } = records::decode(value)?;
+                Some((from.to_owned(), MessageId::from_bytes(id), sent_at_ms))
+            })
+            .collect();
+        ids.sort_by_key(|&(_, _, at)| at);
+        for (from, id, at) in ids {
+            let window = state.windows.entry(from).or_default();
+            window.ids.insert(id);
+            window.order.push_back((id, at));
+        }
+        for (key, value) in meta.range(FLOOR_PREFIX.to_vec()..) {
+            let Some(from) = key.strip_prefix(FLOOR_PREFIX) else {
+                break;
+            };
+            if let (Ok(from), Ok(floor)) = (std::str::from_utf8(from), value.as_slice().try_into())
+            {
+                state.windows.entry(from.to_owned()).or_default().floor = u64::from_be_bytes(floor);
+            }
+        }
+        Self {
+            db,
+            confirm,
+            state: Mutex::new(state),
+            room: Notify::new(),
+        }
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether `id` from `from` was received already (or is older than its window).
+    pub(crate) fn seen(&self, from: &str, id: MessageId) -> bool {
+        self.state()
+            .windows
+            .get(from)
+            .is_some_and(|w| w.ids.contains(&id))
+    }
+
+    /// Waits while the application leaves [`MAX_UNCONFIRMED`] messages unconfirmed.
+    pub(crate) async fn wait_for_room(&self) {
+        loop {
+            let notified = self.room.notified();
+            if self.state().unconfirmed < MAX_UNCONFIRMED {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// Records `messages` from `from` durably as `keep` says, dropping duplicates (by id,
+    /// and anything sent before the sender's window). Returns once they are durable; every
+    /// message given may then be acknowledged.
+    pub(crate) async fn accept(
+        &self,
+        from: &str,
+        messages: Vec<Opened>,
+        offline: bool,
+        keep: Keep,
+    ) -> Result<(), DbError> {
+        let written = {
+            let mut state = self.state();
+            let mut batch = Batch::new();
+            let mut added = false;
+            for message in messages {
+                let window = state.windows.entry(from.to_owned()).or_default();
+                if window.ids.contains(&message.id) {
+                    continue;
+                }
+                if message.sent_at_ms < window.floor {
+                    tracing::debug!(%from, id = %message.id, "dropped a message older than the dedup window");
+                    continue;
+                }
+                window.ids.insert(message.id);
+                window.order.push_back((message.id, message.sent_at_ms));
+                batch.put(
+                    Table::Seen,
+                    &records::seen_key(from, message.id.as_bytes()),
+                    &records::encode(&SeenRecord::V1 {
+                        sent_at_ms: message.sent_at_ms,
+                    }),
+                );
+                if window.order.len() > DEDUP_WINDOW
+                    && let Some((old, at)) = window.order.pop_front()
+                {
+                    window.ids.remove(&old);
+                    if at > window.floor {
+                        window.floor = at;
+                        batch.put(Table::Meta, &floor_key(from), &at.to_be_bytes());
+                    }
+                    batch.delete(Table::Seen, &records::seen_key(from, old.as_bytes()));
+                }
+                if keep == Keep::Hide {
+                    continue;
+                }
+                let entry = Entry {
+                    from: from.to_owned(),
+                    id: message.id,
+                    text: message.body,
+                    sent_at_ms: message.sent_at_ms,
+                    offline,
+                    confirmed: false,
+                };
+                let seq = state.next_seq;
+                state.next_seq += 1;
+                let table = if keep == Keep::Hold {
+                    Table::Held
+                } else {
+                    Table::Inbox
+                };
+                batch.put(table, &seq_key(seq), &records::encode(&entry.record()));
+                if keep == Keep::Hold {
+                    state.held.insert(seq, entry);
+                } else {
+                    state.entries.insert(seq, entry);
+                    state.unconfirmed += 1;
+                    added = true;
+                }
+            }
+            if batch.is_empty() {
+                return Ok(());
+            }
+            let written = self.db.write(&batch)?;
+            if added {
+                for waker in state.wakers.drain(..) {
+                    waker.wake();
+                }
+            }
+            written
+        };
+        self.db.durable(written).await
+    }
+
+    /// The user trusts `from`'s new key: its held messages join the inbox, in order.
+    pub(crate) fn release(&self, from: &str) -> Result<(), DbError> {
+        let mut state = self.state();
+        let held: Vec<u64> = state
+            .held
+            .iter()
+            .filter(|(_, e)| e.from == from)
+            .map(|(&seq, _)| seq)
+            .collect();
+        if held.is_empty() {
+            return Ok(());
+        }
+        let mut batch = Batch::new();
+        let mut moved = Vec::new();
+        for old in held {
+            let Some(entry) = state.held.remove(&old) else {
+                continue;
+            };
+            let seq = state.next_seq;
+            state.next_seq += 1;
+            batch.delete(Table::Held, &seq_key(old));
+            batch.put(
+                Table::Inbox,
+                &seq_key(seq),
+                &records::encode(&entry.record()),
+            );
+            moved.push((seq, entry));
+        }
+        self.db.write(&batch)?;
+        for (seq, entry) in moved {
+            state.entries.insert(seq, entry);
+            state.unconfirmed += 1;
+        }
+        for waker in state.wakers.drain(..) {
+            waker.wake();
+        }
+        Ok(())
+    }
+
+    /// The application confirms `id` from `from`: it leaves the inbox. `false` if no such
+    /// message waits.
+    pub(crate) fn confirm(&self, from: &str, id: MessageId) -> Result<bool, DbError> {
+        let mut state = self.state();
+        let Some(seq) = state
+            .entries
+            .iter()
+            .find(|(_, e)| !e.confirmed && e.id == id && e.from == from)
+            .map(|(&seq, _)| seq)
+        else {
+            return Ok(false);
+        };
+        self.confirm_seq(&mut state, seq)?;
+        Ok(true)
+    }
+
+    fn confirm_seq(&self, state: &mut State, seq: u64) -> Result<(), DbError> {
+        let mut batch = Batch::new();
+        batch.delete(Table::Inbox, &seq_key(seq));
+        self.db.write(&batch)?;
+        if let Some(entry) = state.entries.get_mut(&seq) {
+            entry.confirmed = true;
+            state.unconfirmed -= 1;
+            if state.unconfirmed + 1 == MAX_UNCONFIRMED {
+                self.room.notify_waiters();
+            }
+        }
+        Self::trim(state);
+        Ok(())
+    }
+
+    /// Forgets confirmed entries every stream has read.
+    fn trim(state: &mut State) {
+        let oldest_cursor = state.cursors.values().min().copied().unwrap_or(u64::MAX);
+        while let Some(entry) = state.entries.first_entry() {
+            if entry.get().confirmed && *entry.key() < oldest_cursor {
+                entry.remove();
+            } else {
+                break;
+            }
+        }
+    }
+
+    /// A new reader of the inbox, starting at the oldest unconfirmed message.
+    pub(crate) fn open_stream(self: &Arc<Self>) -> InboxStream {
+        let mut state = self.state();
+        let start = state
+            .entries
+            .iter()
+            .find(|(_, e)| !e.confirmed)
+            .map_or(state.next_seq, |(&seq, _)| seq);
+        let stream = state.next_stream;
+        state.next_stream += 1;
+        state.cursors.insert(stream, start);
+        InboxStream {
+            inbox: self.clone(),
+            stream,
+        }
+    }
+}
+
+/// One stream's cursor over the inbox.
+#[derive(Debug)]
+pub(crate) struct InboxStream {
+    inbox: Arc<Inbox>,
+    stream: u64,
+}
+
+impl InboxStream {
+    /// The next message for this stream, or `None` (and a wake-up registered) if there is
+    /// none yet.
+    pub(crate) fn poll(&mut self, waker: &Waker) -> Option<Event> {
+        let inbox = &self.inbox;
+        let mut state = inbox.state();
+        let cursor = state.cursors.get(&self.stream).copied().unwrap_or(0);
+        let next = state
+            .entries
+            .range(cursor..)
+            .find(|(_, e)| inbox.confirm == Confirm::OnRead || !e.confirmed)
+            .map(|(&seq, e)| (seq, e.event(), e.confirmed));
+        let Some((seq, event, confirmed)) = next else {
+            if !state.wakers.iter().any(|w| w.will_wake(waker)) {
+                state.wakers.push(waker.clone());
+            }
+            return None;
+        };
+        if inbox.confirm == Confirm::OnRead
+            && !confirmed
+            && let Err(e) = inbox.confirm_seq(&mut state, seq)
+        {
+            // Not recorded as read (the node stopped): it stays for the next start, and is
+            // not handed out now.
+            tracing::debug!(error = %e, "cannot record a message as read");
+            return None;
+        }
+        state.cursors.insert(self.stream, seq + 1);
+        Inbox::trim(&mut state);
+        Some(event)
+    }
+}
+
+impl Drop for InboxStream {
+    fn drop(&mut self) {
+        let mut state = self.inbox.state();
+        state.cursors.remove(&self.stream);
+        Inbox::trim(&mut state);
+    }
+}

@@ -1,0 +1,144 @@
+//! What the node database stores: versioned record types of their own, apart from the wire
+//! and API types, so that a change to either cannot silently change the disk format. Each
+//! record is a postcard enum whose variant is its version; a golden-bytes test pins each
+//! encoding.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+
+/// A message in the outbox (table `Outbox`, key: the message id).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) enum OutboxRecord {
+    V1 {
+        /// Order among everything the node queued.
+        seq: u64,
+        to: String,
+        body: String,
+        sent_at_ms: u64,
+        queued_at_ms: u64,
+        expires_at_ms: u64,
+    },
+}
+
+/// A received message the application has not confirmed (table `Inbox`, key: sequence
+/// number) or one held under a key not yet trusted (table `Held`, same shape).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) enum InboxRecord {
+    V1 {
+        from: String,
+        id: [u8; 16],
+        text: String,
+        sent_at_ms: u64,
+        offline: bool,
+    },
+}
+
+/// One id received from a sender (table `Seen`, key: sender, 0, id): when it was sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) enum SeenRecord {
+    V1 { sent_at_ms: u64 },
+}
+
+/// Block and mute lists, pins, the operator pin and announcement ids (table `Meta`, key
+/// [`PEERS_KEY`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) enum PeersRecord {
+    #[default]
+    Empty,
+    V1 {
+        blocked: BTreeSet<String>,
+        /// Username → end of the mute, Unix milliseconds.
+        muted: BTreeMap<String, u64>,
+        pins: BTreeMap<String, [u8; 32]>,
+        operator: Option<[u8; 32]>,
+        /// Announcement id → when it was issued, Unix milliseconds.
+        announcements: BTreeMap<String, u64>,
+    },
+}
+
+/// Key of the [`PeersRecord`] in table `Meta`.
+pub(crate) const PEERS_KEY: &[u8] = b"peers";
+
+/// Key prefix in table `Meta` of a sender's dedup floor (Unix ms, big-endian): tokens sent
+/// before it are older than every id remembered for that sender.
+pub(crate) const FLOOR_PREFIX: &[u8] = b"floor/";
+
+/// Encodes a record (postcard cannot fail into a `Vec`).
+pub(crate) fn encode<T: Serialize>(record: &T) -> Vec<u8> {
+    postcard::to_stdvec(record).unwrap_or_default()
+}
+
+/// Decodes a record; `None` for bytes that are not one (a newer version, corruption).
+pub(crate) fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Option<T> {
+    postcard::from_bytes(bytes).ok()
+}
+
+/// The `Seen` key of `id` from `from`.
+pub(crate) fn seen_key(from: &str, id: &[u8; 16]) -> Vec<u8> {
+    let mut key = Vec::with_capacity(from.len() + 17);
+    key.extend_from_slice(from.as_bytes());
+    key.push(0);
+    key.extend_from_slice(id);
+    key
+}
+
+/// Splits a `Seen` key into sender and id.
+pub(crate) fn split_seen_key(key: &[u8]) -> Option<(&str, [u8; 16])> {
+    let split = key.len().checked_sub(17)?;
+    if key[split] != 0 {
+        return None;
+    }
+    let from = std::str::from_utf8(&key[..split]).ok()?;
+    Some((from, key[split + 1..].try_into().ok()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // The disk format: these bytes must never change for a version already released.
+    #[test]
+    fn record_encodings_are_pinned() {
+        let outbox = OutboxRecord::V1 {
+            seq: 1,
+            to: "bob".into(),
+            body: "hi".into(),
+            sent_at_ms: 2,
+            queued_at_ms: 3,
+            expires_at_ms: 4,
+        };
+        assert_eq!(
+            encode(&outbox),
+            [0, 1, 3, b'b', b'o', b'b', 2, b'h', b'i', 2, 3, 4]
+        );
+        let inbox = InboxRecord::V1 {
+            from: "al".into(),
+            id: [7; 16],
+            text: "x".into(),
+            sent_at_ms: 5,
+            offline: true,
+        };
+        let mut expected = vec![0, 2, b'a', b'l'];
+        expected.extend_from_slice(&[7; 16]);
+        expected.extend_from_slice(&[1, b'x', 5, 1]);
+        assert_eq!(encode(&inbox), expected);
+        assert_eq!(encode(&SeenRecord::V1 { sent_at_ms: 300 }), [0, 0xac, 0x02]);
+        let peers = PeersRecord::V1 {
+            blocked: ["m".to_owned()].into(),
+            muted: BTreeMap::new(),
+            pins: BTreeMap::new(),
+            operator: None,
+            announcements: BTreeMap::new(),
+        };
+        assert_eq!(encode(&peers), [1, 1, 1, b'm', 0, 0, 0, 0]);
+        assert_eq!(decode::<OutboxRecord>(&encode(&outbox)), Some(outbox));
+    }
+
+    #[test]
+    fn seen_keys_split_back() {
+        let key = seen_key("bob", &[9; 16]);
+        assert_eq!(split_seen_key(&key), Some(("bob", [9; 16])));
+        assert_eq!(split_seen_key(b"short"), None);
+    }
+}
