@@ -9,6 +9,10 @@
 //! cargo run --release -p p2pchat-benches --bin compare
 //! ```
 //!
+//! The nodes keep their database in a temporary data directory with the default durability
+//! (`--db memory`, `--durability power-loss` for the other settings), and bob's application
+//! reads its messages as they arrive (they wait in his inbox until read).
+//!
 //! For 64 B and 1 KiB bodies it prints messages per second (median of the rounds) and the
 //! send-to-ack round trip (p50 and p99 over every sample, one message at a time) for each
 //! side, `ratio <size>: <b/a>` for throughput, and the same ratios against (a'). The machine
@@ -21,7 +25,8 @@ use clap::Parser;
 use futures::StreamExt;
 use p2pchat_core::crypto::{PairKey, Payload};
 use p2pchat_core::{
-    ChatNode, Event, Events, Identity, MemoryDiscovery, MemoryStore, MessageId, TcpTransport,
+    ChatNode, Durability, Event, Events, Identity, MemoryDiscovery, MemoryStore, MessageId,
+    TcpTransport,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::{TcpListener, TcpStream};
@@ -44,6 +49,31 @@ struct Args {
     /// Run one side only (for profiling it). No ratio is printed.
     #[arg(long)]
     only: Option<Side>,
+    /// Where the nodes keep their database: in a temporary data directory on disk (the
+    /// default, as an application with a data directory runs), or in memory.
+    #[arg(long, value_enum, default_value_t = DbPlace::Disk)]
+    db: DbPlace,
+    /// How durable `send` is before it returns (and a message before it is acknowledged).
+    #[arg(long, value_enum, default_value_t = DurabilityArg::Process)]
+    durability: DurabilityArg,
+}
+
+/// Where the node database lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum DbPlace {
+    /// A temporary data directory.
+    Disk,
+    /// No data directory: redb's in-memory backend.
+    Memory,
+}
+
+/// [`Durability`], for the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum DurabilityArg {
+    /// Kept across a kill of the process (the default).
+    Process,
+    /// Kept across a power loss (synced, grouped).
+    PowerLoss,
 }
 
 /// One side of the comparison.
@@ -232,32 +262,44 @@ struct Nodes {
     alice: ChatNode,
     bob: ChatNode,
     alice_events: Events,
-    _bob_events: Events,
+    /// Reads bob's messages, as an application does (they wait in his inbox until read).
+    _bob_reader: tokio_util::task::AbortOnDropHandle<()>,
+    _dirs: Vec<tempfile::TempDir>,
 }
 
 impl Nodes {
-    async fn start() -> anyhow::Result<Self> {
+    async fn start(db: DbPlace, durability: Durability) -> anyhow::Result<Self> {
         let (directory, store) = (MemoryDiscovery::new(), MemoryStore::new());
-        let node = |name: &str| {
-            ChatNode::builder()
+        let mut dirs = Vec::new();
+        let mut node = |name: &str| {
+            let mut builder = ChatNode::builder()
                 .username(name)
                 .listen("127.0.0.1:0".parse().expect("address"))
                 .transport(TcpTransport::new())
                 .discovery(directory.clone())
                 .offline_store(store.clone())
                 .event_capacity(1 << 17)
-                .spawn()
+                .durability(durability);
+            if db == DbPlace::Disk {
+                let dir = tempfile::tempdir().expect("temporary directory");
+                builder = builder.data_dir(dir.path());
+                dirs.push(dir);
+            }
+            builder.spawn()
         };
         let alice = node("alice").await?;
         let bob = node("bob").await?;
         let alice_events = alice.events();
-        // bob's stream is read by nobody: a lagging reader costs the node nothing.
-        let bob_events = bob.events();
+        let mut bob_events = bob.events();
+        let bob_reader = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(async move {
+            while bob_events.next().await.is_some() {}
+        }));
         let mut nodes = Self {
             alice,
             bob,
             alice_events,
-            _bob_events: bob_events,
+            _bob_reader: bob_reader,
+            _dirs: dirs,
         };
         // Open the connection before measuring.
         nodes.round_trip("warm up").await?;
@@ -332,9 +374,16 @@ enum Runner {
 }
 
 impl Runner {
-    async fn start(side: Side, body: &str) -> anyhow::Result<Self> {
+    async fn start(side: Side, body: &str, args: &Args) -> anyhow::Result<Self> {
+        let (db, durability) = (
+            args.db,
+            match args.durability {
+                DurabilityArg::Process => Durability::Process,
+                DurabilityArg::PowerLoss => Durability::PowerLoss,
+            },
+        );
         Ok(match side {
-            Side::Nodes => Self::Nodes(Box::new(Nodes::start().await?)),
+            Side::Nodes => Self::Nodes(Box::new(Nodes::start(db, durability).await?)),
             raw => Self::Raw(Box::new(Raw::connect(Sealer::new(raw, body)?).await?)),
         })
     }
@@ -403,7 +452,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
         let body = "x".repeat(size);
         let mut runners = Vec::new();
         for &side in &sides {
-            runners.push((side, Runner::start(side, &body).await?, Figures::default()));
+            runners.push((
+                side,
+                Runner::start(side, &body, &args).await?,
+                Figures::default(),
+            ));
         }
         for _ in 0..args.rounds {
             for (_, runner, figures) in &mut runners {

@@ -238,6 +238,7 @@ async fn drain_run(
     let received = shared
         .receive_batch(&pair, from, tokens, true, false)
         .await?;
+    shared.inbox.wake_readers();
     let mut done = received.ack;
     for (id, e) in received.refuse {
         if let CryptoError::FromTheFuture { ahead_secs } = e

@@ -303,8 +303,9 @@ struct Synced {
     failed: Option<(io::ErrorKind, String)>,
 }
 
-/// Changes coalesced by key, last wins; `None` deletes.
-type Changes<'a> = BTreeMap<(Table, &'a [u8]), Option<&'a [u8]>>;
+/// Changes coalesced by key, last wins; `None` deletes. Hashed, not ordered: a segment
+/// holds tens of thousands of changes and most are a put and a delete of the same key.
+type Changes<'a> = HashMap<(Table, &'a [u8]), Option<&'a [u8]>>;
 
 fn coalesce<'a>(changes: &mut Changes<'a>, segment: &'a [u8]) {
     for ops in journal::records(segment) {
@@ -328,7 +329,10 @@ fn apply(
     for table in Table::ALL {
         tables.push((table, txn.open_table(table.definition())?));
     }
-    for (&(table, key), value) in changes {
+    // In key order: redb inserts faster so.
+    let mut sorted: Vec<_> = changes.iter().collect();
+    sorted.sort_unstable_by_key(|(k, _)| **k);
+    for (&(table, key), value) in sorted {
         let Some((_, rows)) = tables.iter_mut().find(|(t, _)| *t == table) else {
             continue;
         };

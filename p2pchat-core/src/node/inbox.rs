@@ -131,6 +131,8 @@ struct State {
     cursors: HashMap<u64, u64>,
     next_stream: u64,
     wakers: Vec<Waker>,
+    /// Messages were added since the streams were last woken.
+    wake_pending: bool,
     windows: HashMap<String, Window>,
     held: BTreeMap<u64, Entry>,
 }
@@ -306,13 +308,27 @@ impl Inbox {
             }
             let written = self.db.write(&batch)?;
             if added {
-                for waker in state.wakers.drain(..) {
-                    waker.wake();
-                }
+                state.wake_pending = true;
             }
             written
         };
         self.db.durable(written).await
+    }
+
+    /// Wakes the streams waiting for messages [`Inbox::accept`] added. Called after the
+    /// acknowledgement is on its way, so that the application's task, woken, does not delay
+    /// it (a woken task runs next on this worker).
+    pub(crate) fn wake_readers(&self) {
+        let wakers = {
+            let mut state = self.state();
+            if !std::mem::take(&mut state.wake_pending) {
+                return;
+            }
+            std::mem::take(&mut state.wakers)
+        };
+        for waker in wakers {
+            waker.wake();
+        }
     }
 
     /// The user trusts `from`'s new key: its held messages join the inbox, in order.

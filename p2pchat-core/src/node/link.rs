@@ -266,7 +266,7 @@ impl Link {
                 biased;
                 _ = halt.cancelled() => return,
                 Some(ev) = self.reader_rx.recv() => self.on_reader(ev).await,
-                _ = self.wake.notified() => self.handle(Input::Tick),
+                _ = self.wake.notified() => self.handle(Input::Settled),
                 cmd = self.cmds.recv(), if can_take => match cmd {
                     Some(cmd) => self.on_cmd(cmd).await,
                     // Every handle is gone and the node is not shutting us down.
@@ -967,6 +967,7 @@ async fn read_loop(side: ReadSide, mut reader: FrameReader) {
                     if !received.ack.is_empty() {
                         let _ = to_link.send(FromReader::AckThese(conn, received.ack));
                     }
+                    shared.inbox.wake_readers();
                     if !received.unopenable.is_empty() {
                         // A token that does not authenticate: drop the connection without
                         // a refusal (anyone on the path can alter a token); the genuine

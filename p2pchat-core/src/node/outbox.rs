@@ -167,6 +167,9 @@ pub(crate) enum Input {
     Trusted,
     /// Time passed (the caller calls this at [`PeerOutbox::next_deadline`]).
     Tick,
+    /// A reader settled acknowledgements ([`PeerOutbox::settle`]) while the link waited for
+    /// room: write what waits.
+    Settled,
     /// The node is stopping: no new dials; write what is queued on a live connection, and
     /// at `deadline` (or once nothing is in flight) store whatever is left.
     Shutdown {
@@ -214,6 +217,11 @@ pub(crate) struct PeerOutbox<P> {
     /// Closing, a store attempt failed: what is queued stays for the next start.
     gave_up: bool,
     in_flight: usize,
+    /// No entry before this index is queued: writes and expiry look from here, so a long
+    /// outbox costs nothing per message.
+    first_queued: usize,
+    /// Entries being stored.
+    storing: usize,
     /// Set when the last free in-flight slot was taken or when closing waits: a settled
     /// acknowledgement should wake the link.
     link_waiting: bool,
@@ -249,6 +257,8 @@ impl<P> PeerOutbox<P> {
             closing: None,
             gave_up: false,
             in_flight: 0,
+            first_queued: 0,
+            storing: 0,
             link_waiting: false,
         }
     }
@@ -315,7 +325,7 @@ impl<P> PeerOutbox<P> {
     pub(crate) fn cancel(&mut self, id: MessageId, out: &mut Vec<Action>) -> bool {
         match self.position(id) {
             Some(i) if self.entries[i].state == State::Queued => {
-                self.entries.remove(i);
+                self.remove(i);
                 out.push(Action::Done {
                     ids: vec![id],
                     outcome: Outcome::Cancelled,
@@ -326,25 +336,26 @@ impl<P> PeerOutbox<P> {
         }
     }
 
-    /// When to call [`Input::Tick`] next, if anything is time-dependent.
-    pub(crate) fn next_deadline(&self) -> Option<Millis> {
+    /// When to call [`Input::Tick`] next, if anything is time-dependent. Looks at the
+    /// first queued and the oldest in-flight message only (messages are queued with
+    /// expiries, and written, in order); a tick re-checks everything.
+    pub(crate) fn next_deadline(&mut self) -> Option<Millis> {
         let mut next: Option<Millis> = None;
         let mut at = |t: Millis| next = Some(next.map_or(t, |n| n.min(t)));
-        let mut waiting = false;
-        for e in &self.entries {
-            match e.state {
-                State::Queued => {
-                    waiting = true;
-                    at(e.expires_at);
-                }
-                State::InFlight { at: written, .. } => {
-                    at(written.saturating_add(self.ack_timeout));
-                }
-                State::Storing => {}
+        let first = self.first_queued();
+        if let Some(i) = first {
+            at(self.entries[i].expires_at);
+            if !self.held && self.retry_at > 0 {
+                at(self.retry_at);
             }
         }
-        if waiting && !self.held && self.retry_at > 0 {
-            at(self.retry_at);
+        if let Some(State::InFlight { at: written, .. }) = self
+            .entries
+            .iter()
+            .map(|e| e.state)
+            .find(|s| matches!(s, State::InFlight { .. }))
+        {
+            at(written.saturating_add(self.ack_timeout));
         }
         if let Some(deadline) = self.closing {
             at(deadline);
@@ -352,16 +363,29 @@ impl<P> PeerOutbox<P> {
         next
     }
 
+    /// The index of the first queued entry, if any.
+    fn first_queued(&mut self) -> Option<usize> {
+        while self.first_queued < self.entries.len()
+            && self.entries[self.first_queued].state != State::Queued
+        {
+            self.first_queued += 1;
+        }
+        (self.first_queued < self.entries.len()).then_some(self.first_queued)
+    }
+
     fn position(&self, id: MessageId) -> Option<usize> {
-        // Acknowledgements mostly come oldest first.
+        // Acknowledgements mostly come oldest first; writes are of the newest.
         if self.entries.front().is_some_and(|e| e.id == id) {
             return Some(0);
         }
-        self.entries.iter().position(|e| e.id == id)
+        self.entries.iter().rposition(|e| e.id == id)
     }
 
     fn remove(&mut self, i: usize) -> Option<Entry<P>> {
         let entry = self.entries.remove(i)?;
+        if i < self.first_queued {
+            self.first_queued -= 1;
+        }
         if matches!(entry.state, State::InFlight { .. }) {
             self.in_flight -= 1;
         }
@@ -384,6 +408,7 @@ impl<P> PeerOutbox<P> {
 
     /// Everything in flight on `conn` waits again, in its place.
     fn requeue(&mut self, conn: u64) {
+        self.first_queued = 0;
         for e in &mut self.entries {
             if matches!(e.state, State::InFlight { conn: c, .. } if c == conn) {
                 e.state = State::Queued;
@@ -454,7 +479,9 @@ impl<P> PeerOutbox<P> {
                 self.dial_after = 0;
                 self.retry_at = 0;
             }
+            Input::Settled => {}
             Input::Tick => {
+                self.expire(now, out);
                 if let Conn::Up(conn) = self.conn {
                     let overdue = self.entries.iter().any(|e| {
                         matches!(e.state, State::InFlight { conn: c, at }
@@ -499,6 +526,7 @@ impl<P> PeerOutbox<P> {
 
     fn take_queued(&mut self) -> Vec<MessageId> {
         let mut ids = Vec::new();
+        self.first_queued = 0;
         self.entries.retain(|e| {
             let queued = e.state == State::Queued;
             if queued {
@@ -527,11 +555,14 @@ impl<P> PeerOutbox<P> {
         if mine.is_empty() {
             return;
         }
+        self.storing -= mine.len();
+        self.first_queued = 0;
+        let done: std::collections::HashSet<MessageId> = mine.iter().map(|&(_, id)| id).collect();
         match result {
             StoreResult::Stored => {
                 let ids: Vec<MessageId> = mine.iter().map(|&(_, id)| id).collect();
                 self.entries
-                    .retain(|e| !(e.state == State::Storing && ids.contains(&e.id)));
+                    .retain(|e| !(e.state == State::Storing && done.contains(&e.id)));
                 self.succeed();
                 out.push(Action::Done {
                     ids,
@@ -552,7 +583,7 @@ impl<P> PeerOutbox<P> {
             StoreResult::Refused(reason) => {
                 let ids: Vec<MessageId> = mine.iter().map(|&(_, id)| id).collect();
                 self.entries
-                    .retain(|e| !(e.state == State::Storing && ids.contains(&e.id)));
+                    .retain(|e| !(e.state == State::Storing && done.contains(&e.id)));
                 out.push(Action::Done {
                     ids,
                     outcome: Outcome::Failed(reason),
@@ -563,34 +594,31 @@ impl<P> PeerOutbox<P> {
 
     /// Moves things along: expiry, then writes, dials or stores as the state allows.
     fn progress(&mut self, now: Millis, out: &mut Vec<Action>) {
-        let expired: Vec<MessageId> = self
-            .entries
-            .iter()
-            .filter(|e| e.state == State::Queued && e.expires_at <= now)
-            .map(|e| e.id)
-            .collect();
-        if !expired.is_empty() {
-            self.entries
-                .retain(|e| !(e.state == State::Queued && e.expires_at <= now));
-            out.push(Action::Done {
-                ids: expired,
-                outcome: Outcome::Expired,
-            });
+        let first = self.first_queued();
+        if first.is_some_and(|i| self.entries[i].expires_at <= now) {
+            self.expire(now, out);
         }
         if self.held {
             return;
         }
-        let queued = self.entries.iter().any(|e| e.state == State::Queued);
+        let first = self.first_queued();
+        let queued = first.is_some();
         match self.conn {
             Conn::Up(conn) => {
                 let mut ids = Vec::new();
-                for e in &mut self.entries {
+                // Order: nothing overtakes a message the store may hand back.
+                let start = if self.storing > 0 {
+                    0
+                } else {
+                    first.unwrap_or(self.entries.len())
+                };
+                for i in start..self.entries.len() {
                     if self.in_flight >= MAX_IN_FLIGHT {
                         self.link_waiting = true;
                         break;
                     }
+                    let e = &mut self.entries[i];
                     if e.state == State::Storing {
-                        // Order: nothing overtakes a message the store may hand back.
                         break;
                     }
                     if e.state == State::Queued {
@@ -634,10 +662,31 @@ impl<P> PeerOutbox<P> {
         }
     }
 
+    /// Every queued message whose expiry has passed leaves.
+    fn expire(&mut self, now: Millis, out: &mut Vec<Action>) {
+        let expired: Vec<MessageId> = self
+            .entries
+            .iter()
+            .filter(|e| e.state == State::Queued && e.expires_at <= now)
+            .map(|e| e.id)
+            .collect();
+        if !expired.is_empty() {
+            self.first_queued = 0;
+            self.entries
+                .retain(|e| !(e.state == State::Queued && e.expires_at <= now));
+            out.push(Action::Done {
+                ids: expired,
+                outcome: Outcome::Expired,
+            });
+        }
+    }
+
     fn store_queued(&mut self, out: &mut Vec<Action>) {
         let mut batch = Vec::new();
-        for e in &mut self.entries {
+        let start = self.first_queued().unwrap_or(self.entries.len());
+        for e in self.entries.range_mut(start..) {
             if e.state == State::Queued {
+                self.storing += 1;
                 e.state = State::Storing;
                 e.attempts = e.attempts.saturating_add(1);
                 batch.push(e.id);
@@ -998,5 +1047,38 @@ mod tests {
         assert!(out.is_empty(), "{out:?}");
         outbox.handle(1, Input::Trusted, &mut out);
         assert_eq!(out, [Action::Dial]);
+    }
+
+    #[test]
+    fn beyond_the_in_flight_window_writing_resumes_as_acknowledgements_settle() {
+        let mut outbox = PeerOutbox::<()>::new(ACK);
+        let mut out = Vec::new();
+        outbox.handle(0, Input::Connected { conn: 1 }, &mut out);
+        let ids: Vec<MessageId> = (0..MAX_IN_FLIGHT + 10)
+            .map(|_| MessageId::random())
+            .collect();
+        for &id in &ids {
+            outbox.queue(0, id, TTL, (), &mut out);
+        }
+        let written = |out: &[Action]| -> usize {
+            out.iter()
+                .map(|a| match a {
+                    Action::Write { ids, .. } => ids.len(),
+                    _ => 0,
+                })
+                .sum()
+        };
+        assert_eq!(written(&out), MAX_IN_FLIGHT);
+        assert!(outbox.take_link_waiting(), "the link waits for room");
+        out.clear();
+        assert_eq!(outbox.settle(&ids[..4]).len(), 4);
+        outbox.handle(1, Input::Settled, &mut out);
+        assert_eq!(
+            out,
+            [Action::Write {
+                conn: 1,
+                ids: ids[MAX_IN_FLIGHT..MAX_IN_FLIGHT + 4].to_vec()
+            }]
+        );
     }
 }
