@@ -413,9 +413,10 @@ async fn a_thousand_nodes_with_churn_show_every_message_once_in_bounded_memory()
         .with_test_writer()
         .try_init();
     let started = Instant::now();
-    // Per node: its listener, its session (both ends), seen.log; per peer connection (one per
-    // pair of contacts): both ends. Plus the server's redb file and some slack.
-    let wanted = (NODES * (4 + CONTACTS) + 4_096) as u64;
+    // Per node: its listener, its session (both ends), its node database (`node.lock`,
+    // `node.redb`, the journal); per peer connection (one per pair of contacts): both ends.
+    // Plus the server's redb file and some slack.
+    let wanted = (NODES * (6 + CONTACTS) + 4_096) as u64;
     let limit = raise_nofile(wanted);
     assert!(
         limit >= wanted,

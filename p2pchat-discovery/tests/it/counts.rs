@@ -1,6 +1,8 @@
-//! Books for the fault tests: which messages were sent, what outcome each sender was told,
-//! and how often each was shown, fed by the nodes' event streams; the counts every fault test
-//! prints (`sent`, `shown`, `lost`, `duplicated`) and asserts.
+//! Books for the fault tests: which messages were sent, what outcome each sender was told
+//! (and which attempts failed and were retried), and how often each was shown, fed by the
+//! nodes' event streams; the counts every fault test prints (`sent`, `shown`, `lost`,
+//! `duplicated`) and asserts. A failed attempt (`Event::Queued` with a retry reason) is not
+//! an outcome: the message stays in the outbox and is retried until delivered or stored.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -31,6 +33,8 @@ pub struct Ledger {
     pub sent: HashMap<MessageId, (String, String)>,
     /// Every outcome reported, in order.
     pub outcomes: HashMap<MessageId, Vec<Outcome>>,
+    /// Why each failed attempt failed (`Event::Queued` with a retry reason), in order.
+    pub retries: HashMap<MessageId, Vec<String>>,
     /// Every showing, in order.
     pub shown: HashMap<MessageId, Vec<Showing>>,
     pub lagged: u64,
@@ -39,6 +43,11 @@ pub struct Ledger {
 impl Ledger {
     pub fn outcome(&self, id: &MessageId) -> Option<&Outcome> {
         self.outcomes.get(id).and_then(|o| o.first())
+    }
+
+    /// Whether a failed attempt of `id` was reported (it waits to be retried).
+    pub fn retried(&self, id: &MessageId) -> bool {
+        self.retries.contains_key(id)
     }
 
     pub fn shown_count(&self, id: &MessageId) -> usize {
@@ -78,6 +87,9 @@ impl Ledger {
         let mut c = Counts::default();
         for (id, _) in self.sent.iter().filter(|(_, (_, r))| to(r)) {
             c.sent += 1;
+            if self.retried(id) {
+                c.retried += 1;
+            }
             let shown = self.shown_count(id);
             match self.outcome(id) {
                 Some(Outcome::Delivered) => c.delivered += 1,
@@ -140,6 +152,8 @@ pub struct Counts {
     pub failed_but_shown: usize,
     pub no_outcome: usize,
     pub extra_outcomes: usize,
+    /// Messages with at least one failed attempt, retried.
+    pub retried: usize,
     pub shown_offline: usize,
     pub unknown_shown: usize,
     pub misrouted: usize,
@@ -150,7 +164,7 @@ impl Counts {
     pub fn print(&self, prefix: &str) {
         println!(
             "{prefix}: sent={} shown={} lost={} duplicated={} (delivered={} stored={} failed={} \
-             failed_but_shown={} no_outcome={} extra_outcomes={} shown_offline={} \
+             failed_but_shown={} no_outcome={} extra_outcomes={} retried={} shown_offline={} \
              unknown_shown={} misrouted={} lagged={})",
             self.sent,
             self.shown,
@@ -162,6 +176,7 @@ impl Counts {
             self.failed_but_shown,
             self.no_outcome,
             self.extra_outcomes,
+            self.retried,
             self.shown_offline,
             self.unknown_shown,
             self.misrouted,
@@ -237,6 +252,11 @@ impl Book {
                             .entry(id)
                             .or_default()
                             .push(Outcome::Failed(reason)),
+                        Event::Queued {
+                            id,
+                            retry: Some(why),
+                            ..
+                        } => l.retries.entry(id).or_default().push(why),
                         Event::Lagged { missed } => l.lagged += missed,
                         _ => {}
                     }

@@ -215,13 +215,7 @@ async fn send_stored(from: &ChatNode, to: &str, texts: &[String]) {
         ids.push(from.send(to, t).await.unwrap());
     }
     for id in ids {
-        let outcome = wait_event(&mut events, |e| match e {
-            Event::StoredOffline { id: got, .. }
-            | Event::Delivered { id: got, .. }
-            | Event::SendFailed { id: got, .. } => *got == id,
-            _ => false,
-        })
-        .await;
+        let outcome = wait_outcome(&mut events, id).await;
         assert!(
             matches!(outcome, Event::StoredOffline { .. }),
             "expected stored offline, got {outcome:?}"

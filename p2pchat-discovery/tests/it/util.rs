@@ -207,6 +207,25 @@ pub async fn wait_event(
     .expect("event in time")
 }
 
+/// Waits for how message `id` left the outbox: the first event about it that is not a step
+/// on the way (`Queued`, first or after a failed attempt, and `Sent` are skipped).
+pub async fn wait_outcome(
+    events: &mut p2pchat_core::Events,
+    id: p2pchat_core::MessageId,
+) -> p2pchat_core::Event {
+    use p2pchat_core::Event;
+    wait_event(events, |e| match e {
+        Event::Queued { .. } | Event::Sent { .. } => false,
+        Event::Delivered { id: got, .. }
+        | Event::StoredOffline { id: got, .. }
+        | Event::Expired { id: got, .. }
+        | Event::Cancelled { id: got, .. }
+        | Event::SendFailed { id: got, .. } => *got == id,
+        _ => false,
+    })
+    .await
+}
+
 /// The real `p2pchat-discovery` binary on its embedded store, started with `args` and
 /// `--data-dir`; killed when dropped.
 pub struct DiscoveryProcess {
