@@ -132,6 +132,16 @@ pub trait OfflineStore: Debug + Send + Sync + 'static {
     async fn subscribe(&self, recipient: &str) -> Result<BoxStream<'static, ()>, StoreError>;
 }
 
+/// Every put of `messages` in flight at once, answered in order: for a backend whose one
+/// connection pipelines concurrent requests in the order they are made (Redis's multiplexed
+/// connection, a discovery session), one round trip for the batch.
+pub(crate) async fn put_concurrently<S: OfflineStore + ?Sized>(
+    store: &S,
+    messages: Vec<StoredMessage>,
+) -> Vec<Result<(), StoreError>> {
+    futures::future::join_all(messages.into_iter().map(|m| store.put(m))).await
+}
+
 /// A shared store is a store: lets an `Arc<dyn OfflineStore>` (such as
 /// [`crate::DiscoverySession::mailbox`]) be handed to
 /// [`crate::ChatNodeBuilder::offline_store`].

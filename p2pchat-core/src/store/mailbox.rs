@@ -96,12 +96,7 @@ impl OfflineStore for MailboxStore {
 
     /// The deposits pipelined on the session, in order: one round trip for the batch.
     async fn put_many(&self, messages: Vec<StoredMessage>) -> Vec<Result<(), StoreError>> {
-        futures::future::join_all(
-            messages
-                .into_iter()
-                .map(|m| async move { self.put(m).await }),
-        )
-        .await
+        super::put_concurrently(self, messages).await
     }
 
     async fn fetch(&self, recipient: &str, limit: usize) -> Result<Vec<StoredMessage>, StoreError> {

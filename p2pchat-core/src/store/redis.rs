@@ -768,12 +768,7 @@ impl OfflineStore for RedisStore {
     /// Every put in flight at once on the one multiplexed connection: the commands are
     /// pipelined in order, one round trip for the batch instead of one per message.
     async fn put_many(&self, messages: Vec<StoredMessage>) -> Vec<Result<(), StoreError>> {
-        futures::future::join_all(
-            messages
-                .into_iter()
-                .map(|m| async move { self.put(m).await }),
-        )
-        .await
+        super::put_concurrently(self, messages).await
     }
 
     async fn fetch(&self, recipient: &str, limit: usize) -> Result<Vec<StoredMessage>, StoreError> {
