@@ -647,8 +647,9 @@ impl ChatNode {
             }))
             .await;
         if queued.is_err() {
-            // Shut down meanwhile: the message is in the outbox for the next start.
-            return Err(NodeError::ShutDown);
+            // Shut down meanwhile: the message is in the outbox and leaves at the next start
+            // (without a data directory, the outbox ended with the node).
+            tracing::debug!(%id, "queued while the node shut down");
         }
         Ok(id)
     }

@@ -393,6 +393,11 @@ impl<P> PeerOutbox<P> {
     }
 
     fn fail(&mut self, now: Millis) {
+        if self.retry_at > now {
+            // This round's failure is counted already: another of its batches failing must
+            // not grow the backoff.
+            return;
+        }
         self.failures = self.failures.saturating_add(1);
         let delay = self.backoff.next().unwrap_or(MAX_RETRY_DELAY);
         self.retry_at = now.saturating_add(ms(delay)).max(1);
@@ -681,7 +686,12 @@ impl<P> PeerOutbox<P> {
         }
     }
 
+    /// Hands the next batch of queued messages to the store: one batch at a time, so that a
+    /// long outbox does not flood the store (or the session it is reached over).
     fn store_queued(&mut self, out: &mut Vec<Action>) {
+        if self.storing > 0 {
+            return;
+        }
         let mut batch = Vec::new();
         let start = self.first_queued().unwrap_or(self.entries.len());
         for e in self.entries.range_mut(start..) {
@@ -691,7 +701,7 @@ impl<P> PeerOutbox<P> {
                 e.attempts = e.attempts.saturating_add(1);
                 batch.push(e.id);
                 if batch.len() == STORE_BATCH {
-                    out.push(Action::Store(std::mem::take(&mut batch)));
+                    break;
                 }
             }
         }
