@@ -3,6 +3,7 @@
 mod it {
     pub mod conformance;
     pub mod drain_crash;
+    pub mod durable;
     pub mod faults;
     pub mod fuzz_regressions;
     pub mod hostile;

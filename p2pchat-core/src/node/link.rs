@@ -151,6 +151,9 @@ struct DialFailure {
 
 struct Conn {
     id: u64,
+    /// The pair key of the key this connection's peer proved: acknowledgements and
+    /// refusals on it are tagged with it (it differs from the link's while untrusted).
+    pair: PairKey,
     writer: FrameWriter,
     _reader: AbortOnDropHandle<()>,
     dialed_by_me: bool,
@@ -706,7 +709,7 @@ impl Link {
             read_loop(
                 ReadSide {
                     shared: self.shared.clone(),
-                    pair,
+                    pair: pair.clone(),
                     peer: self.peer.clone(),
                     conn: id,
                     hold: untrusted,
@@ -720,6 +723,7 @@ impl Link {
         );
         self.conn = Some(Conn {
             id,
+            pair: pair.clone(),
             writer: est.writer,
             _reader: AbortOnDropHandle::new(reader),
             dialed_by_me,
@@ -768,8 +772,8 @@ impl Link {
             }),
             FromReader::AckThese(conn, ids) if Some(conn) == current => {
                 for chunk in ids.chunks(MAX_ACK_BATCH) {
-                    let tag = match &self.pair {
-                        Some(pair) => pair.ack_tag(self.shared.me(), chunk),
+                    let tag = match &self.conn {
+                        Some(conn) => conn.pair.ack_tag(self.shared.me(), chunk),
                         None => return,
                     };
                     self.write(PeerFrame::Ack {
@@ -780,8 +784,8 @@ impl Link {
                 }
             }
             FromReader::RejectThis(conn, id, detail) if Some(conn) == current => {
-                let Some(pair) = &self.pair else { return };
-                let tag = pair.reject_tag(self.shared.me(), id, &detail);
+                let Some(conn) = &self.conn else { return };
+                let tag = conn.pair.reject_tag(self.shared.me(), id, &detail);
                 self.write(PeerFrame::Reject { id, detail, tag }).await;
             }
             FromReader::Ping(conn, n) if Some(conn) == current => {
