@@ -423,10 +423,11 @@ impl Shared {
             // They are sent again after a restart; the peer drops them by id.
             tracing::warn!(error = %e, "cannot record settled messages");
         }
-        self.outbox_len.fetch_sub(
-            ids.len().min(self.outbox_len.load(Ordering::Relaxed)),
-            Ordering::Relaxed,
-        );
+        let _ = self
+            .outbox_len
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                Some(n.saturating_sub(ids.len()))
+            });
         for &id in ids {
             let to = peer.to_owned();
             self.emit(match &outcome {

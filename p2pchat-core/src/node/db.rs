@@ -390,14 +390,7 @@ fn create_dir(dir: &Path) -> Result<(), DbError> {
 /// Opens (creating it 0600) and locks `node.lock`.
 fn lock_dir(dir: &Path) -> Result<File, DbError> {
     let path = dir.join(LOCK_FILE);
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o600)
-        .open(&path)
-        .map_err(io_error(&path))?;
+    let file = open_private(&path)?;
     match file.try_lock() {
         Ok(()) => Ok(file),
         Err(TryLockError::WouldBlock) => Err(DbError::Locked {
@@ -407,17 +400,22 @@ fn lock_dir(dir: &Path) -> Result<File, DbError> {
     }
 }
 
-/// Opens (creating it 0600) `node.redb`.
-fn open_redb(dir: &Path) -> Result<redb::Database, DbError> {
-    let path = dir.join(REDB_FILE);
-    let file = OpenOptions::new()
+/// Opens `path` for reading and writing, creating it 0600.
+fn open_private(path: &Path) -> Result<File, DbError> {
+    OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
         .truncate(false)
         .mode(0o600)
-        .open(&path)
-        .map_err(io_error(&path))?;
+        .open(path)
+        .map_err(io_error(path))
+}
+
+/// Opens (creating it 0600) `node.redb`.
+fn open_redb(dir: &Path) -> Result<redb::Database, DbError> {
+    let path = dir.join(REDB_FILE);
+    let file = open_private(&path)?;
     file.set_permissions(Permissions::from_mode(0o600))
         .map_err(io_error(&path))?;
     let backend = redb::backends::FileBackend::new(file).map_err(db_error(&path))?;

@@ -449,16 +449,11 @@ impl Link {
             // The connection is gone already: its loss re-queued them.
             return;
         }
-        let frames: Vec<PeerFrame> = {
-            let mut outbox = lock(&self.outbox);
-            ids.iter()
-                .filter_map(|&id| {
-                    let payload = outbox.payload_mut(id)?;
-                    let token = seal(&self.shared, self.pair.as_ref()?, &self.peer, id, payload);
-                    Some(PeerFrame::Message { id, token })
-                })
-                .collect()
-        };
+        let frames: Vec<PeerFrame> = self
+            .sealed(&ids)
+            .into_iter()
+            .map(|(id, token, _)| PeerFrame::Message { id, token })
+            .collect();
         for id in &ids {
             self.shared.emit(Event::Sent {
                 id: *id,
@@ -475,38 +470,41 @@ impl Link {
         }
     }
 
-    fn start_store(&mut self, ids: Vec<MessageId>) {
-        if self.pair.is_none() {
-            // Nothing to seal with before the directory tells us the peer's key.
-            let ids2 = ids.clone();
-            self.stores.push(
-                async move {
-                    let n = ids2.len();
-                    let e = StoreError::Unavailable("the peer's key is not known yet".into());
-                    (ids2, vec![Err(e); n])
-                }
-                .boxed(),
-            );
-            let _ = ids;
-            return;
-        }
-        let messages: Vec<StoredMessage> = {
-            let mut outbox = lock(&self.outbox);
-            ids.iter()
-                .filter_map(|&id| {
-                    let payload = outbox.payload_mut(id)?;
-                    let token = seal(&self.shared, self.pair.as_ref()?, &self.peer, id, payload);
-                    Some(StoredMessage {
-                        id,
-                        from: self.shared.me().to_owned(),
-                        to: self.peer.clone(),
-                        token,
-                        expires_at: std::time::UNIX_EPOCH
-                            + Duration::from_millis(payload.expires_at_ms),
-                    })
-                })
-                .collect()
+    /// The tokens of these messages (sealed once, kept for resends and the store) with
+    /// their expiry; none before the peer's key is known.
+    fn sealed(&self, ids: &[MessageId]) -> Vec<(MessageId, String, u64)> {
+        let Some(pair) = self.pair.as_ref() else {
+            return Vec::new();
         };
+        let mut outbox = lock(&self.outbox);
+        ids.iter()
+            .filter_map(|&id| {
+                let payload = outbox.payload_mut(id)?;
+                let token = seal(&self.shared, pair, &self.peer, id, payload);
+                Some((id, token, payload.expires_at_ms))
+            })
+            .collect()
+    }
+
+    fn start_store(&mut self, ids: Vec<MessageId>) {
+        let sealed = self.sealed(&ids);
+        // What could not be sealed (the peer's key is not known yet) waits for a retry.
+        let unsealed: Vec<MessageId> = ids
+            .iter()
+            .filter(|id| !sealed.iter().any(|(s, _, _)| s == *id))
+            .copied()
+            .collect();
+        let mut ids: Vec<MessageId> = sealed.iter().map(|(id, _, _)| *id).collect();
+        let messages: Vec<StoredMessage> = sealed
+            .into_iter()
+            .map(|(id, token, expires_at_ms)| StoredMessage {
+                id,
+                from: self.shared.me().to_owned(),
+                to: self.peer.clone(),
+                token,
+                expires_at: std::time::UNIX_EPOCH + Duration::from_millis(expires_at_ms),
+            })
+            .collect();
         let store = self.shared.store.clone();
         self.stores.push(
             async move {
@@ -521,6 +519,13 @@ impl Link {
                             n
                         ],
                     };
+                let mut results = results;
+                results.extend(unsealed.iter().map(|_| {
+                    Err(StoreError::Unavailable(
+                        "the peer's key is not known yet".into(),
+                    ))
+                }));
+                ids.extend(unsealed);
                 (ids, results)
             }
             .boxed(),
