@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize};
 use super::actor::{ACTOR_QUEUE_CAPACITY, Actor};
 use super::db::{Db, Durability, Table};
 use super::inbox::{Confirm, Inbox};
-use super::link::{LinkCmd, Outgoing};
+use super::link::Outgoing;
 use super::records::{self, OutboxRecord, PEERS_KEY};
 use super::state::PeerState;
 use super::{ChatNode, Config, DEFAULT_ACK_TIMEOUT, DEFAULT_EVENT_CAPACITY, NodeError, Shared};
@@ -261,7 +261,6 @@ impl ChatNodeBuilder {
             snapshot.take(Table::Inbox),
             snapshot.take(Table::Held),
             snapshot.take(Table::Seen),
-            &meta,
         ));
         let mut pending: Vec<(MessageId, OutboxRecord)> = snapshot
             .take(Table::Outbox)
@@ -348,9 +347,8 @@ impl ChatNodeBuilder {
             });
         }
         shared.spawn(actor.run().instrument(span.clone()));
-        if !pending.is_empty() {
-            shared.spawn(restore_outbox(shared.clone(), pending).instrument(span));
-        }
+        // Before `spawn` returns: no message sent from now on can overtake them.
+        restore_outbox(&shared, pending);
         Ok(ChatNode {
             shared,
             actor: actor_tx,
@@ -359,7 +357,7 @@ impl ChatNodeBuilder {
 }
 
 /// Hands the messages a previous run left in the outbox to their links, in order.
-async fn restore_outbox(shared: Arc<Shared>, pending: Vec<(MessageId, OutboxRecord)>) {
+fn restore_outbox(shared: &Arc<Shared>, pending: Vec<(MessageId, OutboxRecord)>) {
     for (id, record) in pending {
         let OutboxRecord::V1 {
             to,
@@ -373,15 +371,12 @@ async fn restore_outbox(shared: Arc<Shared>, pending: Vec<(MessageId, OutboxReco
         let Ok(link) = shared.link(&to, key) else {
             return;
         };
-        let msg = Outgoing {
+        link.queue_now(Outgoing {
             id,
             body,
             sent_at_ms,
             expires_at_ms,
             queued_at_ms,
-        };
-        if link.send(LinkCmd::Send(msg)).await.is_err() {
-            return;
-        }
+        });
     }
 }

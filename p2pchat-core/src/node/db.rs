@@ -81,6 +81,14 @@ pub(crate) enum Table {
 }
 
 impl Table {
+    /// Whether a key of this table is only ever put while it is absent (message ids, fresh
+    /// sequence numbers, ids not yet seen): a put of such a key followed by its delete
+    /// within the journal being compacted is dropped rather than applied ([`apply`]).
+    /// Every writer of these tables must keep to it.
+    fn write_once(self) -> bool {
+        !matches!(self, Table::Meta)
+    }
+
     /// Every table.
     const ALL: [Table; 5] = [
         Table::Outbox,
@@ -118,6 +126,16 @@ impl Batch {
     /// Sets `key` in `table` to `value`.
     pub(crate) fn put(&mut self, table: Table, key: &[u8], value: &[u8]) {
         journal::encode_put(&mut self.bytes, table, key, value);
+    }
+    /// Sets `key` in `table` to `record`, serialized straight into the batch.
+    pub(crate) fn put_record<T: serde::Serialize>(&mut self, table: Table, key: &[u8], record: &T) {
+        let len_at = journal::begin_put(&mut self.bytes, table, key);
+        if postcard::to_io(record, &mut self.bytes).is_err() {
+            // Our records always serialize; one that did not would be stored empty (and not
+            // decode), as `records::encode` does.
+            self.bytes.truncate(len_at + 4);
+        }
+        journal::end_put(&mut self.bytes, len_at);
     }
     /// Removes `key` from `table` (nothing if absent).
     pub(crate) fn delete(&mut self, table: Table, key: &[u8]) {
@@ -303,23 +321,47 @@ struct Synced {
     failed: Option<(io::ErrorKind, String)>,
 }
 
-/// Changes coalesced by key, last wins; `None` deletes. Hashed, not ordered: a segment
-/// holds tens of thousands of changes and most are a put and a delete of the same key.
-type Changes<'a> = HashMap<(Table, &'a [u8]), Option<&'a [u8]>>;
+/// One key's change over the segments being compacted: the last value (`None` deletes), and
+/// whether the first op on the key in them was a put.
+#[derive(Debug, Clone, Copy)]
+struct Change<'a> {
+    value: Option<&'a [u8]>,
+    first_put: bool,
+}
 
-fn coalesce<'a>(changes: &mut Changes<'a>, segment: &'a [u8]) {
-    for ops in journal::records(segment) {
+/// Changes coalesced by key, last wins. Hashed (foldhash), not ordered: a segment holds tens
+/// of thousands of changes and most are a put and a delete of the same key.
+type Changes<'a> = HashMap<(Table, &'a [u8]), Change<'a>, foldhash::fast::RandomState>;
+
+/// A guess at the keys a journal of `len` bytes touches, to size the map once: a message
+/// takes about this many bytes per key.
+fn estimate(len: usize) -> usize {
+    len / 96
+}
+
+/// Adds the changes of segment `number`.
+fn coalesce<'a>(changes: &mut Changes<'a>, segment: &'a [u8], number: u64) {
+    for ops in journal::records(segment, number) {
         for op in ops {
-            match op {
-                Op::Put(table, key, value) => changes.insert((table, key), Some(value)),
-                Op::Delete(table, key) => changes.insert((table, key), None),
+            let (key, value) = match op {
+                Op::Put(table, key, value) => ((table, key), Some(value)),
+                Op::Delete(table, key) => ((table, key), None),
             };
+            changes
+                .entry(key)
+                .and_modify(|change| change.value = value)
+                .or_insert(Change {
+                    value,
+                    first_put: value.is_some(),
+                });
         }
     }
 }
 
 /// Applies `changes` and records `compacted_through`, in `txn`. Opening the tables also
-/// creates them.
+/// creates them. A key of a [`Table::write_once`] table that was put and then deleted within
+/// the changes was absent before them and is absent after: it never reaches redb (most
+/// messages are queued and delivered, or received and read, within one segment).
 fn apply(
     txn: &redb::WriteTransaction,
     changes: &Changes<'_>,
@@ -330,14 +372,19 @@ fn apply(
         tables.push((table, txn.open_table(table.definition())?));
     }
     // In key order: redb inserts faster so.
-    let mut sorted: Vec<_> = changes.iter().collect();
+    let mut sorted: Vec<_> = changes
+        .iter()
+        .filter(|((table, _), change)| {
+            !(change.first_put && change.value.is_none() && table.write_once())
+        })
+        .collect();
     sorted.sort_unstable_by_key(|(k, _)| **k);
-    for (&(table, key), value) in sorted {
+    for (&(table, key), change) in sorted {
         let Some((_, rows)) = tables.iter_mut().find(|(t, _)| *t == table) else {
             continue;
         };
-        match value {
-            Some(value) => drop(rows.insert(key, *value)?),
+        match change.value {
+            Some(value) => drop(rows.insert(key, value)?),
             None => drop(rows.remove(key)?),
         }
     }
@@ -353,8 +400,9 @@ fn compacted_through(txn: &redb::WriteTransaction) -> Result<u64, redb::Error> {
 
 /// Compacts segment `number` into the database: one write transaction, committed durably.
 fn compact_segment(db: &redb::Database, number: u64, segment: &[u8]) -> Result<(), redb::Error> {
-    let mut changes = Changes::new();
-    coalesce(&mut changes, segment);
+    let mut changes =
+        Changes::with_capacity_and_hasher(estimate(segment.len()), Default::default());
+    coalesce(&mut changes, segment, number);
     let txn = db.begin_write()?;
     let through = compacted_through(&txn)?.max(number);
     apply(&txn, &changes, through)?;
@@ -455,12 +503,15 @@ fn recover(dir: &Path, db: &redb::Database) -> Result<u64, DbError> {
     let mut contents = Vec::new();
     for (&number, path) in segments.range(through.saturating_add(1)..) {
         let file = File::open(path).map_err(io_error(path))?;
-        contents.push(journal::read_segment(file).map_err(io_error(path))?);
+        contents.push((
+            number,
+            journal::read_segment(file, number).map_err(io_error(path))?,
+        ));
         tracing::debug!(segment = number, "replaying the journal");
     }
-    let mut changes = Changes::new();
-    for segment in &contents {
-        coalesce(&mut changes, segment);
+    let mut changes = Changes::default();
+    for (number, segment) in &contents {
+        coalesce(&mut changes, segment, *number);
     }
     let last = segments
         .keys()
@@ -506,7 +557,7 @@ impl Db {
                     .create_with_backend(redb::backends::InMemoryBackend::new())
                     .map_err(db_error(&path))?;
                 let txn = redb.begin_write().map_err(db_error(&path))?;
-                apply(&txn, &Changes::new(), 0).map_err(db_error(&path))?;
+                apply(&txn, &Changes::default(), 0).map_err(db_error(&path))?;
                 txn.commit().map_err(db_error(&path))?;
                 let segment = Segment::Memory(Vec::new());
                 (path, redb, None, Snapshot::default(), 1, segment, None)
@@ -595,7 +646,7 @@ impl Db {
         let mut header = [0; HEADER_LEN];
         // Fits: at most a segment, and segments are at most u32::MAX.
         header[..4].copy_from_slice(&(body.len() as u32).to_le_bytes());
-        header[4..].copy_from_slice(&crc32fast::hash(body).to_le_bytes());
+        let crc = crc32fast::hash(body);
         let record_len = HEADER_LEN + body.len();
 
         let mut writer = lock(&inner.writer);
@@ -610,8 +661,14 @@ impl Db {
             compact_inline = Inner::rotate(inner, &mut writer)?;
         }
         let pos = writer.pos;
+        header[4..].copy_from_slice(&(crc ^ journal::salt(writer.number)).to_le_bytes());
         let written = match writer.segment.as_mut() {
-            Some(segment) => segment.write_record(pos, &header, body),
+            Some(segment) => {
+                segment
+                    .reserve(pos + record_len)
+                    .map_err(io_error(&inner.path))?;
+                segment.write_record(pos, &header, body)
+            }
             None => return Err(DbError::Closed),
         };
         if !written {
@@ -625,8 +682,8 @@ impl Db {
         let lsn = writer.lsn;
         drop(writer);
         if compact_inline {
-            inner.prepare_next();
             inner.drain(false);
+            inner.prepare_next();
         }
         Ok(Written(lsn))
     }
@@ -716,17 +773,17 @@ impl Db {
             Some(db) => load(db).map_err(db_error(&inner.path))?,
             None => return Err(DbError::Closed),
         };
-        let mut changes = Changes::new();
+        let mut changes = Changes::default();
         let compactor = lock(&inner.compactor);
-        for (_, segment) in &compactor.queue {
-            coalesce(&mut changes, segment.bytes());
+        for (number, segment) in &compactor.queue {
+            coalesce(&mut changes, segment.bytes(), *number);
         }
         if let Some(segment) = &writer.segment {
-            coalesce(&mut changes, segment.bytes());
+            coalesce(&mut changes, segment.bytes(), writer.number);
         }
-        for ((table, key), value) in changes {
+        for ((table, key), change) in changes {
             let rows = snapshot.tables.entry(table).or_default();
-            match value {
+            match change.value {
                 Some(value) => rows.insert(key.to_vec(), value.to_vec()),
                 None => rows.remove(key),
             };
@@ -806,8 +863,9 @@ impl Inner {
                 compactor.running = true;
                 let job = this.clone();
                 drop(runtime.spawn_blocking(move || {
-                    job.prepare_next();
+                    // Compaction first: the compacted segment is recycled as the next one.
                     job.drain(true);
+                    job.prepare_next();
                 }));
                 Ok(false)
             }
@@ -841,6 +899,46 @@ impl Inner {
         }
     }
 
+    /// Keeps compacted segment `number` as the next segment, if none is ready, or deletes it.
+    /// A recycled file keeps its blocks and its mapped pages: writing it costs no page fault
+    /// (see `journal`'s docs for why its old records are never read again).
+    fn recycle(&self, number: u64, mut segment: Segment) {
+        let kept = match &self.dir {
+            Some(dir) => {
+                let mut next = lock(&self.next);
+                let want = self.current.load(Ordering::Acquire).saturating_add(1);
+                if self.closed.load(Ordering::Acquire)
+                    || matches!(&*next, Some((n, _)) if *n == want)
+                {
+                    Some(segment)
+                } else {
+                    let path = dir.join(journal::segment_name(want));
+                    match segment.recycle(&path) {
+                        Ok(()) => {
+                            if let Some((_, stale)) = next.replace((want, segment))
+                                && let Err(e) = stale.remove()
+                            {
+                                tracing::warn!("cannot delete an unused journal segment: {e}");
+                            }
+                            None
+                        }
+                        Err(e) => {
+                            tracing::debug!("cannot recycle journal segment {number}: {e}");
+                            Some(segment)
+                        }
+                    }
+                }
+            }
+            None => Some(segment),
+        };
+        if let Some(segment) = kept
+            && let Err(e) = segment.remove()
+        {
+            // The next open deletes it (it is at or below compacted_through).
+            tracing::warn!("cannot delete compacted journal segment {number}: {e}");
+        }
+    }
+
     /// Compacts the queued segments, oldest first, until none is left or one fails (it stays
     /// queued, and on disk, for a later try or the next open). `job`: called by the
     /// compaction job, which marks itself done.
@@ -864,10 +962,8 @@ impl Inner {
             };
             match compact_segment(db, number, segment.bytes()) {
                 Ok(()) => {
-                    if let Err(e) = segment.remove() {
-                        // The next open deletes it (it is at or below compacted_through).
-                        tracing::warn!("cannot delete compacted journal segment {number}: {e}");
-                    }
+                    drop(redb);
+                    self.recycle(number, segment);
                 }
                 Err(e) => {
                     tracing::warn!(
@@ -882,8 +978,6 @@ impl Inner {
                     return;
                 }
             }
-            drop(redb);
-            self.prepare_next();
         }
     }
 
@@ -985,7 +1079,11 @@ mod tests {
         for _ in 0..=rng.below(4) {
             let table = Table::ALL[rng.below(5) as usize];
             let key = rng.below(64).to_be_bytes().to_vec();
-            if rng.below(4) == 0 {
+            // Keys of write-once tables are put only while absent (their writers' contract).
+            let present = model
+                .get(&table)
+                .is_some_and(|rows| rows.contains_key(&key));
+            if rng.below(4) == 0 || (present && table.write_once()) {
                 batch.delete(table, &key);
                 model.entry(table).or_default().remove(&key);
             } else {

@@ -18,7 +18,7 @@ use std::time::{Duration, UNIX_EPOCH};
 use tokio::sync::Notify;
 
 use super::db::{Batch, Db, DbError, Table};
-use super::records::{self, FLOOR_PREFIX, InboxRecord, SeenRecord};
+use super::records::{self, InboxRecord, InboxRecordRef, SeenRecord};
 use crate::event::Event;
 use crate::protocol::MessageId;
 
@@ -84,11 +84,11 @@ impl Entry {
         }
     }
 
-    fn record(&self) -> InboxRecord {
-        InboxRecord::V1 {
-            from: self.from.clone(),
+    fn record(&self) -> InboxRecordRef<'_> {
+        InboxRecordRef::V1 {
+            from: &self.from,
             id: *self.id.as_bytes(),
-            text: self.text.clone(),
+            text: &self.text,
             sent_at_ms: self.sent_at_ms,
             offline: self.offline,
         }
@@ -113,14 +113,25 @@ impl Entry {
     }
 }
 
-/// One sender's dedup window.
+/// One sender's dedup window: the last [`DEDUP_WINDOW`] ids received from it, kept in the
+/// database as a ring of that many slots (see [`SeenRecord`]).
 #[derive(Debug, Default)]
 struct Window {
     ids: HashSet<MessageId>,
     order: VecDeque<(MessageId, u64)>,
     /// Tokens sent before this (Unix ms) are older than everything remembered.
     floor: u64,
+    /// Ids ever recorded for this sender: the next goes to slot `next % DEDUP_WINDOW`.
+    next: u64,
 }
+
+/// The ring slot of the `n`-th id from a sender.
+fn slot(n: u64) -> u16 {
+    // DEDUP_WINDOW fits in a u16 (checked below).
+    (n % DEDUP_WINDOW as u64) as u16
+}
+
+const _: () = assert!(DEDUP_WINDOW <= 1 << 16);
 
 #[derive(Debug, Default)]
 struct State {
@@ -150,10 +161,6 @@ fn seq_key(seq: u64) -> [u8; 8] {
     seq.to_be_bytes()
 }
 
-fn floor_key(from: &str) -> Vec<u8> {
-    [FLOOR_PREFIX, from.as_bytes()].concat()
-}
-
 impl Inbox {
     /// The inbox as the database holds it.
     pub(crate) fn load(
@@ -162,7 +169,6 @@ impl Inbox {
         inbox: BTreeMap<Vec<u8>, Vec<u8>>,
         held: BTreeMap<Vec<u8>, Vec<u8>>,
         seen: BTreeMap<Vec<u8>, Vec<u8>>,
-        meta: &BTreeMap<Vec<u8>, Vec<u8>>,
     ) -> Self {
         let mut state = State::default();
         let rows = |table: BTreeMap<Vec<u8>, Vec<u8>>| {
@@ -180,28 +186,36 @@ impl Inbox {
             .flatten()
             .max()
             .map_or(0, |last| last + 1);
-        let mut ids: Vec<(String, MessageId, u64)> = seen
+        let mut ids: Vec<(&str, SeenRecord)> = seen
             .iter()
             .filter_map(|(key, value)| {
-                let (from, id) = records::split_seen_key(key)?;
-                let SeenRecord::V1 { sent_at_ms } = records::decode(value)?;
-                Some((from.to_owned(), MessageId::from_bytes(id), sent_at_ms))
+                let (from, slot_no) = records::split_seen_key(key)?;
+                let record = records::decode::<SeenRecord>(value)?;
+                let SeenRecord::V1 { n, .. } = record;
+                // A record in another slot than its number says is not ours to trust.
+                (slot(n) == slot_no).then_some((from, record))
             })
             .collect();
-        ids.sort_by_key(|&(_, _, at)| at);
-        for (from, id, at) in ids {
-            let window = state.windows.entry(from).or_default();
-            window.ids.insert(id);
-            window.order.push_back((id, at));
-        }
-        for (key, value) in meta.range(FLOOR_PREFIX.to_vec()..) {
-            let Some(from) = key.strip_prefix(FLOOR_PREFIX) else {
-                break;
+        ids.sort_by_key(|&(from, SeenRecord::V1 { n, .. })| (from, n));
+        for (
+            from,
+            SeenRecord::V1 {
+                n,
+                id,
+                sent_at_ms,
+                floor,
+            },
+        ) in ids
+        {
+            let window = match state.windows.get_mut(from) {
+                Some(window) => window,
+                None => state.windows.entry(from.to_owned()).or_default(),
             };
-            if let (Ok(from), Ok(floor)) = (std::str::from_utf8(from), value.as_slice().try_into())
-            {
-                state.windows.entry(from.to_owned()).or_default().floor = u64::from_be_bytes(floor);
-            }
+            let id = MessageId::from_bytes(id);
+            window.ids.insert(id);
+            window.order.push_back((id, sent_at_ms));
+            window.floor = window.floor.max(floor);
+            window.next = n + 1;
         }
         Self {
             db,
@@ -247,9 +261,13 @@ impl Inbox {
         let written = {
             let mut state = self.state();
             let mut batch = Batch::new();
+            let mut key = Vec::with_capacity(from.len() + 3);
             let mut added = false;
             for message in messages {
-                let window = state.windows.entry(from.to_owned()).or_default();
+                let window = match state.windows.get_mut(from) {
+                    Some(window) => window,
+                    None => state.windows.entry(from.to_owned()).or_default(),
+                };
                 if window.ids.contains(&message.id) {
                     continue;
                 }
@@ -259,26 +277,47 @@ impl Inbox {
                 }
                 window.ids.insert(message.id);
                 window.order.push_back((message.id, message.sent_at_ms));
-                batch.put(
-                    Table::Seen,
-                    &records::seen_key(from, message.id.as_bytes()),
-                    &records::encode(&SeenRecord::V1 {
-                        sent_at_ms: message.sent_at_ms,
-                    }),
-                );
                 if window.order.len() > DEDUP_WINDOW
                     && let Some((old, at)) = window.order.pop_front()
                 {
                     window.ids.remove(&old);
-                    if at > window.floor {
-                        window.floor = at;
-                        batch.put(Table::Meta, &floor_key(from), &at.to_be_bytes());
-                    }
-                    batch.delete(Table::Seen, &records::seen_key(from, old.as_bytes()));
+                    window.floor = window.floor.max(at);
                 }
+                // Overwrites the slot of the id pushed out of the window, if any.
+                let n = window.next;
+                window.next += 1;
+                records::seen_key(&mut key, from, slot(n));
+                batch.put_record(
+                    Table::Seen,
+                    &key,
+                    &SeenRecord::V1 {
+                        n,
+                        id: *message.id.as_bytes(),
+                        sent_at_ms: message.sent_at_ms,
+                        floor: window.floor,
+                    },
+                );
                 if keep == Keep::Hide {
                     continue;
                 }
+                let seq = state.next_seq;
+                state.next_seq += 1;
+                let table = if keep == Keep::Hold {
+                    Table::Held
+                } else {
+                    Table::Inbox
+                };
+                batch.put_record(
+                    table,
+                    &seq_key(seq),
+                    &InboxRecordRef::V1 {
+                        from,
+                        id: *message.id.as_bytes(),
+                        text: &message.body,
+                        sent_at_ms: message.sent_at_ms,
+                        offline,
+                    },
+                );
                 let entry = Entry {
                     from: from.to_owned(),
                     id: message.id,
@@ -287,14 +326,6 @@ impl Inbox {
                     offline,
                     confirmed: false,
                 };
-                let seq = state.next_seq;
-                state.next_seq += 1;
-                let table = if keep == Keep::Hold {
-                    Table::Held
-                } else {
-                    Table::Inbox
-                };
-                batch.put(table, &seq_key(seq), &records::encode(&entry.record()));
                 if keep == Keep::Hold {
                     state.held.insert(seq, entry);
                 } else {
@@ -352,11 +383,7 @@ impl Inbox {
             let seq = state.next_seq;
             state.next_seq += 1;
             batch.delete(Table::Held, &seq_key(old));
-            batch.put(
-                Table::Inbox,
-                &seq_key(seq),
-                &records::encode(&entry.record()),
-            );
+            batch.put_record(Table::Inbox, &seq_key(seq), &entry.record());
             moved.push((seq, entry));
         }
         self.db.write(&batch)?;

@@ -34,10 +34,22 @@ pub(crate) enum InboxRecord {
     },
 }
 
-/// One id received from a sender (table `Seen`, key: sender, 0, id): when it was sent.
+/// One id received from a sender (table `Seen`, key: [`seen_key`]). A sender's ids are kept
+/// in a ring of [`crate::node::DEDUP_WINDOW`] slots: the `n`-th id received from a sender
+/// goes to slot `n % DEDUP_WINDOW`, so recording an id overwrites the one it pushes out of
+/// the window, and nothing is ever deleted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) enum SeenRecord {
-    V1 { sent_at_ms: u64 },
+    V1 {
+        /// Which id from this sender this was, counting from 0.
+        n: u64,
+        id: [u8; 16],
+        /// When it was sent (the sender's clock, Unix ms).
+        sent_at_ms: u64,
+        /// The sender's dedup floor when it was recorded: tokens sent before it are older
+        /// than every id remembered.
+        floor: u64,
+    },
 }
 
 /// Block and mute lists, pins, the operator pin and announcement ids (table `Meta`, key
@@ -60,10 +72,6 @@ pub(crate) enum PeersRecord {
 /// Key of the [`PeersRecord`] in table `Meta`.
 pub(crate) const PEERS_KEY: &[u8] = b"peers";
 
-/// Key prefix in table `Meta` of a sender's dedup floor (Unix ms, big-endian): tokens sent
-/// before it are older than every id remembered for that sender.
-pub(crate) const FLOOR_PREFIX: &[u8] = b"floor/";
-
 /// Encodes a record (postcard cannot fail into a `Vec`).
 pub(crate) fn encode<T: Serialize>(record: &T) -> Vec<u8> {
     postcard::to_stdvec(record).unwrap_or_default()
@@ -74,23 +82,49 @@ pub(crate) fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Option<T> {
     postcard::from_bytes(bytes).ok()
 }
 
-/// The `Seen` key of `id` from `from`.
-pub(crate) fn seen_key(from: &str, id: &[u8; 16]) -> Vec<u8> {
-    let mut key = Vec::with_capacity(from.len() + 17);
-    key.extend_from_slice(from.as_bytes());
-    key.push(0);
-    key.extend_from_slice(id);
-    key
+/// [`OutboxRecord`] encoded from borrowed fields: the same bytes (tested), without copying
+/// the message first.
+#[derive(Debug, Serialize)]
+pub(crate) enum OutboxRecordRef<'a> {
+    V1 {
+        seq: u64,
+        to: &'a str,
+        body: &'a str,
+        sent_at_ms: u64,
+        queued_at_ms: u64,
+        expires_at_ms: u64,
+    },
 }
 
-/// Splits a `Seen` key into sender and id.
-pub(crate) fn split_seen_key(key: &[u8]) -> Option<(&str, [u8; 16])> {
-    let split = key.len().checked_sub(17)?;
+/// [`InboxRecord`] encoded from borrowed fields: the same bytes (tested).
+#[derive(Debug, Serialize)]
+pub(crate) enum InboxRecordRef<'a> {
+    V1 {
+        from: &'a str,
+        id: [u8; 16],
+        text: &'a str,
+        sent_at_ms: u64,
+        offline: bool,
+    },
+}
+
+/// Writes the `Seen` key of slot `slot` of `from`'s ring into `key`: the sender, 0, the
+/// slot (big-endian).
+pub(crate) fn seen_key(key: &mut Vec<u8>, from: &str, slot: u16) {
+    key.clear();
+    key.extend_from_slice(from.as_bytes());
+    key.push(0);
+    key.extend_from_slice(&slot.to_be_bytes());
+}
+
+/// Splits a `Seen` key into sender and slot.
+pub(crate) fn split_seen_key(key: &[u8]) -> Option<(&str, u16)> {
+    let split = key.len().checked_sub(3)?;
     if key[split] != 0 {
         return None;
     }
     let from = std::str::from_utf8(&key[..split]).ok()?;
-    Some((from, key[split + 1..].try_into().ok()?))
+    Some((from, u16::from_be_bytes(key[split + 1..].try_into().ok()?)))
 }
 
 #[cfg(test)]
@@ -123,7 +157,16 @@ mod tests {
         expected.extend_from_slice(&[7; 16]);
         expected.extend_from_slice(&[1, b'x', 5, 1]);
         assert_eq!(encode(&inbox), expected);
-        assert_eq!(encode(&SeenRecord::V1 { sent_at_ms: 300 }), [0, 0xac, 0x02]);
+        let seen = SeenRecord::V1 {
+            n: 2,
+            id: [7; 16],
+            sent_at_ms: 300,
+            floor: 1,
+        };
+        let mut expected = vec![0, 2];
+        expected.extend_from_slice(&[7; 16]);
+        expected.extend_from_slice(&[0xac, 0x02, 1]);
+        assert_eq!(encode(&seen), expected);
         let peers = PeersRecord::V1 {
             blocked: ["m".to_owned()].into(),
             muted: BTreeMap::new(),
@@ -136,9 +179,52 @@ mod tests {
     }
 
     #[test]
+    fn borrowed_records_encode_as_the_owned_ones() {
+        let outbox = OutboxRecordRef::V1 {
+            seq: 1,
+            to: "bob",
+            body: "hi",
+            sent_at_ms: 2,
+            queued_at_ms: 3,
+            expires_at_ms: 4,
+        };
+        assert_eq!(
+            encode(&outbox),
+            encode(&OutboxRecord::V1 {
+                seq: 1,
+                to: "bob".into(),
+                body: "hi".into(),
+                sent_at_ms: 2,
+                queued_at_ms: 3,
+                expires_at_ms: 4,
+            })
+        );
+        let inbox = InboxRecordRef::V1 {
+            from: "al",
+            id: [7; 16],
+            text: "x",
+            sent_at_ms: 5,
+            offline: true,
+        };
+        assert_eq!(
+            encode(&inbox),
+            encode(&InboxRecord::V1 {
+                from: "al".into(),
+                id: [7; 16],
+                text: "x".into(),
+                sent_at_ms: 5,
+                offline: true,
+            })
+        );
+    }
+
+    #[test]
     fn seen_keys_split_back() {
-        let key = seen_key("bob", &[9; 16]);
-        assert_eq!(split_seen_key(&key), Some(("bob", [9; 16])));
-        assert_eq!(split_seen_key(b"short"), None);
+        let mut key = Vec::new();
+        seen_key(&mut key, "bob", 515);
+        assert_eq!(key, b"bob\0\x02\x03");
+        assert_eq!(split_seen_key(&key), Some(("bob", 515)));
+        assert_eq!(split_seen_key(b"ab"), None);
+        assert_eq!(split_seen_key(b"bob\x01\x02\x03"), None);
     }
 }

@@ -4,7 +4,8 @@
 //! back to back, the rest of the file zero:
 //!
 //! ```text
-//! record = [len: u32 LE][crc32 of body: u32 LE][body: len bytes]
+//! record = [len: u32 LE][checksum: u32 LE][body: len bytes]
+//! checksum = crc32(body) XOR salt(segment number)
 //! body   = op*                       (the ops of one Batch, in order)
 //! op     = [1][table u8][key len u32 LE][key][value len u32 LE][value]    put
 //!        | [2][table u8][key len u32 LE][key]                             delete
@@ -14,6 +15,12 @@
 //! rest of a segment), a length running past the segment, a checksum mismatch or a body that
 //! does not decode. That is where a write torn by a crash ended; a batch is one record, so it
 //! is there entirely or not at all.
+//!
+//! Segment files are recycled: a compacted segment is renamed to a later number and written
+//! over from the start, its pages still mapped (no page faults, no block allocation). What
+//! follows the new records is then the old records, intact but salted with the old number:
+//! their checksums fail under the new one, so reading stops there as at a zero tail (the
+//! recyclable log format of LevelDB and RocksDB, with the number in the checksum).
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read};
@@ -21,9 +28,14 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use memmap2::MmapMut;
+use memmap2::{Advice, MmapMut};
 
 use super::Table;
+
+/// A mapped segment's pages are allocated and mapped this many bytes at a time, ahead of the
+/// writes (`MADV_POPULATE_WRITE`): one system call instead of a page fault per 4 KiB, and a
+/// full file system is an error there rather than a SIGBUS at the write. Default: 256 KiB.
+const POPULATE_CHUNK: usize = 256 << 10;
 
 /// Bytes before a record's body: its length and its checksum.
 pub(super) const HEADER_LEN: usize = 8;
@@ -45,6 +57,19 @@ pub(super) fn parse_segment_name(name: &str) -> Option<u64> {
     digits.parse().ok()
 }
 
+/// The checksum of a record of segment `number` with this body: its CRC-32, XORed with a
+/// salt that differs for every segment number (mod 2^32), so that a record left over from an
+/// earlier use of a recycled file never checks out.
+pub(super) fn checksum(number: u64, body: &[u8]) -> u32 {
+    crc32fast::hash(body) ^ salt(number)
+}
+
+/// The salt of segment `number`'s checksums.
+pub(super) fn salt(number: u64) -> u32 {
+    // An odd multiplier is a bijection on u32: distinct numbers, distinct salts.
+    (number as u32).wrapping_mul(0x9E37_79B1)
+}
+
 /// Appends a put op to an encoded batch.
 pub(super) fn encode_put(out: &mut Vec<u8>, table: Table, key: &[u8], value: &[u8]) {
     out.reserve(1 + 1 + 4 + key.len() + 4 + value.len());
@@ -52,6 +77,23 @@ pub(super) fn encode_put(out: &mut Vec<u8>, table: Table, key: &[u8], value: &[u
     out.push(table as u8);
     push_bytes(out, key);
     push_bytes(out, value);
+}
+
+/// Appends the start of a put op whose value follows: the caller appends the value, then
+/// calls [`end_put`] with the returned position of its length.
+pub(super) fn begin_put(out: &mut Vec<u8>, table: Table, key: &[u8]) -> usize {
+    out.push(PUT);
+    out.push(table as u8);
+    push_bytes(out, key);
+    let len_at = out.len();
+    out.extend_from_slice(&[0; 4]);
+    len_at
+}
+
+/// Ends a put op begun by [`begin_put`]: writes the length of the value appended since.
+pub(super) fn end_put(out: &mut [u8], len_at: usize) {
+    let len = u32::try_from(out.len() - len_at - 4).unwrap_or(u32::MAX);
+    out[len_at..len_at + 4].copy_from_slice(&len.to_le_bytes());
 }
 
 /// Appends a delete op to an encoded batch.
@@ -78,27 +120,56 @@ pub(super) enum Op<'a> {
 }
 
 /// The ops of one encoded batch, or `None` if it does not decode (it never panics).
-pub(super) fn decode_ops(mut body: &[u8]) -> Option<Vec<Op<'_>>> {
+#[cfg(test)]
+pub(super) fn decode_ops(body: &[u8]) -> Option<Vec<Op<'_>>> {
     let mut ops = Vec::new();
-    while !body.is_empty() {
-        let (&kind, rest) = body.split_first()?;
-        let (&table, rest) = rest.split_first()?;
-        let table = Table::from_u8(table)?;
-        let (key, rest) = take_bytes(rest)?;
-        match kind {
-            PUT => {
-                let (value, rest) = take_bytes(rest)?;
-                ops.push(Op::Put(table, key, value));
-                body = rest;
-            }
-            DELETE => {
-                ops.push(Op::Delete(table, key));
-                body = rest;
-            }
-            _ => return None,
-        }
+    let mut rest = body;
+    while !rest.is_empty() {
+        ops.push(decode_op(&mut rest)?);
     }
     Some(ops)
+}
+
+/// Whether a whole batch decodes.
+fn decodes(mut body: &[u8]) -> bool {
+    while !body.is_empty() {
+        if decode_op(&mut body).is_none() {
+            return false;
+        }
+    }
+    true
+}
+
+/// Decodes the op at the start of `body` and moves past it.
+fn decode_op<'a>(body: &mut &'a [u8]) -> Option<Op<'a>> {
+    let (&kind, rest) = body.split_first()?;
+    let (&table, rest) = rest.split_first()?;
+    let table = Table::from_u8(table)?;
+    let (key, rest) = take_bytes(rest)?;
+    let (op, rest) = match kind {
+        PUT => {
+            let (value, rest) = take_bytes(rest)?;
+            (Op::Put(table, key, value), rest)
+        }
+        DELETE => (Op::Delete(table, key), rest),
+        _ => return None,
+    };
+    *body = rest;
+    Some(op)
+}
+
+/// The ops of a batch that decodes whole ([`records`] yields only those), in order.
+#[derive(Debug, Clone)]
+pub(super) struct Ops<'a> {
+    body: &'a [u8],
+}
+
+impl<'a> Iterator for Ops<'a> {
+    type Item = Op<'a>;
+
+    fn next(&mut self) -> Option<Op<'a>> {
+        decode_op(&mut self.body)
+    }
 }
 
 fn take_bytes(input: &[u8]) -> Option<(&[u8], &[u8])> {
@@ -110,14 +181,19 @@ fn take_bytes(input: &[u8]) -> Option<(&[u8], &[u8])> {
     Some(rest.split_at(len))
 }
 
-/// The batches in a segment's bytes, in order, up to the first record that is not intact.
-pub(super) fn records(segment: &[u8]) -> Records<'_> {
-    Records { segment, pos: 0 }
+/// The batches in the bytes of segment `number`, in order, up to the first record that is
+/// not intact.
+pub(super) fn records(segment: &[u8], number: u64) -> Records<'_> {
+    Records {
+        segment,
+        number,
+        pos: 0,
+    }
 }
 
-/// Reads a segment file up to the end of its intact records, without reading the unused
-/// (sparse, zero) rest of it.
-pub(super) fn read_segment(mut file: impl Read) -> io::Result<Vec<u8>> {
+/// Reads the file of segment `number` up to the end of its intact records, without reading
+/// the unused rest of it.
+pub(super) fn read_segment(mut file: impl Read, number: u64) -> io::Result<Vec<u8>> {
     let mut bytes = Vec::new();
     let mut end = 0;
     loop {
@@ -131,7 +207,7 @@ pub(super) fn read_segment(mut file: impl Read) -> io::Result<Vec<u8>> {
             break;
         }
         let body = &bytes[end + HEADER_LEN..end + HEADER_LEN + len];
-        if crc32fast::hash(body) != crc {
+        if checksum(number, body) != crc {
             break;
         }
         end += HEADER_LEN + len;
@@ -166,6 +242,7 @@ fn header_at(segment: &[u8], pos: usize) -> Option<(usize, u32)> {
 #[derive(Debug)]
 pub(super) struct Records<'a> {
     segment: &'a [u8],
+    number: u64,
     pos: usize,
 }
 
@@ -176,22 +253,25 @@ impl<'a> Records<'a> {
         self.pos
     }
 
-    fn next_record(&self) -> Option<(Vec<Op<'a>>, usize)> {
+    fn next_record(&self) -> Option<(Ops<'a>, usize)> {
         let (len, crc) = header_at(self.segment, self.pos)?;
         let rest = self.segment.get(self.pos + HEADER_LEN..)?;
         if len == 0 || len > rest.len() {
             return None;
         }
         let body = &rest[..len];
-        if crc32fast::hash(body) != crc {
+        if checksum(self.number, body) != crc {
             return None;
         }
-        Some((decode_ops(body)?, HEADER_LEN + len))
+        if !decodes(body) {
+            return None;
+        }
+        Some((Ops { body }, HEADER_LEN + len))
     }
 }
 
 impl<'a> Iterator for Records<'a> {
-    type Item = Vec<Op<'a>>;
+    type Item = Ops<'a>;
 
     fn next(&mut self) -> Option<Self::Item> {
         match self.next_record() {
@@ -218,6 +298,8 @@ pub(super) enum Segment {
         /// need it, and a node has two file descriptors fewer without.
         file: Option<Arc<File>>,
         map: MmapMut,
+        /// The map's pages before this offset are allocated and mapped writable.
+        populated: usize,
     },
     /// In memory, grown as written.
     Memory(Vec<u8>),
@@ -228,9 +310,8 @@ impl Segment {
     /// file open if `keep_file` (to sync it).
     ///
     /// Sparse, a segment costs disk space only as it is written, which matters with many
-    /// nodes in one process. The price: blocks are allocated when a page of the map is first
-    /// written, and if the file system is full then, the kernel signals the process (SIGBUS)
-    /// instead of returning an error.
+    /// nodes in one process: [`Segment::reserve`] allocates it a chunk at a time, ahead of
+    /// the writes.
     pub(super) fn create_mapped(path: &Path, len: usize, keep_file: bool) -> io::Result<Segment> {
         let file = OpenOptions::new()
             .read(true)
@@ -246,7 +327,37 @@ impl Segment {
             path: path.to_owned(),
             file: keep_file.then(|| Arc::new(file)),
             map,
+            populated: 0,
         })
+    }
+
+    /// Makes sure the bytes before `end` can be written: allocates the file's blocks and maps
+    /// its pages a chunk at a time. An error (the file system is full) leaves the segment as
+    /// it was; without this, the write to an unallocated page of a full file system would
+    /// kill the process with SIGBUS. A kernel without `MADV_POPULATE_WRITE` (before Linux
+    /// 5.14) leaves pages to be faulted in as they are written.
+    pub(super) fn reserve(&mut self, end: usize) -> io::Result<()> {
+        let Segment::Mapped { map, populated, .. } = self else {
+            return Ok(());
+        };
+        if end <= *populated {
+            return Ok(());
+        }
+        let to = end.max(*populated + POPULATE_CHUNK).min(map.len());
+        match map.advise_range(Advice::PopulateWrite, *populated, to - *populated) {
+            Ok(()) => {
+                *populated = to;
+                Ok(())
+            }
+            Err(e) if e.kind() == io::ErrorKind::InvalidInput => {
+                *populated = map.len();
+                Ok(())
+            }
+            Err(e) => Err(io::Error::new(
+                io::ErrorKind::StorageFull,
+                format!("cannot allocate space for the journal (is the disk full?): {e}"),
+            )),
+        }
     }
 
     /// Copies a record (header, then `body`) to offset `pos`, the end of the records written
@@ -295,11 +406,29 @@ impl Segment {
         }
     }
 
+    /// Renames a compacted segment's file to `to`, to be written over from the start as a
+    /// later segment (see the module docs). The map stays, its pages populated.
+    pub(super) fn recycle(&mut self, to: &Path) -> io::Result<()> {
+        match self {
+            Segment::Mapped { path, .. } => {
+                std::fs::rename(&*path, to)?;
+                *path = to.to_owned();
+                Ok(())
+            }
+            Segment::Memory(bytes) => {
+                bytes.clear();
+                Ok(())
+            }
+        }
+    }
+
     /// Drops the segment and deletes its file: for a segment that is compacted, or that
     /// never held a record.
     pub(super) fn remove(self) -> io::Result<()> {
         match self {
-            Segment::Mapped { path, file, map } => {
+            Segment::Mapped {
+                path, file, map, ..
+            } => {
                 drop(map);
                 drop(file);
                 match std::fs::remove_file(&path) {
@@ -319,8 +448,9 @@ fn map_segment(file: &File) -> io::Result<MmapMut> {
     // This file was just created by this process, 0600, in its private data directory
     // (0700), which it holds under the exclusive `node.lock`: no other process modifies it.
     // This process never truncates or resizes a segment while it is mapped (its length is
-    // set once, before mapping), writes it only through this map, and reads or deletes it
-    // otherwise only once the map is dropped (compaction) or in a later open.
+    // set once, before mapping), writes it only through this map (renaming it to recycle it
+    // changes no byte), and reads or deletes it otherwise only once the map is dropped or in
+    // a later open.
     unsafe { MmapMut::map_mut(file) }
 }
 
@@ -345,7 +475,7 @@ mod tests {
     fn record(body: &[u8]) -> Vec<u8> {
         let mut out = Vec::new();
         out.extend_from_slice(&u32::try_from(body.len()).unwrap().to_le_bytes());
-        out.extend_from_slice(&crc32fast::hash(body).to_le_bytes());
+        out.extend_from_slice(&checksum(1, body).to_le_bytes());
         out.extend_from_slice(body);
         out
     }
@@ -365,6 +495,17 @@ mod tests {
             ]
         );
         assert_eq!(decode_ops(&[]).unwrap(), vec![]);
+    }
+
+    #[test]
+    fn a_put_begun_and_ended_encodes_as_a_put() {
+        let mut whole = Vec::new();
+        encode_put(&mut whole, Table::Inbox, b"key", b"value");
+        let mut parts = Vec::new();
+        let len_at = begin_put(&mut parts, Table::Inbox, b"key");
+        parts.extend_from_slice(b"value");
+        end_put(&mut parts, len_at);
+        assert_eq!(parts, whole);
     }
 
     #[test]
@@ -390,8 +531,8 @@ mod tests {
                 })
                 .collect();
             let _ = decode_ops(&bytes);
-            let _ = records(&bytes).count();
-            let _ = records(&record(&bytes)).count();
+            let _ = records(&bytes, 1).count();
+            let _ = records(&record(&bytes), 1).count();
         }
     }
 
@@ -404,12 +545,12 @@ mod tests {
         let mut segment = record(&a);
         segment.extend(record(&b));
         let good = segment.len();
-        assert_eq!(records(&segment).count(), 2);
+        assert_eq!(records(&segment, 1).count(), 2);
 
         // Zero tail (the unused rest of a file).
         let mut zeros = segment.clone();
         zeros.resize(good + 100, 0);
-        let mut it = records(&zeros);
+        let mut it = records(&zeros, 1);
         assert_eq!(it.by_ref().count(), 2);
         assert_eq!(it.position(), good);
         assert!(it.next().is_none());
@@ -420,23 +561,53 @@ mod tests {
         third[4] ^= 1;
         bad.extend(third);
         bad.extend(record(&a));
-        assert_eq!(records(&bad).count(), 2);
+        assert_eq!(records(&bad, 1).count(), 2);
 
         // Length past the end.
         let mut long = segment.clone();
         long.extend_from_slice(&1000u32.to_le_bytes());
         long.extend_from_slice(&[0; 20]);
-        assert_eq!(records(&long).count(), 2);
+        assert_eq!(records(&long, 1).count(), 2);
 
         // Intact checksum around a body that does not decode.
         let mut undecodable = segment.clone();
         undecodable.extend(record(&[7, 7, 7]));
-        assert_eq!(records(&undecodable).count(), 2);
+        assert_eq!(records(&undecodable, 1).count(), 2);
 
         // A partial header.
         let mut partial = segment;
         partial.extend_from_slice(&[5, 0, 0]);
-        assert_eq!(records(&partial).count(), 2);
+        assert_eq!(records(&partial, 1).count(), 2);
+    }
+
+    #[test]
+    fn records_of_an_earlier_use_of_a_recycled_file_are_not_read() {
+        let salted = |number: u64, body: &[u8]| {
+            let mut out = u32::try_from(body.len()).unwrap().to_le_bytes().to_vec();
+            out.extend_from_slice(&checksum(number, body).to_le_bytes());
+            out.extend_from_slice(body);
+            out
+        };
+        let mut old = Vec::new();
+        encode_put(&mut old, Table::Inbox, b"old", b"value");
+        let mut new = Vec::new();
+        encode_delete(&mut new, Table::Outbox, b"new");
+        // Segment 7's file, recycled as segment 9: one new record over the first old one,
+        // then old records, intact under 7's salt.
+        let mut file = salted(9, &old);
+        file.extend(salted(7, &old));
+        file.extend(salted(7, &old));
+        assert_eq!(records(&file, 9).count(), 1);
+        assert_eq!(records(&file, 7).count(), 0);
+        assert_eq!(read_segment(&file[..], 9).unwrap(), salted(9, &old));
+        let mut overwritten = salted(9, &new);
+        overwritten.extend(salted(7, &old));
+        let ops: Vec<Vec<_>> = records(&overwritten, 9).map(Iterator::collect).collect();
+        assert_eq!(ops, vec![vec![Op::Delete(Table::Outbox, b"new")]]);
+        // Numbers 2^32 apart share a salt; nothing nearer does.
+        assert_ne!(salt(1), salt(2));
+        assert_eq!(salt(5), salt(5 + (1 << 32)));
+        assert_ne!(salt(0), salt(u64::from(u32::MAX)));
     }
 
     #[test]
@@ -449,18 +620,18 @@ mod tests {
             segment.extend(record(&body));
         }
         let end = segment.len();
-        assert_eq!(read_segment(&segment[..]).unwrap(), segment);
+        assert_eq!(read_segment(&segment[..], 1).unwrap(), segment);
         let mut sparse = segment.clone();
         sparse.resize(1 << 20, 0);
-        assert_eq!(read_segment(&sparse[..]).unwrap(), segment);
+        assert_eq!(read_segment(&sparse[..], 1).unwrap(), segment);
         let mut torn = segment.clone();
         torn.extend(&record(b"\x02\x01\x00\x00\x00\x00")[..9]);
-        assert_eq!(read_segment(&torn[..]).unwrap().len(), end);
+        assert_eq!(read_segment(&torn[..], 1).unwrap().len(), end);
         let mut huge = segment.clone();
         huge.extend_from_slice(&[0xff; 8]);
-        assert_eq!(read_segment(&huge[..]).unwrap().len(), end);
-        assert!(read_segment(&[][..]).unwrap().is_empty());
-        assert!(read_segment(&[1, 0][..]).unwrap().is_empty());
+        assert_eq!(read_segment(&huge[..], 1).unwrap().len(), end);
+        assert!(read_segment(&[][..], 1).unwrap().is_empty());
+        assert!(read_segment(&[1, 0][..], 1).unwrap().is_empty());
     }
 
     #[test]
