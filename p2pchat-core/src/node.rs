@@ -49,9 +49,9 @@ use crate::store::{OfflineStore, StoreError};
 use crate::transport::{Transport, TransportError};
 use db::{Batch, Db, Table};
 use inbox::{Inbox, Keep, Opened};
-use link::{LinkCmd, LinkHandle, Outgoing};
+use link::{LinkHandle, Outgoing};
 use outbox::Outcome;
-use records::OutboxRecord;
+use records::OutboxRecordRef;
 use state::PeerState;
 
 /// How long an acknowledgement may take before the connection is presumed dead and its
@@ -303,6 +303,8 @@ impl Shared {
         self.halt.cancel();
         self.tasks.close();
         self.tasks.wait().await;
+        // The links refer back to this state: let them go with it.
+        lock(&self.links).clear();
         self.events
             .write()
             .unwrap_or_else(|e| e.into_inner())
@@ -477,7 +479,7 @@ impl Shared {
         };
         let link = self.link(peer, key)?;
         if changed.is_some() {
-            let _ = link.send(LinkCmd::Hold).await;
+            link.hold();
         }
         if let Ok(session) = self.session() {
             // Presence of the people we talk to is pushed to us from now on.
@@ -620,16 +622,19 @@ impl ChatNode {
                 .try_into()
                 .unwrap_or(u64::MAX),
         );
-        let record = OutboxRecord::V1 {
-            seq: shared.outbox_seq.fetch_add(1, Ordering::Relaxed),
-            to: to.to_owned(),
-            body: text.to_owned(),
-            sent_at_ms: now,
-            queued_at_ms: now,
-            expires_at_ms,
-        };
         let mut batch = Batch::new();
-        batch.put(Table::Outbox, id.as_bytes(), &records::encode(&record));
+        batch.put_record(
+            Table::Outbox,
+            id.as_bytes(),
+            &OutboxRecordRef::V1 {
+                seq: shared.outbox_seq.fetch_add(1, Ordering::Relaxed),
+                to,
+                body: text,
+                sent_at_ms: now,
+                queued_at_ms: now,
+                expires_at_ms,
+            },
+        );
         shared.db.commit(&batch).await?;
         shared.outbox_len.fetch_add(1, Ordering::Relaxed);
         shared.emit(Event::Queued {
@@ -637,37 +642,21 @@ impl ChatNode {
             to: to.to_owned(),
             retry: None,
         });
-        let OutboxRecord::V1 { body, .. } = record;
-        let queued = link
-            .send(LinkCmd::Send(Outgoing {
-                id,
-                body,
-                sent_at_ms: now,
-                expires_at_ms,
-                queued_at_ms: now,
-            }))
-            .await;
-        if queued.is_err() {
-            // Shut down meanwhile: the message is in the outbox and leaves at the next start
-            // (without a data directory, the outbox ended with the node).
-            tracing::debug!(%id, "queued while the node shut down");
-        }
+        link.queue(Outgoing {
+            id,
+            body: text.to_owned(),
+            sent_at_ms: now,
+            expires_at_ms,
+            queued_at_ms: now,
+        })
+        .await;
         Ok(id)
     }
 
     /// The messages waiting in the outbox, to every peer, oldest first per peer.
     pub async fn outbox(&self) -> Vec<OutboxEntry> {
         let links: Vec<LinkHandle> = lock(&self.shared.links).values().cloned().collect();
-        let mut all = Vec::new();
-        for link in links {
-            let (tx, rx) = oneshot::channel();
-            if link.send(LinkCmd::List(tx)).await.is_ok()
-                && let Ok(entries) = rx.await
-            {
-                all.extend(entries);
-            }
-        }
-        all
+        links.iter().flat_map(LinkHandle::list).collect()
     }
 
     /// Cancels a message still waiting to be sent: it leaves the outbox with
@@ -675,11 +664,8 @@ impl ChatNode {
     /// is being stored), or if no such message waits.
     pub async fn cancel(&self, id: MessageId) -> Result<(), NodeError> {
         let links: Vec<LinkHandle> = lock(&self.shared.links).values().cloned().collect();
-        for link in links {
-            let (tx, rx) = oneshot::channel();
-            if link.send(LinkCmd::Cancel(id, tx)).await.is_ok() && rx.await == Ok(true) {
-                return Ok(());
-            }
+        if links.iter().any(|link| link.cancel(id)) {
+            return Ok(());
         }
         Err(NodeError::NotCancellable(id))
     }
@@ -697,7 +683,7 @@ impl ChatNode {
         validate_username(user)?;
         self.shared.peer_state().set_blocked(user, true)?;
         if let Some(link) = self.shared.existing_link(user) {
-            let _ = link.send(LinkCmd::Disconnect).await;
+            link.disconnect();
         }
         Ok(())
     }
@@ -770,7 +756,7 @@ impl ChatNode {
         }
         self.shared.peer_state().set_pin(user, record.public_key)?;
         if let Some(link) = self.shared.existing_link(user) {
-            let _ = link.send(LinkCmd::Trusted(record.public_key)).await;
+            link.trusted(record.public_key);
         }
         self.shared.inbox.release(user)?;
         Ok(())
@@ -797,16 +783,7 @@ impl ChatNode {
         {
             let _ = rx.await;
         }
-        let mut flushed = Vec::new();
-        for link in links {
-            let (tx, rx) = oneshot::channel();
-            if link.send(LinkCmd::Shutdown(tx)).await.is_ok() {
-                flushed.push(rx);
-            }
-        }
-        for rx in flushed {
-            let _ = rx.await;
-        }
+        futures::future::join_all(links.iter().map(LinkHandle::shutdown)).await;
         let session = lock(&self.shared.session).take();
         let result = match session {
             Some(session) => session.deregister().await.map_err(NodeError::from),

@@ -357,27 +357,65 @@ impl<T: DeserializeOwned> Decoder for FrameCodec<T> {
     }
 }
 
+/// [`PeerFrame::Message`] with a borrowed token: it serializes exactly as the owned frame
+/// (the same variant index and fields), so that a token kept for resends is framed without
+/// being copied first.
+#[derive(Debug, Serialize)]
+pub(crate) enum MessageFrame<'a> {
+    /// Never built: holds [`PeerFrame::Hello`]'s variant index.
+    #[allow(dead_code)]
+    Hello(()),
+    /// Never built: holds [`PeerFrame::Auth`]'s variant index.
+    #[allow(dead_code)]
+    Auth(()),
+    /// [`PeerFrame::Message`].
+    Message {
+        /// The message id.
+        id: MessageId,
+        /// The token.
+        token: &'a str,
+    },
+}
+
+impl Encoder<&MessageFrame<'_>> for FrameCodec<PeerFrame> {
+    type Error = ProtocolError;
+
+    fn encode(
+        &mut self,
+        frame: &MessageFrame<'_>,
+        dst: &mut BytesMut,
+    ) -> Result<(), ProtocolError> {
+        encode_frame(self.max_len, frame, dst)
+    }
+}
+
+/// Appends one frame holding `value` to `dst`, or nothing and an error.
+fn encode_frame<V: Serialize + ?Sized>(
+    max_len: usize,
+    value: &V,
+    dst: &mut BytesMut,
+) -> Result<(), ProtocolError> {
+    let start = dst.len();
+    dst.put_u32(0);
+    dst.put_u8(PROTOCOL_VERSION);
+    let written = postcard::to_io(value, (&mut *dst).writer()).map(|_| ());
+    let len = dst.len() - start - HEADER_LEN;
+    if written.is_err() || len > max_len {
+        dst.truncate(start);
+        return Err(match written {
+            Err(_) => ProtocolError::Malformed,
+            Ok(()) => ProtocolError::FrameTooLarge { len, max: max_len },
+        });
+    }
+    dst[start..start + HEADER_LEN].copy_from_slice(&(len as u32).to_be_bytes());
+    Ok(())
+}
+
 impl<T: Serialize> Encoder<&T> for FrameCodec<T> {
     type Error = ProtocolError;
 
     fn encode(&mut self, frame: &T, dst: &mut BytesMut) -> Result<(), ProtocolError> {
-        let start = dst.len();
-        dst.put_u32(0);
-        dst.put_u8(PROTOCOL_VERSION);
-        let written = postcard::to_io(frame, (&mut *dst).writer()).map(|_| ());
-        let len = dst.len() - start - HEADER_LEN;
-        if written.is_err() || len > self.max_len {
-            dst.truncate(start);
-            return Err(match written {
-                Err(_) => ProtocolError::Malformed,
-                Ok(()) => ProtocolError::FrameTooLarge {
-                    len,
-                    max: self.max_len,
-                },
-            });
-        }
-        dst[start..start + HEADER_LEN].copy_from_slice(&(len as u32).to_be_bytes());
-        Ok(())
+        encode_frame(self.max_len, frame, dst)
     }
 }
 
@@ -401,6 +439,27 @@ mod tests {
             public_key: Identity::generate().public_key(),
             nonce: [7; NONCE_LEN],
         }
+    }
+
+    #[test]
+    fn a_borrowed_message_frame_encodes_as_the_owned_one() {
+        let id = MessageId::random();
+        let token = "gAAAAA-a-token".to_owned();
+        let mut owned = BytesMut::new();
+        FrameCodec::<PeerFrame>::default()
+            .encode(
+                &PeerFrame::Message {
+                    id,
+                    token: token.clone(),
+                },
+                &mut owned,
+            )
+            .unwrap();
+        let mut borrowed = BytesMut::new();
+        FrameCodec::<PeerFrame>::default()
+            .encode(&MessageFrame::Message { id, token: &token }, &mut borrowed)
+            .unwrap();
+        assert_eq!(owned, borrowed);
     }
 
     fn sample_frames() -> Vec<PeerFrame> {

@@ -9,7 +9,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::Instrument;
 
 use super::handshake::{self, Refusal};
-use super::link::{Established, LinkCmd};
+use super::link::Established;
 use super::{
     HANDSHAKE_TIMEOUT, MAX_PENDING_HANDSHAKES, MAX_PENDING_HANDSHAKES_PER_ADDRESS, NodeError,
     Shared,
@@ -129,7 +129,7 @@ impl Actor {
             DiscoveryEvent::PeerOnline { username } => {
                 if let Some(link) = self.shared.existing_link(&username) {
                     // A hint only: never let a busy link stall the actor.
-                    let _ = link.try_send(LinkCmd::PeerOnline);
+                    link.peer_online();
                 }
                 self.shared.emit(Event::PeerOnline { username });
             }
@@ -350,13 +350,11 @@ async fn accept_one(shared: Arc<Shared>, conn: crate::transport::Connection) {
     let Ok(link) = shared.link(&peer, pinned.or(Some(key))) else {
         return;
     };
-    let _ = link
-        .send(LinkCmd::Inbound(Established {
-            reader,
-            writer,
-            key,
-        }))
-        .await;
+    link.inbound(Established {
+        reader,
+        writer,
+        key,
+    });
 }
 
 /// Whether to talk to `user` presenting `key`: not blocked, and the key is the pinned one
@@ -386,7 +384,7 @@ async fn admit(
             // we send it) until the user trusts it.
             shared.key_changed(user, &pinned, &key);
             if let Some(link) = shared.existing_link(user) {
-                let _ = link.try_send(LinkCmd::Hold);
+                link.hold();
             }
             Ok(())
         }

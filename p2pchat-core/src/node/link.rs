@@ -1,44 +1,55 @@
-//! One link per peer: the task that performs what the peer's outbox ([`PeerOutbox`], a pure
-//! state machine) decides, owns the single connection to the peer, and runs the reader of
-//! each connection.
+//! One link per peer: the peer's outbox ([`PeerOutbox`], a pure state machine), the single
+//! connection to the peer, and the task that does what cannot be done at once.
 //!
-//! The link task owns the write half and seals and writes messages. Dials and store calls
-//! run beside its loop (a dial that waits on a directory or a handshake never stalls
-//! writes, acknowledgements or shutdown). A reader task per connection reads frames, hands
-//! incoming messages to the node's inbox, and settles acknowledgements itself: the outbox
-//! is shared by the link and its reader under a lock never held across an `.await`, so an
-//! acknowledgement costs no hand-off to the link. A link blocked writing never stops
-//! acknowledgements from being read: two links writing to each other cannot deadlock.
+//! The link's state sits under one lock (never held across an `.await`), and whoever has
+//! something to tell the outbox performs its answer there and then: `send` queues a message
+//! and frames it into the connection's write buffer, a connection's reader settles
+//! acknowledgements and frames its own acknowledgements, refusals and pongs. Nobody hands a
+//! message to another task on the way to the socket. What takes time is left to the link's
+//! task: dials and store calls (beside its loop, so a dial waiting on the directory or a
+//! handshake never stalls anything), a flush the socket would make wait, timers (expiry,
+//! acknowledgement timeouts, pings) and closing.
+//!
+//! Writes are buffered: a frame is encoded into the connection's buffer, and the buffer is
+//! written when the writer has nothing more at hand (the reader at the end of a batch, the
+//! task once `send`s stop coming), without waiting: whatever the socket does not take at
+//! once, the task writes as it drains. So a burst of sends costs one system call per
+//! buffer, and one message alone is on the wire at the task's next turn.
 
-use std::sync::{Arc, Mutex};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
+use bytes::{Buf, BytesMut};
 use futures::stream::FuturesUnordered;
-use futures::{FutureExt, SinkExt, StreamExt};
-use tokio::sync::{Notify, mpsc, oneshot};
+use futures::{FutureExt, StreamExt};
+use tokio::io::AsyncWrite;
+use tokio::sync::{Notify, oneshot};
 use tokio::time::Instant;
+use tokio_util::codec::Encoder;
 use tokio_util::task::AbortOnDropHandle;
 use tracing::Instrument;
 
 use super::handshake::{self, FrameReader, FrameWriter};
-use super::outbox::{Action, Input, Millis, Outcome, PeerOutbox, State, StoreResult};
-use super::{HANDSHAKE_TIMEOUT, OutboxEntry, OutboxState, SHUTDOWN_GRACE, Shared, lock};
+use super::outbox::{Action, Input, Millis, Outcome, PeerOutbox, State as EntryState, StoreResult};
+use super::{HANDSHAKE_TIMEOUT, OutboxEntry, OutboxState, SHUTDOWN_GRACE, Shared};
 use crate::crypto::{PairKey, PayloadRef};
 use crate::event::Event;
 use crate::identity::PublicKey;
-use crate::protocol::{MAX_ACK_BATCH, MessageId, PeerFrame};
+use crate::protocol::{FrameCodec, MAX_ACK_BATCH, MessageFrame, MessageId, PeerFrame};
 use crate::store::{StoreError, StoredMessage};
+use crate::transport::WriteHalf;
 
 pub use super::outbox::MAX_IN_FLIGHT;
 
-/// Commands queued for one link before `send` waits. Default: 1024.
+/// Messages queued for one peer, beyond the [`MAX_IN_FLIGHT`] unacknowledged ones, before
+/// `send` waits for the peer to catch up. Default: 1024.
 pub const LINK_QUEUE_CAPACITY: usize = 1024;
 
 /// Frames a reader processes before recording them and acknowledging. Default: 256.
 const READ_BATCH: usize = 256;
-
-/// Commands a link takes before flushing. Default: 256.
-const WRITE_BATCH: usize = 256;
 
 /// An idle connection is probed this often. Default: 15 s.
 const PING_INTERVAL: Duration = Duration::from_secs(15);
@@ -46,28 +57,9 @@ const PING_INTERVAL: Duration = Duration::from_secs(15);
 /// Longest a store call may take before it counts as failed (and is retried). Default: 30 s.
 const STORE_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// What a link is asked to do.
-#[derive(Debug)]
-pub(crate) enum LinkCmd {
-    /// A message, already durable in the outbox.
-    Send(Outgoing),
-    /// An authenticated connection the peer opened to us.
-    Inbound(Established),
-    /// The directory says the peer is online: dialing is worth trying again.
-    PeerOnline,
-    /// The peer's key changed: hold messages until trusted.
-    Hold,
-    /// The user trusts this new key.
-    Trusted(PublicKey),
-    /// Drop the connection (the peer was blocked).
-    Disconnect,
-    /// Cancel a message not yet sent; answers whether it was.
-    Cancel(MessageId, oneshot::Sender<bool>),
-    /// The messages waiting for this peer.
-    List(oneshot::Sender<Vec<OutboxEntry>>),
-    /// Send what is queued, wait a little for acks, store the rest, stop.
-    Shutdown(oneshot::Sender<()>),
-}
+/// A connection's write buffer larger than this is released once it is written out, so a
+/// burst does not pin its memory. Default: 256 KiB.
+const KEEP_WRITE_BUFFER: usize = 256 << 10;
 
 /// A message for the link, as the outbox holds it.
 #[derive(Debug)]
@@ -81,6 +73,7 @@ pub(crate) struct Outgoing {
     pub(crate) queued_at_ms: u64,
 }
 
+/// An authenticated connection, fresh from its handshake.
 pub(crate) struct Established {
     pub(crate) reader: FrameReader,
     pub(crate) writer: FrameWriter,
@@ -94,23 +87,10 @@ impl std::fmt::Debug for Established {
     }
 }
 
+/// A cheap handle to one peer's link.
 #[derive(Debug, Clone)]
 pub(crate) struct LinkHandle {
-    tx: mpsc::Sender<LinkCmd>,
-}
-
-impl LinkHandle {
-    pub(crate) async fn send(&self, cmd: LinkCmd) -> Result<(), LinkCmd> {
-        self.tx.send(cmd).await.map_err(|e| e.0)
-    }
-
-    pub(crate) fn is_closed(&self) -> bool {
-        self.tx.is_closed()
-    }
-
-    pub(crate) fn try_send(&self, cmd: LinkCmd) -> bool {
-        self.tx.try_send(cmd).is_ok()
-    }
+    core: Arc<Core>,
 }
 
 /// What the link keeps with each message in the outbox.
@@ -124,22 +104,6 @@ struct Payload {
     token: Option<String>,
 }
 
-type Outbox = Arc<Mutex<PeerOutbox<Payload>>>;
-
-/// What a reader tells its link.
-#[derive(Debug)]
-enum FromReader {
-    /// The peer refused this one (authenticated).
-    Rejected(MessageId, String),
-    /// We made these durable in our inbox; acknowledge them.
-    AckThese(u64, Vec<MessageId>),
-    /// We could not accept this one, for a reason the peer's own message caused; tell it.
-    RejectThis(u64, MessageId, String),
-    Ping(u64, u64),
-    Pong(u64),
-    Closed(u64, String),
-}
-
 /// Why a dial did not give a connection.
 struct DialFailure {
     reason: String,
@@ -149,86 +113,301 @@ struct DialFailure {
     key_changed: Option<(PublicKey, PublicKey)>,
 }
 
+type StoreJob = futures::future::BoxFuture<'static, (Vec<MessageId>, Vec<Result<(), StoreError>>)>;
+
+/// The connection to the peer: its write side, and its reader's task.
 struct Conn {
     id: u64,
-    /// The pair key of the key this connection's peer proved: acknowledgements and
-    /// refusals on it are tagged with it (it differs from the link's while untrusted).
-    pair: PairKey,
-    writer: FrameWriter,
+    io: WriteHalf,
+    /// Encoded frames the socket has not taken yet.
+    buf: BytesMut,
+    codec: FrameCodec<PeerFrame>,
+    /// Since when the buffer has waited for the socket.
+    blocked_since: Option<Instant>,
     _reader: AbortOnDropHandle<()>,
     dialed_by_me: bool,
     ping: Option<(u64, Instant)>,
     last_ping: Instant,
 }
 
-type StoreJob = futures::future::BoxFuture<'static, (Vec<MessageId>, Vec<Result<(), StoreError>>)>;
+impl Conn {
+    /// Encodes a frame into the write buffer.
+    fn feed(&mut self, frame: &PeerFrame) {
+        if let Err(e) = self.codec.encode(frame, &mut self.buf) {
+            // Our own frames always fit (tokens and ack batches are bounded).
+            tracing::warn!(error = %e, "cannot encode a frame");
+        }
+    }
 
-struct Link {
-    shared: Arc<Shared>,
-    peer: String,
+    /// Encodes a message frame with its (kept) token into the write buffer.
+    fn feed_message(&mut self, id: MessageId, token: &str) {
+        let frame = MessageFrame::Message { id, token };
+        if let Err(e) = self.codec.encode(&frame, &mut self.buf) {
+            tracing::warn!(error = %e, "cannot encode a message frame");
+        }
+    }
+
+    /// Writes the buffer until it is empty (ready) or the socket would wait (pending, the
+    /// waker registered).
+    fn poll_write_out(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), String>> {
+        while !self.buf.is_empty() {
+            match Pin::new(&mut self.io).poll_write(cx, &self.buf) {
+                Poll::Ready(Ok(0)) => {
+                    return Poll::Ready(Err("the connection closed while writing".into()));
+                }
+                Poll::Ready(Ok(n)) => self.buf.advance(n),
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(format!("write failed: {e}"))),
+                Poll::Pending => {
+                    self.blocked_since.get_or_insert_with(Instant::now);
+                    return Poll::Pending;
+                }
+            }
+        }
+        match Pin::new(&mut self.io).poll_flush(cx) {
+            Poll::Ready(Ok(())) => {}
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(format!("write failed: {e}"))),
+            Poll::Pending => {
+                self.blocked_since.get_or_insert_with(Instant::now);
+                return Poll::Pending;
+            }
+        }
+        self.blocked_since = None;
+        if self.buf.capacity() > KEEP_WRITE_BUFFER {
+            self.buf = BytesMut::new();
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// The link's state: everything under the lock.
+struct State {
+    outbox: PeerOutbox<Payload>,
     /// The pinned key; `None` until the directory has told us (a first message queued
     /// while it was unreachable).
     key: Option<PublicKey>,
     pair: Option<PairKey>,
-    outbox: Outbox,
-    /// Set by a reader that settled something the link waits for.
-    wake: Arc<Notify>,
     conn: Option<Conn>,
     next_conn: u64,
-    dial: Option<AbortOnDropHandle<Result<Established, DialFailure>>>,
-    stores: FuturesUnordered<StoreJob>,
-    reader_tx: mpsc::UnboundedSender<FromReader>,
-    reader_rx: mpsc::UnboundedReceiver<FromReader>,
-    cmds: mpsc::Receiver<LinkCmd>,
-    closing: Option<oneshot::Sender<()>>,
+    /// Dials and stores the outbox asked for, for the task to start, in order.
+    deferred: Vec<Action>,
+    /// The write buffer holds frames for the task to write (the socket would have waited,
+    /// or nobody else is about to write).
+    flush_wanted: bool,
+    /// The outbox deadline the task sleeps until.
+    armed: Option<Millis>,
+    /// `shutdown` calls waiting for the link to close.
+    closers: Vec<oneshot::Sender<()>>,
+    /// Closing was asked for and the task has not started it yet.
+    close_requested: bool,
+    /// The task has started closing.
+    closing: bool,
+    /// A `send` waits for the backlog to shrink.
+    send_waiting: bool,
+}
+
+impl State {
+    /// Whether a `send` must wait: the peer has [`MAX_IN_FLIGHT`] unacknowledged messages
+    /// and [`LINK_QUEUE_CAPACITY`] more queued behind them.
+    fn full(&self) -> bool {
+        self.outbox.in_flight() >= MAX_IN_FLIGHT && self.outbox.queued() >= LINK_QUEUE_CAPACITY
+    }
+}
+
+/// What the handle, the readers and the task share.
+struct Core {
+    shared: Arc<Shared>,
+    peer: String,
     /// The link's clock starts here (the outbox counts milliseconds from it).
     epoch: Instant,
-    actions: Vec<Action>,
+    state: Mutex<State>,
+    /// Wakes the task: something only it can do (a dial, a store, a flush, a new deadline,
+    /// closing).
+    wake: Notify,
+    /// Wakes `send`s waiting for room.
+    room: Notify,
+    /// The task has ended: messages queued from now on wait in the database for the next
+    /// start.
+    stopped: AtomicBool,
+    span: tracing::Span,
+}
+
+impl std::fmt::Debug for Core {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Link")
+            .field("peer", &self.peer)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Starts the link to `peer`, whose pinned key is `key` (if known yet).
 pub(crate) fn spawn(shared: Arc<Shared>, peer: String, key: Option<PublicKey>) -> LinkHandle {
-    let (tx, cmds) = mpsc::channel(LINK_QUEUE_CAPACITY);
-    let (reader_tx, reader_rx) = mpsc::unbounded_channel();
     let span = tracing::info_span!("link", me = %shared.me(), peer = %peer);
     let pair = key.and_then(|key| shared.pair_key(&key).ok());
     let outbox = PeerOutbox::new(shared.config.ack_timeout);
-    let actions = Vec::new();
-    let link = Link {
+    let core = Arc::new(Core {
         shared: shared.clone(),
         peer,
-        key,
-        pair,
-        outbox: Arc::new(Mutex::new(outbox)),
-        wake: Arc::new(Notify::new()),
-        conn: None,
-        next_conn: 0,
-        dial: None,
-        stores: FuturesUnordered::new(),
-        reader_tx,
-        reader_rx,
-        cmds,
-        closing: None,
         epoch: Instant::now(),
-        actions,
-    };
-    shared.spawn(link.run().instrument(span));
-    LinkHandle { tx }
+        state: Mutex::new(State {
+            outbox,
+            key,
+            pair,
+            conn: None,
+            next_conn: 0,
+            deferred: Vec::new(),
+            flush_wanted: false,
+            armed: None,
+            closers: Vec::new(),
+            close_requested: false,
+            closing: false,
+            send_waiting: false,
+        }),
+        wake: Notify::new(),
+        room: Notify::new(),
+        stopped: AtomicBool::new(false),
+        span: span.clone(),
+    });
+    shared.spawn(run(core.clone()).instrument(span));
+    LinkHandle { core }
 }
 
-/// Waits for an optional task; pending forever without one.
-async fn join_opt<T: Send + 'static>(task: &mut Option<AbortOnDropHandle<T>>) -> Option<T> {
-    match task {
-        Some(handle) => {
-            let result = handle.await.ok();
-            *task = None;
-            result
+impl LinkHandle {
+    /// Whether the link has stopped (the node is shutting down).
+    pub(crate) fn is_closed(&self) -> bool {
+        self.core.stopped.load(Ordering::Acquire)
+    }
+
+    /// Queues a message, durable in the outbox already, and writes it if a connection is
+    /// up. Waits while the peer is [`LINK_QUEUE_CAPACITY`] messages behind its in-flight
+    /// window.
+    pub(crate) async fn queue(&self, msg: Outgoing) {
+        let core = &self.core;
+        loop {
+            let room = core.room.notified();
+            tokio::pin!(room);
+            {
+                let mut st = core.lock();
+                if !st.full() || core.stopped.load(Ordering::Acquire) {
+                    core.push(&mut st, msg);
+                    break;
+                }
+                st.send_waiting = true;
+                room.as_mut().enable();
+            }
+            room.await;
         }
-        None => std::future::pending().await,
+        // A long run of sends yields now and then, so the task (and the peer's reader, on
+        // this worker) get their turn.
+        tokio::task::consume_budget().await;
+    }
+
+    /// Queues a message without waiting (messages restored at start).
+    pub(crate) fn queue_now(&self, msg: Outgoing) {
+        let mut st = self.core.lock();
+        self.core.push(&mut st, msg);
+    }
+
+    /// An authenticated connection the peer opened to us.
+    pub(crate) fn inbound(&self, est: Established) {
+        let core = &self.core;
+        let mut st = core.lock();
+        core.adopt(&mut st, est, false);
+        core.after(&mut st);
+    }
+
+    /// The directory says the peer is online: dialing is worth trying again.
+    pub(crate) fn peer_online(&self) {
+        self.core.input(Input::PeerOnline);
+    }
+
+    /// The peer's key changed: hold messages until trusted.
+    pub(crate) fn hold(&self) {
+        self.core.input(Input::Hold);
+    }
+
+    /// The user trusts this new key.
+    pub(crate) fn trusted(&self, key: PublicKey) {
+        let core = &self.core;
+        let pair = match core.shared.pair_key(&key) {
+            Ok(pair) => pair,
+            Err(e) => {
+                tracing::warn!(peer = %core.peer, error = %e, "cannot use the trusted key");
+                return;
+            }
+        };
+        let mut st = core.lock();
+        st.key = Some(key);
+        core.drop_conn(&mut st);
+        st.pair = Some(pair);
+        // Tokens sealed under the old key are of no use to the peer now.
+        for payload in st.outbox.payloads_mut() {
+            payload.token = None;
+        }
+        core.handle(&mut st, Input::Trusted);
+        core.after(&mut st);
+    }
+
+    /// Drops the connection (the peer was blocked).
+    pub(crate) fn disconnect(&self) {
+        let core = &self.core;
+        let mut st = core.lock();
+        core.drop_conn(&mut st);
+        core.after(&mut st);
+    }
+
+    /// Cancels a message not yet sent; whether it was.
+    pub(crate) fn cancel(&self, id: MessageId) -> bool {
+        let core = &self.core;
+        let mut st = core.lock();
+        let mut actions = Vec::new();
+        let cancelled = st.outbox.cancel(id, &mut actions);
+        core.perform(&mut st, actions);
+        core.after(&mut st);
+        cancelled
+    }
+
+    /// The messages waiting for this peer.
+    pub(crate) fn list(&self) -> Vec<OutboxEntry> {
+        let st = self.core.lock();
+        st.outbox
+            .entries()
+            .map(|e| OutboxEntry {
+                id: e.id,
+                to: self.core.peer.clone(),
+                state: match e.state {
+                    EntryState::Queued => OutboxState::Queued,
+                    EntryState::InFlight { .. } => OutboxState::Sent,
+                    EntryState::Storing => OutboxState::Storing,
+                },
+                attempts: e.attempts,
+                queued_at: std::time::UNIX_EPOCH + Duration::from_millis(e.payload.queued_at_ms),
+            })
+            .collect()
+    }
+
+    /// Sends what is queued, waits a little for acknowledgements, stores the rest offline,
+    /// and stops the link.
+    pub(crate) async fn shutdown(&self) {
+        let core = &self.core;
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut st = core.lock();
+            if core.stopped.load(Ordering::Acquire) {
+                return;
+            }
+            st.closers.push(tx);
+            st.close_requested = true;
+        }
+        core.wake.notify_one();
+        let _ = rx.await;
     }
 }
 
-impl Link {
+impl Core {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        super::lock(&self.state)
+    }
+
     fn now(&self) -> Millis {
         self.epoch
             .elapsed()
@@ -245,85 +424,19 @@ impl Link {
             .saturating_sub(wall.saturating_sub(unix_ms))
     }
 
-    fn handle(&mut self, input: Input) {
-        let now = self.now();
-        lock(&self.outbox).handle(now, input, &mut self.actions);
+    /// One input, performed at once.
+    fn input(&self, input: Input) {
+        let mut st = self.lock();
+        self.handle(&mut st, input);
+        self.after(&mut st);
     }
 
-    async fn run(mut self) {
-        let halt = self.shared.halt.clone();
-        let mut ping = tokio::time::interval(PING_INTERVAL / 3);
-        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            let can_take = self.closing.is_none() && lock(&self.outbox).has_room();
-            let deadline = lock(&self.outbox)
-                .next_deadline()
-                .map(|at| self.epoch + Duration::from_millis(at));
-            let sleep = async {
-                match deadline {
-                    Some(at) => tokio::time::sleep_until(at.max(Instant::now())).await,
-                    None => std::future::pending().await,
-                }
-            };
-            tokio::select! {
-                biased;
-                _ = halt.cancelled() => return,
-                Some(ev) = self.reader_rx.recv() => self.on_reader(ev).await,
-                _ = self.wake.notified() => self.handle(Input::Settled),
-                cmd = self.cmds.recv(), if can_take => match cmd {
-                    Some(cmd) => self.on_cmd(cmd).await,
-                    // Every handle is gone and the node is not shutting us down.
-                    None => self.start_closing(None),
-                },
-                dialed = join_opt(&mut self.dial) => self.on_dialed(dialed).await,
-                Some((ids, results)) = self.stores.next() => self.on_stored(ids, results),
-                _ = sleep => self.handle(Input::Tick),
-                _ = ping.tick() => self.on_ping().await,
-            }
-            self.perform().await;
-            self.flush().await;
-            if self.closing.is_some() && lock(&self.outbox).is_stopped() {
-                if let Some(done) = self.closing.take() {
-                    let _ = done.send(());
-                }
-                return;
-            }
-        }
-    }
-
-    fn start_closing(&mut self, done: Option<oneshot::Sender<()>>) {
-        let (tx, _) = oneshot::channel();
-        self.closing = Some(done.unwrap_or(tx));
-        // Messages queued behind the shutdown are stored with the rest.
-        self.cmds.close();
-        while let Ok(cmd) = self.cmds.try_recv() {
-            match cmd {
-                LinkCmd::Send(msg) => self.queue(msg),
-                LinkCmd::Shutdown(done) => {
-                    let _ = done.send(());
-                }
-                _ => {}
-            }
-        }
-        self.dial = None;
-        if lock(&self.outbox)
-            .entries()
-            .any(|e| e.state == State::Queued)
-        {
-            // An aborted dial: the outbox waits for its answer.
-            self.handle(Input::DialFailed {
-                reason: "the node is shutting down".into(),
-                unknown: false,
-            });
-        }
-        let deadline = self.now().saturating_add(SHUTDOWN_GRACE.as_millis() as u64);
-        self.handle(Input::Shutdown { deadline });
-    }
-
-    fn queue(&mut self, msg: Outgoing) {
+    /// Queues a message in the outbox and performs what follows.
+    fn push(&self, st: &mut State, msg: Outgoing) {
         let expires_at = self.mono(msg.expires_at_ms);
         let now = self.now();
-        lock(&self.outbox).queue(
+        let mut actions = Vec::new();
+        st.outbox.queue(
             now,
             msg.id,
             expires_at,
@@ -334,205 +447,262 @@ impl Link {
                 expires_at_ms: msg.expires_at_ms,
                 token: None,
             },
-            &mut self.actions,
+            &mut actions,
         );
+        self.perform(st, actions);
+        // Nothing else to write at hand: the task writes the buffer at its next turn, by
+        // which time more sends may have joined it.
+        self.after(st);
     }
 
-    async fn on_cmd(&mut self, cmd: LinkCmd) {
-        match cmd {
-            LinkCmd::Send(msg) => {
-                self.queue(msg);
-                // Pipeline: take what else is queued before writing and flushing once.
-                let mut n = 1;
-                while n < WRITE_BATCH && lock(&self.outbox).has_room() {
-                    match self.cmds.try_recv() {
-                        Ok(LinkCmd::Send(msg)) => self.queue(msg),
-                        Ok(other) => {
-                            self.perform().await;
-                            Box::pin(self.on_cmd(other)).await;
-                            break;
-                        }
-                        Err(_) => break,
-                    }
-                    n += 1;
-                }
-            }
-            LinkCmd::Inbound(est) => self.adopt(est, false),
-            LinkCmd::PeerOnline => self.handle(Input::PeerOnline),
-            LinkCmd::Hold => self.handle(Input::Hold),
-            LinkCmd::Trusted(key) => {
-                self.key = Some(key);
-                self.drop_conn();
-                match self.shared.pair_key(&key) {
-                    Ok(pair) => {
-                        self.pair = Some(pair);
-                        // Tokens sealed under the old key are of no use to the peer now.
-                        for payload in lock(&self.outbox).payloads_mut() {
-                            payload.token = None;
-                        }
-                        self.handle(Input::Trusted);
-                    }
-                    Err(e) => {
-                        tracing::warn!(peer = %self.peer, error = %e, "cannot use the trusted key")
+    /// Feeds the outbox an input and performs its answer.
+    fn handle(&self, st: &mut State, input: Input) {
+        let mut actions = Vec::new();
+        st.outbox.handle(self.now(), input, &mut actions);
+        self.perform(st, actions);
+    }
+
+    /// Performs the outbox's actions: writes, outcomes and closes at once, dials and stores
+    /// left to the task.
+    fn perform(&self, st: &mut State, actions: Vec<Action>) {
+        for action in actions {
+            match action {
+                Action::Dial | Action::Store(_) => st.deferred.push(action),
+                Action::Write { conn, ids } => self.write_messages(st, conn, &ids),
+                Action::Close { conn } => {
+                    if st.conn.as_ref().is_some_and(|c| c.id == conn) {
+                        tracing::debug!(peer = %self.peer, "no acknowledgement in time; closing");
+                        st.conn = None;
                     }
                 }
-            }
-            LinkCmd::Disconnect => self.drop_conn(),
-            LinkCmd::Cancel(id, reply) => {
-                let cancelled = lock(&self.outbox).cancel(id, &mut self.actions);
-                let _ = reply.send(cancelled);
-            }
-            LinkCmd::List(reply) => {
-                let list = lock(&self.outbox)
-                    .entries()
-                    .map(|e| OutboxEntry {
-                        id: e.id,
-                        to: self.peer.clone(),
-                        state: match e.state {
-                            State::Queued => OutboxState::Queued,
-                            State::InFlight { .. } => OutboxState::Sent,
-                            State::Storing => OutboxState::Storing,
-                        },
-                        attempts: e.attempts,
-                        queued_at: std::time::UNIX_EPOCH
-                            + Duration::from_millis(e.payload.queued_at_ms),
-                    })
-                    .collect();
-                let _ = reply.send(list);
-            }
-            LinkCmd::Shutdown(done) => self.start_closing(Some(done)),
-        }
-    }
-
-    /// Drops the connection; what it had in flight waits again.
-    fn drop_conn(&mut self) {
-        if let Some(conn) = self.conn.take() {
-            self.handle(Input::ConnectionLost { conn: conn.id });
-        }
-    }
-
-    /// Performs the outbox's actions.
-    async fn perform(&mut self) {
-        while !self.actions.is_empty() {
-            let actions = std::mem::take(&mut self.actions);
-            for action in actions {
-                match action {
-                    Action::Dial => self.start_dial(),
-                    Action::Write { conn, ids } => self.write_messages(conn, ids).await,
-                    Action::Close { conn } => {
-                        if self.conn.as_ref().is_some_and(|c| c.id == conn) {
-                            tracing::debug!(peer = %self.peer, "no acknowledgement in time; closing");
-                            self.conn = None;
-                        }
-                    }
-                    Action::Store(ids) => self.start_store(ids),
-                    Action::Done { ids, outcome } => {
-                        self.shared.settle_sent(&self.peer, &ids, outcome)
-                    }
-                    Action::Retrying { ids, reason } => {
-                        for id in ids {
-                            self.shared.emit(Event::Queued {
-                                id,
-                                to: self.peer.clone(),
-                                retry: Some(reason.clone()),
-                            });
-                        }
+                Action::Done { ids, outcome } => self.shared.settle_sent(&self.peer, &ids, outcome),
+                Action::Retrying { ids, reason } => {
+                    for id in ids {
+                        self.shared.emit(Event::Queued {
+                            id,
+                            to: self.peer.clone(),
+                            retry: Some(reason.clone()),
+                        });
                     }
                 }
             }
         }
     }
 
-    /// Seals (once) and writes messages on the current connection, in order.
-    async fn write_messages(&mut self, conn: u64, ids: Vec<MessageId>) {
-        if self.conn.as_ref().is_none_or(|c| c.id != conn) {
+    /// After a change: lets waiting `send`s go on if there is room, and wakes the task if it
+    /// has something to do (a dial or a store, frames to write, an earlier deadline, the
+    /// end of closing).
+    fn after(&self, st: &mut State) {
+        if st.send_waiting && !st.full() {
+            st.send_waiting = false;
+            self.room.notify_waiters();
+        }
+        let deadline = st.outbox.next_deadline();
+        let earlier = match (deadline, st.armed) {
+            (Some(at), Some(armed)) => at < armed,
+            (Some(_), None) => true,
+            (None, _) => false,
+        };
+        let has_frames = st.conn.as_ref().is_some_and(|c| !c.buf.is_empty());
+        let flush = has_frames && !st.flush_wanted;
+        st.flush_wanted |= has_frames;
+        if flush
+            || earlier
+            || !st.deferred.is_empty()
+            || st.close_requested
+            || (st.closing && st.outbox.is_stopped())
+        {
+            if earlier {
+                st.armed = deadline;
+            }
+            self.wake.notify_one();
+        }
+    }
+
+    /// Writes the buffer without waiting, now: the reader, at the end of a batch. What the
+    /// socket does not take is left to the task.
+    fn write_now(&self, st: &mut State) {
+        let Some(conn) = st.conn.as_mut() else {
+            return;
+        };
+        if conn.buf.is_empty() {
+            return;
+        }
+        let id = conn.id;
+        match conn.poll_write_out(&mut Context::from_waker(Waker::noop())) {
+            Poll::Ready(Ok(())) => {}
+            Poll::Ready(Err(reason)) => self.lost(st, id, &reason),
+            // The no-op waker took the socket's wake-up: the task polls again with its own
+            // (`after` wakes it, since the buffer is not empty).
+            Poll::Pending => st.flush_wanted = false,
+        }
+    }
+
+    /// Seals (once) and frames messages on connection `conn`, in order.
+    fn write_messages(&self, st: &mut State, conn: u64, ids: &[MessageId]) {
+        let State {
+            outbox,
+            conn: c,
+            pair,
+            ..
+        } = st;
+        let (Some(c), Some(pair)) = (c.as_mut(), pair.as_ref()) else {
+            return;
+        };
+        if c.id != conn {
             // The connection is gone already: its loss re-queued them.
             return;
         }
-        let frames: Vec<PeerFrame> = self
-            .sealed(&ids)
-            .into_iter()
-            .map(|(id, token, _)| PeerFrame::Message { id, token })
-            .collect();
-        for id in &ids {
+        for &id in ids {
+            let Some(payload) = outbox.payload_mut(id) else {
+                continue;
+            };
+            let token = seal(&self.shared, pair, &self.peer, id, payload);
+            c.feed_message(id, token);
             self.shared.emit(Event::Sent {
-                id: *id,
+                id,
                 to: self.peer.clone(),
             });
-        }
-        let timeout = self.shared.config.ack_timeout;
-        for frame in &frames {
-            let Some(c) = &mut self.conn else { return };
-            if let Err(e) = feed(c, frame, timeout).await {
-                self.lost(&e);
-                return;
-            }
         }
     }
 
     /// The tokens of these messages (sealed once, kept for resends and the store) with
     /// their expiry; none before the peer's key is known.
-    fn sealed(&self, ids: &[MessageId]) -> Vec<(MessageId, String, u64)> {
-        let Some(pair) = self.pair.as_ref() else {
+    fn sealed(&self, st: &mut State, ids: &[MessageId]) -> Vec<(MessageId, String, u64)> {
+        let Some(pair) = st.pair.as_ref() else {
             return Vec::new();
         };
-        let mut outbox = lock(&self.outbox);
         ids.iter()
             .filter_map(|&id| {
-                let payload = outbox.payload_mut(id)?;
-                let token = seal(&self.shared, pair, &self.peer, id, payload);
+                let payload = st.outbox.payload_mut(id)?;
+                let token = seal(&self.shared, pair, &self.peer, id, payload).to_owned();
                 Some((id, token, payload.expires_at_ms))
             })
             .collect()
     }
 
-    fn start_store(&mut self, ids: Vec<MessageId>) {
-        let sealed = self.sealed(&ids);
-        // What could not be sealed (the peer's key is not known yet) waits for a retry.
-        let unsealed: Vec<MessageId> = ids
-            .iter()
-            .filter(|id| !sealed.iter().any(|(s, _, _)| s == *id))
-            .copied()
-            .collect();
-        let mut ids: Vec<MessageId> = sealed.iter().map(|(id, _, _)| *id).collect();
-        let messages: Vec<StoredMessage> = sealed
-            .into_iter()
-            .map(|(id, token, expires_at_ms)| StoredMessage {
-                id,
-                from: self.shared.me().to_owned(),
-                to: self.peer.clone(),
-                token,
-                expires_at: std::time::UNIX_EPOCH + Duration::from_millis(expires_at_ms),
-            })
-            .collect();
-        let store = self.shared.store.clone();
-        self.stores.push(
-            async move {
-                let n = messages.len();
-                let results =
-                    match tokio::time::timeout(STORE_TIMEOUT, store.put_many(messages)).await {
-                        Ok(results) => results,
-                        Err(_) => vec![
-                            Err(StoreError::Unavailable(
-                                "the offline store did not answer in time".into()
-                            ));
-                            n
-                        ],
-                    };
-                let mut results = results;
-                results.extend(unsealed.iter().map(|_| {
-                    Err(StoreError::Unavailable(
-                        "the peer's key is not known yet".into(),
-                    ))
-                }));
-                ids.extend(unsealed);
-                (ids, results)
-            }
-            .boxed(),
-        );
+    /// Connection `conn` is gone (if it is still the current one); what it had in flight
+    /// waits again.
+    fn lost(&self, st: &mut State, conn: u64, reason: &str) {
+        if st.conn.as_ref().is_some_and(|c| c.id == conn) {
+            tracing::debug!(peer = %self.peer, %reason, "connection lost");
+            st.conn = None;
+            st.flush_wanted = false;
+            self.handle(st, Input::ConnectionLost { conn });
+        }
     }
 
-    fn on_stored(&mut self, ids: Vec<MessageId>, results: Vec<Result<(), StoreError>>) {
+    /// Drops the connection; what it had in flight waits again.
+    fn drop_conn(&self, st: &mut State) {
+        if let Some(id) = st.conn.as_ref().map(|c| c.id) {
+            self.lost(st, id, "dropped");
+        }
+    }
+
+    /// Takes a new authenticated connection. With one already open, both ends keep the one
+    /// dialed by the side with the smaller key (or the newer, if one side dialed both), so
+    /// simultaneous dials converge on one connection per pair.
+    fn adopt(self: &Arc<Self>, st: &mut State, est: Established, dialed_by_me: bool) {
+        if st.key.is_none() {
+            // First sight (the directory had been unreachable when the message was queued).
+            st.key = Some(est.key);
+            st.pair = self.shared.pair_key(&est.key).ok();
+        }
+        // A key the user has not trusted (it changed): talk, but hold both ways.
+        let untrusted = st.key != Some(est.key);
+        let pair = match self.shared.pair_key(&est.key) {
+            Ok(pair) => pair,
+            Err(e) => {
+                tracing::debug!(peer = %self.peer, error = %e, "unusable key");
+                return;
+            }
+        };
+        if untrusted {
+            self.handle(st, Input::Hold);
+        }
+        if let Some(existing) = &st.conn {
+            let me_smaller = self.shared.identity.public_key().to_bytes() < est.key.to_bytes();
+            let keep_existing =
+                existing.dialed_by_me != dialed_by_me && existing.dialed_by_me == me_smaller;
+            if keep_existing {
+                return;
+            }
+        }
+        st.next_conn += 1;
+        let id = st.next_conn;
+        // Frames the handshake left unwritten (none, normally) go first.
+        let buf = BytesMut::from(&est.writer.write_buffer()[..]);
+        let io = est.writer.into_inner();
+        // The reader tags acknowledgements and refusals with the pair key of the key this
+        // connection's peer proved (it differs from the link's while untrusted).
+        let reader = self.shared.spawn(
+            read_loop(self.clone(), id, pair, untrusted, est.reader).instrument(self.span.clone()),
+        );
+        st.conn = Some(Conn {
+            id,
+            io,
+            buf,
+            codec: FrameCodec::default(),
+            blocked_since: None,
+            _reader: AbortOnDropHandle::new(reader),
+            dialed_by_me,
+            ping: None,
+            last_ping: Instant::now(),
+        });
+        // Whatever was in flight on an old connection goes again on this one; the peer
+        // drops what it already has by id.
+        self.handle(st, Input::Connected { conn: id });
+    }
+
+    /// Writes the buffer for the task: ready when it is empty (or there is no connection).
+    fn poll_write_out(&self, cx: &mut Context<'_>) -> Poll<()> {
+        let mut st = self.lock();
+        let Some(conn) = st.conn.as_mut() else {
+            st.flush_wanted = false;
+            return Poll::Ready(());
+        };
+        let id = conn.id;
+        match conn.poll_write_out(cx) {
+            Poll::Ready(Ok(())) => st.flush_wanted = false,
+            Poll::Ready(Err(reason)) => {
+                self.lost(&mut st, id, &reason);
+                self.after(&mut st);
+            }
+            Poll::Pending => return Poll::Pending,
+        }
+        Poll::Ready(())
+    }
+
+    fn on_dialed(self: &Arc<Self>, dialed: Option<Result<Established, DialFailure>>) {
+        let mut st = self.lock();
+        match dialed {
+            Some(Ok(est)) => self.adopt(&mut st, est, true),
+            Some(Err(failure)) => {
+                tracing::debug!(peer = %self.peer, reason = %failure.reason, "dial failed");
+                if let Some((pinned, new)) = failure.key_changed {
+                    self.shared.key_changed(&self.peer, &pinned, &new);
+                    self.handle(&mut st, Input::Hold);
+                }
+                self.handle(
+                    &mut st,
+                    Input::DialFailed {
+                        reason: failure.reason,
+                        unknown: failure.unknown,
+                    },
+                );
+            }
+            None => self.handle(
+                &mut st,
+                Input::DialFailed {
+                    reason: "the dial was cancelled".into(),
+                    unknown: false,
+                },
+            ),
+        }
+        self.after(&mut st);
+    }
+
+    fn on_stored(&self, ids: Vec<MessageId>, results: Vec<Result<(), StoreError>>) {
         let mut stored = Vec::new();
         let mut retry: Vec<(MessageId, StoreError)> = Vec::new();
         let mut refused: Vec<(MessageId, StoreError)> = Vec::new();
@@ -549,42 +719,108 @@ impl Link {
                 Err(e) => refused.push((id, e)),
             }
         }
+        let mut st = self.lock();
         if !stored.is_empty() {
-            self.handle(Input::Stored {
-                ids: stored,
-                result: StoreResult::Stored,
-            });
+            self.handle(
+                &mut st,
+                Input::Stored {
+                    ids: stored,
+                    result: StoreResult::Stored,
+                },
+            );
         }
         if let Some((_, e)) = retry.first() {
             let reason = format!(
                 "{} cannot be reached and the offline store failed ({e}); will retry",
                 self.peer
             );
-            self.handle(Input::Stored {
-                ids: retry.iter().map(|(id, _)| *id).collect(),
-                result: StoreResult::Retry(reason),
-            });
+            self.handle(
+                &mut st,
+                Input::Stored {
+                    ids: retry.iter().map(|(id, _)| *id).collect(),
+                    result: StoreResult::Retry(reason),
+                },
+            );
         }
         for (id, e) in refused {
-            self.handle(Input::Stored {
-                ids: vec![id],
-                result: StoreResult::Refused(format!("the offline store refused the message: {e}")),
-            });
+            self.handle(
+                &mut st,
+                Input::Stored {
+                    ids: vec![id],
+                    result: StoreResult::Refused(format!(
+                        "the offline store refused the message: {e}"
+                    )),
+                },
+            );
         }
+        self.after(&mut st);
+    }
+
+    /// Probes an idle connection, and gives up on one whose probe went unanswered.
+    fn on_ping(&self) {
+        let now = Instant::now();
+        let timeout = self.shared.config.ack_timeout;
+        let mut st = self.lock();
+        let idle = st
+            .outbox
+            .entries()
+            .all(|e| !matches!(e.state, EntryState::InFlight { .. }));
+        let Some(conn) = st.conn.as_mut() else {
+            return;
+        };
+        if let Some((_, sent)) = conn.ping {
+            if now.duration_since(sent) >= timeout {
+                let id = conn.id;
+                self.lost(&mut st, id, "no answer to ping");
+            }
+        } else if idle && now.duration_since(conn.last_ping) >= PING_INTERVAL {
+            let n: u64 = rand::random();
+            conn.ping = Some((n, now));
+            conn.last_ping = now;
+            conn.feed(&PeerFrame::Ping(n));
+        }
+        self.after(&mut st);
+    }
+
+    /// Starts closing: no new dials; what is queued is written or stored.
+    fn start_closing(
+        &self,
+        dial: &mut Option<AbortOnDropHandle<Result<Established, DialFailure>>>,
+    ) {
+        let mut st = self.lock();
+        st.close_requested = false;
+        if st.closing {
+            return;
+        }
+        st.closing = true;
+        *dial = None;
+        if st.outbox.entries().any(|e| e.state == EntryState::Queued) {
+            // An aborted dial: the outbox waits for its answer.
+            self.handle(
+                &mut st,
+                Input::DialFailed {
+                    reason: "the node is shutting down".into(),
+                    unknown: false,
+                },
+            );
+        }
+        let deadline = self.now().saturating_add(SHUTDOWN_GRACE.as_millis() as u64);
+        self.handle(&mut st, Input::Shutdown { deadline });
+        self.after(&mut st);
     }
 
     /// Starts a dial beside the loop: look the peer up, dial its addresses, handshake.
-    fn start_dial(&mut self) {
+    fn start_dial(&self) -> Option<AbortOnDropHandle<Result<Established, DialFailure>>> {
         if self.shared.peer_state().is_blocked(&self.peer) {
-            self.handle(Input::DialFailed {
+            self.input(Input::DialFailed {
                 reason: format!("{} is blocked", self.peer),
                 unknown: false,
             });
-            return;
+            return None;
         }
         let shared = self.shared.clone();
         let peer = self.peer.clone();
-        let pinned = self.key;
+        let pinned = self.lock().key;
         let task = async move {
             let record = match shared.resolve(&peer).await {
                 Ok((record, None)) => record,
@@ -655,243 +891,191 @@ impl Link {
                 key_changed: None,
             })
         };
-        self.dial = Some(AbortOnDropHandle::new(tokio::spawn(task.in_current_span())));
+        Some(AbortOnDropHandle::new(tokio::spawn(task.in_current_span())))
     }
 
-    async fn on_dialed(&mut self, dialed: Option<Result<Established, DialFailure>>) {
-        match dialed {
-            Some(Ok(est)) => self.adopt(est, true),
-            Some(Err(failure)) => {
-                tracing::debug!(peer = %self.peer, reason = %failure.reason, "dial failed");
-                if let Some((pinned, new)) = failure.key_changed {
-                    self.shared.key_changed(&self.peer, &pinned, &new);
-                    self.handle(Input::Hold);
+    /// Starts a store call beside the loop.
+    fn start_store(&self, ids: Vec<MessageId>) -> StoreJob {
+        let sealed = self.sealed(&mut self.lock(), &ids);
+        // What could not be sealed (the peer's key is not known yet) waits for a retry.
+        let unsealed: Vec<MessageId> = ids
+            .iter()
+            .filter(|id| !sealed.iter().any(|(s, _, _)| s == *id))
+            .copied()
+            .collect();
+        let mut ids: Vec<MessageId> = sealed.iter().map(|(id, _, _)| *id).collect();
+        let messages: Vec<StoredMessage> = sealed
+            .into_iter()
+            .map(|(id, token, expires_at_ms)| StoredMessage {
+                id,
+                from: self.shared.me().to_owned(),
+                to: self.peer.clone(),
+                token,
+                expires_at: std::time::UNIX_EPOCH + Duration::from_millis(expires_at_ms),
+            })
+            .collect();
+        let store = self.shared.store.clone();
+        async move {
+            let n = messages.len();
+            let mut results =
+                match tokio::time::timeout(STORE_TIMEOUT, store.put_many(messages)).await {
+                    Ok(results) => results,
+                    Err(_) => vec![
+                        Err(StoreError::Unavailable(
+                            "the offline store did not answer in time".into()
+                        ));
+                        n
+                    ],
+                };
+            results.extend(unsealed.iter().map(|_| {
+                Err(StoreError::Unavailable(
+                    "the peer's key is not known yet".into(),
+                ))
+            }));
+            ids.extend(unsealed);
+            (ids, results)
+        }
+        .boxed()
+    }
+}
+
+/// Marks the link stopped when its task ends, however it ends.
+struct StopGuard(Arc<Core>);
+
+impl Drop for StopGuard {
+    fn drop(&mut self) {
+        let core = &self.0;
+        let closers = {
+            let mut st = core.lock();
+            core.stopped.store(true, Ordering::Release);
+            std::mem::take(&mut st.closers)
+        };
+        for done in closers {
+            let _ = done.send(());
+        }
+        core.room.notify_waiters();
+    }
+}
+
+/// Waits for an optional task; pending forever without one.
+async fn join_opt<T: Send + 'static>(task: &mut Option<AbortOnDropHandle<T>>) -> Option<T> {
+    match task {
+        Some(handle) => {
+            let result = handle.await.ok();
+            *task = None;
+            result
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// The link's task: starts dials and stores, writes what the socket did not take at once,
+/// keeps the timers, and closes the link.
+async fn run(core: Arc<Core>) {
+    let _guard = StopGuard(core.clone());
+    let halt = core.shared.halt.clone();
+    let timeout = core.shared.config.ack_timeout;
+    let mut dial: Option<AbortOnDropHandle<Result<Established, DialFailure>>> = None;
+    let mut stores: FuturesUnordered<StoreJob> = FuturesUnordered::new();
+    let mut ping = tokio::time::interval(PING_INTERVAL / 3);
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let (close, deferred) = {
+            let mut st = core.lock();
+            (st.close_requested, std::mem::take(&mut st.deferred))
+        };
+        if close {
+            core.start_closing(&mut dial);
+        }
+        for action in deferred {
+            match action {
+                Action::Dial => {
+                    if core.lock().closing {
+                        core.input(Input::DialFailed {
+                            reason: "the node is shutting down".into(),
+                            unknown: false,
+                        });
+                    } else {
+                        dial = core.start_dial();
+                    }
                 }
-                self.handle(Input::DialFailed {
-                    reason: failure.reason,
-                    unknown: failure.unknown,
-                });
+                Action::Store(ids) => stores.push(core.start_store(ids)),
+                _ => {}
             }
-            None => self.handle(Input::DialFailed {
-                reason: "the dial was cancelled".into(),
-                unknown: false,
-            }),
         }
-    }
-
-    /// Takes a new authenticated connection. With one already open, both ends keep the one
-    /// dialed by the side with the smaller key (or the newer, if one side dialed both), so
-    /// simultaneous dials converge on one connection per pair.
-    fn adopt(&mut self, est: Established, dialed_by_me: bool) {
-        if self.key.is_none() {
-            // First sight (the directory had been unreachable when the message was queued).
-            self.key = Some(est.key);
-            self.pair = self.shared.pair_key(&est.key).ok();
+        let (deadline, flush, blocked_since, done) = {
+            let mut st = core.lock();
+            if !st.deferred.is_empty() {
+                // Starting those asked for more (a blocked peer's dial failed at once).
+                continue;
+            }
+            st.armed = st.outbox.next_deadline();
+            let blocked = st.conn.as_ref().and_then(|c| c.blocked_since);
+            let done = st.closing && st.outbox.is_stopped();
+            (st.armed, st.flush_wanted, blocked, done)
+        };
+        if done {
+            return;
         }
-        // A key the user has not trusted (it changed): talk, but hold both ways.
-        let untrusted = self.key != Some(est.key);
-        let pair = match self.shared.pair_key(&est.key) {
-            Ok(pair) => pair,
-            Err(e) => {
-                tracing::debug!(peer = %self.peer, error = %e, "unusable key");
-                return;
+        let sleep = async {
+            match deadline {
+                Some(at) => {
+                    let at = core.epoch + Duration::from_millis(at);
+                    tokio::time::sleep_until(at.max(Instant::now())).await
+                }
+                None => std::future::pending().await,
             }
         };
-        if untrusted {
-            self.handle(Input::Hold);
-        }
-        if let Some(existing) = &self.conn {
-            let me_smaller = self.shared.identity.public_key().to_bytes() < est.key.to_bytes();
-            let keep_existing =
-                existing.dialed_by_me != dialed_by_me && existing.dialed_by_me == me_smaller;
-            if keep_existing {
-                return;
+        let write_timeout = async {
+            match blocked_since {
+                Some(since) => tokio::time::sleep_until(since + timeout).await,
+                None => std::future::pending().await,
             }
-        }
-        self.next_conn += 1;
-        let id = self.next_conn;
-        let reader = self.shared.spawn(
-            read_loop(
-                ReadSide {
-                    shared: self.shared.clone(),
-                    pair: pair.clone(),
-                    peer: self.peer.clone(),
-                    conn: id,
-                    hold: untrusted,
-                    outbox: self.outbox.clone(),
-                    wake: self.wake.clone(),
-                    to_link: self.reader_tx.clone(),
-                },
-                est.reader,
-            )
-            .in_current_span(),
-        );
-        self.conn = Some(Conn {
-            id,
-            pair: pair.clone(),
-            writer: est.writer,
-            _reader: AbortOnDropHandle::new(reader),
-            dialed_by_me,
-            ping: None,
-            last_ping: Instant::now(),
-        });
-        // Whatever was in flight on an old connection goes again on this one; the peer
-        // drops what it already has by id.
-        self.handle(Input::Connected { conn: id });
-    }
-
-    async fn flush(&mut self) {
-        let Some(conn) = &mut self.conn else { return };
-        let timeout = self.shared.config.ack_timeout;
-        match tokio::time::timeout(timeout, SinkExt::<&PeerFrame>::flush(&mut conn.writer)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => self.lost(&format!("write failed: {e}")),
-            Err(_) => self.lost("the peer stopped reading"),
-        }
-        // A loss re-queues; write those again at once (on a new connection, or store them).
-        if !self.actions.is_empty() {
-            Box::pin(self.perform()).await;
-        }
-    }
-
-    fn lost(&mut self, reason: &str) {
-        if let Some(conn) = self.conn.take() {
-            tracing::debug!(peer = %self.peer, %reason, "connection lost");
-            self.handle(Input::ConnectionLost { conn: conn.id });
-        }
-    }
-
-    async fn write(&mut self, frame: PeerFrame) {
-        let Some(conn) = &mut self.conn else { return };
-        if let Err(e) = feed(conn, &frame, self.shared.config.ack_timeout).await {
-            self.lost(&e);
-        }
-    }
-
-    async fn on_reader(&mut self, ev: FromReader) {
-        let current = self.conn.as_ref().map(|c| c.id);
-        match ev {
-            FromReader::Rejected(id, reason) => self.handle(Input::Rejected {
-                id,
-                reason: format!("{} refused the message: {reason}", self.peer),
-            }),
-            FromReader::AckThese(conn, ids) if Some(conn) == current => {
-                for chunk in ids.chunks(MAX_ACK_BATCH) {
-                    let tag = match &self.conn {
-                        Some(conn) => conn.pair.ack_tag(self.shared.me(), chunk),
-                        None => return,
-                    };
-                    self.write(PeerFrame::Ack {
-                        ids: chunk.to_vec(),
-                        tag,
-                    })
-                    .await;
+        };
+        tokio::select! {
+            biased;
+            _ = halt.cancelled() => return,
+            () = std::future::poll_fn(|cx| core.poll_write_out(cx)), if flush => {}
+            _ = core.wake.notified() => {}
+            dialed = join_opt(&mut dial) => core.on_dialed(dialed),
+            Some((ids, results)) = stores.next() => core.on_stored(ids, results),
+            _ = write_timeout => {
+                let mut st = core.lock();
+                if let Some(id) = st.conn.as_ref().map(|c| c.id) {
+                    core.lost(&mut st, id, "the peer stopped reading");
+                    core.after(&mut st);
                 }
             }
-            FromReader::RejectThis(conn, id, detail) if Some(conn) == current => {
-                let Some(conn) = &self.conn else { return };
-                let tag = conn.pair.reject_tag(self.shared.me(), id, &detail);
-                self.write(PeerFrame::Reject { id, detail, tag }).await;
-            }
-            FromReader::Ping(conn, n) if Some(conn) == current => {
-                self.write(PeerFrame::Pong(n)).await;
-            }
-            FromReader::Pong(n) => {
-                if let Some(conn) = &mut self.conn
-                    && conn.ping.is_some_and(|(sent, _)| sent == n)
-                {
-                    conn.ping = None;
-                }
-            }
-            FromReader::Closed(conn, reason) if Some(conn) == current => self.lost(&reason),
-            // About a connection that is no longer current.
-            _ => {}
-        }
-    }
-
-    async fn on_ping(&mut self) {
-        let now = Instant::now();
-        let timeout = self.shared.config.ack_timeout;
-        let idle = lock(&self.outbox)
-            .entries()
-            .all(|e| !matches!(e.state, State::InFlight { .. }));
-        let Some(conn) = &mut self.conn else { return };
-        if let Some((_, sent)) = conn.ping {
-            if now.duration_since(sent) >= timeout {
-                self.lost("no answer to ping");
-            }
-        } else if idle && now.duration_since(conn.last_ping) >= PING_INTERVAL {
-            let n: u64 = rand::random();
-            conn.ping = Some((n, now));
-            conn.last_ping = now;
-            self.write(PeerFrame::Ping(n)).await;
+            _ = sleep => core.input(Input::Tick),
+            _ = ping.tick() => core.on_ping(),
         }
     }
 }
 
 /// The message's token under `pair`, sealed on first use and kept.
-fn seal(
+fn seal<'p>(
     shared: &Shared,
     pair: &PairKey,
     peer: &str,
     id: MessageId,
-    payload: &mut Payload,
-) -> String {
-    payload
-        .token
-        .get_or_insert_with(|| {
-            pair.seal_ref(&PayloadRef {
-                id,
-                from: shared.me(),
-                to: peer,
-                sent_at_ms: payload.sent_at_ms,
-                body: &payload.body,
-            })
+    payload: &'p mut Payload,
+) -> &'p str {
+    payload.token.get_or_insert_with(|| {
+        pair.seal_ref(&PayloadRef {
+            id,
+            from: shared.me(),
+            to: peer,
+            sent_at_ms: payload.sent_at_ms,
+            body: &payload.body,
         })
-        .clone()
-}
-
-/// Feeds one frame, giving up after `timeout`: a peer that stops reading cannot block the
-/// link forever.
-async fn feed(conn: &mut Conn, frame: &PeerFrame, timeout: Duration) -> Result<(), String> {
-    // Usually the write buffer has room and this completes at once, without arming a timer.
-    if let Some(done) = conn.writer.feed(frame).now_or_never() {
-        return done.map_err(|e| format!("write failed: {e}"));
-    }
-    match tokio::time::timeout(timeout, conn.writer.feed(frame)).await {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(format!("write failed: {e}")),
-        Err(_) => Err("the peer stopped reading".into()),
-    }
-}
-
-/// What a reader works with besides the connection.
-struct ReadSide {
-    shared: Arc<Shared>,
-    pair: PairKey,
-    peer: String,
-    /// Which of the link's connections this is.
-    conn: u64,
-    /// Messages on this connection wait for the user to trust the peer's new key.
-    hold: bool,
-    outbox: Outbox,
-    wake: Arc<Notify>,
-    to_link: mpsc::UnboundedSender<FromReader>,
+    })
 }
 
 /// Reads one connection until it closes. Processes frames in batches: open each message and
-/// make the batch durable in the inbox, then acknowledge the batch.
-async fn read_loop(side: ReadSide, mut reader: FrameReader) {
-    let ReadSide {
-        shared,
-        pair,
-        peer,
-        conn,
-        hold,
-        outbox,
-        wake,
-        to_link,
-    } = side;
+/// make the batch durable in the inbox, then acknowledge the batch, on the same connection.
+async fn read_loop(core: Arc<Core>, conn: u64, pair: PairKey, hold: bool, mut reader: FrameReader) {
+    let shared = &core.shared;
+    let peer = core.peer.as_str();
     let halt = shared.halt.clone();
     let mut batch = Vec::with_capacity(READ_BATCH);
     let mut messages = Vec::with_capacity(READ_BATCH);
@@ -918,36 +1102,46 @@ async fn read_loop(side: ReadSide, mut reader: FrameReader) {
                 None => break,
             }
         }
+        let mut replies = Vec::new();
         for frame in batch.drain(..) {
             match frame {
                 PeerFrame::Message { id, token } => messages.push((id, token)),
                 PeerFrame::Ack { ids, tag } => {
-                    if !pair.verify_ack(&peer, &ids, &tag) {
+                    if !pair.verify_ack(peer, &ids, &tag) {
                         end = Some("forged acknowledgement".into());
                         break;
                     }
                     let delivered = {
-                        let mut outbox = lock(&outbox);
-                        let delivered = outbox.settle(&ids);
-                        if outbox.take_link_waiting() {
-                            wake.notify_one();
+                        let mut st = core.lock();
+                        let delivered = st.outbox.settle(&ids);
+                        if st.outbox.take_link_waiting() {
+                            // Room in flight: what waits goes now.
+                            core.handle(&mut st, Input::Settled);
                         }
+                        core.after(&mut st);
                         delivered
                     };
-                    shared.settle_sent(&peer, &delivered, Outcome::Delivered);
+                    shared.settle_sent(peer, &delivered, Outcome::Delivered);
                 }
                 PeerFrame::Reject { id, detail, tag } => {
-                    if !pair.verify_reject(&peer, id, &detail, &tag) {
+                    if !pair.verify_reject(peer, id, &detail, &tag) {
                         end = Some("forged refusal".into());
                         break;
                     }
-                    let _ = to_link.send(FromReader::Rejected(id, detail));
+                    core.input(Input::Rejected {
+                        id,
+                        reason: format!("{peer} refused the message: {detail}"),
+                    });
                 }
-                PeerFrame::Ping(n) => {
-                    let _ = to_link.send(FromReader::Ping(conn, n));
-                }
+                PeerFrame::Ping(n) => replies.push(PeerFrame::Pong(n)),
                 PeerFrame::Pong(n) => {
-                    let _ = to_link.send(FromReader::Pong(n));
+                    let mut st = core.lock();
+                    if let Some(c) = st.conn.as_mut()
+                        && c.id == conn
+                        && c.ping.is_some_and(|(sent, _)| sent == n)
+                    {
+                        c.ping = None;
+                    }
                 }
                 PeerFrame::Error { detail, .. } => {
                     end = Some(format!("the peer reported an error: {detail}"));
@@ -960,9 +1154,10 @@ async fn read_loop(side: ReadSide, mut reader: FrameReader) {
             }
         }
         batch.clear();
+        let mut ack = Vec::new();
         if !messages.is_empty() {
             let received = shared
-                .receive_batch(&pair, &peer, messages.drain(..), false, hold)
+                .receive_batch(&pair, peer, messages.drain(..), false, hold)
                 .await;
             match received {
                 Ok(received) => {
@@ -971,12 +1166,11 @@ async fn read_loop(side: ReadSide, mut reader: FrameReader) {
                         shared.emit(Event::Error {
                             message: format!("a message from {peer} was refused: {e}"),
                         });
-                        let _ = to_link.send(FromReader::RejectThis(conn, id, e.to_string()));
+                        let detail = e.to_string();
+                        let tag = pair.reject_tag(shared.me(), id, &detail);
+                        replies.push(PeerFrame::Reject { id, detail, tag });
                     }
-                    if !received.ack.is_empty() {
-                        let _ = to_link.send(FromReader::AckThese(conn, received.ack));
-                    }
-                    shared.inbox.wake_readers();
+                    ack = received.ack;
                     if !received.unopenable.is_empty() {
                         // A token that does not authenticate: drop the connection without
                         // a refusal (anyone on the path can alter a token); the genuine
@@ -991,9 +1185,32 @@ async fn read_loop(side: ReadSide, mut reader: FrameReader) {
                 }
             }
         }
+        {
+            // Acknowledge (and answer) on this connection, and write at once: what we made
+            // durable is acknowledged before the application is woken to read it.
+            let mut st = core.lock();
+            if let Some(c) = st.conn.as_mut().filter(|c| c.id == conn) {
+                for chunk in ack.chunks(MAX_ACK_BATCH) {
+                    let tag = pair.ack_tag(shared.me(), chunk);
+                    c.feed(&PeerFrame::Ack {
+                        ids: chunk.to_vec(),
+                        tag,
+                    });
+                }
+                for reply in &replies {
+                    c.feed(reply);
+                }
+            }
+            core.write_now(&mut st);
+            if let Some(reason) = &end {
+                core.lost(&mut st, conn, reason);
+            }
+            core.after(&mut st);
+        }
+        shared.inbox.wake_readers();
         if let Some(reason) = end {
             break reason;
         }
     };
-    let _ = to_link.send(FromReader::Closed(conn, reason));
+    tracing::debug!(peer = %peer, %reason, "reader stopped");
 }

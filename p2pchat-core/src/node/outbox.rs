@@ -298,12 +298,14 @@ impl<P> PeerOutbox<P> {
         self.entries.iter_mut().map(|e| &mut e.payload)
     }
 
-    /// Whether another message may be written now (fewer than [`MAX_IN_FLIGHT`] in flight).
-    /// If not, the link waits and a settled acknowledgement wakes it.
-    pub(crate) fn has_room(&mut self) -> bool {
-        let room = self.in_flight < MAX_IN_FLIGHT;
-        self.link_waiting |= !room;
-        room
+    /// Messages written and not yet acknowledged.
+    pub(crate) fn in_flight(&self) -> usize {
+        self.in_flight
+    }
+
+    /// Messages waiting to be written or stored.
+    pub(crate) fn queued(&self) -> usize {
+        self.entries.len() - self.in_flight - self.storing
     }
 
     /// Whether the link waits for an acknowledgement; clears the flag.

@@ -71,11 +71,20 @@ async fn killing_the_receiver_mid_stream_loses_nothing_and_shows_each_message_on
         }
         (delivered, stored)
     });
+    // The sender sends half, waits for the crash, then sends the rest: the crash comes
+    // mid-stream however fast bob's node takes messages in, and what follows it cannot be
+    // acknowledged by bob.
+    let (half_sent, mut halfway) = tokio::sync::watch::channel(false);
+    let (crashed, mut after_crash) = tokio::sync::watch::channel(false);
     let sender = {
         let alice = alice.clone();
         tokio::spawn(async move {
             let mut ids = Vec::with_capacity(COUNT);
             for i in 0..COUNT {
+                if i == COUNT / 2 {
+                    let _ = half_sent.send(true);
+                    let _ = after_crash.wait_for(|c| *c).await;
+                }
                 ids.push(alice.send("bob", &format!("m{i}")).await.expect("send"));
             }
             ids
@@ -88,7 +97,12 @@ async fn killing_the_receiver_mid_stream_loses_nothing_and_shows_each_message_on
         .await
         .expect("acknowledgements arrive")
         .expect("outcome task alive");
+    tokio::time::timeout(Duration::from_secs(30), halfway.wait_for(|h| *h))
+        .await
+        .expect("the sender gets halfway")
+        .expect("sender alive");
     bob.simulate_crash().await;
+    let _ = crashed.send(true);
     // The crashed node's stream ends; what it had not handed out stays in its inbox.
     while let Some(event) = bob_events.next().await {
         if let Event::MessageReceived { id, offline, .. } = event {
