@@ -19,6 +19,8 @@
 
 mod journal;
 
+use std::cell::Cell;
+use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fs::{DirBuilder, File, OpenOptions, Permissions, TryLockError};
 use std::io;
@@ -68,13 +70,13 @@ pub enum Durability {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 #[repr(u8)]
 pub(crate) enum Table {
-    /// Messages not yet delivered or stored: key = sequence number (u64 big-endian).
+    /// Messages not yet delivered or stored: key = message id.
     Outbox = 1,
     /// Received messages the application has not confirmed: key = sequence number.
     Inbox = 2,
     /// Received messages under a key the user has not trusted yet: key = sequence number.
     Held = 3,
-    /// Ids already received, per sender: key = sender, 0, id.
+    /// Ids already received, per sender, in a ring of slots: key = sender, 0, slot.
     Seen = 4,
     /// Small records: block/mute/pins, operator pin, announcement ids; sequence counters.
     Meta = 5,
@@ -82,11 +84,17 @@ pub(crate) enum Table {
 
 impl Table {
     /// Whether a key of this table is only ever put while it is absent (message ids, fresh
-    /// sequence numbers, ids not yet seen): a put of such a key followed by its delete
-    /// within the journal being compacted is dropped rather than applied ([`apply`]).
-    /// Every writer of these tables must keep to it.
+    /// sequence numbers): a put of such a key followed by its delete within the journal
+    /// being compacted is dropped rather than applied ([`Changes`]). Every writer of these
+    /// tables must keep to it.
     fn write_once(self) -> bool {
-        !matches!(self, Table::Meta)
+        matches!(self, Table::Outbox | Table::Inbox | Table::Held)
+    }
+
+    /// Whether the table's rows are packed in redb, those whose keys differ in their last
+    /// byte sharing a row (see `pack`): for a table whose rows are rewritten in groups.
+    fn packed(self) -> bool {
+        matches!(self, Table::Seen)
     }
 
     /// Every table.
@@ -104,7 +112,7 @@ impl Table {
             Table::Outbox => "outbox",
             Table::Inbox => "inbox",
             Table::Held => "held",
-            Table::Seen => "seen",
+            Table::Seen => "seen_packed",
             Table::Meta => "meta",
         })
     }
@@ -123,6 +131,7 @@ impl Batch {
     pub(crate) fn new() -> Self {
         Self::default()
     }
+
     /// Sets `key` in `table` to `value`.
     pub(crate) fn put(&mut self, table: Table, key: &[u8], value: &[u8]) {
         journal::encode_put(&mut self.bytes, table, key, value);
@@ -142,6 +151,7 @@ impl Batch {
         journal::encode_delete(&mut self.bytes, table, key);
     }
     /// Whether the batch holds no change.
+    #[cfg(test)]
     pub(crate) fn is_empty(&self) -> bool {
         self.bytes.is_empty()
     }
@@ -329,39 +339,159 @@ struct Change<'a> {
     first_put: bool,
 }
 
-/// Changes coalesced by key, last wins. Hashed (foldhash), not ordered: a segment holds tens
-/// of thousands of changes and most are a put and a delete of the same key.
-type Changes<'a> = HashMap<(Table, &'a [u8]), Change<'a>, foldhash::fast::RandomState>;
-
-/// A guess at the keys a journal of `len` bytes touches, to size the map once: a message
-/// takes about this many bytes per key.
-fn estimate(len: usize) -> usize {
-    len / 96
+/// A key of an unpacked table: up to 16 bytes as an integer (message ids, sequence numbers),
+/// so that hashing and comparing it never reaches back into the segment, longer ones
+/// borrowed from it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum RowKey<'a> {
+    Short(Table, u8, u128),
+    Long(Table, &'a [u8]),
 }
 
-/// Adds the changes of segment `number`.
-fn coalesce<'a>(changes: &mut Changes<'a>, segment: &'a [u8], number: u64) {
-    for ops in journal::records(segment, number) {
-        for op in ops {
-            let (key, value) = match op {
-                Op::Put(table, key, value) => ((table, key), Some(value)),
-                Op::Delete(table, key) => ((table, key), None),
-            };
-            changes
-                .entry(key)
-                .and_modify(|change| change.value = value)
-                .or_insert(Change {
+impl<'a> RowKey<'a> {
+    fn new(table: Table, key: &'a [u8]) -> Self {
+        if key.len() <= 16 {
+            let mut bytes = [0; 16];
+            bytes[..key.len()].copy_from_slice(key);
+            // Fits: at most 16.
+            RowKey::Short(table, key.len() as u8, u128::from_be_bytes(bytes))
+        } else {
+            RowKey::Long(table, key)
+        }
+    }
+
+    fn table(&self) -> Table {
+        match self {
+            RowKey::Short(table, ..) | RowKey::Long(table, _) => *table,
+        }
+    }
+
+    /// The key's bytes, in `buf` if it is short.
+    fn bytes<'b>(&'b self, buf: &'b mut [u8; 16]) -> &'b [u8] {
+        match self {
+            RowKey::Short(_, len, value) => {
+                *buf = value.to_be_bytes();
+                &buf[..usize::from(*len)]
+            }
+            RowKey::Long(_, key) => key,
+        }
+    }
+}
+
+/// The changes of one group of a packed table (see `pack`): by the last byte of the key,
+/// the last value (`None` deletes), for the keys touched.
+struct Group<'a> {
+    table: Table,
+    prefix: &'a [u8],
+    /// The key equal to the prefix (an empty suffix).
+    bare: Option<Option<&'a [u8]>>,
+    slots: Box<[Option<Option<&'a [u8]>>; 256]>,
+}
+
+/// The changes of the segments being compacted, last wins per key.
+///
+/// A key of a [`Table::write_once`] table put and then deleted within the changes was
+/// absent before them and is absent after: it leaves the map at its delete and never
+/// reaches redb (most messages are queued and delivered, or received and read, within one
+/// segment), so the map holds little more than what is still pending. A packed table's
+/// changes go to their group directly, a slot per last key byte; consecutive changes mostly
+/// touch one group (the `Seen` ring turns slot by slot), which is tried first.
+#[derive(Default)]
+struct Changes<'a> {
+    rows: HashMap<RowKey<'a>, Change<'a>, foldhash::fast::RandomState>,
+    groups: Vec<Group<'a>>,
+    group_index: HashMap<(Table, &'a [u8]), usize, foldhash::fast::RandomState>,
+    last_group: Option<usize>,
+}
+
+impl<'a> Changes<'a> {
+    fn is_empty(&self) -> bool {
+        self.rows.is_empty() && self.groups.is_empty()
+    }
+
+    /// Adds the changes of segment `number`.
+    fn add_segment(&mut self, segment: &'a [u8], number: u64) {
+        for ops in journal::records(segment, number) {
+            for op in ops {
+                match op {
+                    Op::Put(table, key, value) => self.add(table, key, Some(value)),
+                    Op::Delete(table, key) => self.add(table, key, None),
+                }
+            }
+        }
+    }
+
+    fn add(&mut self, table: Table, key: &'a [u8], value: Option<&'a [u8]>) {
+        if table.packed() {
+            let (prefix, suffix) = pack::split(key);
+            let group = self.group(table, prefix);
+            match suffix.first() {
+                Some(&slot) => group.slots[usize::from(slot)] = Some(value),
+                None => group.bare = Some(value),
+            }
+            return;
+        }
+        match self.rows.entry(RowKey::new(table, key)) {
+            Entry::Occupied(mut change) => {
+                if value.is_none() && change.get().first_put && table.write_once() {
+                    // Put and deleted within the changes: absent before and after.
+                    change.remove();
+                } else {
+                    change.get_mut().value = value;
+                }
+            }
+            Entry::Vacant(slot) => {
+                slot.insert(Change {
                     value,
                     first_put: value.is_some(),
                 });
+            }
+        }
+    }
+
+    fn group(&mut self, table: Table, prefix: &'a [u8]) -> &mut Group<'a> {
+        let index = match self.last_group {
+            Some(i) if self.groups[i].table == table && self.groups[i].prefix == prefix => i,
+            _ => {
+                let groups = &mut self.groups;
+                let i = *self.group_index.entry((table, prefix)).or_insert_with(|| {
+                    groups.push(Group {
+                        table,
+                        prefix,
+                        bare: None,
+                        slots: Box::new([None; 256]),
+                    });
+                    groups.len() - 1
+                });
+                self.last_group = Some(i);
+                i
+            }
+        };
+        &mut self.groups[index]
+    }
+
+    /// Every change: table, key, the last value (`None` deletes).
+    #[cfg(test)]
+    fn each(&self, mut f: impl FnMut(Table, &[u8], Option<&[u8]>)) {
+        for (key, change) in &self.rows {
+            let mut buf = [0; 16];
+            f(key.table(), key.bytes(&mut buf), change.value);
+        }
+        for group in &self.groups {
+            if let Some(value) = group.bare {
+                f(group.table, group.prefix, value);
+            }
+            for (slot, value) in group.slots.iter().enumerate() {
+                if let Some(value) = value {
+                    f(group.table, &[group.prefix, &[slot as u8]].concat(), *value);
+                }
+            }
         }
     }
 }
 
 /// Applies `changes` and records `compacted_through`, in `txn`. Opening the tables also
-/// creates them. A key of a [`Table::write_once`] table that was put and then deleted within
-/// the changes was absent before them and is absent after: it never reaches redb (most
-/// messages are queued and delivered, or received and read, within one segment).
+/// creates them.
 fn apply(
     txn: &redb::WriteTransaction,
     changes: &Changes<'_>,
@@ -372,25 +502,123 @@ fn apply(
         tables.push((table, txn.open_table(table.definition())?));
     }
     // In key order: redb inserts faster so.
-    let mut sorted: Vec<_> = changes
+    let mut rows: Vec<(Table, [u8; 16], &RowKey<'_>, &Change<'_>)> = changes
+        .rows
         .iter()
-        .filter(|((table, _), change)| {
-            !(change.first_put && change.value.is_none() && table.write_once())
+        .map(|(key, change)| {
+            let mut buf = [0; 16];
+            key.bytes(&mut buf);
+            (key.table(), buf, key, change)
         })
         .collect();
-    sorted.sort_unstable_by_key(|(k, _)| **k);
-    for (&(table, key), change) in sorted {
+    rows.sort_unstable_by(|a, b| {
+        let (mut x, mut y) = ([0; 16], [0; 16]);
+        (a.0, a.2.bytes(&mut x)).cmp(&(b.0, b.2.bytes(&mut y)))
+    });
+    for (table, _, key, change) in rows {
         let Some((_, rows)) = tables.iter_mut().find(|(t, _)| *t == table) else {
             continue;
         };
+        let mut buf = [0; 16];
+        let key = key.bytes(&mut buf);
         match change.value {
             Some(value) => drop(rows.insert(key, value)?),
             None => drop(rows.remove(key)?),
         }
     }
+    let mut packed = Vec::new();
+    for group in &changes.groups {
+        let Some((_, rows)) = tables.iter_mut().find(|(t, _)| *t == group.table) else {
+            continue;
+        };
+        let old: Vec<u8> = rows
+            .get(group.prefix)?
+            .map(|row| row.value().to_vec())
+            .unwrap_or_default();
+        let (mut bare, mut slots) = (None, [None; 256]);
+        if !pack::decode(&old, &mut bare, &mut slots) {
+            tracing::warn!(table = ?group.table, "a packed row does not decode; rewritten");
+        }
+        if let Some(value) = group.bare {
+            bare = value;
+        }
+        for (slot, change) in slots.iter_mut().zip(group.slots.iter()) {
+            if let Some(value) = change {
+                *slot = *value;
+            }
+        }
+        packed.clear();
+        pack::encode(bare, &slots, &mut packed);
+        if packed.is_empty() {
+            rows.remove(group.prefix)?;
+        } else {
+            rows.insert(group.prefix, packed.as_slice())?;
+        }
+    }
     let mut meta = txn.open_table(DB_META)?;
     meta.insert(COMPACTED_THROUGH, compacted_through)?;
     Ok(())
+}
+
+/// A packed table's rows in redb: the rows whose keys differ in their last byte only share
+/// one redb row, keyed by the rest of the key, holding each row's last key byte (if any) and
+/// value. A compaction then rewrites one redb row per group rather than one per key: the
+/// `Seen` ring, 16,384 slots per sender, rewritten as the window turns, is 64 redb rows.
+mod pack {
+    /// The group prefix and the suffix (the last byte, or nothing) of a key.
+    pub(super) fn split(key: &[u8]) -> (&[u8], &[u8]) {
+        key.split_at(key.len().saturating_sub(1))
+    }
+
+    /// A group's rows, `bare` (the key without a last byte) first, then by last byte: each
+    /// `[suffix len u8][suffix][value len u32 LE][value]`.
+    pub(super) fn encode(bare: Option<&[u8]>, slots: &[Option<&[u8]>; 256], out: &mut Vec<u8>) {
+        let entries =
+            bare.map(|value| (None, value))
+                .into_iter()
+                .chain(slots.iter().enumerate().filter_map(|(slot, value)| {
+                    // Fits: 256 slots.
+                    Some((Some(slot as u8), (*value)?))
+                }));
+        for (suffix, value) in entries {
+            match suffix {
+                Some(byte) => out.extend_from_slice(&[1, byte]),
+                None => out.push(0),
+            }
+            out.extend_from_slice(&u32::try_from(value.len()).unwrap_or(u32::MAX).to_le_bytes());
+            out.extend_from_slice(value);
+        }
+    }
+
+    /// Reads a group's rows into `bare` and `slots`; false (and what was read before the
+    /// fault kept) if the bytes are not [`encode`]'s.
+    pub(super) fn decode<'a>(
+        mut bytes: &'a [u8],
+        bare: &mut Option<&'a [u8]>,
+        slots: &mut [Option<&'a [u8]>; 256],
+    ) -> bool {
+        while let Some((&len, rest)) = bytes.split_first() {
+            let parsed = (|| {
+                let (suffix, rest) = rest.split_at_checked(usize::from(len))?;
+                let (len, rest) = rest.split_first_chunk::<4>()?;
+                let len = usize::try_from(u32::from_le_bytes(*len)).ok()?;
+                let (value, rest) = rest.split_at_checked(len)?;
+                Some((suffix, value, rest))
+            })();
+            match parsed {
+                Some(([], value, rest)) => {
+                    *bare = Some(value);
+                    bytes = rest;
+                }
+                Some(([slot], value, rest)) => {
+                    slots[usize::from(*slot)] = Some(value);
+                    bytes = rest;
+                }
+                _ => return false,
+            }
+        }
+        true
+    }
 }
 
 fn compacted_through(txn: &redb::WriteTransaction) -> Result<u64, redb::Error> {
@@ -400,9 +628,8 @@ fn compacted_through(txn: &redb::WriteTransaction) -> Result<u64, redb::Error> {
 
 /// Compacts segment `number` into the database: one write transaction, committed durably.
 fn compact_segment(db: &redb::Database, number: u64, segment: &[u8]) -> Result<(), redb::Error> {
-    let mut changes =
-        Changes::with_capacity_and_hasher(estimate(segment.len()), Default::default());
-    coalesce(&mut changes, segment, number);
+    let mut changes = Changes::default();
+    changes.add_segment(segment, number);
     let txn = db.begin_write()?;
     let through = compacted_through(&txn)?.max(number);
     apply(&txn, &changes, through)?;
@@ -419,7 +646,23 @@ fn load(db: &redb::Database) -> Result<Snapshot, redb::Error> {
         let mut map = BTreeMap::new();
         for row in rows.iter()? {
             let (key, value) = row?;
-            map.insert(key.value().to_vec(), value.value().to_vec());
+            if !table.packed() {
+                map.insert(key.value().to_vec(), value.value().to_vec());
+                continue;
+            }
+            let prefix = key.value();
+            let (mut bare, mut slots) = (None, [None; 256]);
+            if !pack::decode(value.value(), &mut bare, &mut slots) {
+                tracing::warn!(table = ?table, "a packed row does not decode in full");
+            }
+            if let Some(value) = bare {
+                map.insert(prefix.to_vec(), value.to_vec());
+            }
+            for (slot, value) in slots.iter().enumerate() {
+                if let Some(value) = value {
+                    map.insert([prefix, &[slot as u8]].concat(), value.to_vec());
+                }
+            }
         }
         snapshot.tables.insert(table, map);
     }
@@ -511,7 +754,7 @@ fn recover(dir: &Path, db: &redb::Database) -> Result<u64, DbError> {
     }
     let mut changes = Changes::default();
     for (number, segment) in &contents {
-        coalesce(&mut changes, segment, *number);
+        changes.add_segment(segment, *number);
     }
     let last = segments
         .keys()
@@ -688,6 +931,26 @@ impl Db {
         Ok(Written(lsn))
     }
 
+    /// Fills a batch and appends it, as [`Db::write`]. The batch is a per-thread buffer,
+    /// reused: no allocation per write.
+    pub(crate) fn write_with(&self, fill: impl FnOnce(&mut Batch)) -> Result<Written, DbError> {
+        /// A buffer grown past this by a large batch is not kept.
+        const KEEP: usize = 1 << 20;
+        thread_local! {
+            static SCRATCH: Cell<Vec<u8>> = const { Cell::new(Vec::new()) };
+        }
+        let mut batch = Batch {
+            bytes: SCRATCH.take(),
+        };
+        batch.bytes.clear();
+        fill(&mut batch);
+        let written = self.write(&batch);
+        if batch.bytes.capacity() <= KEEP {
+            SCRATCH.set(batch.bytes);
+        }
+        written
+    }
+
     /// Resolves once everything up to `written` is durable at the configured level: at once
     /// for [`Durability::Process`].
     pub(crate) async fn durable(&self, written: Written) -> Result<(), DbError> {
@@ -716,6 +979,7 @@ impl Db {
     }
 
     /// Writes and waits for durability: [`Db::write`] then [`Db::durable`].
+    #[cfg(test)]
     pub(crate) async fn commit(&self, batch: &Batch) -> Result<(), DbError> {
         let written = self.write(batch)?;
         self.durable(written).await
@@ -776,18 +1040,18 @@ impl Db {
         let mut changes = Changes::default();
         let compactor = lock(&inner.compactor);
         for (number, segment) in &compactor.queue {
-            coalesce(&mut changes, segment.bytes(), *number);
+            changes.add_segment(segment.bytes(), *number);
         }
         if let Some(segment) = &writer.segment {
-            coalesce(&mut changes, segment.bytes(), writer.number);
+            changes.add_segment(segment.bytes(), writer.number);
         }
-        for ((table, key), change) in changes {
+        changes.each(|table, key, value| {
             let rows = snapshot.tables.entry(table).or_default();
-            match change.value {
+            match value {
                 Some(value) => rows.insert(key.to_vec(), value.to_vec()),
                 None => rows.remove(key),
             };
-        }
+        });
         Ok(snapshot)
     }
 
@@ -1070,6 +1334,37 @@ mod tests {
         fn below(&mut self, n: u64) -> u64 {
             self.next() % n
         }
+    }
+
+    #[test]
+    fn packed_groups_round_trip_and_garbage_does_not_decode() {
+        let mut slots = [None; 256];
+        slots[0] = Some(&[][..]);
+        slots[255] = Some(&[9; 300][..]);
+        let mut bytes = Vec::new();
+        pack::encode(Some(&[1, 2, 3]), &slots, &mut bytes);
+        let (mut bare, mut back) = (None, [None; 256]);
+        assert!(pack::decode(&bytes, &mut bare, &mut back));
+        assert_eq!((bare, back), (Some(&[1, 2, 3][..]), slots));
+        for cut in 1..bytes.len() {
+            let (mut bare, mut back) = (None, [None; 256]);
+            // A cut inside an entry does not decode; every cut is read without a panic.
+            let _ = pack::decode(&bytes[..cut], &mut bare, &mut back);
+        }
+        let (mut bare, mut back) = (None, [None; 256]);
+        assert!(
+            !pack::decode(&[2, 7, 7, 0, 0, 0, 0], &mut bare, &mut back),
+            "a 2-byte suffix"
+        );
+        assert!(
+            !pack::decode(&[0, 9, 0, 0, 0], &mut bare, &mut back),
+            "a value past the end"
+        );
+        assert_eq!(
+            pack::split(b"bob\0\x01\x02"),
+            (&b"bob\0\x01"[..], &b"\x02"[..])
+        );
+        assert_eq!(pack::split(b""), (&b""[..], &b""[..]));
     }
 
     /// A batch of 1–4 random puts and deletes over a small key space (so they overwrite and
