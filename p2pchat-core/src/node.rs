@@ -27,10 +27,10 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -42,12 +42,12 @@ pub use link::{LINK_QUEUE_CAPACITY, MAX_IN_FLIGHT};
 
 use crate::crypto::{CryptoError, PairKey};
 use crate::discovery::{DiscoveryError, DiscoverySession, MAX_PAGE_SIZE, PeerRecord};
-use crate::event::{Event, Events};
+use crate::event::{Event, EventHub, Events, Subscription};
 use crate::identity::{Fingerprint, Identity, IdentityError, PublicKey};
 use crate::protocol::{MAX_BODY_LEN, MessageId, UsernameError, validate_username};
 use crate::store::{OfflineStore, StoreError};
 use crate::transport::{Transport, TransportError};
-use db::{Batch, Db, Table};
+use db::{Db, Table};
 use inbox::{Inbox, Keep, Opened};
 use link::{LinkHandle, Outgoing};
 use outbox::Outcome;
@@ -204,10 +204,10 @@ pub(crate) struct Shared {
     pub(crate) local_addr: SocketAddr,
     /// Taken (dropped) when the node stops, which ends every [`Events`] stream once its
     /// buffered events are read.
-    events: RwLock<Option<broadcast::Sender<Event>>>,
+    events: Arc<EventHub>,
     /// Subscribed at spawn and handed to the first `events()` call, so that nothing emitted
     /// while starting (the first mailbox drain) is missed.
-    pub(crate) first_events: Mutex<Option<broadcast::Receiver<Event>>>,
+    pub(crate) first_events: Mutex<Option<Subscription>>,
     pub(crate) peers: Mutex<PeerState>,
     pub(crate) db: Arc<Db>,
     pub(crate) inbox: Arc<Inbox>,
@@ -215,7 +215,7 @@ pub(crate) struct Shared {
     pub(crate) outbox_seq: AtomicU64,
     /// Messages in the outbox now.
     pub(crate) outbox_len: AtomicUsize,
-    links: Mutex<HashMap<String, LinkHandle>>,
+    links: Mutex<HashMap<String, LinkHandle, foldhash::fast::RandomState>>,
     pair_keys: Mutex<HashMap<PublicKey, PairKey>>,
     pub(crate) store: Arc<dyn OfflineStore>,
     pub(crate) transport: Arc<dyn Transport>,
@@ -268,18 +268,7 @@ impl Shared {
     }
 
     pub(crate) fn emit(&self, event: Event) {
-        if let Some(tx) = &*self.events.read().unwrap_or_else(|e| e.into_inner()) {
-            // No reader is fine: events are for whoever listens.
-            let _ = tx.send(event);
-        }
-    }
-
-    fn subscribe(&self) -> broadcast::Receiver<Event> {
-        match &*self.events.read().unwrap_or_else(|e| e.into_inner()) {
-            Some(tx) => tx.subscribe(),
-            // Stopped: a stream that ends at once.
-            None => broadcast::channel(1).1,
-        }
+        self.events.emit(event);
     }
 
     /// Stops every task without flushing, waits for them, and ends the event streams.
@@ -305,10 +294,7 @@ impl Shared {
         self.tasks.wait().await;
         // The links refer back to this state: let them go with it.
         lock(&self.links).clear();
-        self.events
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
+        self.events.close();
     }
 
     pub(crate) fn session(&self) -> Result<Arc<dyn DiscoverySession>, NodeError> {
@@ -417,11 +403,12 @@ impl Shared {
         if ids.is_empty() {
             return;
         }
-        let mut batch = Batch::new();
-        for id in ids {
-            batch.delete(Table::Outbox, id.as_bytes());
-        }
-        if let Err(e) = self.db.write(&batch) {
+        let written = self.db.write_with(|batch| {
+            for id in ids {
+                batch.delete(Table::Outbox, id.as_bytes());
+            }
+        });
+        if let Err(e) = written {
             // They are sent again after a restart; the peer drops them by id.
             tracing::warn!(error = %e, "cannot record settled messages");
         }
@@ -492,6 +479,11 @@ impl Shared {
             });
         }
         Ok(link)
+    }
+
+    /// Every running link.
+    pub(crate) fn all_links(&self) -> Vec<LinkHandle> {
+        lock(&self.links).values().cloned().collect()
     }
 
     /// The link to `peer`, if one is running.
@@ -570,7 +562,7 @@ impl ChatNode {
     pub fn events(&self) -> Events {
         let first = lock(&self.shared.first_events).take();
         Events::new(
-            first.unwrap_or_else(|| self.shared.subscribe()),
+            first.unwrap_or_else(|| self.shared.events.subscribe()),
             Some(self.shared.inbox.open_stream()),
         )
     }
@@ -622,20 +614,18 @@ impl ChatNode {
                 .try_into()
                 .unwrap_or(u64::MAX),
         );
-        let mut batch = Batch::new();
-        batch.put_record(
-            Table::Outbox,
-            id.as_bytes(),
-            &OutboxRecordRef::V1 {
-                seq: shared.outbox_seq.fetch_add(1, Ordering::Relaxed),
-                to,
-                body: text,
-                sent_at_ms: now,
-                queued_at_ms: now,
-                expires_at_ms,
-            },
-        );
-        shared.db.commit(&batch).await?;
+        let record = OutboxRecordRef::V1 {
+            seq: shared.outbox_seq.fetch_add(1, Ordering::Relaxed),
+            to,
+            body: text,
+            sent_at_ms: now,
+            queued_at_ms: now,
+            expires_at_ms,
+        };
+        let written = shared
+            .db
+            .write_with(|batch| batch.put_record(Table::Outbox, id.as_bytes(), &record))?;
+        shared.db.durable(written).await?;
         shared.outbox_len.fetch_add(1, Ordering::Relaxed);
         shared.emit(Event::Queued {
             id,
@@ -655,7 +645,7 @@ impl ChatNode {
 
     /// The messages waiting in the outbox, to every peer, oldest first per peer.
     pub async fn outbox(&self) -> Vec<OutboxEntry> {
-        let links: Vec<LinkHandle> = lock(&self.shared.links).values().cloned().collect();
+        let links = self.shared.all_links();
         links.iter().flat_map(LinkHandle::list).collect()
     }
 
@@ -663,7 +653,7 @@ impl ChatNode {
     /// [`Event::Cancelled`]. Fails with [`NodeError::NotCancellable`] once it was sent (or
     /// is being stored), or if no such message waits.
     pub async fn cancel(&self, id: MessageId) -> Result<(), NodeError> {
-        let links: Vec<LinkHandle> = lock(&self.shared.links).values().cloned().collect();
+        let links = self.shared.all_links();
         if links.iter().any(|link| link.cancel(id)) {
             return Ok(());
         }

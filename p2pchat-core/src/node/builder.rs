@@ -2,12 +2,12 @@
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::stream::BoxStream;
 use futures::{Stream, StreamExt};
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
@@ -22,7 +22,7 @@ use super::records::{self, OutboxRecord, PEERS_KEY};
 use super::state::PeerState;
 use super::{ChatNode, Config, DEFAULT_ACK_TIMEOUT, DEFAULT_EVENT_CAPACITY, NodeError, Shared};
 use crate::discovery::{DEFAULT_KEEP_ALIVE_INTERVAL, Discovery, DiscoveryClient, Registration};
-use crate::event::Event;
+use crate::event::{Event, EventHub};
 use crate::identity::Identity;
 use crate::protocol::{MessageId, validate_username};
 use crate::store::{DEFAULT_MESSAGE_TTL, MAX_MESSAGE_TTL, OfflineStore};
@@ -305,14 +305,15 @@ impl ChatNodeBuilder {
             Some(key) => peers.pin_operator(key)?.map(|pinned| (pinned, key)),
             None => None,
         };
-        let (events, first_events) = broadcast::channel(config.event_capacity);
+        let events = EventHub::new(config.event_capacity);
+        let first_events = events.subscribe();
         let (actor_tx, commands) = mpsc::channel(ACTOR_QUEUE_CAPACITY);
         let span = tracing::info_span!("node", me = %config.username);
         let shared = Arc::new(Shared {
             identity,
             config,
             local_addr,
-            events: RwLock::new(Some(events)),
+            events,
             first_events: Mutex::new(Some(first_events)),
             peers: Mutex::new(peers),
             db,

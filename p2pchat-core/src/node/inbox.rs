@@ -17,7 +17,7 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use tokio::sync::Notify;
 
-use super::db::{Batch, Db, DbError, Table};
+use super::db::{Db, DbError, Table};
 use super::records::{self, InboxRecord, InboxRecordRef, SeenRecord};
 use crate::event::Event;
 use crate::protocol::MessageId;
@@ -65,7 +65,8 @@ pub(crate) struct Opened {
 
 #[derive(Debug, Clone)]
 struct Entry {
-    from: String,
+    /// Shared by the entries of one sender.
+    from: Arc<str>,
     id: MessageId,
     text: String,
     sent_at_ms: u64,
@@ -77,8 +78,19 @@ impl Entry {
     fn event(&self) -> Event {
         Event::MessageReceived {
             id: self.id,
-            from: self.from.clone(),
+            from: self.from.to_string(),
             text: self.text.clone(),
+            sent_at: UNIX_EPOCH + Duration::from_millis(self.sent_at_ms),
+            offline: self.offline,
+        }
+    }
+
+    /// The event, leaving the entry's text behind empty.
+    fn take_event(&mut self) -> Event {
+        Event::MessageReceived {
+            id: self.id,
+            from: self.from.to_string(),
+            text: std::mem::take(&mut self.text),
             sent_at: UNIX_EPOCH + Duration::from_millis(self.sent_at_ms),
             offline: self.offline,
         }
@@ -103,7 +115,7 @@ impl Entry {
             offline,
         } = record;
         Self {
-            from,
+            from: Arc::from(from),
             id: MessageId::from_bytes(id),
             text,
             sent_at_ms,
@@ -117,7 +129,7 @@ impl Entry {
 /// database as a ring of that many slots (see [`SeenRecord`]).
 #[derive(Debug, Default)]
 struct Window {
-    ids: HashSet<MessageId>,
+    ids: HashSet<MessageId, foldhash::fast::RandomState>,
     order: VecDeque<(MessageId, u64)>,
     /// Tokens sent before this (Unix ms) are older than everything remembered.
     floor: u64,
@@ -260,84 +272,91 @@ impl Inbox {
     ) -> Result<(), DbError> {
         let written = {
             let mut state = self.state();
-            let mut batch = Batch::new();
+            let state = &mut *state;
             let mut key = Vec::with_capacity(from.len() + 3);
             let mut added = false;
-            for message in messages {
-                let window = match state.windows.get_mut(from) {
-                    Some(window) => window,
-                    None => state.windows.entry(from.to_owned()).or_default(),
-                };
-                if window.ids.contains(&message.id) {
-                    continue;
-                }
-                if message.sent_at_ms < window.floor {
-                    tracing::debug!(%from, id = %message.id, "dropped a message older than the dedup window");
-                    continue;
-                }
-                window.ids.insert(message.id);
-                window.order.push_back((message.id, message.sent_at_ms));
-                if window.order.len() > DEDUP_WINDOW
-                    && let Some((old, at)) = window.order.pop_front()
-                {
-                    window.ids.remove(&old);
-                    window.floor = window.floor.max(at);
-                }
-                // Overwrites the slot of the id pushed out of the window, if any.
-                let n = window.next;
-                window.next += 1;
-                records::seen_key(&mut key, from, slot(n));
-                batch.put_record(
-                    Table::Seen,
-                    &key,
-                    &SeenRecord::V1 {
-                        n,
-                        id: *message.id.as_bytes(),
-                        sent_at_ms: message.sent_at_ms,
-                        floor: window.floor,
-                    },
-                );
-                if keep == Keep::Hide {
-                    continue;
-                }
-                let seq = state.next_seq;
-                state.next_seq += 1;
-                let table = if keep == Keep::Hold {
-                    Table::Held
-                } else {
-                    Table::Inbox
-                };
-                batch.put_record(
-                    table,
-                    &seq_key(seq),
-                    &InboxRecordRef::V1 {
-                        from,
-                        id: *message.id.as_bytes(),
-                        text: &message.body,
+            let mut any = false;
+            let sender: Arc<str> = Arc::from(from);
+            let written = self.db.write_with(|batch| {
+                for message in messages {
+                    let window = match state.windows.get_mut(from) {
+                        Some(window) => window,
+                        None => state.windows.entry(from.to_owned()).or_default(),
+                    };
+                    if message.sent_at_ms < window.floor {
+                        if !window.ids.contains(&message.id) {
+                            tracing::debug!(%from, id = %message.id, "dropped a message older than the dedup window");
+                        }
+                        continue;
+                    }
+                    if !window.ids.insert(message.id) {
+                        // A duplicate.
+                        continue;
+                    }
+                    any = true;
+                    window.order.push_back((message.id, message.sent_at_ms));
+                    if window.order.len() > DEDUP_WINDOW
+                        && let Some((old, at)) = window.order.pop_front()
+                    {
+                        window.ids.remove(&old);
+                        window.floor = window.floor.max(at);
+                    }
+                    // Overwrites the slot of the id pushed out of the window, if any.
+                    let n = window.next;
+                    window.next += 1;
+                    records::seen_key(&mut key, from, slot(n));
+                    batch.put_record(
+                        Table::Seen,
+                        &key,
+                        &SeenRecord::V1 {
+                            n,
+                            id: *message.id.as_bytes(),
+                            sent_at_ms: message.sent_at_ms,
+                            floor: window.floor,
+                        },
+                    );
+                    if keep == Keep::Hide {
+                        continue;
+                    }
+                    let seq = state.next_seq;
+                    state.next_seq += 1;
+                    let table = if keep == Keep::Hold {
+                        Table::Held
+                    } else {
+                        Table::Inbox
+                    };
+                    batch.put_record(
+                        table,
+                        &seq_key(seq),
+                        &InboxRecordRef::V1 {
+                            from,
+                            id: *message.id.as_bytes(),
+                            text: &message.body,
+                            sent_at_ms: message.sent_at_ms,
+                            offline,
+                        },
+                    );
+                    let entry = Entry {
+                        from: sender.clone(),
+                        id: message.id,
+                        text: message.body,
                         sent_at_ms: message.sent_at_ms,
                         offline,
-                    },
-                );
-                let entry = Entry {
-                    from: from.to_owned(),
-                    id: message.id,
-                    text: message.body,
-                    sent_at_ms: message.sent_at_ms,
-                    offline,
-                    confirmed: false,
-                };
-                if keep == Keep::Hold {
-                    state.held.insert(seq, entry);
-                } else {
-                    state.entries.insert(seq, entry);
-                    state.unconfirmed += 1;
-                    added = true;
+                        confirmed: false,
+                    };
+                    if keep == Keep::Hold {
+                        state.held.insert(seq, entry);
+                    } else {
+                        state.entries.insert(seq, entry);
+                        state.unconfirmed += 1;
+                        added = true;
+                    }
                 }
-            }
-            if batch.is_empty() {
+            });
+            if !any {
                 return Ok(());
             }
-            let written = self.db.write(&batch)?;
+            let written = written?;
             if added {
                 state.wake_pending = true;
             }
@@ -368,13 +387,12 @@ impl Inbox {
         let held: Vec<u64> = state
             .held
             .iter()
-            .filter(|(_, e)| e.from == from)
+            .filter(|(_, e)| *e.from == *from)
             .map(|(&seq, _)| seq)
             .collect();
         if held.is_empty() {
             return Ok(());
         }
-        let mut batch = Batch::new();
         let mut moved = Vec::new();
         for old in held {
             let Some(entry) = state.held.remove(&old) else {
@@ -382,11 +400,22 @@ impl Inbox {
             };
             let seq = state.next_seq;
             state.next_seq += 1;
-            batch.delete(Table::Held, &seq_key(old));
-            batch.put_record(Table::Inbox, &seq_key(seq), &entry.record());
-            moved.push((seq, entry));
+            moved.push((old, seq, entry));
         }
-        self.db.write(&batch)?;
+        let written = self.db.write_with(|batch| {
+            for (old, seq, entry) in &moved {
+                batch.delete(Table::Held, &seq_key(*old));
+                batch.put_record(Table::Inbox, &seq_key(*seq), &entry.record());
+            }
+        });
+        if let Err(e) = written {
+            // Still held, as before.
+            for (old, _, entry) in moved {
+                state.held.insert(old, entry);
+            }
+            return Err(e);
+        }
+        let moved = moved.into_iter().map(|(_, seq, entry)| (seq, entry));
         for (seq, entry) in moved {
             state.entries.insert(seq, entry);
             state.unconfirmed += 1;
@@ -404,7 +433,7 @@ impl Inbox {
         let Some(seq) = state
             .entries
             .iter()
-            .find(|(_, e)| !e.confirmed && e.id == id && e.from == from)
+            .find(|(_, e)| !e.confirmed && e.id == id && *e.from == *from)
             .map(|(&seq, _)| seq)
         else {
             return Ok(false);
@@ -414,9 +443,8 @@ impl Inbox {
     }
 
     fn confirm_seq(&self, state: &mut State, seq: u64) -> Result<(), DbError> {
-        let mut batch = Batch::new();
-        batch.delete(Table::Inbox, &seq_key(seq));
-        self.db.write(&batch)?;
+        self.db
+            .write_with(|batch| batch.delete(Table::Inbox, &seq_key(seq)))?;
         if let Some(entry) = state.entries.get_mut(&seq) {
             entry.confirmed = true;
             state.unconfirmed -= 1;
@@ -476,8 +504,8 @@ impl InboxStream {
             .entries
             .range(cursor..)
             .find(|(_, e)| inbox.confirm == Confirm::OnRead || !e.confirmed)
-            .map(|(&seq, e)| (seq, e.event(), e.confirmed));
-        let Some((seq, event, confirmed)) = next else {
+            .map(|(&seq, e)| (seq, e.confirmed));
+        let Some((seq, confirmed)) = next else {
             if !state.wakers.iter().any(|w| w.will_wake(waker)) {
                 state.wakers.push(waker.clone());
             }
@@ -492,6 +520,14 @@ impl InboxStream {
             tracing::debug!(error = %e, "cannot record a message as read");
             return None;
         }
+        // Read on read by the only stream, the entry is never handed out again (a new stream
+        // starts after it): its text moves into the event rather than being copied.
+        let last_reader = inbox.confirm == Confirm::OnRead && state.cursors.len() == 1;
+        let event = match state.entries.get_mut(&seq) {
+            Some(entry) if last_reader => entry.take_event(),
+            Some(entry) => entry.event(),
+            None => return None,
+        };
         state.cursors.insert(self.stream, seq + 1);
         Inbox::trim(&mut state);
         Some(event)

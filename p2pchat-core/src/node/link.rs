@@ -288,7 +288,7 @@ impl LinkHandle {
             {
                 let mut st = core.lock();
                 if !st.full() || core.stopped.load(Ordering::Acquire) {
-                    core.push(&mut st, msg);
+                    core.push(&mut st, msg, true);
                     break;
                 }
                 st.send_waiting = true;
@@ -304,7 +304,7 @@ impl LinkHandle {
     /// Queues a message without waiting (messages restored at start).
     pub(crate) fn queue_now(&self, msg: Outgoing) {
         let mut st = self.core.lock();
-        self.core.push(&mut st, msg);
+        self.core.push(&mut st, msg, false);
     }
 
     /// An authenticated connection the peer opened to us.
@@ -317,6 +317,12 @@ impl LinkHandle {
 
     /// The directory says the peer is online: dialing is worth trying again.
     pub(crate) fn peer_online(&self) {
+        self.core.input(Input::PeerOnline);
+    }
+
+    /// The directory is back after an outage: what waits for a retry goes now (a dial, or
+    /// the store).
+    pub(crate) fn retry_now(&self) {
         self.core.input(Input::PeerOnline);
     }
 
@@ -416,12 +422,11 @@ impl Core {
             .unwrap_or(Millis::MAX)
     }
 
-    /// The outbox's milliseconds for a wall-clock Unix time.
-    fn mono(&self, unix_ms: u64) -> Millis {
-        let wall = super::unix_ms_now();
-        self.now()
-            .saturating_add(unix_ms.saturating_sub(wall))
-            .saturating_sub(wall.saturating_sub(unix_ms))
+    /// The outbox's milliseconds at `wall_ms` after `now` (wall-clock Unix milliseconds at
+    /// `now`) for a wall-clock Unix time.
+    fn mono(now: Millis, wall_ms: u64, unix_ms: u64) -> Millis {
+        now.saturating_add(unix_ms.saturating_sub(wall_ms))
+            .saturating_sub(wall_ms.saturating_sub(unix_ms))
     }
 
     /// One input, performed at once.
@@ -431,10 +436,19 @@ impl Core {
         self.after(&mut st);
     }
 
-    /// Queues a message in the outbox and performs what follows.
-    fn push(&self, st: &mut State, msg: Outgoing) {
-        let expires_at = self.mono(msg.expires_at_ms);
+    /// Queues a message in the outbox and performs what follows. `fresh`: `send` queued it
+    /// just now (its queued-at time is the wall clock's now).
+    fn push(&self, st: &mut State, msg: Outgoing, fresh: bool) {
         let now = self.now();
+        let wall_ms = if fresh {
+            msg.queued_at_ms
+        } else {
+            super::unix_ms_now()
+        };
+        let expires_at = Self::mono(now, wall_ms, msg.expires_at_ms);
+        // Nothing unacknowledged: nothing else is on its way either, so this message goes
+        // out at once (Nagle's rule); otherwise it joins the buffer the task writes.
+        let idle = st.outbox.in_flight() == 0;
         let mut actions = Vec::new();
         st.outbox.queue(
             now,
@@ -450,8 +464,11 @@ impl Core {
             &mut actions,
         );
         self.perform(st, actions);
-        // Nothing else to write at hand: the task writes the buffer at its next turn, by
-        // which time more sends may have joined it.
+        if idle {
+            self.write_now(st);
+        }
+        // Otherwise the task writes the buffer at its next turn, by which time more sends
+        // may have joined it.
         self.after(st);
     }
 
