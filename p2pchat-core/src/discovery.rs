@@ -94,6 +94,9 @@ pub enum DiscoveryEvent {
     /// An operator announcement, as received: the node checks it against the operator key
     /// it pinned before showing it.
     Announcement(Box<Announcement>),
+    /// The session was lost and is back (registered again): calls that failed meanwhile
+    /// are worth trying again now.
+    Reconnected,
     /// The session ended for good on the directory's side: the same user registered again
     /// elsewhere, or the directory refused to take the session back after a reconnection.
     /// The node stays up (its peer connections keep working) but is no longer listed.

@@ -241,6 +241,7 @@ impl Discovery for DiscoveryClient {
             watching: BTreeSet::new(),
             next_id: 0,
             pending: VecDeque::new(),
+            last_heard: Instant::now(),
         };
         tokio::spawn(task.run(reader, writer).instrument(span));
         Ok(Box::new(ClientSession {
@@ -415,6 +416,9 @@ struct SessionTask {
     watching: BTreeSet<String>,
     next_id: u64,
     pending: VecDeque<Pending>,
+    /// When the server last sent a frame: a request waits its turn behind those before it,
+    /// so its deadline counts from the later of this and its sending.
+    last_heard: Instant,
 }
 
 impl SessionTask {
@@ -456,10 +460,13 @@ impl SessionTask {
 
     async fn serve(&mut self, mut reader: Reader, mut writer: Writer) -> Ended {
         loop {
+            // No answer for the request timeout while one waits, counting from the later
+            // of its sending and the last frame heard: a long pipeline of deposits that the
+            // server is answering is progress, not a dead connection.
             let deadline = self
                 .pending
                 .front()
-                .map(|p| p.sent + self.client.request_timeout);
+                .map(|p| p.sent.max(self.last_heard) + self.client.request_timeout);
             tokio::select! {
                 call = self.cmds.recv() => {
                     let Some(Call { request, reply }) = call else { return Ended::Finished };
@@ -479,6 +486,7 @@ impl SessionTask {
                 }
                 frame = reader.next() => match frame {
                     Some(Ok(ServerFrame::Response { id, result })) => {
+                        self.last_heard = Instant::now();
                         let Some(p) = self.pending.pop_front().filter(|p| p.id == id) else {
                             return Ended::Lost(format!("response {id} answers no pending request"));
                         };
@@ -561,6 +569,7 @@ impl SessionTask {
                 Ok((reader, mut writer, _)) => {
                     tracing::info!(server = %self.client.addr, "registered again");
                     let _ = self.mail_notices.send(());
+                    let _ = self.events.try_send(DiscoveryEvent::Reconnected);
                     let names: Vec<String> = self.watching.iter().cloned().collect();
                     for username in names {
                         match self.send(&mut writer, Request::Watch { username }).await {

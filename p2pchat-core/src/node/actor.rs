@@ -137,6 +137,13 @@ impl Actor {
                 self.shared.emit(Event::PeerOffline { username });
             }
             DiscoveryEvent::Announcement(announcement) => self.on_announcement(&announcement),
+            DiscoveryEvent::Reconnected => {
+                // Lookups and the store were unreachable meanwhile: what waits for a retry
+                // goes now, not at the end of its backoff.
+                for link in self.shared.all_links() {
+                    link.retry_now();
+                }
+            }
             DiscoveryEvent::SessionEnded { reason } => self.shared.emit(Event::Error {
                 message: format!("lost the directory: {reason}"),
             }),

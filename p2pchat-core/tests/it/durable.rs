@@ -679,3 +679,148 @@ async fn a_third_partys_flood_does_not_reopen_another_senders_replay_window() {
     );
     drop(mallory);
 }
+
+// ---------------------------------------------------------------------------------------
+// A key change mid-conversation
+
+/// Carol talks to alice, leaves, and her name passes to a new key: messages sent before the
+/// change (live, and waiting in the mailbox under the old key) and after it (live, and in
+/// the mailbox under the new key) are all shown exactly once. Those under the new key wait,
+/// durable but hidden, until alice trusts it; none is refused, and the new carol is never
+/// told a message failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_change_mid_conversation_loses_no_message_and_shows_each_once_after_trust() {
+    const EACH: usize = 20;
+    const LAPSE: Duration = Duration::from_secs(2);
+    let world = World {
+        directory: p2pchat_core::MemoryDiscovery::with_timeouts(Duration::from_secs(30), LAPSE),
+        ..World::new()
+    };
+    let alice_dir = tempfile::tempdir().expect("tempdir");
+    let alice_id = Identity::generate();
+    // Alice's keep-alives keep her claim from lapsing while she is online.
+    let start_alice = || async {
+        world
+            .builder(
+                "alice",
+                alice_id.clone(),
+                Some(alice_dir.path()),
+                world.network.clone(),
+            )
+            .keep_alive_interval(Duration::from_millis(100))
+            .spawn()
+            .await
+            .expect("alice starts")
+    };
+    let alice = start_alice().await;
+    let mut alice_events = alice.events();
+    let carol1 = world.memory_node("carol").await;
+    let mut carol1_events = carol1.events();
+    let old_key = carol1.public_key().fingerprint();
+
+    let send_all = |node: &ChatNode, to: &'static str, label: &'static str| {
+        let node = node.clone();
+        async move {
+            let mut ids = Vec::new();
+            for i in 0..EACH {
+                ids.push(node.send(to, &format!("{label} {i}")).await.expect("send"));
+            }
+            ids
+        }
+    };
+    let texts = |got: &[(MessageId, String, String)]| -> Vec<String> {
+        got.iter().map(|(_, _, t)| t.clone()).collect()
+    };
+    let labelled =
+        |label: &str| -> Vec<String> { (0..EACH).map(|i| format!("{label} {i}")).collect() };
+
+    // 1. Live, both ways, under the old key.
+    let mut sent = send_all(&carol1, "alice", "before, live").await;
+    outcomes(&mut carol1_events, EACH, false).await;
+    let got = shown_n(&mut alice_events, EACH).await;
+    assert_eq!(texts(&got), labelled("before, live"));
+    let mut shown: Vec<MessageId> = got.into_iter().map(|(id, _, _)| id).collect();
+    send_all(&alice, "carol", "to the old carol").await;
+    outcomes(&mut alice_events, EACH, false).await;
+    assert_eq!(shown_n(&mut carol1_events, EACH).await.len(), EACH);
+
+    // 2. Alice away: the old carol's messages wait in the mailbox, under the old key.
+    alice.shutdown().await.expect("alice leaves");
+    sent.extend(send_all(&carol1, "alice", "before, offline").await);
+    outcomes(&mut carol1_events, EACH, true).await;
+    carol1.shutdown().await.expect("the old carol leaves");
+
+    // 3. Alice returns and reads them; carol's claim lapses meanwhile, not alice's.
+    let alice = start_alice().await;
+    let mut alice_events = alice.events();
+    let got = shown_n(&mut alice_events, EACH).await;
+    assert_eq!(texts(&got), labelled("before, offline"));
+    shown.extend(got.into_iter().map(|(id, _, _)| id));
+    tokio::time::sleep(LAPSE + Duration::from_millis(500)).await;
+
+    // 4. A new key registers "carol" and writes live: acknowledged (durable, held), with
+    // a warning at alice, and nothing shown.
+    let carol2 = world.memory_node("carol").await;
+    let mut carol2_events = carol2.events();
+    assert_ne!(carol2.public_key().fingerprint(), old_key);
+    sent.extend(send_all(&carol2, "alice", "after, live").await);
+    outcomes(&mut carol2_events, EACH, false).await;
+    let Event::KeyChanged { username, old, new } =
+        wait_for(&mut alice_events, |e| matches!(e, Event::KeyChanged { .. })).await
+    else {
+        unreachable!()
+    };
+    assert_eq!(
+        (username.as_str(), old, new),
+        ("carol", old_key, carol2.public_key().fingerprint())
+    );
+
+    // 5. Alice away again: the new carol's messages wait in the mailbox, under the new key.
+    alice.shutdown().await.expect("alice leaves");
+    assert!(
+        !buffered(&mut alice_events)
+            .iter()
+            .any(|e| matches!(e, Event::MessageReceived { .. })),
+        "nothing under the untrusted key was shown"
+    );
+    sent.extend(send_all(&carol2, "alice", "after, offline").await);
+    outcomes(&mut carol2_events, EACH, true).await;
+
+    // 6. Alice returns: the mail under the new key is held too; trust releases everything
+    // held, in order. Then alice writes to the new carol.
+    let alice = start_alice().await;
+    let mut alice_events = alice.events();
+    wait_for(&mut alice_events, |e| matches!(e, Event::KeyChanged { .. })).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        !buffered(&mut alice_events)
+            .iter()
+            .any(|e| matches!(e, Event::MessageReceived { .. })),
+        "nothing under the untrusted key is shown before trust"
+    );
+    alice.trust("carol").await.expect("trust");
+    let got = shown_n(&mut alice_events, 2 * EACH).await;
+    let mut expected = labelled("after, live");
+    expected.extend(labelled("after, offline"));
+    assert_eq!(texts(&got), expected, "every held message, once, in order");
+    shown.extend(got.into_iter().map(|(id, _, _)| id));
+    send_all(&alice, "carol", "to the new carol").await;
+    outcomes(&mut alice_events, EACH, false).await;
+    let got = shown_n(&mut carol2_events, EACH).await;
+    assert_eq!(texts(&got), labelled("to the new carol"));
+
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for e in buffered(&mut alice_events)
+        .into_iter()
+        .chain(buffered(&mut carol2_events))
+    {
+        assert!(
+            !matches!(e, Event::MessageReceived { .. } | Event::SendFailed { .. }),
+            "nothing shown twice, nothing failed: {e:?}"
+        );
+    }
+    let (lost, duplicated) = counts("key change", &sent, &shown);
+    assert_eq!((lost, duplicated), (0, 0));
+    alice.shutdown().await.expect("shutdown");
+    carol2.shutdown().await.expect("shutdown");
+}
