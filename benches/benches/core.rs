@@ -39,6 +39,7 @@ fn payload(len: usize) -> Payload {
         from: "alice".into(),
         to: "bob".into(),
         sent_at_ms: 1_700_000_000_000,
+        seq: 1_700_000_000_000_000,
         body: "x".repeat(len),
     }
 }

@@ -120,6 +120,7 @@ impl Sealer {
                         from: "alice".into(),
                         to: "bob".into(),
                         sent_at_ms: 1_700_000_000_000,
+                        seq: 1_700_000_000_000_000,
                         body: body.to_owned(),
                     },
                 }))

@@ -85,8 +85,13 @@ pub struct Payload {
     pub from: String,
     /// Recipient's username.
     pub to: String,
-    /// When the sender sent it, in milliseconds since the Unix epoch.
+    /// When the sender sent it, in milliseconds since the Unix epoch (by the sender's
+    /// clock, for display).
     pub sent_at_ms: u64,
+    /// The sender's sequence number: larger for every message it sends, to anyone, across
+    /// its restarts and whatever its clock does. Receivers refuse a token older than the
+    /// oldest id they remember from the sender by this, not by the clock.
+    pub seq: u64,
     /// The message text.
     pub body: String,
 }
@@ -106,6 +111,7 @@ pub(crate) struct PayloadRef<'a> {
     pub(crate) from: &'a str,
     pub(crate) to: &'a str,
     pub(crate) sent_at_ms: u64,
+    pub(crate) seq: u64,
     pub(crate) body: &'a str,
 }
 
@@ -116,6 +122,7 @@ impl<'a> From<&'a Payload> for PayloadRef<'a> {
             from: &p.from,
             to: &p.to,
             sent_at_ms: p.sent_at_ms,
+            seq: p.seq,
             body: &p.body,
         }
     }
@@ -126,6 +133,7 @@ impl<'a> From<&'a Payload> for PayloadRef<'a> {
 pub(crate) struct Opened {
     pub(crate) id: MessageId,
     pub(crate) sent_at_ms: u64,
+    pub(crate) seq: u64,
     pub(crate) body: String,
 }
 
@@ -219,6 +227,7 @@ impl PairKey {
             from: expected_from.to_owned(),
             to: expected_to.to_owned(),
             sent_at_ms: opened.sent_at_ms,
+            seq: opened.seq,
             body: opened.body,
         })
     }
@@ -273,6 +282,7 @@ impl PairKey {
                 Ok(Opened {
                     id: payload.id,
                     sent_at_ms: payload.sent_at_ms,
+                    seq: payload.seq,
                     body: payload.body.to_owned(),
                 })
             })
@@ -355,6 +365,7 @@ mod tests {
             from: from.into(),
             to: to.into(),
             sent_at_ms: 1,
+            seq: 1,
             body: "hello there".into(),
         }
     }

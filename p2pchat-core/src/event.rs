@@ -32,9 +32,10 @@ pub enum Event {
         /// Whether it waited in the offline store.
         offline: bool,
     },
-    /// Our message is durable in the outbox and waits to be sent: right after `send`
-    /// (`retry: None`), and again after a failed attempt (`retry` says what failed; it will
-    /// be retried with backoff until it is delivered, stored or expires).
+    /// Our message is durable in the outbox and waits to be sent: right after `send`, and at
+    /// start for each message an earlier run left in the outbox (`retry: None`), and again
+    /// after a failed attempt (`retry` says what failed; it will be retried with backoff
+    /// until it is delivered, stored or expires).
     Queued {
         /// Our message.
         id: MessageId,
@@ -113,7 +114,7 @@ pub enum Event {
         /// The announcement text.
         text: String,
     },
-    /// Something went wrong that the user should know about (a rejected message, a lost
+    /// Something went wrong that the user should know about (a refused message, a lost
     /// directory connection).
     Error {
         /// What happened, as a sentence.

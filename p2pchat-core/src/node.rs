@@ -26,7 +26,7 @@ mod state;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -211,8 +211,8 @@ pub(crate) struct Shared {
     pub(crate) peers: Mutex<PeerState>,
     pub(crate) db: Arc<Db>,
     pub(crate) inbox: Arc<Inbox>,
-    /// Order of everything queued in the outbox.
-    pub(crate) outbox_seq: AtomicU64,
+    /// The sequence numbers of our messages (and their order in the outbox).
+    pub(crate) seq: Mutex<SeqClock>,
     /// Messages in the outbox now.
     pub(crate) outbox_len: AtomicUsize,
     links: Mutex<HashMap<String, LinkHandle, foldhash::fast::RandomState>>,
@@ -249,6 +249,53 @@ pub(crate) fn unix_ms_now() -> u64 {
         .as_millis()
         .try_into()
         .unwrap_or(u64::MAX)
+}
+
+/// A node's message sequence numbers ([`crate::crypto::Payload::seq`]): a hybrid logical
+/// clock in microseconds, the larger of the last number plus one and the wall clock, so
+/// that numbers only grow, whatever the clock does, and a node whose database was lost
+/// starts from its clock rather than from zero. Numbers are reserved ahead in the database
+/// ([`SEQ_RESERVATION`] at a time), so a restart continues above every number handed out.
+#[derive(Debug)]
+pub(crate) struct SeqClock {
+    next: u64,
+    /// Numbers below this may have been handed out (the database holds it).
+    reserved: u64,
+}
+
+/// How far ahead [`SeqClock`] reserves numbers: about 17 s of the clock, so a node sending
+/// steadily writes one small record that often, besides its messages.
+pub(crate) const SEQ_RESERVATION: u64 = 1 << 24;
+
+impl SeqClock {
+    /// Continues above `reserved` (from the database) and above every number in the outbox.
+    pub(crate) fn new(reserved: u64, highest_queued: Option<u64>) -> Self {
+        let next = highest_queued.map_or(reserved, |q| q.saturating_add(1).max(reserved));
+        Self { next, reserved }
+    }
+
+    /// The next number at clock `now_us`, and the new reservation to record with it, if any.
+    pub(crate) fn next(&mut self, now_us: u64) -> (u64, Option<u64>) {
+        let seq = self.next.max(now_us);
+        self.next = seq.saturating_add(1);
+        if self.next > self.reserved {
+            self.reserved = seq.saturating_add(SEQ_RESERVATION);
+            return (seq, Some(self.reserved));
+        }
+        (seq, None)
+    }
+
+    /// Takes back the number just handed out (its message was not recorded).
+    pub(crate) fn undo(&mut self, seq: u64, reserved: Option<u64>) {
+        if self.next == seq.saturating_add(1) {
+            self.next = seq;
+        }
+        if let Some(r) = reserved
+            && self.reserved == r
+        {
+            self.reserved = seq;
+        }
+    }
 }
 
 /// What the receiving side made of a batch of incoming tokens.
@@ -368,6 +415,7 @@ impl Shared {
                     opened.push(Opened {
                         id,
                         sent_at_ms: o.sent_at_ms,
+                        seq: o.seq,
                         body: o.body,
                     });
                     received.ack.push(id);
@@ -614,17 +662,30 @@ impl ChatNode {
                 .try_into()
                 .unwrap_or(u64::MAX),
         );
-        let record = OutboxRecordRef::V1 {
-            seq: shared.outbox_seq.fetch_add(1, Ordering::Relaxed),
-            to,
-            body: text,
-            sent_at_ms: now,
-            queued_at_ms: now,
-            expires_at_ms,
+        let (seq, written) = {
+            // Numbered and written under one lock: the numbers reach the journal in order,
+            // and so does each reservation.
+            let mut clock = lock(&shared.seq);
+            let (seq, reserve) = clock.next(now.saturating_mul(1000));
+            let record = OutboxRecordRef::V1 {
+                seq,
+                to,
+                body: text,
+                sent_at_ms: now,
+                queued_at_ms: now,
+                expires_at_ms,
+            };
+            let written = shared.db.write_with(|batch| {
+                batch.put_record(Table::Outbox, id.as_bytes(), &record);
+                if let Some(reserved) = reserve {
+                    batch.put(Table::Meta, records::SEQ_KEY, &reserved.to_be_bytes());
+                }
+            });
+            if written.is_err() {
+                clock.undo(seq, reserve);
+            }
+            (seq, written?)
         };
-        let written = shared
-            .db
-            .write_with(|batch| batch.put_record(Table::Outbox, id.as_bytes(), &record))?;
         shared.db.durable(written).await?;
         shared.outbox_len.fetch_add(1, Ordering::Relaxed);
         shared.emit(Event::Queued {
@@ -636,6 +697,7 @@ impl ChatNode {
             id,
             body: text.to_owned(),
             sent_at_ms: now,
+            seq,
             expires_at_ms,
             queued_at_ms: now,
         })
@@ -795,5 +857,39 @@ impl ChatNode {
         lock(&self.shared.session).take();
         self.shared.db.close();
         *self.shared.shutdown_done.lock().await = true;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sequence_numbers_only_grow_whatever_the_clock_does_and_reserve_ahead() {
+        let mut clock = SeqClock::new(0, None);
+        let (a, reserved) = clock.next(1_000);
+        assert_eq!((a, reserved), (1_000, Some(1_000 + SEQ_RESERVATION)));
+        let (b, none) = clock.next(1_000);
+        assert_eq!((b, none), (1_001, None), "same clock: one more");
+        // The clock steps back an hour: numbers go on growing.
+        let (c, _) = clock.next(1_000 - 999);
+        assert_eq!(c, 1_002);
+        // The clock runs past the reservation: a new one is recorded with that message.
+        let (d, reserved) = clock.next(5 * SEQ_RESERVATION);
+        assert_eq!(
+            (d, reserved),
+            (5 * SEQ_RESERVATION, Some(6 * SEQ_RESERVATION))
+        );
+        // A restart continues above the reservation and above what is still queued, even
+        // with a clock far behind.
+        let mut restarted = SeqClock::new(6 * SEQ_RESERVATION, Some(d));
+        assert!(restarted.next(0).0 >= 6 * SEQ_RESERVATION);
+        let mut queued_above = SeqClock::new(10, Some(99));
+        assert_eq!(queued_above.next(0).0, 100);
+        // A number whose message was not recorded is handed out again.
+        let mut undo = SeqClock::new(0, None);
+        let (e, r) = undo.next(7);
+        undo.undo(e, r);
+        assert_eq!(undo.next(7), (e, r));
     }
 }

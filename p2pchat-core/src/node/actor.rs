@@ -258,7 +258,7 @@ async fn drain_run(
             continue;
         }
         shared.emit(Event::Error {
-            message: format!("an offline message from {from} was rejected: {e}"),
+            message: format!("an offline message from {from} was refused: {e}"),
         });
         done.push(id);
     }

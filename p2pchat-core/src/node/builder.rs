@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use std::sync::atomic::{AtomicU64, AtomicUsize};
+use std::sync::atomic::AtomicUsize;
 
 use super::actor::{ACTOR_QUEUE_CAPACITY, Actor};
 use super::db::{Db, Durability, Table};
@@ -20,7 +20,9 @@ use super::inbox::{Confirm, Inbox};
 use super::link::Outgoing;
 use super::records::{self, OutboxRecord, PEERS_KEY};
 use super::state::PeerState;
-use super::{ChatNode, Config, DEFAULT_ACK_TIMEOUT, DEFAULT_EVENT_CAPACITY, NodeError, Shared};
+use super::{
+    ChatNode, Config, DEFAULT_ACK_TIMEOUT, DEFAULT_EVENT_CAPACITY, NodeError, SeqClock, Shared,
+};
 use crate::discovery::{DEFAULT_KEEP_ALIVE_INTERVAL, Discovery, DiscoveryClient, Registration};
 use crate::event::{Event, EventHub};
 use crate::identity::Identity;
@@ -271,9 +273,14 @@ impl ChatNodeBuilder {
             })
             .collect();
         pending.sort_by_key(|(_, OutboxRecord::V1 { seq, .. })| *seq);
-        let next_seq = pending
-            .last()
-            .map_or(0, |(_, OutboxRecord::V1 { seq, .. })| seq + 1);
+        let reserved = meta
+            .get(records::SEQ_KEY)
+            .and_then(|v| v.as_slice().try_into().ok())
+            .map_or(0, u64::from_be_bytes);
+        let seq = SeqClock::new(
+            reserved,
+            pending.last().map(|(_, OutboxRecord::V1 { seq, .. })| *seq),
+        );
         let transport = self
             .transport
             .unwrap_or_else(|| Arc::new(TcpTransport::new()));
@@ -318,7 +325,7 @@ impl ChatNodeBuilder {
             peers: Mutex::new(peers),
             db,
             inbox,
-            outbox_seq: AtomicU64::new(next_seq),
+            seq: Mutex::new(seq),
             outbox_len: AtomicUsize::new(pending.len()),
             links: Mutex::default(),
             pair_keys: Mutex::default(),
@@ -366,16 +373,22 @@ fn restore_outbox(shared: &Arc<Shared>, pending: Vec<(MessageId, OutboxRecord)>)
             sent_at_ms,
             queued_at_ms,
             expires_at_ms,
-            ..
+            seq,
         } = record;
         let key = shared.peer_state().pin(&to);
         let Ok(link) = shared.link(&to, key) else {
             return;
         };
+        shared.emit(Event::Queued {
+            id,
+            to: to.clone(),
+            retry: None,
+        });
         link.queue_now(Outgoing {
             id,
             body,
             sent_at_ms,
+            seq,
             expires_at_ms,
             queued_at_ms,
         });

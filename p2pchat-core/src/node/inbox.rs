@@ -60,6 +60,8 @@ pub(crate) enum Keep {
 pub(crate) struct Opened {
     pub(crate) id: MessageId,
     pub(crate) sent_at_ms: u64,
+    /// The sender's sequence number: the dedup floor is in these terms.
+    pub(crate) seq: u64,
     pub(crate) body: String,
 }
 
@@ -130,8 +132,11 @@ impl Entry {
 #[derive(Debug, Default)]
 struct Window {
     ids: HashSet<MessageId, foldhash::fast::RandomState>,
+    /// The ids in the order received, with their sequence numbers.
     order: VecDeque<(MessageId, u64)>,
-    /// Tokens sent before this (Unix ms) are older than everything remembered.
+    /// Tokens numbered below this are older than everything remembered: the highest
+    /// number pushed out of the window (the sender's numbers, not its clock, which may
+    /// step back).
     floor: u64,
     /// Ids ever recorded for this sender: the next goes to slot `next % DEDUP_WINDOW`.
     next: u64,
@@ -209,23 +214,14 @@ impl Inbox {
             })
             .collect();
         ids.sort_by_key(|&(from, SeenRecord::V1 { n, .. })| (from, n));
-        for (
-            from,
-            SeenRecord::V1 {
-                n,
-                id,
-                sent_at_ms,
-                floor,
-            },
-        ) in ids
-        {
+        for (from, SeenRecord::V1 { n, id, seq, floor }) in ids {
             let window = match state.windows.get_mut(from) {
                 Some(window) => window,
                 None => state.windows.entry(from.to_owned()).or_default(),
             };
             let id = MessageId::from_bytes(id);
             window.ids.insert(id);
-            window.order.push_back((id, sent_at_ms));
+            window.order.push_back((id, seq));
             window.floor = window.floor.max(floor);
             window.next = n + 1;
         }
@@ -283,7 +279,7 @@ impl Inbox {
                         Some(window) => window,
                         None => state.windows.entry(from.to_owned()).or_default(),
                     };
-                    if message.sent_at_ms < window.floor {
+                    if message.seq < window.floor {
                         if !window.ids.contains(&message.id) {
                             tracing::debug!(%from, id = %message.id, "dropped a message older than the dedup window");
                         }
@@ -294,7 +290,7 @@ impl Inbox {
                         continue;
                     }
                     any = true;
-                    window.order.push_back((message.id, message.sent_at_ms));
+                    window.order.push_back((message.id, message.seq));
                     if window.order.len() > DEDUP_WINDOW
                         && let Some((old, at)) = window.order.pop_front()
                     {
@@ -311,7 +307,7 @@ impl Inbox {
                         &SeenRecord::V1 {
                             n,
                             id: *message.id.as_bytes(),
-                            sent_at_ms: message.sent_at_ms,
+                            seq: message.seq,
                             floor: window.floor,
                         },
                     );

@@ -67,6 +67,8 @@ pub(crate) struct Outgoing {
     pub(crate) id: MessageId,
     pub(crate) body: String,
     pub(crate) sent_at_ms: u64,
+    /// The sender's sequence number ([`crate::crypto::Payload::seq`]).
+    pub(crate) seq: u64,
     /// Wall-clock Unix milliseconds when it expires undelivered.
     pub(crate) expires_at_ms: u64,
     /// Wall-clock Unix milliseconds when `send` queued it.
@@ -98,6 +100,7 @@ pub(crate) struct LinkHandle {
 struct Payload {
     body: String,
     sent_at_ms: u64,
+    seq: u64,
     queued_at_ms: u64,
     expires_at_ms: u64,
     /// Sealed on first use, kept for resends and the store; dropped when the key changes.
@@ -457,6 +460,7 @@ impl Core {
             Payload {
                 body: msg.body,
                 sent_at_ms: msg.sent_at_ms,
+                seq: msg.seq,
                 queued_at_ms: msg.queued_at_ms,
                 expires_at_ms: msg.expires_at_ms,
                 token: None,
@@ -1083,6 +1087,7 @@ fn seal<'p>(
             from: shared.me(),
             to: peer,
             sent_at_ms: payload.sent_at_ms,
+            seq: payload.seq,
             body: &payload.body,
         })
     })

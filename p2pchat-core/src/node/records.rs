@@ -44,10 +44,10 @@ pub(crate) enum SeenRecord {
         /// Which id from this sender this was, counting from 0.
         n: u64,
         id: [u8; 16],
-        /// When it was sent (the sender's clock, Unix ms).
-        sent_at_ms: u64,
-        /// The sender's dedup floor when it was recorded: tokens sent before it are older
-        /// than every id remembered.
+        /// Its sequence number ([`crate::crypto::Payload::seq`]).
+        seq: u64,
+        /// The sender's dedup floor when it was recorded: tokens numbered below it are
+        /// older than every id remembered.
         floor: u64,
     },
 }
@@ -68,6 +68,10 @@ pub(crate) enum PeersRecord {
         announcements: BTreeMap<String, u64>,
     },
 }
+
+/// Key in table `Meta` of the node's sequence number reservation (u64 big-endian): every
+/// number handed out is below it (see `SeqClock`).
+pub(crate) const SEQ_KEY: &[u8] = b"seq";
 
 /// Key of the [`PeersRecord`] in table `Meta`.
 pub(crate) const PEERS_KEY: &[u8] = b"peers";
@@ -160,7 +164,7 @@ mod tests {
         let seen = SeenRecord::V1 {
             n: 2,
             id: [7; 16],
-            sent_at_ms: 300,
+            seq: 300,
             floor: 1,
         };
         let mut expected = vec![0, 2];

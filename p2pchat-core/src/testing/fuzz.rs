@@ -302,6 +302,7 @@ pub fn token_payload() -> Payload {
         from: "alice".into(),
         to: "bob".into(),
         sent_at_ms: TOKEN_NOW * 1000,
+        seq: 1,
         body: "hi bob".into(),
     }
 }

@@ -481,12 +481,21 @@ async fn raw_connect(id: &Identity, name: &str, bob: &ChatNode) -> RawPeer {
     .expect("handshake")
 }
 
-fn token(pair: &PairKey, id: MessageId, from: &str, sent_at_ms: u64, body: &str) -> String {
+/// A token from `from` to bob numbered `seq`, stamped `sent_at_ms` by the sender's clock.
+fn token(
+    pair: &PairKey,
+    id: MessageId,
+    from: &str,
+    seq: u64,
+    sent_at_ms: u64,
+    body: &str,
+) -> String {
     pair.seal(&Payload {
         id,
         from: from.into(),
         to: "bob".into(),
         sent_at_ms,
+        seq,
         body: body.into(),
     })
 }
@@ -524,6 +533,9 @@ async fn send_acked(raw: &mut RawPeer, frames: Vec<(MessageId, String)>) {
     }
 }
 
+/// Mallory's flood does not reopen alice's replay window; alice's own window, once full,
+/// refuses what is older than it, by her numbers: her clock stepping back an hour midway
+/// (which the window ignores) loses none of her messages.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_third_partys_flood_does_not_reopen_another_senders_replay_window() {
     const FLOOD: usize = 20_000;
@@ -534,13 +546,15 @@ async fn a_third_partys_flood_does_not_reopen_another_senders_replay_window() {
     let mut bob_events = bob.events();
     let (alice_id, mut alice, alice_pair) = raw_user(&world, "alice", &bob).await;
     let (_, mut mallory, mallory_pair) = raw_user(&world, "mallory", &bob).await;
-    // Alice's clock, as her payloads say: an hour ago, counting up one ms per message (her
-    // `sent_at` only ever grows, as a genuine sender's does).
-    let base = now_ms() - 3_600_000;
+    // Alice's numbers, as her payloads say: counting up one per message, as a genuine
+    // sender's do. Her clock, though, steps back by an hour halfway (`sent_at`): that
+    // changes nothing, the window is in her numbers.
+    let base = 1_000_000;
+    let clock = |i: u64| now_ms() - if i > 5_000 { 3_600_000 } else { 0 };
 
     // A genuine alice → bob message, shown.
     let recorded = MessageId::random();
-    let recorded_token = token(&alice_pair, recorded, "alice", base, "recorded");
+    let recorded_token = token(&alice_pair, recorded, "alice", base, clock(0), "recorded");
     send_acked(&mut alice, vec![(recorded, recorded_token.clone())]).await;
     let shown = shown_n(&mut bob_events, 1).await;
     assert_eq!((shown[0].0, shown[0].2.as_str()), (recorded, "recorded"));
@@ -550,7 +564,10 @@ async fn a_third_partys_flood_does_not_reopen_another_senders_replay_window() {
         .map(|i| {
             let id = MessageId::random();
             let body = format!("flood {i}");
-            (id, token(&mallory_pair, id, "mallory", now_ms(), &body))
+            (
+                id,
+                token(&mallory_pair, id, "mallory", i as u64, now_ms(), &body),
+            )
         })
         .collect();
     let flood_ids: Vec<MessageId> = flood.iter().map(|(id, _)| *id).collect();
@@ -599,7 +616,14 @@ async fn a_third_partys_flood_does_not_reopen_another_senders_replay_window() {
         &mut alice,
         vec![(
             control,
-            token(&alice_pair, control, "alice", base + 10, "control"),
+            token(
+                &alice_pair,
+                control,
+                "alice",
+                base + 10,
+                clock(10),
+                "control",
+            ),
         )],
     )
     .await;
@@ -615,9 +639,10 @@ async fn a_third_partys_flood_does_not_reopen_another_senders_replay_window() {
         .map(|i| {
             let id = MessageId::random();
             let body = format!("own {i}");
+            let n = 1_000 + i as u64;
             (
                 id,
-                token(&alice_pair, id, "alice", base + 1_000 + i as u64, &body),
+                token(&alice_pair, id, "alice", base + n, clock(n), &body),
             )
         })
         .collect();
@@ -635,7 +660,7 @@ async fn a_third_partys_flood_does_not_reopen_another_senders_replay_window() {
     assert_eq!(own_shown, own_ids, "in order");
 
     // Now older than alice's oldest remembered id: an evicted token replayed, a genuine
-    // token with a fresh id sealed with an old sent_at, and the recorded one once more.
+    // token with a fresh id and an old number, and the recorded one once more.
     let old_fresh = MessageId::random();
     send_acked(
         &mut alice,
@@ -648,6 +673,7 @@ async fn a_third_partys_flood_does_not_reopen_another_senders_replay_window() {
                     old_fresh,
                     "alice",
                     base + 500,
+                    clock(0),
                     "old but new id",
                 ),
             ),
@@ -660,7 +686,14 @@ async fn a_third_partys_flood_does_not_reopen_another_senders_replay_window() {
         &mut alice,
         vec![(
             control,
-            token(&alice_pair, control, "alice", base + 100_000, "control 2"),
+            token(
+                &alice_pair,
+                control,
+                "alice",
+                base + 100_000,
+                clock(100_000),
+                "control 2",
+            ),
         )],
     )
     .await;

@@ -67,6 +67,7 @@ fn sealed(pair: &PairKey, id: MessageId, from: &str, to: &str, body: &str) -> St
         from: from.into(),
         to: to.into(),
         sent_at_ms: 0,
+        seq: 0,
         body: body.into(),
     })
 }

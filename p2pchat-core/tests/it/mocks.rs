@@ -162,11 +162,35 @@ async fn a_failing_mailbox_fetch_is_reported_and_the_node_keeps_running() {
     node.shutdown().await.expect("shutdown");
 }
 
-/// A real directory whose lookups fail with an outage while `down` is set.
+/// A real directory whose lookups fail with an outage while `down` is set. It keeps the
+/// node's event channel, to say when the session is back.
 #[derive(Debug, Clone)]
 struct Flaky {
     inner: MemoryDiscovery,
     down: Arc<AtomicBool>,
+    events: Arc<Mutex<Option<mpsc::Sender<DiscoveryEvent>>>>,
+}
+
+impl Flaky {
+    fn new(inner: MemoryDiscovery) -> Self {
+        Self {
+            inner,
+            down: Arc::new(AtomicBool::new(true)),
+            events: Arc::default(),
+        }
+    }
+
+    /// The outage ends, and the session says so, as `DiscoveryClient` does on reconnecting.
+    async fn come_back(&self) {
+        self.down.store(false, Ordering::SeqCst);
+        let events = self.events.lock().expect("lock").clone();
+        if let Some(events) = events {
+            events
+                .send(DiscoveryEvent::Reconnected)
+                .await
+                .expect("the node listens");
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -183,6 +207,7 @@ impl Discovery for Flaky {
         registration: Registration,
         events: mpsc::Sender<DiscoveryEvent>,
     ) -> Result<Box<dyn DiscoverySession>, DiscoveryError> {
+        *self.events.lock().expect("lock") = Some(events.clone());
         let inner = self.inner.register(identity, registration, events).await?;
         Ok(Box::new(FlakySession {
             inner,
@@ -233,15 +258,13 @@ async fn a_directory_outage_queues_the_send_until_the_directory_answers() {
         .await
         .expect("bob");
     let mut bob_events = bob.events();
-    let down = Arc::new(AtomicBool::new(true));
+    let flaky = Flaky::new(directory);
+    let down = flaky.down.clone();
     let node = ChatNode::builder()
         .username("alice")
         .listen("127.0.0.1:0".parse().expect("addr"))
         .transport(TcpTransport::new())
-        .discovery(Flaky {
-            inner: directory,
-            down: down.clone(),
-        })
+        .discovery(flaky)
         .offline_store(quiet_store())
         .keep_alive_interval(Duration::from_secs(60))
         .spawn()
@@ -293,6 +316,64 @@ async fn a_directory_outage_queues_the_send_until_the_directory_answers() {
     );
 }
 
+/// After a long outage the outbox waits seconds between attempts; the directory coming back
+/// (the session's `Reconnected`) sends what waits at once rather than at the end of that.
+#[tokio::test]
+async fn a_directory_that_comes_back_sends_what_waits_at_once_not_after_the_backoff() {
+    let directory = MemoryDiscovery::new();
+    let bob = ChatNode::builder()
+        .username("bob")
+        .listen("127.0.0.1:0".parse().expect("addr"))
+        .transport(TcpTransport::new())
+        .discovery(directory.clone())
+        .offline_store(quiet_store())
+        .spawn()
+        .await
+        .expect("bob");
+    let flaky = Flaky::new(directory);
+    let node = ChatNode::builder()
+        .username("alice")
+        .listen("127.0.0.1:0".parse().expect("addr"))
+        .transport(TcpTransport::new())
+        .discovery(flaky.clone())
+        .offline_store(quiet_store())
+        .keep_alive_interval(Duration::from_secs(60))
+        .spawn()
+        .await
+        .expect("starts");
+    let mut events = node.events();
+    let id = node.send("bob", "hi").await.expect("queued");
+    // Five failed rounds: the backoff doubles from 200 ms, so the next round is at least
+    // 3.2 s away (jitter only adds).
+    for _ in 0..5 {
+        let retry = wait_for(&mut events, |e| {
+            matches!(e, Event::Queued { retry: Some(_), .. }) || outcome(e)
+        })
+        .await;
+        assert!(
+            matches!(retry, Event::Queued { retry: Some(_), .. }),
+            "{retry:?}"
+        );
+    }
+    let back = tokio::time::Instant::now();
+    flaky.come_back().await;
+    let done = wait_for(&mut events, outcome).await;
+    let waited = back.elapsed();
+    assert_eq!(
+        done,
+        Event::Delivered {
+            id,
+            to: "bob".into()
+        }
+    );
+    assert!(
+        waited < Duration::from_secs(2),
+        "delivered {waited:?} after the directory came back: it waited out the backoff"
+    );
+    node.shutdown().await.expect("shutdown");
+    bob.shutdown().await.expect("shutdown");
+}
+
 #[tokio::test]
 async fn a_taken_name_is_refused_at_spawn() {
     let directory = MemoryDiscovery::new();
@@ -317,4 +398,104 @@ async fn a_taken_name_is_refused_at_spawn() {
         "{err}"
     );
     first.shutdown().await.expect("shutdown");
+}
+
+/// Messages a run could neither deliver nor store wait in the outbox; the next run reports
+/// each (`Queued`) and sends them before anything sent after it starts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_left_queued_are_reported_and_sent_first_by_the_next_run() {
+    const LEFT: usize = 5;
+    let directory = MemoryDiscovery::new();
+    let (alice_id, bob_id) = (Identity::generate(), Identity::generate());
+    let bob = |store: MockStore| {
+        ChatNode::builder()
+            .identity(bob_id.clone())
+            .username("bob")
+            .listen("127.0.0.1:0".parse().expect("addr"))
+            .transport(TcpTransport::new())
+            .discovery(directory.clone())
+            .offline_store(store)
+            .spawn()
+    };
+    bob(quiet_store())
+        .await
+        .expect("bob")
+        .shutdown()
+        .await
+        .expect("bob leaves");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let alice = |store: MockStore| {
+        ChatNode::builder()
+            .identity(alice_id.clone())
+            .username("alice")
+            .listen("127.0.0.1:0".parse().expect("addr"))
+            .transport(TcpTransport::new())
+            .discovery(directory.clone())
+            .offline_store(store)
+            .data_dir(dir.path())
+            .spawn()
+    };
+    // First run: bob is away and the store refuses everything.
+    let mut failing = quiet_store();
+    failing
+        .expect_put()
+        .returning(|_| Err(StoreError::Unavailable("connection refused".into())));
+    let first = alice(failing).await.expect("alice");
+    let mut events = first.events();
+    let mut left = Vec::new();
+    for i in 0..LEFT {
+        left.push(
+            first
+                .send("bob", &format!("left {i}"))
+                .await
+                .expect("queued"),
+        );
+    }
+    wait_for(&mut events, |e| {
+        matches!(e, Event::Queued { retry: Some(_), .. })
+    })
+    .await;
+    first.shutdown().await.expect("alice leaves");
+    assert!(
+        !buffered(&mut events)
+            .iter()
+            .any(|e| matches!(e, Event::Delivered { .. } | Event::StoredOffline { .. })),
+        "nothing left the outbox"
+    );
+
+    // Next run, bob back: the restored messages are reported at once, and go before a
+    // message sent right after the start.
+    let bob = bob(quiet_store()).await.expect("bob returns");
+    let mut bob_events = bob.events();
+    let second = alice(quiet_store()).await.expect("alice returns");
+    let mut events = second.events();
+    let later = second.send("bob", "after the restart").await.expect("send");
+    let mut queued = Vec::new();
+    while queued.len() < LEFT + 1 {
+        if let Event::Queued {
+            id, retry: None, ..
+        } = wait_for(&mut events, |e| {
+            matches!(e, Event::Queued { retry: None, .. })
+        })
+        .await
+        {
+            queued.push(id);
+        }
+    }
+    let mut expected = left.clone();
+    expected.push(later);
+    assert_eq!(
+        queued, expected,
+        "each restored message reported, before the new one"
+    );
+    let texts: Vec<String> = receive_n(&mut bob_events, LEFT + 1)
+        .await
+        .into_iter()
+        .map(|(text, _)| text)
+        .collect();
+    let mut in_order: Vec<String> = (0..LEFT).map(|i| format!("left {i}")).collect();
+    in_order.push("after the restart".into());
+    assert_eq!(texts, in_order, "nothing overtakes what waited");
+    second.shutdown().await.expect("shutdown");
+    bob.shutdown().await.expect("shutdown");
 }

@@ -56,6 +56,7 @@ fn payload(id: MessageId, from: &str, to: &str, body: &str) -> Payload {
         from: from.into(),
         to: to.into(),
         sent_at_ms: 0,
+        seq: 0,
         body: body.into(),
     }
 }

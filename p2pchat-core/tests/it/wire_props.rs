@@ -299,15 +299,22 @@ fn server_frame() -> impl Strategy<Value = ServerFrame> {
 }
 
 fn payload() -> impl Strategy<Value = Payload> {
-    (message_id(), text(40), text(40), any::<u64>(), text(500)).prop_map(
-        |(id, from, to, sent_at_ms, body)| Payload {
+    (
+        message_id(),
+        text(40),
+        text(40),
+        any::<u64>(),
+        any::<u64>(),
+        text(500),
+    )
+        .prop_map(|(id, from, to, sent_at_ms, seq, body)| Payload {
             id,
             from,
             to,
             sent_at_ms,
+            seq,
             body,
-        },
-    )
+        })
 }
 
 // ---------------------------------------------------------------------------------------
