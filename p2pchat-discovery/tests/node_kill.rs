@@ -684,7 +684,7 @@ async fn sender_killed_recipient_unreachable() {
         .count();
     let in_outbox_only: Vec<usize> = killed
         .iter()
-        .map(|l| l.sent.len() - l.acknowledged())
+        .map(|l| l.sent.len().saturating_sub(l.acknowledged()))
         .collect();
     let failed: usize = killed.iter().chain([&last]).map(|l| l.failed.len()).sum();
     println!(

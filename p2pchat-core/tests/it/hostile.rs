@@ -740,7 +740,7 @@ async fn replayed_and_reflected_tokens_in_the_mailbox_are_not_shown() {
     assert!(
         errors
             .iter()
-            .all(|e| e.contains("rejected") && e.contains("arrived on")),
+            .all(|e| e.contains("refused") && e.contains("arrived on")),
         "{errors:?}"
     );
     tokio::time::timeout(EVENT_TIMEOUT, async {
