@@ -273,12 +273,20 @@ impl Inbox {
             let mut added = false;
             let mut any = false;
             let sender: Arc<str> = Arc::from(from);
+            let State {
+                windows,
+                next_seq,
+                entries,
+                held,
+                unconfirmed,
+                ..
+            } = state;
+            let window = match windows.get_mut(from) {
+                Some(window) => window,
+                None => windows.entry(from.to_owned()).or_default(),
+            };
             let written = self.db.write_with(|batch| {
                 for message in messages {
-                    let window = match state.windows.get_mut(from) {
-                        Some(window) => window,
-                        None => state.windows.entry(from.to_owned()).or_default(),
-                    };
                     if message.seq < window.floor {
                         if !window.ids.contains(&message.id) {
                             tracing::debug!(%from, id = %message.id, "dropped a message older than the dedup window");
@@ -314,8 +322,8 @@ impl Inbox {
                     if keep == Keep::Hide {
                         continue;
                     }
-                    let seq = state.next_seq;
-                    state.next_seq += 1;
+                    let seq = *next_seq;
+                    *next_seq += 1;
                     let table = if keep == Keep::Hold {
                         Table::Held
                     } else {
@@ -341,10 +349,10 @@ impl Inbox {
                         confirmed: false,
                     };
                     if keep == Keep::Hold {
-                        state.held.insert(seq, entry);
+                        held.insert(seq, entry);
                     } else {
-                        state.entries.insert(seq, entry);
-                        state.unconfirmed += 1;
+                        entries.insert(seq, entry);
+                        *unconfirmed += 1;
                         added = true;
                     }
                 }
