@@ -171,6 +171,18 @@ impl EventHub {
     /// Queues `event` for every stream (none is fine: events are for whoever listens).
     pub(crate) fn emit(&self, event: Event) {
         let mut state = self.state();
+        self.queue(&mut state, event);
+    }
+
+    /// Queues several events, in order, under one lock.
+    pub(crate) fn emit_all(&self, events: impl IntoIterator<Item = Event>) {
+        let mut state = self.state();
+        for event in events {
+            self.queue(&mut state, event);
+        }
+    }
+
+    fn queue(&self, state: &mut HubState, event: Event) {
         if state.closed {
             return;
         }

@@ -318,6 +318,11 @@ impl Shared {
         self.events.emit(event);
     }
 
+    /// Emits several events, in order, at once.
+    pub(crate) fn emit_all(&self, events: impl IntoIterator<Item = Event>) {
+        self.events.emit_all(events);
+    }
+
     /// Stops every task without flushing, waits for them, and ends the event streams.
     /// Spawns a node task that stops at `halt` wherever it is waiting (a crash does not wait
     /// for a store or a peer to answer).
@@ -465,9 +470,9 @@ impl Shared {
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
                 Some(n.saturating_sub(ids.len()))
             });
-        for &id in ids {
+        self.emit_all(ids.iter().map(|&id| {
             let to = peer.to_owned();
-            self.emit(match &outcome {
+            match &outcome {
                 Outcome::Delivered => Event::Delivered { id, to },
                 Outcome::StoredOffline => Event::StoredOffline { id, to },
                 Outcome::Expired => Event::Expired { id, to },
@@ -477,8 +482,8 @@ impl Shared {
                     to,
                     reason: reason.clone(),
                 },
-            });
-        }
+            }
+        }));
     }
 
     /// Starts the link for a first message to `peer` in this run: looks the peer up (so a

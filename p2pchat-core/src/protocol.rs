@@ -60,8 +60,16 @@ pub const MAX_ACK_BATCH: usize = 4096;
 pub const NONCE_LEN: usize = 32;
 
 /// A message's unique id: 128 random bits chosen by the sender. Shown as 32 hex digits.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct MessageId([u8; 16]);
+
+impl std::hash::Hash for MessageId {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        // One 128-bit word rather than a length and 16 bytes: the dedup windows hash one
+        // per message received. Consistent with `Eq` (the same bytes, the same word).
+        state.write_u128(u128::from_ne_bytes(self.0));
+    }
+}
 
 impl MessageId {
     /// A fresh random id.

@@ -11,6 +11,7 @@
 //! handed out again after a restart.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::Waker;
 use std::time::{Duration, UNIX_EPOCH};
@@ -172,6 +173,9 @@ pub(crate) struct Inbox {
     confirm: Confirm,
     state: Mutex<State>,
     room: Notify,
+    /// Bumped (under the state lock) whenever messages join the inbox: a stream that found
+    /// nothing new, and sees the same count, need not look again.
+    added: AtomicU64,
 }
 
 fn seq_key(seq: u64) -> [u8; 8] {
@@ -230,6 +234,7 @@ impl Inbox {
             confirm,
             state: Mutex::new(state),
             room: Notify::new(),
+            added: AtomicU64::new(0),
         }
     }
 
@@ -363,6 +368,7 @@ impl Inbox {
             let written = written?;
             if added {
                 state.wake_pending = true;
+                self.added.fetch_add(1, Ordering::Release);
             }
             written
         };
@@ -424,6 +430,7 @@ impl Inbox {
             state.entries.insert(seq, entry);
             state.unconfirmed += 1;
         }
+        self.added.fetch_add(1, Ordering::Release);
         for waker in state.wakers.drain(..) {
             waker.wake();
         }
@@ -486,6 +493,7 @@ impl Inbox {
         InboxStream {
             inbox: self.clone(),
             stream,
+            idle: None,
         }
     }
 }
@@ -495,6 +503,9 @@ impl Inbox {
 pub(crate) struct InboxStream {
     inbox: Arc<Inbox>,
     stream: u64,
+    /// The inbox's `added` count when this stream last found nothing, and the waker it left
+    /// then: until either changes, there is nothing new to look for.
+    idle: Option<(u64, Waker)>,
 }
 
 impl InboxStream {
@@ -502,6 +513,14 @@ impl InboxStream {
     /// none yet.
     pub(crate) fn poll(&mut self, waker: &Waker) -> Option<Event> {
         let inbox = &self.inbox;
+        if let Some((added, left)) = &self.idle
+            && *added == inbox.added.load(Ordering::Acquire)
+            && left.will_wake(waker)
+        {
+            // Nothing joined since this stream found nothing, and its waker is still the
+            // one registered.
+            return None;
+        }
         let mut state = inbox.state();
         let cursor = state.cursors.get(&self.stream).copied().unwrap_or(0);
         let next = state
@@ -513,8 +532,10 @@ impl InboxStream {
             if !state.wakers.iter().any(|w| w.will_wake(waker)) {
                 state.wakers.push(waker.clone());
             }
+            self.idle = Some((inbox.added.load(Ordering::Acquire), waker.clone()));
             return None;
         };
+        self.idle = None;
         if inbox.confirm == Confirm::OnRead
             && !confirmed
             && let Err(e) = inbox.confirm_seq(&mut state, seq)

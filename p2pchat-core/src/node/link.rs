@@ -586,11 +586,11 @@ impl Core {
             };
             let token = seal(&self.shared, pair, &self.peer, id, payload);
             c.feed_message(id, token);
-            self.shared.emit(Event::Sent {
-                id,
-                to: self.peer.clone(),
-            });
         }
+        self.shared.emit_all(ids.iter().map(|&id| Event::Sent {
+            id,
+            to: self.peer.clone(),
+        }));
     }
 
     /// The tokens of these messages (sealed once, kept for resends and the store) with
