@@ -269,7 +269,8 @@ struct Inner {
     /// The number of the segment being written, for the preparation of the next one; only
     /// changed with `next` locked.
     current: AtomicU64,
-    /// The next segment, created and mapped ahead of time (files only).
+    /// The next segment: created and mapped ahead of time, or recycled (a compacted file;
+    /// in memory, a compacted segment's emptied buffer).
     next: Mutex<Option<(u64, Segment)>>,
     /// Full segments waiting for compaction, oldest first.
     compactor: Mutex<Compactor>,
@@ -1077,7 +1078,11 @@ impl Inner {
     fn rotate(this: &Arc<Inner>, writer: &mut Writer) -> Result<bool, DbError> {
         let number = writer.number.saturating_add(1);
         let segment = match &this.dir {
-            None => Segment::Memory(Vec::new()),
+            None => {
+                // A compacted segment's buffer if there is one: no regrowing it.
+                let spare = lock(&this.next).take().map(|(_, segment)| segment);
+                spare.unwrap_or_else(|| Segment::Memory(Vec::new()))
+            }
             Some(dir) => {
                 let mut next = lock(&this.next);
                 let ready = match next.take() {
@@ -1193,7 +1198,16 @@ impl Inner {
                     }
                 }
             }
-            None => Some(segment),
+            None => {
+                // In memory: its buffer, emptied, is the next segment's.
+                let mut next = lock(&self.next);
+                if next.is_none() && segment.recycle(Path::new("")).is_ok() {
+                    *next = Some((number, segment));
+                    None
+                } else {
+                    Some(segment)
+                }
+            }
         };
         if let Some(segment) = kept
             && let Err(e) = segment.remove()
