@@ -25,7 +25,7 @@ use futures::StreamExt;
 use p2pchat_core::{
     ChatNode, DiscoveryClient, Event, Events, MemoryStore, MessageId, TcpTransport,
 };
-use p2pchat_discovery::{Config, RedbStorage, Server, serve};
+use p2pchat_discovery::{Config, Directory, RedbStorage, serve};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 
@@ -55,7 +55,7 @@ async fn main() -> anyhow::Result<()> {
     let (stop_server, stopped) = oneshot::channel::<()>();
     let server = tokio::spawn(serve(
         listener,
-        Server::new(Config::default(), storage),
+        Directory::new(Config::default(), storage),
         async {
             let _ = stopped.await;
         },

@@ -24,7 +24,7 @@ use anyhow::{Context, bail};
 use clap::Parser;
 use p2pchat_core::discovery::Registration;
 use p2pchat_core::{Discovery, DiscoveryClient, DiscoverySession, Identity};
-use tokio::io::{AsyncBufReadExt, BufReader};
+use p2pchat_discovery::testing::DiscoveryProcess;
 use tokio::sync::mpsc;
 
 /// Measures one discovery server under load.
@@ -88,7 +88,7 @@ async fn main() -> anyhow::Result<()> {
 struct Spawned {
     addr: SocketAddr,
     pid: u32,
-    _child: tokio::process::Child,
+    _process: DiscoveryProcess,
 }
 
 impl Spawned {
@@ -106,32 +106,21 @@ impl Spawned {
                 bin.display()
             );
         }
-        let mut child = tokio::process::Command::new(&bin)
-            .args(["--listen", "127.0.0.1:0", "--registrations-per-second", "0"])
-            .args(["--max-connections", "1000000"])
-            .args(["--max-connections-per-ip", "1000000"])
-            .arg("--data-dir")
-            .arg(dir.path())
-            .env("RUST_LOG", "warn")
-            .stdout(std::process::Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .with_context(|| format!("cannot start {}", bin.display()))?;
-        let pid = child.id().context("the server exited at once")?;
-        let stdout = child.stdout.take().context("server stdout")?;
-        let line = BufReader::new(stdout)
-            .lines()
-            .next_line()
-            .await?
-            .context("the server printed nothing")?;
-        let addr = line
-            .strip_prefix("p2pchat-discovery listening on ")
-            .with_context(|| format!("unexpected server output: {line}"))?
-            .parse()?;
+        let args = [
+            "--listen",
+            "127.0.0.1:0",
+            "--registrations-per-second",
+            "0",
+            "--max-connections",
+            "1000000",
+            "--max-connections-per-ip",
+            "1000000",
+        ];
+        let process = DiscoveryProcess::start(&bin, dir.path(), &args).await?;
         Ok(Self {
-            addr,
-            pid,
-            _child: child,
+            addr: process.addr,
+            pid: process.pid,
+            _process: process,
         })
     }
 

@@ -22,7 +22,7 @@ use p2pchat_core::discovery::Registration;
 use p2pchat_core::store::{MAX_FETCH_BATCH, OfflineStore, RedisStore, RedisStoreConfig};
 use p2pchat_core::testing::RedisServer;
 use p2pchat_core::{Discovery, DiscoveryClient, DiscoverySession, Identity, MessageId};
-use p2pchat_discovery::{Config, RedbStorage, Server, serve};
+use p2pchat_discovery::{Config, Directory, RedbStorage, serve};
 use tokio::sync::mpsc;
 
 /// Measures putting and draining one mailbox.
@@ -165,7 +165,7 @@ async fn main() -> anyhow::Result<()> {
     // The discovery server's redb mailbox, over real sessions.
     let dir = tempfile::tempdir()?;
     let storage = RedbStorage::open_with_quota(dir.path(), args.messages)?;
-    let server = Server::new(Config::default(), storage);
+    let server = Directory::new(Config::default(), storage);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let client = DiscoveryClient::new(listener.local_addr()?.to_string());
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

@@ -15,10 +15,8 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use serde::{Deserialize, Serialize};
-
 use crate::crypto::MAX_CLOCK_SKEW;
-use crate::identity::{Identity, PublicKey, decode_hex, encode_hex};
+use crate::identity::{Identity, PublicKey};
 
 /// Longest announcement text, in bytes of UTF-8. Default: 4 KiB.
 pub const MAX_ANNOUNCEMENT_LEN: usize = 4096;
@@ -27,18 +25,7 @@ pub const MAX_ANNOUNCEMENT_LEN: usize = 4096;
 /// ids seen within it are remembered. Default: 10 minutes.
 pub const ANNOUNCEMENT_MAX_AGE: Duration = Duration::from_secs(600);
 
-/// A signed operator announcement.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Announcement {
-    /// 128 random bits, hex: what replays are recognised by.
-    pub id: String,
-    /// When the operator signed it, in milliseconds since the Unix epoch.
-    pub issued_at_ms: u64,
-    /// The text to show.
-    pub text: String,
-    /// Ed25519 signature by the operator key over [`Announcement::transcript`], hex.
-    pub signature: String,
-}
+pub use crate::protocol::announcement::Announcement;
 
 /// Why an announcement was dropped.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -76,12 +63,12 @@ impl Announcement {
             return Err(AnnouncementError::TooLong);
         }
         let mut announcement = Self {
-            id: encode_hex(&rand::random::<[u8; 16]>()),
+            id: hex::encode(rand::random::<[u8; 16]>()),
             issued_at_ms: unix_ms(SystemTime::now()),
             text: text.to_owned(),
             signature: String::new(),
         };
-        announcement.signature = encode_hex(&operator.sign(&announcement.transcript()));
+        announcement.signature = hex::encode(operator.sign(&announcement.transcript()));
         Ok(announcement)
     }
 
@@ -103,8 +90,9 @@ impl Announcement {
         }
         let mut id = [0u8; 16];
         let mut signature = [0u8; 64];
-        decode_hex(&self.id, &mut id).ok_or(AnnouncementError::Malformed)?;
-        decode_hex(&self.signature, &mut signature).ok_or(AnnouncementError::Malformed)?;
+        hex::decode_to_slice(&self.id, &mut id).map_err(|_| AnnouncementError::Malformed)?;
+        hex::decode_to_slice(&self.signature, &mut signature)
+            .map_err(|_| AnnouncementError::Malformed)?;
         if operator.verify(&self.transcript(), &signature) {
             Ok(())
         } else {

@@ -7,6 +7,7 @@
 //! handed to `register`.
 
 pub(crate) mod client;
+mod mailbox;
 mod memory;
 
 use std::fmt::Debug;
@@ -15,7 +16,6 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
-use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
 use crate::announce::Announcement;
@@ -23,26 +23,20 @@ use crate::identity::{Identity, PublicKey};
 use crate::protocol::UsernameError;
 use crate::store::OfflineStore;
 
+/// The directory's rules, which the client and the server share.
+pub use crate::protocol::discovery::{DEFAULT_CLAIM_LAPSE, DEFAULT_PRESENCE_TTL, MAX_PAGE_SIZE};
 pub use client::{
     DEFAULT_DISCOVERY_ADDR, DISCOVERY_CONNECT_TIMEOUT, DISCOVERY_REQUEST_TIMEOUT, DiscoveryClient,
     RECONNECT_BACKOFF,
 };
+pub use mailbox::MailboxStore;
 pub use memory::MemoryDiscovery;
 
 /// How often a node keeps its registration alive. Default: 10 s, as the original.
 pub const DEFAULT_KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(10);
 
-/// How long a registration stays online without a keep-alive. Default: 30 s, as the original.
-pub const DEFAULT_PRESENCE_TTL: Duration = Duration::from_secs(30);
-
-/// How long a name stays claimed by its key after the owner was last seen. Default: 180 days.
-pub const DEFAULT_CLAIM_LAPSE: Duration = Duration::from_secs(180 * 24 * 3600);
-
-/// Most users in one page of [`DiscoverySession::list_online`]. Default: 100.
-pub const MAX_PAGE_SIZE: usize = 100;
-
 /// What a node tells the directory about itself.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Registration {
     /// The name to claim or re-use.
     pub username: String,
@@ -54,7 +48,7 @@ pub struct Registration {
 }
 
 /// What the directory knows about a user.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PeerRecord {
     /// The username.
     pub username: String,
@@ -69,7 +63,7 @@ pub struct PeerRecord {
 }
 
 /// One page of online users, in username order.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Page {
     /// The users on this page.
     pub users: Vec<PeerRecord>,

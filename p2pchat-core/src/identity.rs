@@ -101,7 +101,7 @@ impl Identity {
         }
         let hex = lines.next().ok_or_else(malformed)?.trim();
         let mut secret = Zeroizing::new([0u8; 32]);
-        decode_hex(hex, &mut secret[..]).ok_or_else(malformed)?;
+        hex::decode_to_slice(hex, &mut secret[..]).map_err(|_| malformed())?;
         Ok(Self::from_secret_bytes(&secret))
     }
 
@@ -118,7 +118,7 @@ impl Identity {
         }
         let contents = Zeroizing::new(format!(
             "{IDENTITY_FILE_HEADER}\n{}\n",
-            encode_hex(&self.signing.to_bytes())
+            hex::encode(self.signing.to_bytes())
         ));
         let tmp = path.with_extension("tmp");
         let mut options = std::fs::OpenOptions::new();
@@ -216,7 +216,7 @@ impl fmt::Debug for PublicKey {
 /// Lower-case hex of the 32 key bytes.
 impl fmt::Display for PublicKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&encode_hex(&self.to_bytes()))
+        f.write_str(&hex::encode(self.to_bytes()))
     }
 }
 
@@ -224,7 +224,7 @@ impl std::str::FromStr for PublicKey {
     type Err = IdentityError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let mut bytes = [0u8; 32];
-        decode_hex(s, &mut bytes).ok_or(IdentityError::InvalidPublicKey)?;
+        hex::decode_to_slice(s, &mut bytes).map_err(|_| IdentityError::InvalidPublicKey)?;
         Self::from_bytes(&bytes)
     }
 }
@@ -272,29 +272,6 @@ impl fmt::Debug for Fingerprint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "Fingerprint({self})")
     }
-}
-
-pub(crate) fn encode_hex(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut out = String::with_capacity(bytes.len() * 2);
-    for &b in bytes {
-        out.push(DIGITS[usize::from(b >> 4)] as char);
-        out.push(DIGITS[usize::from(b & 0xf)] as char);
-    }
-    out
-}
-
-/// Decodes exactly `out.len()` bytes of hex; `None` on any other input.
-pub(crate) fn decode_hex(hex: &str, out: &mut [u8]) -> Option<()> {
-    let hex = hex.as_bytes();
-    if hex.len() != out.len() * 2 {
-        return None;
-    }
-    let nibble = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
-    for (byte, pair) in out.iter_mut().zip(hex.chunks_exact(2)) {
-        *byte = (nibble(pair[0])? << 4) | nibble(pair[1])?;
-    }
-    Some(())
 }
 
 #[cfg(test)]

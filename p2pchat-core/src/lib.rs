@@ -39,47 +39,67 @@
 //! # Ok(()) }
 //! ```
 //!
-//! ## Modules
+//! ## Layers, bottom first (each module uses only those above it in this list)
+//! - [`limits`]: connection caps in total and per address (node listener and server).
+//! - [`identity`]: Ed25519 identity keys, storage, fingerprints.
+//! - [`protocol`]: wire types and the frame codec (no I/O, no API types), limits.
+//! - [`crypto`]: pairwise keys (X25519 + HKDF-SHA256), sealing and opening Fernet tokens.
 //! - [`announce`]: signed operator announcements and the guard against forgeries and replays.
-//! - [`node`]: [`ChatNode`], its builder and errors; the actor, per-peer links (each driven
+//! - `transport`: the [`Transport`] trait, [`TcpTransport`], [`MemoryNetwork`].
+//! - [`store`]: the [`OfflineStore`] trait and [`MemoryStore`]; `store::RedisStore`
+//!   (feature `redis`, on by default): offline mailboxes in Redis streams, shared by every
+//!   node and server using the same Redis, and the Redis connection they share.
+//! - `discovery`: the [`Discovery`] trait, [`DiscoveryClient`], [`MemoryDiscovery`], and
+//!   [`MailboxStore`], the server's mailbox reached over the client's session.
+//! - `event`: [`Event`], what a node reports (on its [`Events`] stream).
+//! - `node`: [`ChatNode`], its builder and errors; the actor, per-peer links (each driven
 //!   by a pure outbox state machine) and readers; the node database (outbox, inbox, dedup
 //!   windows, block/mute/pins) in a memory-mapped journal compacted into redb.
-//! - [`event`]: [`Event`] and the [`Events`] stream.
-//! - [`identity`]: Ed25519 identity keys, storage, fingerprints.
-//! - [`limits`]: connection caps in total and per address (node listener and server).
-//! - [`crypto`]: pairwise keys (X25519 + HKDF-SHA256), sealing and opening Fernet tokens.
-//! - [`protocol`]: wire types and the frame codec (no I/O), limits.
-//! - [`transport`]: the [`Transport`] trait, [`TcpTransport`], [`MemoryNetwork`].
-//! - [`discovery`]: the [`Discovery`] trait, [`DiscoveryClient`] and [`MemoryDiscovery`].
-//! - [`store`]: the [`OfflineStore`] trait and [`MemoryStore`].
-//! - `store::RedisStore` (feature `redis`, on by default): offline mailboxes in Redis
-//!   streams, shared by every node and server using the same Redis.
-//! - `testing` (feature `test-utils`): conformance suites every backend must pass.
+//! - `testing` (feature `test-utils`): conformance suites every backend must pass, and the
+//!   check that keeps these layers one way.
+//!
+//! ## Features
+//! - `node` (default): the node and everything only it needs (`transport`, `discovery`,
+//!   `event`, `node`). Without it the crate is the protocol, keys, crypto, announcements and
+//!   stores: what the discovery server builds on.
+//! - `redis` (default): [`RedisStore`](store::RedisStore).
+//! - `test-utils`: `testing`.
 
 pub mod announce;
 pub mod crypto;
+#[cfg(feature = "node")]
 pub mod discovery;
+#[cfg(feature = "node")]
 pub mod event;
 pub mod identity;
 pub mod limits;
+#[cfg(feature = "node")]
 pub mod node;
 pub mod protocol;
 pub mod store;
 #[cfg(feature = "test-utils")]
 pub mod testing;
+#[cfg(feature = "node")]
 pub mod transport;
 
 pub use announce::Announcement;
+#[cfg(feature = "node")]
+pub use discovery::MailboxStore;
+#[cfg(feature = "node")]
 pub use discovery::{
     Discovery, DiscoveryClient, DiscoveryError, DiscoverySession, MemoryDiscovery, PeerRecord,
 };
-pub use event::{Event, Events};
+#[cfg(feature = "node")]
+pub use event::Event;
 pub use identity::{Fingerprint, Identity, PublicKey};
+#[cfg(feature = "node")]
 pub use node::{
-    ChatNode, ChatNodeBuilder, Confirm, DbError, Durability, NodeError, OutboxEntry, OutboxState,
+    ChatNode, ChatNodeBuilder, Confirm, DbError, Durability, Events, NodeError, OutboxEntry,
+    OutboxState,
 };
 pub use protocol::MessageId;
 #[cfg(feature = "redis")]
 pub use store::{DEFAULT_ANNOUNCEMENT_CHANNEL, RedisStore, RedisStoreConfig};
-pub use store::{MailboxStore, MemoryStore, OfflineStore, StoreError, StoredMessage};
+pub use store::{MemoryStore, OfflineStore, StoreError, StoredMessage};
+#[cfg(feature = "node")]
 pub use transport::{MemoryNetwork, TcpTransport, Transport, TransportError};

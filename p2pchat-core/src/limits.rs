@@ -1,9 +1,10 @@
 //! Caps on connections, in total and per address: used by a node for the peer handshakes
 //! it accepts, and by the discovery server for its sessions.
 
+use parking_lot::{Mutex, MutexGuard};
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 
 /// The address a per-address limit counts: an IPv4 address as it is, an IPv6 address by its
 /// /64 prefix (one subscriber usually holds a whole /64, so single IPv6 addresses would make
@@ -72,7 +73,7 @@ impl ConnectionLimits {
     }
 
     fn open(&self) -> MutexGuard<'_, Open> {
-        self.open.lock().unwrap_or_else(|e| e.into_inner())
+        self.open.lock()
     }
 
     /// Takes a slot for a connection from `ip`, or says which cap is reached. Never waits.

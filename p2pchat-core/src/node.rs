@@ -16,6 +16,7 @@
 mod actor;
 mod builder;
 pub(crate) mod db;
+mod events;
 pub(crate) mod handshake;
 mod inbox;
 mod link;
@@ -23,11 +24,12 @@ pub(crate) mod outbox;
 mod records;
 mod state;
 
+use parking_lot::{Mutex, MutexGuard};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::{mpsc, oneshot};
@@ -36,13 +38,16 @@ use tokio_util::task::TaskTracker;
 
 pub use builder::ChatNodeBuilder;
 pub use db::{DbError, Durability};
+pub(crate) use events::EventHub;
+pub use events::Events;
+use events::Subscription;
 pub(crate) use inbox::InboxStream;
 pub use inbox::{Confirm, DEDUP_WINDOW, MAX_UNCONFIRMED};
 pub use link::{LINK_QUEUE_CAPACITY, MAX_IN_FLIGHT};
 
 use crate::crypto::{CryptoError, PairKey};
 use crate::discovery::{DiscoveryError, DiscoverySession, MAX_PAGE_SIZE, PeerRecord};
-use crate::event::{Event, EventHub, Events, Subscription};
+use crate::event::Event;
 use crate::identity::{Fingerprint, Identity, IdentityError, PublicKey};
 use crate::protocol::{MAX_BODY_LEN, MessageId, UsernameError, validate_username};
 use crate::store::{OfflineStore, StoreError};
@@ -237,11 +242,6 @@ impl std::fmt::Debug for Shared {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // Every critical section leaves its data consistent, so a poisoned lock is still usable.
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 pub(crate) fn unix_ms_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -345,25 +345,25 @@ impl Shared {
         self.tasks.close();
         self.tasks.wait().await;
         // The links refer back to this state: let them go with it.
-        lock(&self.links).clear();
+        self.links.lock().clear();
         self.events.close();
     }
 
     pub(crate) fn session(&self) -> Result<Arc<dyn DiscoverySession>, NodeError> {
-        lock(&self.session).clone().ok_or(NodeError::ShutDown)
+        self.session.lock().clone().ok_or(NodeError::ShutDown)
     }
 
     pub(crate) fn peer_state(&self) -> MutexGuard<'_, PeerState> {
-        lock(&self.peers)
+        self.peers.lock()
     }
 
     /// The pair key shared with the owner of `key`, derived once and cached.
     pub(crate) fn pair_key(&self, key: &PublicKey) -> Result<PairKey, CryptoError> {
-        if let Some(pair) = lock(&self.pair_keys).get(key) {
+        if let Some(pair) = self.pair_keys.lock().get(key) {
             return Ok(pair.clone());
         }
         let pair = PairKey::derive(&self.identity, key)?;
-        lock(&self.pair_keys).insert(*key, pair.clone());
+        self.pair_keys.lock().insert(*key, pair.clone());
         Ok(pair)
     }
 
@@ -536,12 +536,13 @@ impl Shared {
 
     /// Every running link.
     pub(crate) fn all_links(&self) -> Vec<LinkHandle> {
-        lock(&self.links).values().cloned().collect()
+        self.links.lock().values().cloned().collect()
     }
 
     /// The link to `peer`, if one is running.
     fn existing_link(&self, peer: &str) -> Option<LinkHandle> {
-        lock(&self.links)
+        self.links
+            .lock()
             .get(peer)
             .filter(|l| !l.is_closed())
             .cloned()
@@ -554,7 +555,7 @@ impl Shared {
         peer: &str,
         key: Option<PublicKey>,
     ) -> Result<LinkHandle, NodeError> {
-        let mut links = lock(&self.links);
+        let mut links = self.links.lock();
         if self.is_closing() {
             return Err(NodeError::ShutDown);
         }
@@ -569,26 +570,105 @@ impl Shared {
     /// Marks the node closing and returns every link: under the links lock, so none can be
     /// started afterwards.
     fn close_links(&self) -> Vec<LinkHandle> {
-        let links = lock(&self.links);
-        *lock(&self.closing) = true;
+        let links = self.links.lock();
+        *self.closing.lock() = true;
         links.values().cloned().collect()
     }
 
     fn is_closing(&self) -> bool {
-        *lock(&self.closing)
+        *self.closing.lock()
     }
 }
 
 /// A chat node: a cheap `Clone` handle. See the [crate docs](crate) for an example.
 ///
-/// Dropping every handle does not stop the node; call [`ChatNode::shutdown`].
+/// # Dropping the last handle
+/// Call [`ChatNode::shutdown`] and await it: that is the only way to know the node has
+/// stopped and to see its result. Dropping every handle without it shuts the node down
+/// anyway, in the background on the current Tokio runtime, exactly as `shutdown` does
+/// (queued messages sent or stored offline, deregistered, database closed), and logs a
+/// warning. Unlike iroh, whose `Endpoint` aborts its tasks when dropped unclosed, we stop
+/// gracefully: the node's promise is that nothing in flight is lost, and the background
+/// shutdown keeps it while the runtime lives. If the runtime is gone or going, the tasks die
+/// with it, as in a crash: the outbox and the inbox are durable, so the next start sends
+/// and shows what was left.
 #[derive(Clone, Debug)]
 pub struct ChatNode {
     shared: Arc<Shared>,
     actor: mpsc::Sender<actor::Command>,
+    /// Shared by every clone; its drop (with the last handle) shuts the node down.
+    _last: Arc<LastHandle>,
+}
+
+/// Dropped with the last [`ChatNode`] handle: starts a shutdown unless one already ran.
+#[derive(Debug)]
+struct LastHandle {
+    shared: Arc<Shared>,
+    actor: mpsc::Sender<actor::Command>,
+}
+
+impl Drop for LastHandle {
+    fn drop(&mut self) {
+        if self.shared.is_closing() {
+            return; // shut down, shutting down, or crashed on purpose
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            tracing::warn!(
+                "ChatNode dropped outside a Tokio runtime without shutdown(); its tasks stop with their runtime"
+            );
+            return;
+        };
+        tracing::warn!(
+            "the last ChatNode handle was dropped without shutdown(); shutting down in the background"
+        );
+        let (shared, actor) = (self.shared.clone(), self.actor.clone());
+        runtime.spawn(async move {
+            if let Err(e) = shutdown(&shared, &actor).await {
+                tracing::warn!(error = %e, "background shutdown");
+            }
+        });
+    }
+}
+
+/// [`ChatNode::shutdown`]: also run when the last handle is dropped.
+async fn shutdown(
+    shared: &Arc<Shared>,
+    actor: &mpsc::Sender<actor::Command>,
+) -> Result<(), NodeError> {
+    let mut done = shared.shutdown_done.lock().await;
+    if *done {
+        return Ok(());
+    }
+    let links = shared.close_links();
+    let (tx, rx) = oneshot::channel();
+    if actor.send(actor::Command::StopAccepting(tx)).await.is_ok() {
+        let _ = rx.await;
+    }
+    futures::future::join_all(links.iter().map(LinkHandle::shutdown)).await;
+    let session = shared.session.lock().take();
+    let result = match session {
+        Some(session) => session.deregister().await.map_err(NodeError::from),
+        None => Ok(()),
+    };
+    shared.stop_tasks().await;
+    shared.db.close();
+    *done = true;
+    result
 }
 
 impl ChatNode {
+    pub(crate) fn new(shared: Arc<Shared>, actor: mpsc::Sender<actor::Command>) -> Self {
+        let last = Arc::new(LastHandle {
+            shared: shared.clone(),
+            actor: actor.clone(),
+        });
+        Self {
+            shared,
+            actor,
+            _last: last,
+        }
+    }
+
     /// A builder with every setting at its default.
     pub fn builder() -> ChatNodeBuilder {
         ChatNodeBuilder::default()
@@ -613,7 +693,7 @@ impl ChatNode {
     /// spawned, so it includes messages drained from the offline store at start-up; later
     /// calls return independent streams starting now.
     pub fn events(&self) -> Events {
-        let first = lock(&self.shared.first_events).take();
+        let first = self.shared.first_events.lock().take();
         Events::new(
             first.unwrap_or_else(|| self.shared.events.subscribe()),
             Some(self.shared.inbox.open_stream()),
@@ -670,7 +750,7 @@ impl ChatNode {
         let (seq, written) = {
             // Numbered and written under one lock: the numbers reach the journal in order,
             // and so does each reservation.
-            let mut clock = lock(&shared.seq);
+            let mut clock = shared.seq.lock();
             let (seq, reserve) = clock.next(now.saturating_mul(1000));
             let record = OutboxRecordRef::V1 {
                 seq,
@@ -826,30 +906,7 @@ impl ChatNode {
     ///
     /// Idempotent: later calls (and concurrent ones) return when the first has finished.
     pub async fn shutdown(&self) -> Result<(), NodeError> {
-        let mut done = self.shared.shutdown_done.lock().await;
-        if *done {
-            return Ok(());
-        }
-        let links = self.shared.close_links();
-        let (tx, rx) = oneshot::channel();
-        if self
-            .actor
-            .send(actor::Command::StopAccepting(tx))
-            .await
-            .is_ok()
-        {
-            let _ = rx.await;
-        }
-        futures::future::join_all(links.iter().map(LinkHandle::shutdown)).await;
-        let session = lock(&self.shared.session).take();
-        let result = match session {
-            Some(session) => session.deregister().await.map_err(NodeError::from),
-            None => Ok(()),
-        };
-        self.shared.stop_tasks().await;
-        self.shared.db.close();
-        *done = true;
-        result
+        shutdown(&self.shared, &self.actor).await
     }
 
     /// Stops every task at once as if the process had died: no flushing, no storing of
@@ -857,9 +914,9 @@ impl ChatNode {
     /// killed process's connection would be). For fault-injection tests.
     #[cfg(feature = "test-utils")]
     pub async fn simulate_crash(&self) {
-        *lock(&self.shared.closing) = true;
+        *self.shared.closing.lock() = true;
         self.shared.stop_tasks().await;
-        lock(&self.shared.session).take();
+        self.shared.session.lock().take();
         self.shared.db.close();
         *self.shared.shutdown_done.lock().await = true;
     }

@@ -22,6 +22,7 @@
 //! [`discovery`] holds the frames between a node and the `p2pchat-discovery` server; the
 //! server and [`crate::discovery::DiscoveryClient`] share these definitions.
 
+pub mod announcement;
 pub mod discovery;
 
 use std::fmt;
@@ -90,7 +91,7 @@ impl MessageId {
 
 impl fmt::Display for MessageId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&crate::identity::encode_hex(&self.0))
+        f.write_str(&hex::encode(self.0))
     }
 }
 
@@ -104,7 +105,7 @@ impl std::str::FromStr for MessageId {
     type Err = ProtocolError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let mut bytes = [0u8; 16];
-        crate::identity::decode_hex(s, &mut bytes).ok_or(ProtocolError::Malformed)?;
+        hex::decode_to_slice(s, &mut bytes).map_err(|_| ProtocolError::Malformed)?;
         Ok(Self(bytes))
     }
 }
@@ -368,6 +369,7 @@ impl<T: DeserializeOwned> Decoder for FrameCodec<T> {
 /// [`PeerFrame::Message`] with a borrowed token: it serializes exactly as the owned frame
 /// (the same variant index and fields), so that a token kept for resends is framed without
 /// being copied first.
+#[cfg(feature = "node")]
 #[derive(Debug, Serialize)]
 pub(crate) enum MessageFrame<'a> {
     /// Never built: holds [`PeerFrame::Hello`]'s variant index.
@@ -385,6 +387,7 @@ pub(crate) enum MessageFrame<'a> {
     },
 }
 
+#[cfg(feature = "node")]
 impl Encoder<&MessageFrame<'_>> for FrameCodec<PeerFrame> {
     type Error = ProtocolError;
 
@@ -449,6 +452,7 @@ mod tests {
         }
     }
 
+    #[cfg(feature = "node")]
     #[test]
     fn a_borrowed_message_frame_encodes_as_the_owned_one() {
         let id = MessageId::random();

@@ -4,27 +4,23 @@
 //! A message whose recipient cannot be reached directly is put in the recipient's mailbox as
 //! the same Fernet token that would have crossed the wire: a store never sees plaintext.
 
-mod mailbox;
 mod memory;
 #[cfg(feature = "redis")]
 mod redis;
+#[cfg(feature = "redis")]
+pub mod redis_conn;
 
 use std::fmt::Debug;
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use futures::stream::BoxStream;
-use serde::{Deserialize, Serialize};
 
 use crate::protocol::MessageId;
 
-pub use mailbox::MailboxStore;
 pub use memory::MemoryStore;
 #[cfg(feature = "redis")]
-pub use redis::{
-    DEFAULT_ANNOUNCEMENT_CHANNEL, DEFAULT_REDIS_PREFIX, RedisStore, RedisStoreConfig, connection,
-    until_reconnected,
-};
+pub use redis::{DEFAULT_ANNOUNCEMENT_CHANNEL, DEFAULT_REDIS_PREFIX, RedisStore, RedisStoreConfig};
 
 /// Most messages waiting for one recipient. Default: 10,000.
 pub const DEFAULT_MAILBOX_QUOTA: usize = 10_000;
@@ -44,7 +40,7 @@ pub const MAX_EXPIRED_BATCH: usize = 1024;
 pub const MAX_MESSAGE_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
 
 /// A sealed message waiting in a mailbox. Only routing metadata is in the clear.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredMessage {
     /// The message id (also inside the token).
     pub id: MessageId,
@@ -59,7 +55,7 @@ pub struct StoredMessage {
 }
 
 /// A message that expired before its recipient fetched it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExpiredMessage {
     /// The expired message's id.
     pub id: MessageId,
@@ -135,6 +131,7 @@ pub trait OfflineStore: Debug + Send + Sync + 'static {
 /// Every put of `messages` in flight at once, answered in order: for a backend whose one
 /// connection pipelines concurrent requests in the order they are made (Redis's multiplexed
 /// connection, a discovery session), one round trip for the batch.
+#[cfg(any(feature = "node", feature = "redis"))]
 pub(crate) async fn put_concurrently<S: OfflineStore + ?Sized>(
     store: &S,
     messages: Vec<StoredMessage>,

@@ -19,9 +19,10 @@
 //! [`fuzz`] holds the checks the `cargo fuzz` targets in `fuzz/` run, which the regression
 //! tests replay on the inputs kept in `fuzz/regressions/`.
 
+use parking_lot::Mutex;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
@@ -36,7 +37,9 @@ use crate::protocol::{MessageId, PeerFrame};
 use crate::store::{OfflineStore, StoreError, StoredMessage};
 use crate::transport::{Connection, Listener, Transport, TransportError};
 
+pub mod doc_limits;
 pub mod fuzz;
+pub mod layers;
 mod redis;
 pub use redis::{RedisServer, TestRedis};
 
@@ -513,7 +516,7 @@ impl<T: Transport> RecordingTransport<T> {
 
     /// Everything written on every connection so far, concatenated.
     pub fn recorded(&self) -> Vec<u8> {
-        self.seen.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.seen.lock().clone()
     }
 }
 
@@ -573,10 +576,7 @@ impl AsyncWrite for Tee {
     ) -> std::task::Poll<std::io::Result<usize>> {
         let poll = std::pin::Pin::new(&mut self.inner).poll_write(cx, buf);
         if let std::task::Poll::Ready(Ok(n)) = &poll {
-            self.seen
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .extend_from_slice(&buf[..*n]);
+            self.seen.lock().extend_from_slice(&buf[..*n]);
         }
         poll
     }

@@ -2,11 +2,14 @@
 
 mod it {
     pub mod conformance;
+    pub mod doc_limits;
     pub mod drain_crash;
     pub mod durable;
     pub mod faults;
     pub mod fuzz_regressions;
+    pub mod golden;
     pub mod hostile;
+    pub mod layers;
     pub mod messaging;
     pub mod mocks;
     pub mod redis_store;

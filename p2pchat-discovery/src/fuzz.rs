@@ -3,7 +3,7 @@
 //! replays every input kept under `fuzz/regressions/discovery_protocol/` through it
 //! (`p2pchat_core::testing::fuzz::replay_regressions`) in the normal suite.
 //!
-//! It drives one real [`Server`] per process, over [`RedbStorage`] in a directory deleted as
+//! It drives one real [`Directory`] per process, over [`RedbStorage`] in a directory deleted as
 //! soon as the database is open (the open file lives on), on one current-thread runtime.
 //! Each input is one client connection over an in-memory pipe.
 
@@ -22,9 +22,9 @@ use tokio::io::AsyncWriteExt;
 use tokio_util::codec::{Encoder, FramedRead};
 use tokio_util::sync::CancellationToken;
 
-use crate::server::{Config, Server};
 use crate::session;
 use crate::storage::RedbStorage;
+use crate::{Config, Directory};
 
 /// The user the check registers as, in mode 1.
 pub const USERNAME: &str = "fuzz";
@@ -50,7 +50,7 @@ const PEER: SocketAddr = SocketAddr::new(
 
 struct Harness {
     runtime: tokio::runtime::Runtime,
-    server: Arc<Server>,
+    server: Arc<Directory>,
     user: Identity,
 }
 
@@ -86,7 +86,7 @@ fn harness() -> &'static Harness {
         };
         Harness {
             runtime,
-            server: Server::new(config, storage),
+            server: Directory::new(config, storage),
             user: Identity::from_secret_bytes(&USER_SECRET),
         }
     })

@@ -6,12 +6,12 @@
 //!
 //! ```no_run
 //! # async fn demo() -> anyhow::Result<()> {
-//! use p2pchat_discovery::{Config, RedbStorage, Server, serve};
+//! use p2pchat_discovery::{Config, Directory, RedbStorage, serve};
 //!
 //! let storage = RedbStorage::open(std::path::Path::new("/var/lib/p2pchat-discovery"))?;
-//! let server = Server::new(Config::default(), storage);
+//! let directory = Directory::new(Config::default(), storage);
 //! let listener = tokio::net::TcpListener::bind("0.0.0.0:5001").await?;
-//! serve(listener, server, async { let _ = tokio::signal::ctrl_c().await; }).await;
+//! serve(listener, directory, async { let _ = tokio::signal::ctrl_c().await; }).await;
 //! # Ok(()) }
 //! ```
 //!
@@ -23,20 +23,39 @@
 //! keep-alives for [`Config::presence_ttl`]. The wire types are shared with the client in
 //! [`p2pchat_core::protocol::discovery`].
 //!
-//! ## Modules
-//! - [`server`]: [`Config`], [`Server`] (shared state) and [`serve`] (the accept loop).
-//! - `session`: one connection: handshake, requests, pushes.
-//! - [`storage`]: the [`Storage`] trait, [`RedbStorage`] and [`RedisStorage`].
-//! - `limits`: the registration and deposit rates (connection caps: `p2pchat_core::limits`).
+//! ## Modules, top to bottom (each uses only those below it)
+//! - [`server`]: [`serve`], the accept loop.
+//! - `session`: one connection, in rooms: the connection's frames, the registration, an
+//!   announcement, and one file per request kind.
+//! - [`directory`]: [`Directory`], the state the sessions share, behind methods; the relay
+//!   of presence changes and announcements.
+//! - `mail`: the mailboxes as sessions use them, with the deposit rules beside them.
+//! - [`storage`]: the [`Storage`] trait, [`RedbStorage`] and [`RedisStorage`]; the redb
+//!   mailbox and its versioned records.
+//! - [`config`]: [`Config`] and the named defaults; `limits`: the per-key rates (connection
+//!   caps: `p2pchat_core::limits`).
+//! - [`operator`]: [`relay_announcement`], the operator's side of an announcement (a client
+//!   of the server; uses nothing above).
+//! - `testing` (feature `test-utils`): `DiscoveryProcess`, the real binary for tests and
+//!   load programs.
 //! - `fuzz` (feature `test-utils`): the check behind the `discovery_protocol` fuzz target.
 
+pub mod config;
+pub mod directory;
 #[cfg(feature = "test-utils")]
 pub mod fuzz;
 mod limits;
+mod mail;
+pub mod operator;
 pub mod server;
 mod session;
 pub mod storage;
+#[cfg(feature = "test-utils")]
+pub mod testing;
 
-pub use server::{Config, Server, serve};
+pub use config::Config;
+pub use directory::Directory;
+pub use operator::{RelayError, relay_announcement};
+pub use server::serve;
 pub use session::WRITE_TIMEOUT;
 pub use storage::{RedbStorage, RedisStorage, Storage, StorageError};

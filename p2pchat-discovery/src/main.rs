@@ -9,14 +9,16 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use p2pchat_core::discovery::DEFAULT_DISCOVERY_ADDR;
+use p2pchat_core::protocol::discovery::DEFAULT_DISCOVERY_ADDR;
 use p2pchat_core::store::DEFAULT_ANNOUNCEMENT_CHANNEL;
-use p2pchat_core::{Announcement, DiscoveryClient, Identity};
-use p2pchat_discovery::server::{
+use p2pchat_core::{Announcement, Identity};
+use p2pchat_discovery::config::{
     DEFAULT_LISTEN_ADDR, MAX_CONNECTIONS, MAX_CONNECTIONS_PER_IP, REGISTRATIONS_PER_SECOND_PER_IP,
 };
 use p2pchat_discovery::storage::RedisStorageConfig;
-use p2pchat_discovery::{Config, RedbStorage, RedisStorage, Server, Storage, serve};
+use p2pchat_discovery::{
+    Config, Directory, RedbStorage, RedisStorage, Storage, relay_announcement, serve,
+};
 
 /// The operator key's file name in the data directory.
 const OPERATOR_KEY_FILE: &str = "operator.key";
@@ -141,15 +143,15 @@ async fn send_announcement(args: AnnounceArgs) -> anyhow::Result<()> {
     let operator = Identity::load(&path)
         .with_context(|| format!("cannot read the operator key {}", path.display()))?;
     let announcement = Announcement::sign(&operator, &args.text)?;
-    let relayed = DiscoveryClient::new(args.server.clone())
-        .announce(&announcement)
-        .await;
+    let relayed = relay_announcement(&args.server, &announcement)
+        .await
+        .map_err(anyhow::Error::new);
     match &relayed {
         Ok(sessions) => println!(
             "announcement relayed by the server at {} ({sessions} sessions online there)",
             args.server
         ),
-        Err(e) => eprintln!("p2pchat-discovery: the server did not relay it: {e}"),
+        Err(e) => eprintln!("p2pchat-discovery: the server did not relay it: {e:#}"),
     }
     let published = match &args.redis_url {
         Some(url) => {
@@ -232,7 +234,7 @@ async fn run(args: ServeArgs) -> anyhow::Result<()> {
     println!("p2pchat-discovery listening on {}", listener.local_addr()?);
     serve(
         listener,
-        Server::with_storage(config, storage),
+        Directory::with_storage(config, storage),
         shutdown_signal(),
     )
     .await;

@@ -8,9 +8,10 @@
 //! - [`RedisStorage`]: claims, presence leases and the change feed in Redis, so several
 //!   server instances sharing it behave as one.
 
-mod mailbox;
 mod presence;
+mod record;
 mod redb;
+mod redb_mailbox;
 mod redis;
 
 use std::fmt::Debug;
@@ -24,8 +25,8 @@ use p2pchat_core::{Announcement, PublicKey};
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
-pub use self::mailbox::RedbMailbox;
 pub use self::redb::RedbStorage;
+pub use self::redb_mailbox::RedbMailbox;
 pub use self::redis::{DEFAULT_KEY_PREFIX, RedisStorage, RedisStorageConfig};
 
 /// Presence changes buffered for a slow dispatcher before it reports `Lagged`. Default: 4096.

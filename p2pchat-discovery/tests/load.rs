@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use p2pchat_core::node::NodeError;
 use p2pchat_core::{ChatNode, DiscoveryClient, Event, Events, Identity, MessageId, TcpTransport};
-use p2pchat_discovery::{Config, RedbStorage, Server, serve};
+use p2pchat_discovery::{Config, Directory, RedbStorage, serve};
 use tokio::sync::Notify;
 
 /// Nodes in the test.
@@ -441,7 +441,7 @@ async fn a_thousand_nodes_with_churn_show_every_message_once_in_bounded_memory()
         ..Config::default()
     };
     let storage = RedbStorage::open(&dir.path().join("server")).unwrap();
-    let server = Server::new(config, storage);
+    let server = Directory::new(config, storage);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let server_addr = listener.local_addr().unwrap();
     let (stop_server, server_stopped) = tokio::sync::oneshot::channel::<()>();

@@ -41,7 +41,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use p2pchat_core::{ChatNode, DiscoveryClient, Event, Identity, MessageId, TcpTransport};
-use p2pchat_discovery::{Config, RedbStorage, Server, serve};
+use p2pchat_discovery::{Config, Directory, RedbStorage, serve};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader, Lines};
 use tokio::process::{Child, ChildStdout, Command};
 use tokio::sync::Notify;
@@ -381,7 +381,7 @@ async fn start_server(dir: &Path) -> (SocketAddr, tokio::sync::oneshot::Sender<(
         registrations_per_second_per_ip: 0,
         ..Config::default()
     };
-    let server = Server::new(config, RedbStorage::open(dir).unwrap());
+    let server = Directory::new(config, RedbStorage::open(dir).unwrap());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

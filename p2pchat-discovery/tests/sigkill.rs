@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use p2pchat_core::discovery::{DiscoveryEvent, Registration};
 use p2pchat_core::{Discovery, DiscoveryClient, Identity};
-use p2pchat_discovery::{Config, RedbStorage, Server, serve};
+use p2pchat_discovery::{Config, Directory, RedbStorage, serve};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::sync::mpsc;
 
@@ -75,7 +75,7 @@ async fn parent() {
         idle_timeout: TTL * 3,
         ..Config::default()
     };
-    let server = Server::new(config, RedbStorage::open(dir.path()).expect("redb"));
+    let server = Directory::new(config, RedbStorage::open(dir.path()).expect("redb"));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");

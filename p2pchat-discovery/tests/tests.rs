@@ -10,9 +10,11 @@ mod it {
     pub mod binary;
     pub mod conformance;
     pub mod counts;
+    pub mod doc_limits;
     pub mod fuzz_regressions;
     pub mod hostile;
     pub mod kills;
+    pub mod layers;
     pub mod lifecycle;
     pub mod offline;
     pub mod proxied;

@@ -8,6 +8,7 @@ use std::process::Stdio;
 use std::sync::OnceLock;
 use std::time::Duration;
 
+use p2pchat_discovery::testing::DiscoveryProcess;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
 use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 
@@ -52,35 +53,24 @@ pub fn discovery_binary() -> PathBuf {
 /// A `p2pchat-discovery` process on 127.0.0.1, killed when dropped.
 pub struct Server {
     pub addr: String,
-    child: Child,
+    process: DiscoveryProcess,
 }
 
 impl Server {
     pub async fn start(data_dir: &Path) -> Self {
-        let mut child = Command::new(discovery_binary())
-            .args(["--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(data_dir)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("start p2pchat-discovery");
-        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        let line = tokio::time::timeout(WAIT, lines.next_line())
-            .await
-            .expect("the server starts")
-            .unwrap()
-            .expect("a line");
-        let addr = line
-            .strip_prefix("p2pchat-discovery listening on ")
-            .unwrap_or_else(|| panic!("unexpected: {line}"))
-            .to_owned();
-        Self { addr, child }
+        let process =
+            DiscoveryProcess::start(&discovery_binary(), data_dir, &["--listen", "127.0.0.1:0"])
+                .await
+                .expect("p2pchat-discovery starts");
+        Self {
+            addr: process.addr.to_string(),
+            process,
+        }
     }
 
     /// Stops the server (SIGKILL).
-    pub async fn kill(mut self) {
-        let _ = self.child.kill().await;
+    pub async fn kill(self) {
+        self.process.kill().await;
     }
 }
 

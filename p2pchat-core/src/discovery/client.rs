@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use backon::{BackoffBuilder, ExponentialBuilder};
 use futures::{SinkExt, StreamExt};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -14,23 +15,20 @@ use tokio::time::Instant;
 use tokio_util::codec::{FramedRead, FramedWrite};
 use tracing::Instrument;
 
+use super::mailbox::MailboxStore;
 use super::{
     Discovery, DiscoveryError, DiscoveryEvent, DiscoverySession, MAX_PAGE_SIZE, Page, PeerRecord,
     Registration,
 };
-use crate::announce::Announcement;
 use crate::identity::{Identity, PublicKey};
 use crate::protocol::discovery::{
-    Claim, ClientFrame, DEFAULT_DISCOVERY_PORT, MAX_ANNOUNCED_ADDRS, Push, RegisterRequest,
-    Registered, Reply, Request, ServerFrame, WireError, register_transcript,
+    Claim, ClientFrame, MAX_ANNOUNCED_ADDRS, Push, RegisterRequest, Registered, Reply, Request,
+    ServerFrame, WireError, WirePage, WirePeer, register_transcript,
 };
 use crate::protocol::{FrameCodec, NONCE_LEN, validate_username};
-use crate::store::{MailboxStore, OfflineStore};
+use crate::store::OfflineStore;
 
-/// Where [`DiscoveryClient::default`] looks for the server: a local `p2pchat-discovery` on
-/// its default port.
-pub const DEFAULT_DISCOVERY_ADDR: &str = "127.0.0.1:5001";
-const _: () = assert!(DEFAULT_DISCOVERY_PORT == 5001);
+pub use crate::protocol::discovery::DEFAULT_DISCOVERY_ADDR;
 
 /// How long connecting and registering may take. Default: 5 s.
 pub const DISCOVERY_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -174,25 +172,6 @@ impl DiscoveryClient {
         self.bounded(attempt).await
     }
 
-    /// Hands a signed operator announcement to the server, which relays it to its sessions
-    /// (and, sharing Redis, to the other instances). Returns how many sessions the server
-    /// has. The server refuses an announcement its operator key did not sign.
-    pub async fn announce(&self, announcement: &Announcement) -> Result<u64, DiscoveryError> {
-        let attempt = async {
-            let (mut reader, mut writer, _) = self.open().await?;
-            writer
-                .send(ClientFrame::Announce(Box::new(announcement.clone())))
-                .await
-                .map_err(|e| self.unreachable(e.to_string()))?;
-            match self.next_frame(&mut reader).await? {
-                ServerFrame::Announced { sessions } => Ok(sessions),
-                ServerFrame::Error(e) => Err(e.into()),
-                other => Err(unexpected(&other)),
-            }
-        };
-        self.bounded(attempt).await
-    }
-
     async fn next_frame(&self, reader: &mut Reader) -> Result<ServerFrame, DiscoveryError> {
         match reader.next().await {
             Some(Ok(frame)) => Ok(frame),
@@ -261,6 +240,46 @@ pub(crate) enum Failure {
     Wire(WireError),
     /// The session could not ask (closed, reconnecting, timed out).
     Session(DiscoveryError),
+}
+
+impl From<WireError> for DiscoveryError {
+    fn from(e: WireError) -> Self {
+        match e {
+            WireError::NameTaken { username } => DiscoveryError::NameTaken { username },
+            WireError::InvalidUsername(name) => match validate_username(&name) {
+                Err(e) => DiscoveryError::InvalidUsername(e),
+                Ok(()) => DiscoveryError::Protocol(format!("the server refused the name {name}")),
+            },
+            WireError::BadSignature => DiscoveryError::BadSignature,
+            WireError::RateLimited => DiscoveryError::RateLimited,
+            WireError::LimitExceeded(what) => DiscoveryError::LimitExceeded(what),
+            WireError::Backend(what) => DiscoveryError::Backend(what),
+            WireError::ShuttingDown => DiscoveryError::Closed,
+            WireError::Forbidden(why) => DiscoveryError::Refused(why),
+            e @ (WireError::BadFrame(_)
+            | WireError::UnsupportedVersion(_)
+            | WireError::QuotaExceeded { .. }) => DiscoveryError::Protocol(e.to_string()),
+        }
+    }
+}
+
+/// The API's record of a user, from the wire's.
+fn peer_record(peer: WirePeer) -> PeerRecord {
+    PeerRecord {
+        username: peer.username,
+        public_key: peer.public_key,
+        addrs: peer.addrs,
+        online: peer.online,
+        last_seen: std::time::UNIX_EPOCH + Duration::from_millis(peer.last_seen_ms),
+    }
+}
+
+/// The API's page, from the wire's.
+fn page(page: WirePage) -> Page {
+    Page {
+        users: page.users.into_iter().map(peer_record).collect(),
+        next: page.next,
+    }
 }
 
 impl From<Failure> for DiscoveryError {
@@ -332,7 +351,7 @@ impl DiscoverySession for ClientSession {
             })
             .await?
         {
-            Reply::Record(record) => Ok(record.map(|r| *r)),
+            Reply::Record(record) => Ok(record.map(|r| peer_record(*r))),
             other => Err(wrong_reply(other)),
         }
     }
@@ -344,7 +363,7 @@ impl DiscoverySession for ClientSession {
     ) -> Result<Page, DiscoveryError> {
         let limit = limit.clamp(1, MAX_PAGE_SIZE) as u32;
         match self.call(Request::ListOnline { after, limit }).await? {
-            Reply::Page(page) => Ok(page),
+            Reply::Page(wire) => Ok(page(wire)),
             other => Err(wrong_reply(other)),
         }
     }
@@ -541,10 +560,14 @@ impl SessionTask {
     /// the registration for good).
     async fn reconnect(&mut self) -> Option<(Reader, Writer)> {
         let (first, longest) = self.client.backoff;
-        let mut delay = first;
+        let mut delays = ExponentialBuilder::default()
+            .with_min_delay(first)
+            .with_max_delay(longest)
+            .with_jitter()
+            .without_max_times()
+            .build();
         loop {
-            let jittered = delay.mul_f64(0.5 + rand::random::<f64>() / 2.0);
-            let wake = Instant::now() + jittered;
+            let wake = Instant::now() + delays.next().unwrap_or(longest);
             loop {
                 tokio::select! {
                     _ = tokio::time::sleep_until(wake) => break,
@@ -599,7 +622,6 @@ impl SessionTask {
                 }
                 Err(e) => {
                     tracing::debug!(error = %e, "reconnection failed");
-                    delay = (delay * 2).min(longest);
                 }
             }
         }
@@ -610,5 +632,28 @@ async fn sleep_until(deadline: Option<Instant>) {
     match deadline {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wire_errors_map_to_typed_discovery_errors() {
+        assert!(matches!(
+            DiscoveryError::from(WireError::NameTaken {
+                username: "bob".into()
+            }),
+            DiscoveryError::NameTaken { username } if username == "bob"
+        ));
+        assert!(matches!(
+            DiscoveryError::from(WireError::InvalidUsername("Bad Name".into())),
+            DiscoveryError::InvalidUsername(_)
+        ));
+        assert!(matches!(
+            DiscoveryError::from(WireError::BadFrame("x".into())),
+            DiscoveryError::Protocol(_)
+        ));
     }
 }

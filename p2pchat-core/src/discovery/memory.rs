@@ -1,8 +1,9 @@
 //! [`MemoryDiscovery`]: the directory held in memory, shared by every clone.
 
+use parking_lot::Mutex;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
@@ -79,10 +80,6 @@ impl MemoryDiscovery {
     }
 }
 
-fn lock(dir: &Mutex<Directory>) -> std::sync::MutexGuard<'_, Directory> {
-    dir.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 impl Directory {
     fn is_online(&self, entry: &Entry, now: Instant) -> bool {
         entry.session.is_some() && now.duration_since(entry.last_seen) < self.presence_ttl
@@ -141,7 +138,7 @@ async fn sweeper(dir: Weak<Mutex<Directory>>) {
     loop {
         tick.tick().await;
         let Some(dir) = dir.upgrade() else { return };
-        lock(&dir).sweep(Instant::now());
+        dir.lock().sweep(Instant::now());
     }
 }
 
@@ -160,7 +157,7 @@ impl Discovery for MemoryDiscovery {
         if !public_key.verify(&nonce, &identity.sign(&nonce)) {
             return Err(DiscoveryError::BadSignature);
         }
-        let mut dir = lock(&self.inner);
+        let mut dir = self.inner.lock();
         let now = Instant::now();
         dir.sweep(now);
         if let Some(entry) = dir.users.get(&registration.username)
@@ -224,7 +221,7 @@ struct MemorySession {
 
 impl MemorySession {
     fn check_open(&self) -> Result<(), DiscoveryError> {
-        if *self.closed.lock().unwrap_or_else(|e| e.into_inner()) {
+        if *self.closed.lock() {
             Err(DiscoveryError::Closed)
         } else {
             Ok(())
@@ -233,11 +230,11 @@ impl MemorySession {
 
     /// Takes this session offline (if it is still the user's current one) and unwatches.
     fn close(&self) {
-        let mut closed = self.closed.lock().unwrap_or_else(|e| e.into_inner());
+        let mut closed = self.closed.lock();
         if std::mem::replace(&mut *closed, true) {
             return;
         }
-        let mut dir = lock(&self.dir);
+        let mut dir = self.dir.lock();
         let mut went_offline = false;
         if let Some(entry) = dir.users.get_mut(&self.username)
             && entry.session == Some(self.session)
@@ -245,12 +242,7 @@ impl MemorySession {
             entry.session = None;
             went_offline = std::mem::replace(&mut entry.announced_online, false);
         }
-        for target in self
-            .watching
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .drain()
-        {
+        for target in self.watching.lock().drain() {
             if let Some(w) = dir.watchers.get_mut(&target) {
                 w.remove(&self.session);
                 if w.is_empty() {
@@ -279,7 +271,7 @@ impl Drop for MemorySession {
 impl DiscoverySession for MemorySession {
     async fn keep_alive(&self) -> Result<(), DiscoveryError> {
         self.check_open()?;
-        let mut dir = lock(&self.dir);
+        let mut dir = self.dir.lock();
         let now = Instant::now();
         let Some(entry) = dir.users.get_mut(&self.username) else {
             return Err(DiscoveryError::Closed);
@@ -304,7 +296,7 @@ impl DiscoverySession for MemorySession {
 
     async fn lookup(&self, username: &str) -> Result<Option<PeerRecord>, DiscoveryError> {
         self.check_open()?;
-        let dir = lock(&self.dir);
+        let dir = self.dir.lock();
         let now = Instant::now();
         Ok(dir.users.get(username).and_then(|entry| {
             (now.duration_since(entry.last_seen) < dir.claim_lapse)
@@ -319,7 +311,7 @@ impl DiscoverySession for MemorySession {
     ) -> Result<Page, DiscoveryError> {
         self.check_open()?;
         let limit = limit.clamp(1, MAX_PAGE_SIZE);
-        let dir = lock(&self.dir);
+        let dir = self.dir.lock();
         let now = Instant::now();
         let range = match after.as_deref() {
             Some(after) => dir
@@ -343,13 +335,9 @@ impl DiscoverySession for MemorySession {
 
     async fn watch(&self, username: &str) -> Result<(), DiscoveryError> {
         self.check_open()?;
-        if self
-            .watching
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(username.to_owned())
-        {
-            lock(&self.dir)
+        if self.watching.lock().insert(username.to_owned()) {
+            self.dir
+                .lock()
                 .watchers
                 .entry(username.to_owned())
                 .or_default()

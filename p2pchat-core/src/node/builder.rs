@@ -1,8 +1,9 @@
 //! [`ChatNodeBuilder`]: every setting of a node, each with a documented default.
 
+use parking_lot::Mutex;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::stream::BoxStream;
@@ -14,6 +15,7 @@ use tracing::Instrument;
 
 use std::sync::atomic::AtomicUsize;
 
+use super::EventHub;
 use super::actor::{ACTOR_QUEUE_CAPACITY, Actor};
 use super::db::{Db, Durability, Table};
 use super::inbox::{Confirm, Inbox};
@@ -24,7 +26,7 @@ use super::{
     ChatNode, Config, DEFAULT_ACK_TIMEOUT, DEFAULT_EVENT_CAPACITY, NodeError, SeqClock, Shared,
 };
 use crate::discovery::{DEFAULT_KEEP_ALIVE_INTERVAL, Discovery, DiscoveryClient, Registration};
-use crate::event::{Event, EventHub};
+use crate::event::Event;
 use crate::identity::Identity;
 use crate::protocol::{MessageId, validate_username};
 use crate::store::{DEFAULT_MESSAGE_TTL, MAX_MESSAGE_TTL, OfflineStore};
@@ -357,10 +359,7 @@ impl ChatNodeBuilder {
         shared.spawn(actor.run().instrument(span.clone()));
         // Before `spawn` returns: no message sent from now on can overtake them.
         restore_outbox(&shared, pending);
-        Ok(ChatNode {
-            shared,
-            actor: actor_tx,
-        })
+        Ok(ChatNode::new(shared, actor_tx))
     }
 }
 

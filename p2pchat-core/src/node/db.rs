@@ -19,6 +19,7 @@
 
 mod journal;
 
+use parking_lot::{Condvar, Mutex};
 use std::cell::Cell;
 use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -26,8 +27,8 @@ use std::fs::{DirBuilder, File, OpenOptions, Permissions, TryLockError};
 use std::io;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 
 use redb::{ReadableDatabase, ReadableTable, TableDefinition};
@@ -232,12 +233,6 @@ fn db_error<E: Into<redb::Error>>(path: &Path) -> impl FnOnce(E) -> DbError + '_
         path: path.to_owned(),
         source: Box::new(e.into()),
     }
-}
-
-/// Locks a mutex, ignoring poisoning: every critical section leaves its state consistent
-/// between statements that can panic (and none should).
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// The node database. `Send + Sync`; writes are serialized inside.
@@ -869,7 +864,7 @@ impl Db {
                 .name("p2pchat-db-sync".into())
                 .spawn(move || thread_inner.sync_loop(&tx))
                 .map_err(io_error(&inner.path))?;
-            *lock(&sync.handle) = Some(handle);
+            *sync.handle.lock() = Some(handle);
         }
         Ok((db, snapshot))
     }
@@ -893,7 +888,7 @@ impl Db {
         let crc = crc32fast::hash(body);
         let record_len = HEADER_LEN + body.len();
 
-        let mut writer = lock(&inner.writer);
+        let mut writer = inner.writer.lock();
         if writer.closed {
             return Err(DbError::Closed);
         }
@@ -992,7 +987,7 @@ impl Db {
     pub(crate) fn close(&self) {
         let inner = &self.inner;
         {
-            let mut writer = lock(&inner.writer);
+            let mut writer = inner.writer.lock();
             if writer.closed {
                 return;
             }
@@ -1001,9 +996,9 @@ impl Db {
         inner.closed.store(true, Ordering::Release);
         if let Some(sync) = &inner.sync {
             // A last sync covers every write (a waiter gets its answer), then the thread ends.
-            lock(&sync.request).stop = true;
+            sync.request.lock().stop = true;
             sync.wake.notify_one();
-            let handle = lock(&sync.handle).take();
+            let handle = sync.handle.lock().take();
             if let Some(handle) = handle
                 && handle.join().is_err()
             {
@@ -1011,20 +1006,20 @@ impl Db {
             }
         }
         {
-            let mut writer = lock(&inner.writer);
+            let mut writer = inner.writer.lock();
             writer.segment = None;
             writer.unsynced.clear();
         }
-        if let Some((_, next)) = lock(&inner.next).take()
+        if let Some((_, next)) = inner.next.lock().take()
             && let Err(e) = next.remove()
         {
             tracing::warn!("cannot delete an unused journal segment: {e}");
         }
         // Segments waiting for compaction stay on disk for the next open.
-        lock(&inner.compactor).queue.clear();
+        inner.compactor.lock().queue.clear();
         // Waits for a compaction under way.
-        drop(lock(&inner.redb).take());
-        drop(lock(&inner.lock_file).take());
+        drop(inner.redb.lock().take());
+        drop(inner.lock_file.lock().take());
     }
 
     /// Everything in the database now: the tables with every write applied. Compacts the
@@ -1032,14 +1027,14 @@ impl Db {
     #[cfg(test)]
     fn contents(&self) -> Result<Snapshot, DbError> {
         let inner = &self.inner;
-        let writer = lock(&inner.writer);
+        let writer = inner.writer.lock();
         inner.drain(false);
-        let mut snapshot = match lock(&inner.redb).as_ref() {
+        let mut snapshot = match inner.redb.lock().as_ref() {
             Some(db) => load(db).map_err(db_error(&inner.path))?,
             None => return Err(DbError::Closed),
         };
         let mut changes = Changes::default();
-        let compactor = lock(&inner.compactor);
+        let compactor = inner.compactor.lock();
         for (number, segment) in &compactor.queue {
             changes.add_segment(segment.bytes(), *number);
         }
@@ -1080,11 +1075,11 @@ impl Inner {
         let segment = match &this.dir {
             None => {
                 // A compacted segment's buffer if there is one: no regrowing it.
-                let spare = lock(&this.next).take().map(|(_, segment)| segment);
+                let spare = this.next.lock().take().map(|(_, segment)| segment);
                 spare.unwrap_or_else(|| Segment::Memory(Vec::new()))
             }
             Some(dir) => {
-                let mut next = lock(&this.next);
+                let mut next = this.next.lock();
                 let ready = match next.take() {
                     Some((n, segment)) if n == number => Some(segment),
                     Some((_, stale)) => {
@@ -1122,7 +1117,7 @@ impl Inner {
             }
             writer.dir_unsynced = true;
         }
-        let mut compactor = lock(&this.compactor);
+        let mut compactor = this.compactor.lock();
         compactor.queue.push_back((full_number, full));
         if compactor.running {
             return Ok(false);
@@ -1147,7 +1142,7 @@ impl Inner {
         let Some(dir) = &self.dir else {
             return;
         };
-        let mut next = lock(&self.next);
+        let mut next = self.next.lock();
         if self.closed.load(Ordering::Acquire) {
             return;
         }
@@ -1174,7 +1169,7 @@ impl Inner {
     fn recycle(&self, number: u64, mut segment: Segment) {
         let kept = match &self.dir {
             Some(dir) => {
-                let mut next = lock(&self.next);
+                let mut next = self.next.lock();
                 let want = self.current.load(Ordering::Acquire).saturating_add(1);
                 if self.closed.load(Ordering::Acquire)
                     || matches!(&*next, Some((n, _)) if *n == want)
@@ -1200,7 +1195,7 @@ impl Inner {
             }
             None => {
                 // In memory: its buffer, emptied, is the next segment's.
-                let mut next = lock(&self.next);
+                let mut next = self.next.lock();
                 if next.is_none() && segment.recycle(Path::new("")).is_ok() {
                     *next = Some((number, segment));
                     None
@@ -1222,9 +1217,9 @@ impl Inner {
     /// compaction job, which marks itself done.
     fn drain(&self, job: bool) {
         loop {
-            let redb = lock(&self.redb);
+            let redb = self.redb.lock();
             let popped = {
-                let mut compactor = lock(&self.compactor);
+                let mut compactor = self.compactor.lock();
                 let popped = if redb.is_some() {
                     compactor.queue.pop_front()
                 } else {
@@ -1248,7 +1243,7 @@ impl Inner {
                         "cannot compact journal segment {number} into {}: {e}",
                         self.path.display()
                     );
-                    let mut compactor = lock(&self.compactor);
+                    let mut compactor = self.compactor.lock();
                     compactor.queue.push_front((number, segment));
                     if job {
                         compactor.running = false;
@@ -1266,18 +1261,15 @@ impl Inner {
         };
         loop {
             let stop = {
-                let mut request = lock(&sync.request);
+                let mut request = sync.request.lock();
                 while !request.requested && !request.stop {
-                    request = sync
-                        .wake
-                        .wait(request)
-                        .unwrap_or_else(PoisonError::into_inner);
+                    sync.wake.wait(&mut request);
                 }
                 request.requested = false;
                 request.stop
             };
             let (lsn, files, dir_unsynced) = {
-                let mut writer = lock(&self.writer);
+                let mut writer = self.writer.lock();
                 let mut files = std::mem::take(&mut writer.unsynced);
                 if let Some(file) = writer.segment.as_ref().and_then(Segment::file) {
                     files.push(file.clone());
@@ -1320,7 +1312,7 @@ impl Inner {
 
 impl SyncThread {
     fn request(&self) {
-        lock(&self.request).requested = true;
+        self.request.lock().requested = true;
         self.wake.notify_one();
     }
 }
@@ -1430,7 +1422,7 @@ mod tests {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             {
-                let compactor = lock(&db.inner.compactor);
+                let compactor = db.inner.compactor.lock();
                 if compactor.queue.is_empty() && !compactor.running {
                     return;
                 }
@@ -1500,7 +1492,7 @@ mod tests {
             assert!(written > last);
             last = written;
         }
-        assert!(lock(&db.inner.writer).number > 20, "rotated");
+        assert!(db.inner.writer.lock().number > 20, "rotated");
         assert_matches(&mut db.contents().unwrap(), &model);
         // In memory everything is durable at once, whatever is asked.
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -1538,7 +1530,7 @@ mod tests {
         for _ in 0..500 {
             db.write(&random_batch(&mut rng, &mut model)).unwrap();
         }
-        let current = lock(&db.inner.writer).number;
+        let current = db.inner.writer.lock().number;
         assert!(current > 10, "rotated {current} times");
         wait_compacted(&db);
         db.close();

@@ -10,9 +10,10 @@
 //! when a stream hands it out ([`Confirm::OnRead`], the default); an unconfirmed message is
 //! handed out again after a restart.
 
+use parking_lot::{Mutex, MutexGuard};
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::Waker;
 use std::time::{Duration, UNIX_EPOCH};
 
@@ -239,7 +240,7 @@ impl Inbox {
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        self.state.lock()
     }
 
     /// Whether `id` from `from` was received already (or is older than its window).

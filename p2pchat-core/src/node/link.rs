@@ -16,9 +16,10 @@
 //! once, the task writes as it drains. So a burst of sends costs one system call per
 //! buffer, and one message alone is on the wire at the task's next turn.
 
+use parking_lot::{Mutex, MutexGuard};
 use std::pin::Pin;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
@@ -419,7 +420,7 @@ impl LinkHandle {
 
 impl Core {
     fn lock(&self) -> MutexGuard<'_, State> {
-        super::lock(&self.state)
+        self.state.lock()
     }
 
     fn now(&self) -> Millis {

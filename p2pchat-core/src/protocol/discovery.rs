@@ -16,23 +16,36 @@
 //! existing ones never change.
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use super::announcement::Announcement;
 use super::{MessageId, NONCE_LEN};
-use crate::announce::Announcement;
-use crate::discovery::{DiscoveryError, Page, PeerRecord};
 use crate::identity::PublicKey;
-use crate::store::{ExpiredMessage, StoreError, StoredMessage};
 
 /// The port `p2pchat-discovery` listens on unless told otherwise (as the original).
 pub const DEFAULT_DISCOVERY_PORT: u16 = 5001;
+
+/// Where a client looks for the server unless told otherwise: a local `p2pchat-discovery`
+/// on [`DEFAULT_DISCOVERY_PORT`].
+pub const DEFAULT_DISCOVERY_ADDR: &str = "127.0.0.1:5001";
+const _: () = assert!(DEFAULT_DISCOVERY_PORT == 5001);
 
 /// Most addresses a node may announce. Default: 8.
 pub const MAX_ANNOUNCED_ADDRS: usize = 8;
 
 /// Most users one session may watch (each costs the server a table entry). Default: 256.
 pub const MAX_WATCHES: usize = 256;
+
+/// How long a user stays online without a keep-alive (as the original: 30 s).
+pub const DEFAULT_PRESENCE_TTL: Duration = Duration::from_secs(30);
+
+/// How long a name stays bound to its key after its owner was last seen. Default: 180 days.
+pub const DEFAULT_CLAIM_LAPSE: Duration = Duration::from_secs(180 * 24 * 3600);
+
+/// Most users in one page of the online list. Default: 100.
+pub const MAX_PAGE_SIZE: usize = 100;
 
 /// Frames the server sends.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -145,7 +158,7 @@ pub enum Request {
     ListOnline {
         /// Exclusive lower bound.
         after: Option<String>,
-        /// Page size, capped at [`crate::discovery::MAX_PAGE_SIZE`].
+        /// Page size, capped at [`MAX_PAGE_SIZE`].
         limit: u32,
     },
     /// Push presence changes of `username` from now on. Answered with [`Reply::Done`].
@@ -162,11 +175,11 @@ pub enum Request {
     Deregister,
     /// Leave a message in its recipient's mailbox on the server. `message.from` must be this
     /// session's user. Answered with [`Reply::Done`].
-    Deposit(Box<StoredMessage>),
+    Deposit(Box<WireMessage>),
     /// This session's user's oldest waiting messages, left in place. Answered with
     /// [`Reply::Mail`].
     FetchMail {
-        /// At most this many (capped at [`crate::store::MAX_FETCH_BATCH`]).
+        /// At most this many (capped by the server).
         limit: u32,
     },
     /// Removes processed messages from this session's user's mailbox. Answered with
@@ -187,13 +200,62 @@ pub enum Reply {
     /// Done, nothing to return.
     Done,
     /// A lookup's result (`None`: the name is not claimed).
-    Record(Option<Box<PeerRecord>>),
+    Record(Option<Box<WirePeer>>),
     /// A listing page.
-    Page(Page),
+    Page(WirePage),
     /// Waiting messages, oldest first.
-    Mail(Vec<StoredMessage>),
+    Mail(Vec<WireMessage>),
     /// Expiry notices.
-    Expired(Vec<ExpiredMessage>),
+    Expired(Vec<WireExpired>),
+}
+
+/// A user, as the directory describes it on the wire.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WirePeer {
+    /// The username.
+    pub username: String,
+    /// The identity key the name is bound to.
+    pub public_key: PublicKey,
+    /// Where the user accepts connections (empty when offline).
+    pub addrs: Vec<SocketAddr>,
+    /// Whether the user is online now.
+    pub online: bool,
+    /// When the user last registered or kept alive, Unix milliseconds.
+    pub last_seen_ms: u64,
+}
+
+/// One page of online users, in username order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WirePage {
+    /// The users on this page.
+    pub users: Vec<WirePeer>,
+    /// The `after` of the next page; `None` on the last page.
+    pub next: Option<String>,
+}
+
+/// A sealed message for a mailbox, as deposited and fetched: only routing metadata in the
+/// clear.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireMessage {
+    /// The message id (also inside the token).
+    pub id: MessageId,
+    /// Sender's username.
+    pub from: String,
+    /// Recipient's username: whose mailbox.
+    pub to: String,
+    /// The Fernet token.
+    pub token: String,
+    /// When it expires undelivered, Unix milliseconds.
+    pub expires_at_ns: u64,
+}
+
+/// A message that expired in its recipient's mailbox, reported to its sender.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireExpired {
+    /// The message id.
+    pub id: MessageId,
+    /// The recipient who never fetched it.
+    pub to: String,
 }
 
 /// What the server pushes to a session.
@@ -267,44 +329,8 @@ pub enum WireError {
     Forbidden(String),
 }
 
-impl From<WireError> for DiscoveryError {
-    fn from(e: WireError) -> Self {
-        match e {
-            WireError::NameTaken { username } => DiscoveryError::NameTaken { username },
-            WireError::InvalidUsername(name) => match super::validate_username(&name) {
-                Err(e) => DiscoveryError::InvalidUsername(e),
-                Ok(()) => DiscoveryError::Protocol(format!("the server refused the name {name}")),
-            },
-            WireError::BadSignature => DiscoveryError::BadSignature,
-            WireError::RateLimited => DiscoveryError::RateLimited,
-            WireError::LimitExceeded(what) => DiscoveryError::LimitExceeded(what),
-            WireError::Backend(what) => DiscoveryError::Backend(what),
-            WireError::ShuttingDown => DiscoveryError::Closed,
-            WireError::Forbidden(why) => DiscoveryError::Refused(why),
-            e @ (WireError::BadFrame(_)
-            | WireError::UnsupportedVersion(_)
-            | WireError::QuotaExceeded { .. }) => DiscoveryError::Protocol(e.to_string()),
-        }
-    }
-}
-
-impl From<WireError> for StoreError {
-    fn from(e: WireError) -> Self {
-        match e {
-            WireError::QuotaExceeded { recipient, quota } => StoreError::QuotaExceeded {
-                recipient,
-                quota: usize::try_from(quota).unwrap_or(usize::MAX),
-            },
-            WireError::Forbidden(what) => StoreError::Forbidden(what),
-            other => StoreError::Unavailable(other.to_string()),
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
-    use std::time::SystemTime;
-
     use bytes::BytesMut;
     use tokio_util::codec::{Decoder, Encoder};
 
@@ -338,12 +364,12 @@ mod tests {
 
     #[test]
     fn discovery_frames_round_trip() {
-        let record = PeerRecord {
+        let record = WirePeer {
             username: "bob".into(),
             public_key: Identity::generate().public_key(),
             addrs: vec!["127.0.0.1:7000".parse().unwrap()],
             online: true,
-            last_seen: SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(1_234_567),
+            last_seen_ms: 1_234_567,
         };
         round_trip(vec![
             ServerFrame::Challenge { nonce: [3; 32] },
@@ -359,7 +385,7 @@ mod tests {
             },
             ServerFrame::Response {
                 id: 8,
-                result: Ok(Reply::Page(Page {
+                result: Ok(Reply::Page(WirePage {
                     users: vec![record],
                     next: Some("bob".into()),
                 })),
@@ -424,23 +450,5 @@ mod tests {
                 .verify(&register_transcript(&nonce, &other), &signature),
             "another claim"
         );
-    }
-
-    #[test]
-    fn wire_errors_map_to_typed_discovery_errors() {
-        assert!(matches!(
-            DiscoveryError::from(WireError::NameTaken {
-                username: "bob".into()
-            }),
-            DiscoveryError::NameTaken { username } if username == "bob"
-        ));
-        assert!(matches!(
-            DiscoveryError::from(WireError::InvalidUsername("Bad Name".into())),
-            DiscoveryError::InvalidUsername(_)
-        ));
-        assert!(matches!(
-            DiscoveryError::from(WireError::BadFrame("x".into())),
-            DiscoveryError::Protocol(_)
-        ));
     }
 }

@@ -76,19 +76,22 @@
 //! 5 s; a reconnection makes 5 attempts, 100 ms to 1 s apart, before the waiting requests
 //! fail.
 
+use parking_lot::{Mutex, MutexGuard};
 use std::collections::{HashMap, HashSet};
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Weak};
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use futures::Stream;
 use futures::stream::{BoxStream, StreamExt};
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{IntoConnectionInfo, Msg, ProtocolVersion, PushInfo, PushKind, Script, Value};
+use redis::aio::ConnectionManager;
+use redis::{Msg, Script, Value};
 use tokio::sync::mpsc;
+use tokio_util::task::AbortOnDropHandle;
 
+use super::redis_conn::{PushHandler, connection, script_with_now, spawn_push_feed};
 use super::{DEFAULT_MAILBOX_QUOTA, ExpiredMessage, OfflineStore, StoreError, StoredMessage};
 use crate::protocol::MessageId;
 
@@ -98,78 +101,10 @@ pub const DEFAULT_REDIS_PREFIX: &str = "p2pchat";
 /// The Redis channel operators publish (signed) announcements on. Default: `special`.
 pub const DEFAULT_ANNOUNCEMENT_CHANNEL: &str = "special";
 
-/// Each attempt to (re)connect to Redis gives up after this long.
-const CONNECTION_TIMEOUT: Duration = Duration::from_secs(3);
-/// A request without a reply after this long fails (and the connection is re-established).
-const RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
-/// Reconnection attempts per outage before requests fail; the delay grows from
-/// [`RECONNECT_MIN_DELAY`] up to [`RECONNECT_MAX_DELAY`].
-const RECONNECT_RETRIES: usize = 5;
-const RECONNECT_MIN_DELAY: Duration = Duration::from_millis(100);
-const RECONNECT_MAX_DELAY: Duration = Duration::from_secs(1);
-/// After a disconnection, how often the feed task pings until the connection is back.
-const FEED_RECONNECT_INTERVAL: Duration = Duration::from_secs(1);
-/// Opens the Redis connection every p2pchat component uses: RESP3 (so subscriptions share
-/// the connection), pushes delivered on the returned channel, subscriptions restored after a
-/// reconnection, bounded connection and response times, a few retries per outage. Errors
-/// are sentences.
-pub async fn connection(
-    url: &str,
-) -> Result<(ConnectionManager, mpsc::UnboundedReceiver<PushInfo>), String> {
-    let info = url
-        .into_connection_info()
-        .map_err(|e| format!("invalid Redis URL: {e}"))?;
-    let settings = info
-        .redis_settings()
-        .clone()
-        .set_protocol(ProtocolVersion::RESP3);
-    let info = info.set_redis_settings(settings);
-    let client = redis::Client::open(info).map_err(|e| e.to_string())?;
-    let (push_tx, push_rx) = mpsc::unbounded_channel();
-    let config = ConnectionManagerConfig::new()
-        .set_push_sender(push_tx)
-        .set_automatic_resubscription()
-        .set_connection_timeout(Some(CONNECTION_TIMEOUT))
-        .set_response_timeout(Some(RESPONSE_TIMEOUT))
-        .set_number_of_retries(RECONNECT_RETRIES)
-        .set_min_delay(RECONNECT_MIN_DELAY)
-        .set_max_delay(RECONNECT_MAX_DELAY);
-    let conn = ConnectionManager::new_with_config(client, config)
-        .await
-        .map_err(|e| e.to_string())?;
-    Ok((conn, push_rx))
-}
-
-/// After a `Disconnection` push: pings until the connection is back. The manager reconnects
-/// (and resubscribes) on its own, but gives up after a few attempts until the next request,
-/// so a component that makes no requests must keep asking. `conn` gives the connection while
-/// its owner lives; `false` when the owner is gone.
-pub async fn until_reconnected(conn: impl Fn() -> Option<ConnectionManager>) -> bool {
-    loop {
-        let Some(mut conn) = conn() else {
-            return false;
-        };
-        if redis::cmd("PING")
-            .query_async::<()>(&mut conn)
-            .await
-            .is_ok()
-        {
-            tracing::info!("reconnected to Redis");
-            return true;
-        }
-        drop(conn);
-        tokio::time::sleep(FEED_RECONNECT_INTERVAL).await;
-    }
-}
-
 /// Most expired messages one sweep handles.
 const SWEEP_BATCH: usize = 256;
 /// Announcements buffered for a slow reader before newer ones are dropped.
 const ANNOUNCEMENT_BUFFER: usize = 256;
-
-/// "Now" on the Redis server, in Unix milliseconds (a Lua prelude).
-const LUA_NOW: &str = "local t = redis.call('TIME')\n\
-    local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)\n";
 
 /// KEYS: mailbox, ids, expiry. ARGV: id, from, to, token, exp ms, exp ns, quota, expiry
 /// member, channel. 0: stored, 1: already there, 2: mailbox full.
@@ -287,14 +222,8 @@ struct Inner {
     /// The channels subscribed on the connection. Held across `SUBSCRIBE`/`UNSUBSCRIBE` so
     /// those commands go out in the order the listener counts changed.
     subscribed: tokio::sync::Mutex<HashSet<String>>,
-    feed: tokio::task::AbortHandle,
-}
-
-impl Drop for Inner {
-    fn drop(&mut self) {
-        // The task also ends when the push channel closes; this just makes it prompt.
-        self.feed.abort();
-    }
+    /// Hands the pushes to `listeners`; stops when the store goes.
+    _feed: AbortOnDropHandle<()>,
 }
 
 #[derive(Debug)]
@@ -308,7 +237,7 @@ struct Scripts {
 
 impl Scripts {
     fn new() -> Self {
-        let with_now = |body: &str| Script::new(&format!("{LUA_NOW}{body}"));
+        let with_now = script_with_now;
         Self {
             put: Script::new(PUT),
             ack: Script::new(ACK),
@@ -485,38 +414,19 @@ impl<T> Stream for Listener<T> {
     }
 }
 
-/// Dispatches the pushes of the connection to the listeners, until the connection manager
-/// (and with it the push channel) is gone.
-async fn run_feed(mut pushes: mpsc::UnboundedReceiver<PushInfo>, store: Weak<Inner>) {
-    while let Some(push) = pushes.recv().await {
-        match push.kind {
-            PushKind::Message => {
-                let Some(msg) = Msg::from_push_info(push) else {
-                    continue;
-                };
-                let Some(inner) = store.upgrade() else {
-                    return;
-                };
-                inner
-                    .listeners()
-                    .dispatch(msg.get_channel_name(), msg.get_payload_bytes());
-            }
-            PushKind::Disconnection => {
-                tracing::warn!("lost the connection to Redis; reconnecting");
-                // The manager reconnects (and subscribes again) on its own, but gives up after
-                // a few attempts until the next request; keep requesting until it is back.
-                if !until_reconnected(|| store.upgrade().map(|inner| inner.conn())).await {
-                    return;
-                }
-                // The subscriptions are back (the manager resubscribes before it hands out
-                // the new connection); mail put while they were down went unannounced.
-                let Some(inner) = store.upgrade() else {
-                    return;
-                };
-                inner.listeners().notify_all_mail();
-            }
-            _ => {}
-        }
+impl PushHandler for Inner {
+    fn conn(&self) -> ConnectionManager {
+        self.conn.clone()
+    }
+
+    fn message(&self, msg: Msg) {
+        self.listeners()
+            .dispatch(msg.get_channel_name(), msg.get_payload_bytes());
+    }
+
+    fn reconnected(&self) {
+        // Mail put while the subscriptions were down went unannounced.
+        self.listeners().notify_all_mail();
     }
 }
 
@@ -530,7 +440,7 @@ impl Inner {
     }
 
     fn listeners(&self) -> MutexGuard<'_, Listeners> {
-        self.listeners.lock().unwrap_or_else(|e| e.into_inner())
+        self.listeners.lock()
     }
 }
 
@@ -543,10 +453,10 @@ impl RedisStore {
 
     /// Connects to the Redis at `url` with `config`.
     pub async fn connect_with(url: &str, config: RedisStoreConfig) -> Result<Self, StoreError> {
-        let (conn, push_rx) = connection(url).await.map_err(StoreError::Unavailable)?;
+        let (conn, push_rx) = connection(url).await.map_err(unavailable)?;
 
         let inner = Arc::new_cyclic(|weak: &Weak<Inner>| {
-            let feed = tokio::spawn(run_feed(push_rx, weak.clone()));
+            let feed = spawn_push_feed(push_rx, weak.clone());
             Inner {
                 conn,
                 keys: Keys {
@@ -556,7 +466,7 @@ impl RedisStore {
                 scripts: Scripts::new(),
                 listeners: Mutex::default(),
                 subscribed: tokio::sync::Mutex::default(),
-                feed: feed.abort_handle(),
+                _feed: feed,
             }
         });
         Ok(Self { inner })

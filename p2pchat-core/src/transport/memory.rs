@@ -1,8 +1,9 @@
 //! [`MemoryNetwork`]: an in-process network of pipes, for tests and embedding.
 
+use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use tokio::sync::mpsc;
@@ -47,9 +48,9 @@ impl MemoryNetwork {
         Self::default()
     }
 
-    fn table(&self) -> std::sync::MutexGuard<'_, Table> {
+    fn table(&self) -> parking_lot::MutexGuard<'_, Table> {
         // The table holds no invariants a panic could break half-way.
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+        self.inner.lock()
     }
 }
 

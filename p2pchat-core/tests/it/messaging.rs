@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use p2pchat_core::node::NodeError;
 use p2pchat_core::protocol::MAX_BODY_LEN;
-use p2pchat_core::{Event, Identity, MessageId, TcpTransport};
+use p2pchat_core::{ChatNode, Event, Identity, MessageId, TcpTransport};
 
 use super::util::{World, buffered, outcome, receive_n, wait_for};
 
@@ -358,4 +358,35 @@ async fn a_changed_key_holds_messages_until_trusted() {
         stream.next().await.is_none(),
         "the event stream ends at shutdown"
     );
+}
+
+/// Dropping every handle of a node without `shutdown()` shuts it down in the background as
+/// `shutdown()` would: its event streams end and it leaves the directory. Held back by one
+/// clone, it keeps running.
+#[tokio::test]
+async fn dropping_the_last_handle_shuts_the_node_down_in_the_background() {
+    let world = World::new();
+    let alice = world.tcp_node("alice").await;
+    let bob = world.tcp_node("bob").await;
+    let mut events = alice.events();
+    let clone = alice.clone();
+    drop(alice);
+    let online = |bob: &ChatNode| {
+        let bob = bob.clone();
+        async move {
+            bob.peers()
+                .await
+                .unwrap()
+                .iter()
+                .any(|p| p.username == "alice")
+        }
+    };
+    assert!(online(&bob).await, "a clone keeps the node running");
+    drop(clone);
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while events.next().await.is_some() {}
+    })
+    .await
+    .expect("the event stream ends once the node has shut down");
+    assert!(!online(&bob).await, "the node left the directory");
 }

@@ -22,20 +22,18 @@
 use std::fmt::Debug;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::OnceLock;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use bytes::{BufMut, BytesMut};
 use p2pchat_core::announce::MAX_ANNOUNCEMENT_LEN;
 use p2pchat_core::crypto::{PairKey, Payload};
-use p2pchat_core::discovery::{Page, PeerRecord};
 use p2pchat_core::protocol::discovery::{
     Claim, ClientFrame, MAX_ANNOUNCED_ADDRS, Push, RegisterRequest, Registered, Reply, Request,
-    ServerFrame, WireError,
+    ServerFrame, WireError, WireExpired, WireMessage, WirePage, WirePeer,
 };
 use p2pchat_core::protocol::{
     ErrorCode, FrameCodec, Hello, MessageId, NONCE_LEN, PROTOCOL_VERSION, PeerFrame, ProtocolError,
 };
-use p2pchat_core::store::{ExpiredMessage, StoredMessage};
 use p2pchat_core::{Announcement, Identity, PublicKey};
 use proptest::prelude::*;
 use proptest::sample::Index;
@@ -88,12 +86,6 @@ fn socket_addr() -> impl Strategy<Value = SocketAddr> {
         (any::<[u8; 16]>(), any::<u16>())
             .prop_map(|(ip, port)| SocketAddr::new(IpAddr::V6(Ipv6Addr::from(ip)), port)),
     ]
-}
-
-/// A time at or after the Unix epoch, to the nanosecond.
-fn system_time() -> impl Strategy<Value = SystemTime> {
-    (0u64..=1 << 34, 0u32..1_000_000_000)
-        .prop_map(|(secs, nanos)| UNIX_EPOCH + Duration::new(secs, nanos))
 }
 
 fn error_code() -> impl Strategy<Value = ErrorCode> {
@@ -149,47 +141,47 @@ fn announcement() -> impl Strategy<Value = Announcement> {
     )
 }
 
-fn stored_message() -> impl Strategy<Value = StoredMessage> {
-    (message_id(), text(40), text(40), text(300), system_time()).prop_map(
-        |(id, from, to, token, expires_at)| StoredMessage {
+fn stored_message() -> impl Strategy<Value = WireMessage> {
+    (message_id(), text(40), text(40), text(300), any::<u64>()).prop_map(
+        |(id, from, to, token, expires_at_ns)| WireMessage {
             id,
             from,
             to,
             token,
-            expires_at,
+            expires_at_ns,
         },
     )
 }
 
-fn expired_message() -> impl Strategy<Value = ExpiredMessage> {
-    (message_id(), text(40)).prop_map(|(id, to)| ExpiredMessage { id, to })
+fn expired_message() -> impl Strategy<Value = WireExpired> {
+    (message_id(), text(40)).prop_map(|(id, to)| WireExpired { id, to })
 }
 
-fn peer_record() -> impl Strategy<Value = PeerRecord> {
+fn peer_record() -> impl Strategy<Value = WirePeer> {
     (
         text(40),
         public_key(),
         proptest::collection::vec(socket_addr(), 0..4),
         any::<bool>(),
-        system_time(),
+        any::<u64>(),
     )
         .prop_map(
-            |(username, public_key, addrs, online, last_seen)| PeerRecord {
+            |(username, public_key, addrs, online, last_seen_ms)| WirePeer {
                 username,
                 public_key,
                 addrs,
                 online,
-                last_seen,
+                last_seen_ms,
             },
         )
 }
 
-fn page() -> impl Strategy<Value = Page> {
+fn page() -> impl Strategy<Value = WirePage> {
     (
         proptest::collection::vec(peer_record(), 0..4),
         proptest::option::of(text(40)),
     )
-        .prop_map(|(users, next)| Page { users, next })
+        .prop_map(|(users, next)| WirePage { users, next })
 }
 
 fn claim() -> impl Strategy<Value = Claim> {

@@ -1,8 +1,8 @@
 //! Presence leases held in this process's memory, for a server that is alone on its storage.
 
+use parking_lot::Mutex;
 use std::collections::BTreeMap;
 use std::ops::Bound;
-use std::sync::Mutex;
 use std::time::Duration;
 
 use tokio::sync::broadcast;
@@ -31,8 +31,8 @@ impl LocalPresence {
         }
     }
 
-    fn leases(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Entry>> {
-        self.leases.lock().unwrap_or_else(|e| e.into_inner())
+    fn leases(&self) -> parking_lot::MutexGuard<'_, BTreeMap<String, Entry>> {
+        self.leases.lock()
     }
 
     fn publish(&self, change: PresenceChange) {

@@ -14,8 +14,8 @@ use p2pchat_core::store::{DEFAULT_MAILBOX_QUOTA, OfflineStore};
 use p2pchat_core::{Announcement, PublicKey};
 use tokio::sync::broadcast;
 
-use super::mailbox::RedbMailbox;
 use super::presence::LocalPresence;
+use super::redb_mailbox::RedbMailbox;
 use super::{
     ANNOUNCEMENT_FEED_CAPACITY, Lease, NameClaim, PresenceChange, SessionId, Storage, StorageError,
     touch_interval, unix_ms,

@@ -46,14 +46,15 @@ use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
+use p2pchat_core::store::redis_conn::{PushHandler, connection, script_with_now, spawn_push_feed};
 use p2pchat_core::store::{
-    DEFAULT_ANNOUNCEMENT_CHANNEL, DEFAULT_MAILBOX_QUOTA, OfflineStore, RedisStore,
-    RedisStoreConfig, connection, until_reconnected,
+    DEFAULT_ANNOUNCEMENT_CHANNEL, DEFAULT_MAILBOX_QUOTA, OfflineStore, RedisStore, RedisStoreConfig,
 };
 use p2pchat_core::{Announcement, PublicKey};
 use redis::aio::ConnectionManager;
-use redis::{Msg, PushInfo, PushKind, Script};
-use tokio::sync::{broadcast, mpsc};
+use redis::{Msg, Script};
+use tokio::sync::broadcast;
+use tokio_util::task::AbortOnDropHandle;
 
 use super::{
     ANNOUNCEMENT_FEED_CAPACITY, Lease, NameClaim, PRESENCE_FEED_CAPACITY, PresenceChange,
@@ -88,10 +89,6 @@ impl Default for RedisStorageConfig {
 
 /// Expired leases handled per sweep round trip.
 const SWEEP_BATCH: usize = 1000;
-
-/// "Now" on the Redis server, in Unix milliseconds (a Lua prelude).
-const LUA_NOW: &str = "local t = redis.call('TIME')\n\
-    local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)\n";
 
 /// KEYS: claim, presence. ARGV: key, lapse ms, touch interval ms. 1: claimed, 0: taken.
 const CLAIM: &str = "
@@ -182,14 +179,9 @@ struct Inner {
     announcements: broadcast::Sender<Announcement>,
     announcement_channel: String,
     mailbox: RedisStore,
-    feed: tokio::task::AbortHandle,
-}
-
-impl Drop for Inner {
-    fn drop(&mut self) {
-        // The task also ends when the push channel closes; this just makes it prompt.
-        self.feed.abort();
-    }
+    /// Turns the pushes into presence changes and announcements; stops when the storage
+    /// goes.
+    _feed: AbortOnDropHandle<()>,
 }
 
 #[derive(Debug)]
@@ -206,7 +198,7 @@ struct Scripts {
 
 impl Scripts {
     fn new() -> Self {
-        let with_now = |body: &str| Script::new(&format!("{LUA_NOW}{body}"));
+        let with_now = script_with_now;
         Self {
             claim: with_now(CLAIM),
             touch: with_now(TOUCH),
@@ -298,7 +290,7 @@ impl RedisStorage {
         )
         .await
         .map_err(|e| StorageError::Unavailable(e.to_string()))?;
-        let (conn, push_rx) = connection(url).await.map_err(StorageError::Unavailable)?;
+        let (conn, push_rx) = connection(url).await.map_err(unavailable)?;
 
         let keys = Keys {
             prefix: prefix.to_owned(),
@@ -307,13 +299,7 @@ impl RedisStorage {
         let announcements = broadcast::channel(ANNOUNCEMENT_FEED_CAPACITY).0;
         let announcement_channel = settings.announcement_channel.clone();
         let inner = Arc::new_cyclic(|weak: &Weak<Inner>| {
-            let feed = tokio::spawn(run_feed(
-                push_rx,
-                changes.clone(),
-                announcements.clone(),
-                (keys.channel(), announcement_channel.clone()),
-                weak.clone(),
-            ));
+            let feed = spawn_push_feed(push_rx, weak.clone());
             Inner {
                 conn,
                 keys,
@@ -322,7 +308,7 @@ impl RedisStorage {
                 announcements,
                 announcement_channel,
                 mailbox,
-                feed: feed.abort_handle(),
+                _feed: feed,
             }
         });
         inner
@@ -402,52 +388,31 @@ impl Inner {
     }
 }
 
-/// Turns the pushes of the connection into presence changes, until the connection manager
-/// (and with it the push channel) is gone.
-async fn run_feed(
-    mut pushes: mpsc::UnboundedReceiver<PushInfo>,
-    changes: broadcast::Sender<PresenceChange>,
-    announcements: broadcast::Sender<Announcement>,
-    channels: (String, String),
-    storage: Weak<Inner>,
-) {
-    let (channel, announcement_channel) = channels;
-    while let Some(push) = pushes.recv().await {
-        match push.kind {
-            PushKind::Message => {
-                let Some(msg) = Msg::from_push_info(push) else {
-                    continue;
-                };
-                let name = msg.get_channel_name();
-                if name == announcement_channel {
-                    // Anyone can publish there: the dispatcher verifies before relaying.
-                    match std::str::from_utf8(msg.get_payload_bytes())
-                        .ok()
-                        .map(Announcement::from_json)
-                    {
-                        Some(Ok(a)) => drop(announcements.send(a)),
-                        _ => tracing::debug!(channel = %name, "ignoring a malformed announcement"),
-                    }
-                    continue;
-                }
-                if name != channel {
-                    continue;
-                }
-                match serde_json::from_slice::<PresenceChange>(msg.get_payload_bytes()) {
-                    // Nobody listening is fine.
-                    Ok(change) => drop(changes.send(change)),
-                    Err(e) => tracing::warn!(%channel, "ignoring a malformed presence change: {e}"),
-                }
+impl PushHandler for Inner {
+    fn conn(&self) -> ConnectionManager {
+        self.conn.clone()
+    }
+
+    fn message(&self, msg: Msg) {
+        let name = msg.get_channel_name();
+        if name == self.announcement_channel {
+            // Anyone can publish there: the dispatcher verifies before relaying.
+            match std::str::from_utf8(msg.get_payload_bytes())
+                .ok()
+                .map(Announcement::from_json)
+            {
+                Some(Ok(a)) => drop(self.announcements.send(a)),
+                _ => tracing::debug!(channel = %name, "ignoring a malformed announcement"),
             }
-            PushKind::Disconnection => {
-                tracing::warn!("lost the connection to Redis; reconnecting");
-                // The manager reconnects (and subscribes again) on its own, but gives up after
-                // a few attempts until the next request; keep requesting until it is back.
-                if !until_reconnected(|| storage.upgrade().map(|inner| inner.conn())).await {
-                    return;
-                }
-            }
-            _ => {}
+            return;
+        }
+        if name != self.keys.channel() {
+            return;
+        }
+        match serde_json::from_slice::<PresenceChange>(msg.get_payload_bytes()) {
+            // Nobody listening is fine.
+            Ok(change) => drop(self.changes.send(change)),
+            Err(e) => tracing::warn!(channel = %name, "ignoring a malformed presence change: {e}"),
         }
     }
 }

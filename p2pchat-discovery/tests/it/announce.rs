@@ -6,10 +6,8 @@ use std::sync::Arc;
 
 use futures::StreamExt;
 use p2pchat_core::store::{RedisStore, RedisStoreConfig};
-use p2pchat_core::{
-    Announcement, ChatNode, DiscoveryClient, DiscoveryError, Event, Events, Identity,
-};
-use p2pchat_discovery::{Config, RedisStorage, Storage};
+use p2pchat_core::{Announcement, ChatNode, DiscoveryClient, Event, Events, Identity};
+use p2pchat_discovery::{Config, RedisStorage, RelayError, Storage};
 
 use super::util::*;
 
@@ -55,11 +53,11 @@ async fn a_signed_announcement_is_relayed_to_every_online_node_and_forgeries_are
 
     let forged = Announcement::sign(&Identity::generate(), "free coins").unwrap();
     assert!(matches!(
-        server.client().announce(&forged).await,
-        Err(DiscoveryError::Refused(_))
+        server.announce(&forged).await,
+        Err(RelayError::Refused(_))
     ));
     let real = Announcement::sign(&operator, "maintenance at noon").unwrap();
-    let sessions = server.client().announce(&real).await.unwrap();
+    let sessions = server.announce(&real).await.unwrap();
     assert_eq!(sessions, 2);
     assert_eq!(
         next_announcement(&mut alice_events).await,
@@ -71,11 +69,11 @@ async fn a_signed_announcement_is_relayed_to_every_online_node_and_forgeries_are
     );
     // The same announcement again is a replay.
     assert!(matches!(
-        server.client().announce(&real).await,
-        Err(DiscoveryError::Refused(_))
+        server.announce(&real).await,
+        Err(RelayError::Refused(_))
     ));
     let next = Announcement::sign(&operator, "back to normal").unwrap();
-    server.client().announce(&next).await.unwrap();
+    server.announce(&next).await.unwrap();
     assert_eq!(
         next_announcement(&mut bob_events).await,
         "back to normal",
@@ -116,7 +114,7 @@ async fn an_announcement_to_one_instance_reaches_nodes_on_another_sharing_redis(
     let carol = node("carol", two.client()).await;
     let mut events = carol.events();
     let real = Announcement::sign(&operator, "hello from instance one").unwrap();
-    one.client().announce(&real).await.unwrap();
+    one.announce(&real).await.unwrap();
     assert_eq!(
         next_announcement(&mut events).await,
         "hello from instance one"

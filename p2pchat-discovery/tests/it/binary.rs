@@ -21,7 +21,7 @@ fn binary() -> Command {
 async fn the_binary_serves_on_its_data_dir_and_stops_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();
     // Its stdout stays open to the end: the server may still write to it.
-    let mut server = DiscoveryProcess::start(
+    let mut server = discovery_process(
         dir.path(),
         &["--listen", "127.0.0.1:0", "--presence-ttl", "2"],
     )
@@ -87,7 +87,7 @@ async fn the_binary_explains_a_taken_port_and_an_unreachable_redis() {
 async fn announce_signs_with_the_servers_operator_key_and_every_online_node_shows_it() {
     use futures::StreamExt;
     let dir = tempfile::tempdir().unwrap();
-    let server = DiscoveryProcess::start(dir.path(), &["--listen", "127.0.0.1:0"]).await;
+    let server = discovery_process(dir.path(), &["--listen", "127.0.0.1:0"]).await;
     let addr = server.addr.to_string();
     assert!(dir.path().join("operator.key").exists(), "created at start");
     let node = p2pchat_core::ChatNode::builder()

@@ -4,12 +4,12 @@
 //! else's name, and a node's pinned operator key changing under it.
 
 use std::net::SocketAddr;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::BytesMut;
 use futures::StreamExt;
 use p2pchat_core::protocol::discovery::{
-    Claim, ClientFrame, RegisterRequest, Reply, Request, ServerFrame, WireError,
+    Claim, ClientFrame, RegisterRequest, Reply, Request, ServerFrame, WireError, WireMessage,
     register_transcript,
 };
 use p2pchat_core::protocol::{FrameCodec, MAX_FRAME_LEN};
@@ -151,13 +151,14 @@ async fn until_connections(server: &TestServer, n: usize) {
     });
 }
 
-fn message(id: MessageId, from: &str, to: &str) -> StoredMessage {
-    StoredMessage {
+fn message(id: MessageId, from: &str, to: &str) -> WireMessage {
+    let expires_at = SystemTime::now() + Duration::from_secs(3600);
+    WireMessage {
         id,
         from: from.to_owned(),
         to: to.to_owned(),
         token: "gAAAAA-sealed".to_owned(),
-        expires_at: SystemTime::now() + Duration::from_secs(3600),
+        expires_at_ns: expires_at.duration_since(UNIX_EPOCH).unwrap().as_nanos() as u64,
     }
 }
 
@@ -397,9 +398,15 @@ async fn forged_and_replayed_deposits_and_registrations_are_refused() {
             Ok(Reply::Done)
         );
     }
+    let ids = |mail: Vec<StoredMessage>| -> Vec<_> {
+        mail.into_iter()
+            .map(|m| (m.id, m.from, m.to, m.token))
+            .collect()
+    };
     let mail = bob.mailbox().unwrap().fetch("bob", 10).await.unwrap();
+    let once = (once.id, once.from, once.to, once.token);
     assert_eq!(
-        mail,
+        ids(mail),
         vec![once.clone()],
         "one message, from mallory, stored once"
     );
@@ -418,7 +425,7 @@ async fn forged_and_replayed_deposits_and_registrations_are_refused() {
     let record = bob.lookup("mallory").await.unwrap().expect("claimed");
     assert!(!record.online, "no replay brought mallory's session back");
     assert_eq!(
-        bob.mailbox().unwrap().fetch("bob", 10).await.unwrap(),
+        ids(bob.mailbox().unwrap().fetch("bob", 10).await.unwrap()),
         vec![once]
     );
     server.stop().await;
@@ -452,7 +459,7 @@ async fn a_changed_operator_key_is_reported_and_what_it_signs_is_dropped() {
         .unwrap();
     let mut events = bob.events();
     let hello = Announcement::sign(&pinned_operator, "hello from the first server").unwrap();
-    assert_eq!(first.client().announce(&hello).await.unwrap(), 1);
+    assert_eq!(first.announce(&hello).await.unwrap(), 1);
     wait_event(
         &mut events,
         |e| matches!(e, Event::Announcement { text } if text == "hello from the first server"),
@@ -489,7 +496,7 @@ async fn a_changed_operator_key_is_reported_and_what_it_signs_is_dropped() {
         _ => unreachable!(),
     }
     let relayed = Announcement::sign(&new_operator, "relayed under the new key").unwrap();
-    assert_eq!(second.client().announce(&relayed).await.unwrap(), 1);
+    assert_eq!(second.announce(&relayed).await.unwrap(), 1);
     let fed = Announcement::sign(&new_operator, "fed under the new key").unwrap();
     let genuine = Announcement::sign(&pinned_operator, "signed by the pinned key").unwrap();
     feed_tx.unbounded_send(fed.to_json()).unwrap();

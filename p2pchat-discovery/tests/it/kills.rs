@@ -28,7 +28,7 @@ struct Binary(DiscoveryProcess);
 
 impl Binary {
     async fn start(data_dir: &Path, listen: &str) -> Self {
-        Self(DiscoveryProcess::start(data_dir, &["--listen", listen, "--presence-ttl", "2"]).await)
+        Self(discovery_process(data_dir, &["--listen", listen, "--presence-ttl", "2"]).await)
     }
 
     /// SIGKILL, and wait for the process to be gone.

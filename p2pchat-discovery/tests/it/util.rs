@@ -2,17 +2,14 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
 use p2pchat_core::discovery::{DiscoveryEvent, Registration};
 use p2pchat_core::testing::TestRedis;
 use p2pchat_core::{Discovery, DiscoveryClient, DiscoverySession, Identity};
-use p2pchat_discovery::{Config, RedbStorage, RedisStorage, Server, Storage, serve};
-use tokio::io::{AsyncBufReadExt, BufReader, Lines};
+use p2pchat_discovery::{Config, Directory, RedbStorage, RedisStorage, Storage, serve};
 use tokio::net::TcpListener;
-use tokio::process::{Child, ChildStdout, Command};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
@@ -44,7 +41,7 @@ pub fn fast_config() -> Config {
 /// A server running `serve` on 127.0.0.1 in this runtime.
 pub struct TestServer {
     pub addr: SocketAddr,
-    pub server: Arc<Server>,
+    pub server: Arc<Directory>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
 }
@@ -58,7 +55,7 @@ impl TestServer {
         init_tracing();
         let listener = TcpListener::bind(addr).await.expect("bind the test server");
         let addr = listener.local_addr().unwrap();
-        let server = Server::with_storage(config, storage);
+        let server = Directory::with_storage(config, storage);
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(serve(listener, server.clone(), async move {
             let _ = stopped.await;
@@ -74,6 +71,14 @@ impl TestServer {
     /// A client of this server that reconnects quickly.
     pub fn client(&self) -> DiscoveryClient {
         client(self.addr)
+    }
+
+    /// Hands a signed announcement to this server, as the operator's tool does.
+    pub async fn announce(
+        &self,
+        announcement: &p2pchat_core::Announcement,
+    ) -> Result<u64, p2pchat_discovery::RelayError> {
+        p2pchat_discovery::relay_announcement(&self.addr.to_string(), announcement).await
     }
 
     /// Shuts the server down gracefully and waits for it.
@@ -226,42 +231,13 @@ pub async fn wait_outcome(
     .await
 }
 
-/// The real `p2pchat-discovery` binary on its embedded store, started with `args` and
-/// `--data-dir`; killed when dropped.
-pub struct DiscoveryProcess {
-    pub child: Child,
-    /// Where it says it listens.
-    pub addr: SocketAddr,
-    /// Kept open: the server may still write to its stdout.
-    _stdout: Lines<BufReader<ChildStdout>>,
-}
+pub use p2pchat_discovery::testing::DiscoveryProcess;
 
-impl DiscoveryProcess {
-    pub async fn start(data_dir: &Path, args: &[&str]) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_p2pchat-discovery"))
-            .args(args)
-            .arg("--data-dir")
-            .arg(data_dir)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("start p2pchat-discovery");
-        let mut stdout = BufReader::new(child.stdout.take().unwrap()).lines();
-        let line = tokio::time::timeout(WAIT, stdout.next_line())
-            .await
-            .expect("the server starts in time")
-            .unwrap()
-            .expect("it says where it listens");
-        let addr = line
-            .strip_prefix("p2pchat-discovery listening on ")
-            .unwrap_or_else(|| panic!("unexpected first line: {line}"))
-            .parse()
-            .unwrap();
-        Self {
-            child,
-            addr,
-            _stdout: stdout,
-        }
-    }
+/// The real `p2pchat-discovery` binary of this build, started with `args` and `--data-dir`;
+/// killed when dropped.
+pub async fn discovery_process(data_dir: &Path, args: &[&str]) -> DiscoveryProcess {
+    let binary = Path::new(env!("CARGO_BIN_EXE_p2pchat-discovery"));
+    DiscoveryProcess::start(binary, data_dir, args)
+        .await
+        .expect("p2pchat-discovery starts")
 }

@@ -2,10 +2,11 @@
 //! [`OfflineStore`].
 //!
 //! Tables (in `directory.redb`, beside the claims):
-//! - `mail`: (recipient, seq) → the [`StoredMessage`] (postcard), in deposit order;
+//! - `mail`: (recipient, seq) → the message (a `MailRecordV1`), in deposit order;
 //! - `mail_ids`: (recipient, message id) → seq, for idempotent deposits and acks by id;
 //! - `mail_expiry`: (expires-at ms, seq) → recipient, so expiry is found without a scan;
-//! - `mail_expired`: (sender, seq) → the [`ExpiredMessage`] waiting for the sender;
+//! - `mail_expired`: (sender, seq) → the expiry notice (an `ExpiredRecordV1`) waiting for
+//!   the sender;
 //! - `mail_count`: recipient → messages waiting (the quota check);
 //! - `mail_meta`: the next sequence number.
 //!
@@ -15,8 +16,9 @@
 //! leaves only when its recipient acknowledges it, or when it expires, which is recorded for
 //! its sender in the same transaction.
 
+use parking_lot::Mutex;
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Weak};
 use std::time::SystemTime;
 
 use ::redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
@@ -30,6 +32,7 @@ use p2pchat_core::store::{
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio_stream::wrappers::BroadcastStream;
 
+use super::record::{ExpiredRecordV1, MailRecordV1};
 use super::unix_ms;
 
 const MAIL: TableDefinition<'_, (&str, u64), &[u8]> = TableDefinition::new("mail");
@@ -106,7 +109,7 @@ impl RedbMailbox {
     }
 
     fn notify(&self, recipient: &str) {
-        let mut notices = self.notices.lock().unwrap_or_else(|e| e.into_inner());
+        let mut notices = self.notices.lock();
         if let Some(tx) = notices.get(recipient)
             && tx.send(()).is_err()
         {
@@ -207,7 +210,7 @@ fn put_in(
     let seq = meta.get("next").map_err(unavailable)?.map(|v| v.value());
     let seq = seq.unwrap_or(0);
     meta.insert("next", seq + 1).map_err(unavailable)?;
-    let bytes = postcard::to_stdvec(message).map_err(|_| corrupt("message"))?;
+    let bytes = MailRecordV1::encode(message);
     txn.open_table(MAIL)
         .map_err(unavailable)?
         .insert((to, seq), bytes.as_slice())
@@ -250,8 +253,7 @@ fn sweep(txn: &WriteTransaction, now_ms: u64) -> Result<(), StoreError> {
         else {
             continue;
         };
-        let message: StoredMessage =
-            postcard::from_bytes(&bytes).map_err(|_| corrupt("message"))?;
+        let message = MailRecordV1::decode(&bytes).ok_or_else(|| corrupt("message"))?;
         ids.remove((recipient.as_str(), id_key(&message.id)))
             .map_err(unavailable)?;
         decrement(&mut counts, &recipient)?;
@@ -259,7 +261,7 @@ fn sweep(txn: &WriteTransaction, now_ms: u64) -> Result<(), StoreError> {
             id: message.id,
             to: message.to,
         };
-        let notice = postcard::to_stdvec(&notice).map_err(|_| corrupt("expiry notice"))?;
+        let notice = ExpiredRecordV1::encode(&notice);
         expired
             .insert((message.from.as_str(), seq), notice.as_slice())
             .map_err(unavailable)?;
@@ -337,8 +339,8 @@ impl OfflineStore for RedbMailbox {
                     break;
                 }
                 let (_, bytes) = row.map_err(unavailable)?;
-                let message: StoredMessage =
-                    postcard::from_bytes(bytes.value()).map_err(|_| corrupt("message"))?;
+                let message =
+                    MailRecordV1::decode(bytes.value()).ok_or_else(|| corrupt("message"))?;
                 if message.expires_at > now {
                     out.push(message);
                 }
@@ -372,8 +374,8 @@ impl OfflineStore for RedbMailbox {
                         .map_err(unavailable)?
                         .map(|v| v.value().to_vec());
                     if let Some(bytes) = removed {
-                        let message: StoredMessage =
-                            postcard::from_bytes(&bytes).map_err(|_| corrupt("message"))?;
+                        let message =
+                            MailRecordV1::decode(&bytes).ok_or_else(|| corrupt("message"))?;
                         expiry
                             .remove((unix_ms(message.expires_at), seq))
                             .map_err(unavailable)?;
@@ -407,7 +409,9 @@ impl OfflineStore for RedbMailbox {
                     expired
                         .remove((sender.as_str(), seq))
                         .map_err(unavailable)?;
-                    out.push(postcard::from_bytes(&bytes).map_err(|_| corrupt("expiry notice"))?);
+                    out.push(
+                        ExpiredRecordV1::decode(&bytes).ok_or_else(|| corrupt("expiry notice"))?,
+                    );
                 }
             }
             txn.commit().map_err(unavailable)?;
@@ -417,7 +421,7 @@ impl OfflineStore for RedbMailbox {
     }
 
     async fn subscribe(&self, recipient: &str) -> Result<BoxStream<'static, ()>, StoreError> {
-        let mut notices = self.notices.lock().unwrap_or_else(|e| e.into_inner());
+        let mut notices = self.notices.lock();
         // Forget channels nobody listens to any more, now and then (amortized).
         if notices.len() >= 64 && notices.len().is_power_of_two() {
             notices.retain(|_, tx| tx.receiver_count() > 0);

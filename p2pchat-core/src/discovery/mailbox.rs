@@ -7,10 +7,14 @@ use futures::stream::BoxStream;
 use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::BroadcastStream;
 
-use super::{ExpiredMessage, MAX_FETCH_BATCH, OfflineStore, StoreError, StoredMessage};
-use crate::discovery::client::{Call, Failure, call};
-use crate::protocol::discovery::{Reply, Request};
+use std::time::{Duration, UNIX_EPOCH};
+
+use super::client::{Call, Failure, call};
+use crate::protocol::discovery::{Reply, Request, WireError, WireExpired, WireMessage};
 use crate::protocol::{MAX_ACK_BATCH, MessageId};
+use crate::store::{
+    ExpiredMessage, MAX_FETCH_BATCH, OfflineStore, StoreError, StoredMessage, put_concurrently,
+};
 
 /// The server mailbox of one registered user: [`OfflineStore`] over a
 /// [`crate::DiscoveryClient`] session, so offline delivery needs no other service.
@@ -75,6 +79,54 @@ impl MailboxStore {
     }
 }
 
+impl From<WireError> for StoreError {
+    fn from(e: WireError) -> Self {
+        match e {
+            WireError::QuotaExceeded { recipient, quota } => StoreError::QuotaExceeded {
+                recipient,
+                quota: usize::try_from(quota).unwrap_or(usize::MAX),
+            },
+            WireError::Forbidden(what) => StoreError::Forbidden(what),
+            other => StoreError::Unavailable(other.to_string()),
+        }
+    }
+}
+
+/// A message as deposited on the wire.
+fn to_wire(message: StoredMessage) -> WireMessage {
+    WireMessage {
+        id: message.id,
+        from: message.from,
+        to: message.to,
+        token: message.token,
+        expires_at_ns: message
+            .expires_at
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos()
+            .try_into()
+            .unwrap_or(u64::MAX),
+    }
+}
+
+/// A message as fetched from the wire.
+fn from_wire(message: WireMessage) -> StoredMessage {
+    StoredMessage {
+        id: message.id,
+        from: message.from,
+        to: message.to,
+        token: message.token,
+        expires_at: UNIX_EPOCH + Duration::from_nanos(message.expires_at_ns),
+    }
+}
+
+fn expired(notice: WireExpired) -> ExpiredMessage {
+    ExpiredMessage {
+        id: notice.id,
+        to: notice.to,
+    }
+}
+
 fn wrong_reply(reply: Reply) -> StoreError {
     StoreError::Unavailable(format!("unexpected reply from the server: {reply:?}"))
 }
@@ -88,7 +140,10 @@ impl OfflineStore for MailboxStore {
                 self.user, message.from
             )));
         }
-        match self.call(Request::Deposit(Box::new(message))).await? {
+        match self
+            .call(Request::Deposit(Box::new(to_wire(message))))
+            .await?
+        {
             Reply::Done => Ok(()),
             other => Err(wrong_reply(other)),
         }
@@ -96,14 +151,14 @@ impl OfflineStore for MailboxStore {
 
     /// The deposits pipelined on the session, in order: one round trip for the batch.
     async fn put_many(&self, messages: Vec<StoredMessage>) -> Vec<Result<(), StoreError>> {
-        super::put_concurrently(self, messages).await
+        put_concurrently(self, messages).await
     }
 
     async fn fetch(&self, recipient: &str, limit: usize) -> Result<Vec<StoredMessage>, StoreError> {
         self.only_mine(recipient, "read")?;
         let limit = limit.clamp(1, MAX_FETCH_BATCH) as u32;
         match self.call(Request::FetchMail { limit }).await? {
-            Reply::Mail(mail) => Ok(mail),
+            Reply::Mail(mail) => Ok(mail.into_iter().map(from_wire).collect()),
             other => Err(wrong_reply(other)),
         }
     }
@@ -132,7 +187,7 @@ impl OfflineStore for MailboxStore {
             )));
         }
         match self.call(Request::TakeExpired).await? {
-            Reply::Expired(expired) => Ok(expired),
+            Reply::Expired(notices) => Ok(notices.into_iter().map(expired).collect()),
             other => Err(wrong_reply(other)),
         }
     }

@@ -1,0 +1,81 @@
+//! The server's settings: [`Config`], and the named defaults of every limit and timing.
+
+use std::time::Duration;
+
+use p2pchat_core::Identity;
+use p2pchat_core::protocol::discovery::{DEFAULT_CLAIM_LAPSE, DEFAULT_PRESENCE_TTL};
+
+/// Where the binary listens unless told otherwise (as the original).
+pub const DEFAULT_LISTEN_ADDR: &str = "0.0.0.0:5001";
+
+/// Most connections the server holds at once. Default: 20,000.
+pub const MAX_CONNECTIONS: usize = 20_000;
+
+/// Most connections from one IP address. Default: 256 (a NAT can hide many users).
+pub const MAX_CONNECTIONS_PER_IP: usize = 256;
+
+/// Registrations per second allowed from one IP address (bursts of twice as many).
+/// Default: 20.
+pub const REGISTRATIONS_PER_SECOND_PER_IP: u32 = 20;
+
+/// Deposits per second allowed from one user into the mailboxes (bursts of
+/// [`DEPOSIT_BURST`]). Default: 1,000.
+pub const DEPOSITS_PER_SECOND_PER_USER: u32 = 1_000;
+
+/// Deposits one user may make at once: a node that lost a peer stores everything it had in
+/// flight in one go. Default: 10,000.
+pub const DEPOSIT_BURST: u32 = 10_000;
+
+/// How long a new connection may take to register. A client that trickles its bytes is cut
+/// off when it runs out. Default: 5 s.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Presence pushes queued for one session before further ones are dropped. Default: 64.
+pub const SESSION_PUSH_CAPACITY: usize = 64;
+
+/// How long sessions get to close when the server shuts down. Default: 5 s.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// Limits and timings of a server. Every field has a named default.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// A session without keep-alive for this long goes offline.
+    /// By default, [`DEFAULT_PRESENCE_TTL`] (30 s).
+    pub presence_ttl: Duration,
+    /// A name whose owner has not been seen for this long may be claimed by another key.
+    /// By default, [`DEFAULT_CLAIM_LAPSE`] (180 days).
+    pub claim_lapse: Duration,
+    /// Time allowed from accepting a connection to its registration.
+    /// By default, [`HANDSHAKE_TIMEOUT`].
+    pub handshake_timeout: Duration,
+    /// A session that sends nothing at all for this long is closed.
+    /// By default, three presence TTLs.
+    pub idle_timeout: Duration,
+    /// By default, [`MAX_CONNECTIONS`].
+    pub max_connections: usize,
+    /// By default, [`MAX_CONNECTIONS_PER_IP`].
+    pub max_connections_per_ip: usize,
+    /// 0 means unlimited. By default, [`REGISTRATIONS_PER_SECOND_PER_IP`].
+    pub registrations_per_second_per_ip: u32,
+    /// 0 means unlimited. By default, [`DEPOSITS_PER_SECOND_PER_USER`].
+    pub deposits_per_second_per_user: u32,
+    /// The key that signs announcements. Nodes learn its public half at registration and
+    /// pin it. By default, none: the server relays no announcements.
+    pub operator: Option<Identity>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            presence_ttl: DEFAULT_PRESENCE_TTL,
+            claim_lapse: DEFAULT_CLAIM_LAPSE,
+            handshake_timeout: HANDSHAKE_TIMEOUT,
+            idle_timeout: DEFAULT_PRESENCE_TTL * 3,
+            max_connections: MAX_CONNECTIONS,
+            max_connections_per_ip: MAX_CONNECTIONS_PER_IP,
+            registrations_per_second_per_ip: REGISTRATIONS_PER_SECOND_PER_IP,
+            deposits_per_second_per_user: DEPOSITS_PER_SECOND_PER_USER,
+            operator: None,
+        }
+    }
+}

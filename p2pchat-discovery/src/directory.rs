@@ -1,0 +1,276 @@
+//! The directory: the state a server's sessions share (sessions here, watchers, limits,
+//! mailboxes, the operator key), behind methods, and the tasks that relay presence changes
+//! and announcements to the sessions and sweep expired presence.
+
+use parking_lot::Mutex;
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use p2pchat_core::announce::AnnouncementGuard;
+use p2pchat_core::limits::ConnectionLimits;
+use p2pchat_core::protocol::discovery::{Push, WireError};
+use p2pchat_core::{Announcement, Identity, PublicKey};
+use tokio::sync::{Notify, broadcast, mpsc};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::limits::KeyedRate;
+use crate::mail::Mail;
+use crate::storage::{PresenceChange, SessionId, Storage};
+
+/// How often the registration rate limiter forgets idle addresses.
+const RATE_LIMITER_CLEANUP: Duration = Duration::from_secs(60);
+
+/// A session's entry in the server's tables.
+#[derive(Debug)]
+struct LocalSession {
+    id: SessionId,
+    /// Woken when the same user may have registered again (here or on another instance).
+    /// A hint only: the session asks the storage, whose last `set_online` wins, so two
+    /// racing registrations never both lose.
+    check: Arc<Notify>,
+    /// Its push queue, for announcements.
+    pushes: mpsc::Sender<Push>,
+}
+
+/// The directory: what a server's sessions share, behind methods. Its configuration and
+/// storage, the connection and registration limits, the mailboxes with their rules, who is
+/// connected here and who watches whom, and the relay of presence changes and
+/// announcements to them.
+#[derive(Debug)]
+pub struct Directory {
+    pub(crate) config: Config,
+    pub(crate) storage: Arc<dyn Storage>,
+    pub(crate) connections: Arc<ConnectionLimits>,
+    pub(crate) registrations: KeyedRate<IpAddr>,
+    /// The mailboxes, with the deposit rules.
+    pub(crate) mail: Mail,
+    /// The operator key's public half, if the server has one.
+    pub(crate) operator_key: Option<PublicKey>,
+    /// Announcements relayed recently (no replays through this server).
+    announced: Mutex<AnnouncementGuard>,
+    /// watched username → watching sessions here → their push queues.
+    watchers: Mutex<HashMap<String, HashMap<SessionId, mpsc::Sender<Push>>>>,
+    /// username → the session registered here.
+    sessions: Mutex<HashMap<String, LocalSession>>,
+}
+
+impl Directory {
+    /// A directory over `storage`.
+    pub fn new(config: Config, storage: impl Storage) -> Arc<Self> {
+        Self::with_storage(config, Arc::new(storage))
+    }
+
+    /// A directory over shared `storage`.
+    pub fn with_storage(config: Config, storage: Arc<dyn Storage>) -> Arc<Self> {
+        Arc::new(Self {
+            connections: ConnectionLimits::new(
+                config.max_connections,
+                config.max_connections_per_ip,
+            ),
+            registrations: KeyedRate::new(
+                config.registrations_per_second_per_ip,
+                config.registrations_per_second_per_ip.saturating_mul(2),
+            ),
+            mail: Mail::new(storage.clone(), config.deposits_per_second_per_user),
+            operator_key: config.operator.as_ref().map(Identity::public_key),
+            announced: Mutex::new(AnnouncementGuard::default()),
+            config,
+            storage,
+            watchers: Mutex::new(HashMap::new()),
+            sessions: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Connections open now (registered or not).
+    pub fn open_connections(&self) -> usize {
+        self.connections.open_connections()
+    }
+
+    /// Sessions registered with this instance now.
+    pub fn registered_sessions(&self) -> usize {
+        self.sessions.lock().len()
+    }
+
+    /// Records `username`'s new session here; an older one is told to check whether it was
+    /// replaced. Returns the new session's check signal.
+    pub(crate) fn add_session(
+        &self,
+        username: &str,
+        id: SessionId,
+        pushes: mpsc::Sender<Push>,
+    ) -> Arc<Notify> {
+        let check = Arc::new(Notify::new());
+        let old = self.sessions.lock().insert(
+            username.to_owned(),
+            LocalSession {
+                id,
+                check: check.clone(),
+                pushes,
+            },
+        );
+        if let Some(old) = old {
+            old.check.notify_one();
+        }
+        check
+    }
+
+    /// Forgets `username`'s session `id` (if it is still the current one).
+    pub(crate) fn remove_session(&self, username: &str, id: SessionId) {
+        let mut sessions = self.sessions.lock();
+        if sessions.get(username).is_some_and(|s| s.id == id) {
+            sessions.remove(username);
+        }
+    }
+
+    pub(crate) fn watch(&self, target: &str, id: SessionId, pushes: mpsc::Sender<Push>) {
+        self.watchers
+            .lock()
+            .entry(target.to_owned())
+            .or_default()
+            .insert(id, pushes);
+    }
+
+    pub(crate) fn unwatch(&self, target: &str, id: SessionId) {
+        let mut watchers = self.watchers.lock();
+        if let Some(w) = watchers.get_mut(target) {
+            w.remove(&id);
+            if w.is_empty() {
+                watchers.remove(target);
+            }
+        }
+    }
+
+    /// Applies one presence change: replaces sessions of a user who registered elsewhere,
+    /// and pushes the change to the sessions here that watch the user.
+    fn dispatch(&self, change: PresenceChange) {
+        let (username, push) = match change {
+            PresenceChange::Online { username, session } => {
+                if let Some(local) = self.sessions.lock().get(&username)
+                    && local.id != session
+                {
+                    local.check.notify_one();
+                }
+                let push = Push::PeerOnline {
+                    username: username.clone(),
+                };
+                (username, push)
+            }
+            PresenceChange::Offline { username } => {
+                let push = Push::PeerOffline {
+                    username: username.clone(),
+                };
+                (username, push)
+            }
+        };
+        if let Some(watching) = self.watchers.lock().get(&username) {
+            for (id, pushes) in watching {
+                if pushes.try_send(push.clone()).is_err() {
+                    // Presence is a hint: a client that does not keep up re-resolves later.
+                    tracing::debug!(session = %id, user = %username, "push queue full; dropped");
+                }
+            }
+        }
+    }
+
+    /// Checks an announcement submitted to this server: signed by its operator key, fresh,
+    /// not relayed before.
+    pub(crate) fn admit_announcement(&self, a: &Announcement) -> Result<(), WireError> {
+        let Some(operator) = self.operator_key else {
+            return Err(WireError::Forbidden(
+                "this server has no operator key; it relays no announcements".into(),
+            ));
+        };
+        self.announced
+            .lock()
+            .admit(a, &operator, SystemTime::now())
+            .map_err(|e| WireError::Forbidden(format!("announcement refused: {e}")))
+    }
+
+    /// Sends an announcement to every session registered here; returns how many.
+    fn relay(&self, a: &Announcement) -> u64 {
+        let sessions = self.sessions.lock();
+        let mut sent = 0;
+        for (user, session) in sessions.iter() {
+            match session
+                .pushes
+                .try_send(Push::Announcement(Box::new(a.clone())))
+            {
+                Ok(()) => sent += 1,
+                Err(_) => tracing::debug!(%user, "push queue full; announcement dropped"),
+            }
+        }
+        sent
+    }
+
+    /// Relays an announcement from the feed if the operator key signed it (on Redis anyone
+    /// can publish on the channel; nodes check again with the key they pinned).
+    fn relay_from_feed(&self, a: &Announcement) -> u64 {
+        match self.operator_key.map(|key| a.verify(&key)) {
+            Some(Ok(())) => self.relay(a),
+            _ => {
+                tracing::debug!(id = %a.id, "not relaying an announcement the operator did not sign");
+                0
+            }
+        }
+    }
+
+    pub(crate) async fn dispatch_loop(
+        self: Arc<Self>,
+        mut feed: broadcast::Receiver<PresenceChange>,
+        mut announcements: broadcast::Receiver<Announcement>,
+        stop: CancellationToken,
+    ) {
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                a = announcements.recv() => match a {
+                    Ok(a) => {
+                        let sent = self.relay_from_feed(&a);
+                        tracing::info!(id = %a.id, sessions = sent, "announcement relayed");
+                    }
+                    Err(broadcast::error::RecvError::Lagged(n)) => {
+                        tracing::warn!(missed = n, "announcement feed lagged");
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return,
+                },
+                change = feed.recv() => match change {
+                    Ok(change) => self.dispatch(change),
+                    Err(broadcast::error::RecvError::Lagged(n)) => {
+                        tracing::warn!(missed = n, "presence feed lagged; some pushes were not sent");
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return,
+                },
+            }
+        }
+    }
+
+    pub(crate) async fn sweep_loop(self: Arc<Self>, stop: CancellationToken) {
+        let every =
+            (self.config.presence_ttl / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
+        let mut sweep = tokio::time::interval(every);
+        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut cleanup = tokio::time::interval(RATE_LIMITER_CLEANUP);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = sweep.tick() => {
+                    if let Err(e) = self.storage.sweep().await {
+                        tracing::warn!(error = %e, "presence sweep failed");
+                    }
+                }
+                _ = cleanup.tick() => {
+                    self.registrations.forget_idle();
+                    self.mail.forget_idle();
+                }
+            }
+        }
+    }
+}

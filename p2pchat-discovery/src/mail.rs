@@ -1,0 +1,199 @@
+//! The mailboxes as sessions use them: the storage's mailbox ([`Storage::mailbox`]) with
+//! the rules a deposit must follow beside it. A session acts for its own user only: it
+//! deposits in that user's name, into the mailbox of a name someone holds, within the
+//! user's deposit rate, a token no longer than [`MAX_TOKEN_LEN`] and an expiry no later than
+//! [`MAX_MESSAGE_TTL`] from now; it reads, acknowledges and takes expiry notices of its own
+//! mailbox only.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures::stream::BoxStream;
+use p2pchat_core::protocol::discovery::{WireError, WireExpired, WireMessage};
+use p2pchat_core::protocol::{MAX_ACK_BATCH, MAX_TOKEN_LEN, MessageId, validate_username};
+use p2pchat_core::store::{
+    ExpiredMessage, MAX_FETCH_BATCH, MAX_MESSAGE_TTL, StoreError, StoredMessage,
+};
+
+use crate::config::DEPOSIT_BURST;
+use crate::limits::KeyedRate;
+use crate::storage::{Storage, StorageError};
+
+/// Mail tokens one reply may carry, in bytes: the reply must fit in a frame. Default: 192 KiB.
+const MAIL_REPLY_BUDGET: usize = 192 * 1024;
+
+/// The mailboxes and their rules.
+#[derive(Debug)]
+pub(crate) struct Mail {
+    storage: Arc<dyn Storage>,
+    /// Deposits per user.
+    deposits: KeyedRate<String>,
+}
+
+/// The wire error a storage failure earns (logged: the client sees only a summary).
+pub(crate) fn storage_error(e: StorageError) -> WireError {
+    match e {
+        StorageError::NameTaken(username) => WireError::NameTaken { username },
+        e => {
+            tracing::warn!(error = %e, "storage failed");
+            WireError::Backend(e.to_string())
+        }
+    }
+}
+
+fn store_error(e: StoreError) -> WireError {
+    match e {
+        StoreError::QuotaExceeded { recipient, quota } => WireError::QuotaExceeded {
+            recipient,
+            quota: quota as u64,
+        },
+        StoreError::Forbidden(what) => WireError::Forbidden(what),
+        e => {
+            tracing::warn!(error = %e, "mailbox failed");
+            WireError::Backend(e.to_string())
+        }
+    }
+}
+
+fn to_wire(message: StoredMessage) -> WireMessage {
+    WireMessage {
+        id: message.id,
+        from: message.from,
+        to: message.to,
+        token: message.token,
+        expires_at_ns: message
+            .expires_at
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos()
+            .try_into()
+            .unwrap_or(u64::MAX),
+    }
+}
+
+fn expiry_to_wire(notice: ExpiredMessage) -> WireExpired {
+    WireExpired {
+        id: notice.id,
+        to: notice.to,
+    }
+}
+
+impl Mail {
+    pub(crate) fn new(storage: Arc<dyn Storage>, deposits_per_second_per_user: u32) -> Self {
+        Self {
+            storage,
+            deposits: KeyedRate::new(deposits_per_second_per_user, DEPOSIT_BURST),
+        }
+    }
+
+    /// Forgets users whose deposit allowance is full again.
+    pub(crate) fn forget_idle(&self) {
+        self.deposits.forget_idle();
+    }
+
+    /// Leaves a message from `me` in its recipient's mailbox, by the rules.
+    pub(crate) async fn deposit(&self, me: &str, message: WireMessage) -> Result<(), WireError> {
+        if message.token.len() > MAX_TOKEN_LEN {
+            return Err(WireError::LimitExceeded(format!(
+                "a stored message is at most {MAX_TOKEN_LEN} bytes"
+            )));
+        }
+        if message.from != me {
+            return Err(WireError::Forbidden(format!(
+                "{me} may not deposit mail in {}'s name",
+                message.from
+            )));
+        }
+        if validate_username(&message.to).is_err() {
+            return Err(WireError::InvalidUsername(message.to));
+        }
+        if !self.deposits.allow(&me.to_owned()) {
+            return Err(WireError::RateLimited);
+        }
+        if self
+            .storage
+            .claim_of(&message.to)
+            .await
+            .map_err(storage_error)?
+            .is_none()
+        {
+            return Err(WireError::Forbidden(format!(
+                "there is no user named {}",
+                message.to
+            )));
+        }
+        // Nobody's mail waits longer than the longest TTL, whatever the sender asked.
+        let latest = SystemTime::now() + MAX_MESSAGE_TTL;
+        let expires_at = (UNIX_EPOCH + Duration::from_nanos(message.expires_at_ns)).min(latest);
+        let stored = StoredMessage {
+            id: message.id,
+            from: message.from,
+            to: message.to,
+            token: message.token,
+            expires_at,
+        };
+        self.storage
+            .mailbox()
+            .put(stored)
+            .await
+            .map_err(store_error)
+    }
+
+    /// `me`'s oldest waiting messages, at most `limit` and as many as fit one reply (at
+    /// least one, which always fits: tokens are at most [`MAX_TOKEN_LEN`]); the rest come
+    /// with the next fetch.
+    pub(crate) async fn fetch(&self, me: &str, limit: u32) -> Result<Vec<WireMessage>, WireError> {
+        let limit = (limit as usize).clamp(1, MAX_FETCH_BATCH);
+        let mut mail = self
+            .storage
+            .mailbox()
+            .fetch(me, limit)
+            .await
+            .map_err(store_error)?;
+        let mut used = 0;
+        let keep = mail
+            .iter()
+            .take_while(|m| {
+                used += m.token.len() + m.from.len() + m.to.len() + 64;
+                used <= MAIL_REPLY_BUDGET
+            })
+            .count()
+            .max(1);
+        mail.truncate(keep);
+        Ok(mail.into_iter().map(to_wire).collect())
+    }
+
+    /// Removes processed messages from `me`'s mailbox.
+    pub(crate) async fn ack(&self, me: &str, ids: &[MessageId]) -> Result<(), WireError> {
+        if ids.len() > MAX_ACK_BATCH {
+            return Err(WireError::LimitExceeded(format!(
+                "at most {MAX_ACK_BATCH} ids per acknowledgement"
+            )));
+        }
+        self.storage
+            .mailbox()
+            .ack(me, ids)
+            .await
+            .map_err(store_error)
+    }
+
+    /// Expiry notices of messages `me` sent.
+    pub(crate) async fn take_expired(&self, me: &str) -> Result<Vec<WireExpired>, WireError> {
+        let taken = self
+            .storage
+            .mailbox()
+            .take_expired(me)
+            .await
+            .map_err(store_error)?;
+        Ok(taken.into_iter().map(expiry_to_wire).collect())
+    }
+
+    /// New-mail notices for `me`'s mailbox.
+    pub(crate) async fn subscribe(&self, me: &str) -> Result<BoxStream<'static, ()>, WireError> {
+        self.storage
+            .mailbox()
+            .subscribe(me)
+            .await
+            .map_err(|e| WireError::Backend(e.to_string()))
+    }
+}

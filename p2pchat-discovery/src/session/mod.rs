@@ -1,0 +1,251 @@
+//! One client connection, in rooms: `connection` (frames in and out, closing),
+//! `register` (the handshake), `announce` (a connection that announces instead), and one file
+//! per request kind under `request/`. The session here reads requests, answers them in
+//! order, and forwards pushes.
+
+mod announce;
+mod connection;
+mod register;
+mod request;
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use futures::StreamExt;
+use futures::stream::BoxStream;
+use p2pchat_core::protocol::FrameCodec;
+use p2pchat_core::protocol::discovery::{ClientFrame, Push, Request, ServerFrame, WireError};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+use tokio::sync::{Notify, mpsc};
+use tokio::time::Instant;
+use tokio_util::codec::FramedRead;
+use tokio_util::sync::CancellationToken;
+
+pub use connection::WRITE_TIMEOUT;
+use connection::{READ_BUFFER, Reader, Writer, close, decode_error, refuse};
+use request::{Answer, Then};
+
+use crate::directory::Directory;
+use crate::storage::{Lease, touch_interval};
+
+/// Handles one accepted connection from start to end.
+pub(crate) async fn run(
+    directory: Arc<Directory>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    stop: CancellationToken,
+) {
+    let _ = stream.set_nodelay(true);
+    let (read, write) = stream.into_split();
+    serve_connection(directory, read, write, peer, stop).await;
+}
+
+/// [`run`] over any byte stream, split into its halves: `peer` is the address the client is
+/// taken to connect from.
+pub(crate) async fn serve_connection<R, W>(
+    directory: Arc<Directory>,
+    read: R,
+    write: W,
+    peer: SocketAddr,
+    stop: CancellationToken,
+) where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut reader = FramedRead::with_capacity(read, FrameCodec::default(), READ_BUFFER);
+    let mut writer = Writer::new(write);
+    let _permit = match directory.connections.try_acquire(peer.ip()) {
+        Ok(permit) => permit,
+        Err(refused) => {
+            tracing::info!(%refused, "connection refused");
+            refuse(
+                writer,
+                reader,
+                WireError::LimitExceeded(refused.to_string()),
+            )
+            .await;
+            return;
+        }
+    };
+    let limit = directory.config.handshake_timeout;
+    let registered = tokio::select! {
+        _ = stop.cancelled() => Err(Some(WireError::ShuttingDown)),
+        outcome = tokio::time::timeout(limit, register::apply(&directory, &mut reader, &mut writer, peer)) => {
+            outcome.unwrap_or_else(|_| Err(Some(WireError::LimitExceeded(format!(
+                "registration must complete within {} ms", limit.as_millis()
+            )))))
+        }
+    };
+    match registered {
+        Ok(Opening::Session(session, mail)) => session.serve(reader, writer, mail, stop).await,
+        Ok(Opening::Announced) => close(writer, reader).await,
+        Err(Some(error)) => refuse(writer, reader, error).await,
+        Err(None) => {}
+    }
+}
+
+/// What a connection turned out to be.
+pub(super) enum Opening {
+    /// A registered session, and its new-mail notices.
+    Session(Box<Session>, BoxStream<'static, ()>),
+    /// An operator's announcement, relayed and answered.
+    Announced,
+}
+
+/// A registered session.
+pub(super) struct Session {
+    directory: Arc<Directory>,
+    lease: Lease,
+    since: Instant,
+    /// Woken when another registration of the same user may have replaced this one.
+    check: Arc<Notify>,
+    pushes: mpsc::Sender<Push>,
+    push_rx: mpsc::Receiver<Push>,
+    watching: HashSet<String>,
+}
+
+impl Session {
+    async fn serve<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
+        mut self,
+        mut reader: Reader<R>,
+        mut writer: Writer<W>,
+        mut mail: BoxStream<'static, ()>,
+        stop: CancellationToken,
+    ) {
+        let idle = self.directory.config.idle_timeout;
+        let mut last_frame = Instant::now();
+        let replaced = loop {
+            tokio::select! {
+                biased;
+                _ = stop.cancelled() => {
+                    let _ = writer.send(&ServerFrame::Error(WireError::ShuttingDown)).await;
+                    break false;
+                }
+                _ = self.check.notified() => {
+                    if self.is_replaced().await {
+                        break true;
+                    }
+                }
+                Some(push) = self.push_rx.recv() => {
+                    if writer.send(&ServerFrame::Push(push)).await.is_err() {
+                        break false;
+                    }
+                }
+                Some(()) = mail.next() => {
+                    if writer.send(&ServerFrame::Push(Push::NewMail)).await.is_err() {
+                        break false;
+                    }
+                }
+                frame = tokio::time::timeout_at(last_frame + idle, reader.next()) => {
+                    let frame = match frame {
+                        Err(_) => {
+                            tracing::debug!("idle session closed");
+                            break false;
+                        }
+                        Ok(None) => break false,
+                        Ok(Some(frame)) => frame,
+                    };
+                    last_frame = Instant::now();
+                    match frame {
+                        Ok(ClientFrame::Request { id, request }) => {
+                            let (result, then) = self.handle(request).await;
+                            if writer.send(&ServerFrame::Response { id, result }).await.is_err() {
+                                break false;
+                            }
+                            match then {
+                                Then::Continue => {}
+                                Then::Close => break false,
+                                Then::Replaced => break true,
+                            }
+                        }
+                        Ok(_) => {
+                            let _ = writer.send(&ServerFrame::Error(WireError::BadFrame(
+                                "this session is already registered".into(),
+                            ))).await;
+                            break false;
+                        }
+                        Err(e) => {
+                            if let Some(error) = decode_error(e) {
+                                tracing::debug!(%error, "bad frame");
+                                let _ = writer.send(&ServerFrame::Error(error)).await;
+                            }
+                            break false;
+                        }
+                    }
+                }
+            }
+        };
+        if replaced {
+            tracing::debug!(user = %self.lease.username, "replaced by a newer registration");
+            let _ = writer.send(&ServerFrame::Push(Push::Replaced)).await;
+        }
+        self.end(replaced).await;
+        close(writer, reader).await;
+    }
+
+    /// Whether the storage's lease for this user now names another session.
+    async fn is_replaced(&self) -> bool {
+        match self.directory.storage.online(&self.lease.username).await {
+            Ok(Some(current)) => current.session != self.lease.session,
+            Ok(None) => false,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot check the lease; keeping the session");
+                false
+            }
+        }
+    }
+
+    /// Takes the session out of every table and, unless it was replaced, offline.
+    async fn end(self, replaced: bool) {
+        let directory = &self.directory;
+        let lease = &self.lease;
+        for target in &self.watching {
+            directory.unwatch(target, lease.session);
+        }
+        directory.remove_session(&lease.username, lease.session);
+        if !replaced
+            && let Err(e) = directory
+                .storage
+                .set_offline(&lease.username, lease.session)
+                .await
+        {
+            tracing::warn!(user = %lease.username, error = %e, "cannot mark offline; the lease will expire");
+        }
+        // The claim's inactivity clock starts when its owner leaves; short sessions are
+        // already covered by the registration's own touch.
+        if self.since.elapsed() >= touch_interval(directory.config.claim_lapse)
+            && let Err(e) = directory
+                .storage
+                .touch(&lease.username, &lease.public_key)
+                .await
+        {
+            tracing::warn!(user = %lease.username, error = %e, "cannot record last seen");
+        }
+    }
+
+    /// Answers one request: each kind is a file of `request/`.
+    async fn handle(&mut self, request: Request) -> Answer {
+        match request {
+            Request::KeepAlive => request::keep_alive::apply(self).await,
+            Request::Lookup { username } => request::lookup::apply(self, &username).await,
+            Request::ListOnline { after, limit } => {
+                request::list_online::apply(self, after.as_deref(), limit).await
+            }
+            Request::Watch { username } => request::watch::watch(self, username),
+            Request::Unwatch { username } => request::watch::unwatch(self, &username),
+            Request::Deregister => request::deregister::apply(),
+            Request::Deposit(message) => request::deposit::apply(self, *message).await,
+            Request::FetchMail { limit } => request::fetch_mail::apply(self, limit).await,
+            Request::AckMail { ids } => request::ack_mail::apply(self, &ids).await,
+            Request::TakeExpired => request::take_expired::apply(self).await,
+            other => (
+                Err(WireError::BadFrame(format!(
+                    "unsupported request {other:?}"
+                ))),
+                Then::Continue,
+            ),
+        }
+    }
+}

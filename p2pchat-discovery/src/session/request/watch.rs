@@ -1,0 +1,35 @@
+//! `Watch` and `Unwatch`: presence changes of a user, pushed to this session.
+
+use p2pchat_core::protocol::discovery::{MAX_WATCHES, Reply, WireError};
+use p2pchat_core::protocol::validate_username;
+
+use super::{Answer, Then};
+use crate::session::Session;
+
+/// Pushes `username`'s presence changes from now on (at most [`MAX_WATCHES`] users).
+pub(in crate::session) fn watch(session: &mut Session, username: String) -> Answer {
+    if validate_username(&username).is_err() {
+        return (Err(WireError::InvalidUsername(username)), Then::Continue);
+    }
+    if !session.watching.contains(&username) {
+        if session.watching.len() >= MAX_WATCHES {
+            let error = WireError::LimitExceeded(format!(
+                "a session may watch at most {MAX_WATCHES} users"
+            ));
+            return (Err(error), Then::Continue);
+        }
+        session
+            .directory
+            .watch(&username, session.lease.session, session.pushes.clone());
+        session.watching.insert(username);
+    }
+    (Ok(Reply::Done), Then::Continue)
+}
+
+/// Stops pushing `username`'s presence changes.
+pub(in crate::session) fn unwatch(session: &mut Session, username: &str) -> Answer {
+    if session.watching.remove(username) {
+        session.directory.unwatch(username, session.lease.session);
+    }
+    (Ok(Reply::Done), Then::Continue)
+}

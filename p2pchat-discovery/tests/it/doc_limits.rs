@@ -1,0 +1,66 @@
+//! The server's limits table in docs/ARCHITECTURE.md says what the code does (see the
+//! core's `doc_limits` test for how).
+
+use std::path::Path;
+
+use p2pchat_core::testing::doc_limits::{check, count, hours, secs};
+use p2pchat_discovery::{config, storage};
+
+#[test]
+fn the_server_limits_table_matches_the_constants() {
+    let doc = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/ARCHITECTURE.md"),
+    )
+    .expect("docs/ARCHITECTURE.md");
+    let actual = [
+        (
+            "config::DEFAULT_LISTEN_ADDR",
+            format!("`{}`", config::DEFAULT_LISTEN_ADDR),
+        ),
+        (
+            "config::MAX_CONNECTIONS",
+            count(config::MAX_CONNECTIONS as u64),
+        ),
+        (
+            "config::MAX_CONNECTIONS_PER_IP",
+            count(config::MAX_CONNECTIONS_PER_IP as u64),
+        ),
+        (
+            "config::REGISTRATIONS_PER_SECOND_PER_IP",
+            count(config::REGISTRATIONS_PER_SECOND_PER_IP),
+        ),
+        (
+            "config::DEPOSITS_PER_SECOND_PER_USER",
+            count(config::DEPOSITS_PER_SECOND_PER_USER),
+        ),
+        ("config::DEPOSIT_BURST", count(config::DEPOSIT_BURST)),
+        ("config::HANDSHAKE_TIMEOUT", secs(config::HANDSHAKE_TIMEOUT)),
+        (
+            "config::SESSION_PUSH_CAPACITY",
+            count(config::SESSION_PUSH_CAPACITY as u64),
+        ),
+        ("config::SHUTDOWN_GRACE", secs(config::SHUTDOWN_GRACE)),
+        (
+            "storage::PRESENCE_FEED_CAPACITY",
+            count(storage::PRESENCE_FEED_CAPACITY as u64),
+        ),
+        (
+            "storage::ANNOUNCEMENT_FEED_CAPACITY",
+            count(storage::ANNOUNCEMENT_FEED_CAPACITY as u64),
+        ),
+        (
+            "storage::CLAIM_TOUCH_INTERVAL",
+            hours(storage::CLAIM_TOUCH_INTERVAL),
+        ),
+        (
+            "storage::DEFAULT_KEY_PREFIX",
+            format!("`{}`", storage::DEFAULT_KEY_PREFIX),
+        ),
+        (
+            "operator::RELAY_TIMEOUT",
+            secs(p2pchat_discovery::operator::RELAY_TIMEOUT),
+        ),
+    ];
+    let problems = check(&doc, "In `p2pchat-discovery`", &actual);
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
