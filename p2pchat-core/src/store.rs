@@ -11,12 +11,13 @@ mod redis;
 pub mod redis_conn;
 
 use std::fmt::Debug;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use futures::stream::BoxStream;
 
 use crate::protocol::MessageId;
+use crate::protocol::discovery::{WireExpired, WireMessage};
 
 pub use memory::MemoryStore;
 #[cfg(feature = "redis")]
@@ -61,6 +62,46 @@ pub struct ExpiredMessage {
     pub id: MessageId,
     /// The recipient who never fetched it.
     pub to: String,
+}
+
+// The wire's mail types, converted here so both ends of a discovery session (the client's
+// `MailboxStore` and the server) agree: expiry times travel as Unix nanoseconds.
+
+impl From<StoredMessage> for WireMessage {
+    fn from(m: StoredMessage) -> Self {
+        let since_epoch = m.expires_at.duration_since(UNIX_EPOCH).unwrap_or_default();
+        Self {
+            id: m.id,
+            from: m.from,
+            to: m.to,
+            token: m.token,
+            expires_at_ns: since_epoch.as_nanos().try_into().unwrap_or(u64::MAX),
+        }
+    }
+}
+
+impl From<WireMessage> for StoredMessage {
+    fn from(m: WireMessage) -> Self {
+        Self {
+            id: m.id,
+            from: m.from,
+            to: m.to,
+            token: m.token,
+            expires_at: UNIX_EPOCH + Duration::from_nanos(m.expires_at_ns),
+        }
+    }
+}
+
+impl From<ExpiredMessage> for WireExpired {
+    fn from(n: ExpiredMessage) -> Self {
+        Self { id: n.id, to: n.to }
+    }
+}
+
+impl From<WireExpired> for ExpiredMessage {
+    fn from(n: WireExpired) -> Self {
+        Self { id: n.id, to: n.to }
+    }
 }
 
 /// Errors from an offline store.

@@ -6,14 +6,12 @@
 //! mailbox only.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
 use futures::stream::BoxStream;
 use p2pchat_core::protocol::discovery::{WireError, WireExpired, WireMessage};
 use p2pchat_core::protocol::{MAX_ACK_BATCH, MAX_TOKEN_LEN, MessageId, validate_username};
-use p2pchat_core::store::{
-    ExpiredMessage, MAX_FETCH_BATCH, MAX_MESSAGE_TTL, StoreError, StoredMessage,
-};
+use p2pchat_core::store::{MAX_FETCH_BATCH, MAX_MESSAGE_TTL, StoreError, StoredMessage};
 
 use crate::config::DEPOSIT_BURST;
 use crate::limits::KeyedRate;
@@ -52,29 +50,6 @@ fn store_error(e: StoreError) -> WireError {
             tracing::warn!(error = %e, "mailbox failed");
             WireError::Backend(e.to_string())
         }
-    }
-}
-
-fn to_wire(message: StoredMessage) -> WireMessage {
-    WireMessage {
-        id: message.id,
-        from: message.from,
-        to: message.to,
-        token: message.token,
-        expires_at_ns: message
-            .expires_at
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_nanos()
-            .try_into()
-            .unwrap_or(u64::MAX),
-    }
-}
-
-fn expiry_to_wire(notice: ExpiredMessage) -> WireExpired {
-    WireExpired {
-        id: notice.id,
-        to: notice.to,
     }
 }
 
@@ -124,14 +99,8 @@ impl Mail {
         }
         // Nobody's mail waits longer than the longest TTL, whatever the sender asked.
         let latest = SystemTime::now() + MAX_MESSAGE_TTL;
-        let expires_at = (UNIX_EPOCH + Duration::from_nanos(message.expires_at_ns)).min(latest);
-        let stored = StoredMessage {
-            id: message.id,
-            from: message.from,
-            to: message.to,
-            token: message.token,
-            expires_at,
-        };
+        let mut stored = StoredMessage::from(message);
+        stored.expires_at = stored.expires_at.min(latest);
         self.storage
             .mailbox()
             .put(stored)
@@ -160,7 +129,7 @@ impl Mail {
             .count()
             .max(1);
         mail.truncate(keep);
-        Ok(mail.into_iter().map(to_wire).collect())
+        Ok(mail.into_iter().map(Into::into).collect())
     }
 
     /// Removes processed messages from `me`'s mailbox.
@@ -185,7 +154,7 @@ impl Mail {
             .take_expired(me)
             .await
             .map_err(store_error)?;
-        Ok(taken.into_iter().map(expiry_to_wire).collect())
+        Ok(taken.into_iter().map(Into::into).collect())
     }
 
     /// New-mail notices for `me`'s mailbox.

@@ -25,7 +25,7 @@ use crate::protocol::discovery::{
     Claim, ClientFrame, MAX_ANNOUNCED_ADDRS, Push, RegisterRequest, Registered, Reply, Request,
     ServerFrame, WireError, WirePage, WirePeer, register_transcript,
 };
-use crate::protocol::{FrameCodec, NONCE_LEN, validate_username};
+use crate::protocol::{FrameCodec, NONCE_LEN, ProtocolError, validate_username};
 use crate::store::OfflineStore;
 
 pub use crate::protocol::discovery::DEFAULT_DISCOVERY_ADDR;
@@ -413,6 +413,17 @@ struct Pending {
 }
 
 /// Why a connection ended.
+/// Why a request could not be written to the session's connection.
+#[derive(Debug, thiserror::Error)]
+enum WriteFailed {
+    /// The connection failed.
+    #[error("writing to the server failed")]
+    Connection(#[source] ProtocolError),
+    /// The server read nothing for the request timeout.
+    #[error("the server stopped reading")]
+    Stalled,
+}
+
 enum Ended {
     /// The handle was dropped, the session deregistered, or it was replaced: stop for good.
     Finished,
@@ -466,14 +477,14 @@ impl SessionTask {
         }
     }
 
-    async fn send(&mut self, writer: &mut Writer, request: Request) -> Result<u64, String> {
+    async fn send(&mut self, writer: &mut Writer, request: Request) -> Result<u64, WriteFailed> {
         let id = self.next_id;
         self.next_id += 1;
         let frame = ClientFrame::Request { id, request };
         match tokio::time::timeout(self.client.request_timeout, writer.send(frame)).await {
             Ok(Ok(())) => Ok(id),
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(_) => Err("the server stopped reading".to_owned()),
+            Ok(Err(e)) => Err(WriteFailed::Connection(e)),
+            Err(_) => Err(WriteFailed::Stalled),
         }
     }
 
@@ -497,7 +508,11 @@ impl SessionTask {
                     let deregister = matches!(request, Request::Deregister);
                     match self.send(&mut writer, request).await {
                         Ok(id) => self.pending.push_back(Pending { id, sent: Instant::now(), deregister, reply: Some(reply) }),
-                        Err(reason) => {
+                        Err(e) => {
+                            let reason = match &e {
+                                WriteFailed::Connection(cause) => format!("{e}: {cause}"),
+                                WriteFailed::Stalled => e.to_string(),
+                            };
                             let _ = reply.send(Err(Failure::Session(self.client.unreachable(reason.clone()))));
                             return Ended::Lost(reason);
                         }

@@ -7,10 +7,8 @@ use futures::stream::BoxStream;
 use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::BroadcastStream;
 
-use std::time::{Duration, UNIX_EPOCH};
-
 use super::client::{Call, Failure, call};
-use crate::protocol::discovery::{Reply, Request, WireError, WireExpired, WireMessage};
+use crate::protocol::discovery::{Reply, Request, WireError};
 use crate::protocol::{MAX_ACK_BATCH, MessageId};
 use crate::store::{
     ExpiredMessage, MAX_FETCH_BATCH, OfflineStore, StoreError, StoredMessage, put_concurrently,
@@ -92,41 +90,6 @@ impl From<WireError> for StoreError {
     }
 }
 
-/// A message as deposited on the wire.
-fn to_wire(message: StoredMessage) -> WireMessage {
-    WireMessage {
-        id: message.id,
-        from: message.from,
-        to: message.to,
-        token: message.token,
-        expires_at_ns: message
-            .expires_at
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_nanos()
-            .try_into()
-            .unwrap_or(u64::MAX),
-    }
-}
-
-/// A message as fetched from the wire.
-fn from_wire(message: WireMessage) -> StoredMessage {
-    StoredMessage {
-        id: message.id,
-        from: message.from,
-        to: message.to,
-        token: message.token,
-        expires_at: UNIX_EPOCH + Duration::from_nanos(message.expires_at_ns),
-    }
-}
-
-fn expired(notice: WireExpired) -> ExpiredMessage {
-    ExpiredMessage {
-        id: notice.id,
-        to: notice.to,
-    }
-}
-
 fn wrong_reply(reply: Reply) -> StoreError {
     StoreError::Unavailable(format!("unexpected reply from the server: {reply:?}"))
 }
@@ -141,7 +104,7 @@ impl OfflineStore for MailboxStore {
             )));
         }
         match self
-            .call(Request::Deposit(Box::new(to_wire(message))))
+            .call(Request::Deposit(Box::new(message.into())))
             .await?
         {
             Reply::Done => Ok(()),
@@ -158,7 +121,7 @@ impl OfflineStore for MailboxStore {
         self.only_mine(recipient, "read")?;
         let limit = limit.clamp(1, MAX_FETCH_BATCH) as u32;
         match self.call(Request::FetchMail { limit }).await? {
-            Reply::Mail(mail) => Ok(mail.into_iter().map(from_wire).collect()),
+            Reply::Mail(mail) => Ok(mail.into_iter().map(Into::into).collect()),
             other => Err(wrong_reply(other)),
         }
     }
@@ -187,7 +150,7 @@ impl OfflineStore for MailboxStore {
             )));
         }
         match self.call(Request::TakeExpired).await? {
-            Reply::Expired(notices) => Ok(notices.into_iter().map(expired).collect()),
+            Reply::Expired(notices) => Ok(notices.into_iter().map(Into::into).collect()),
             other => Err(wrong_reply(other)),
         }
     }

@@ -158,14 +158,14 @@ impl Conn {
 
     /// Writes the buffer until it is empty (ready) or the socket would wait (pending, the
     /// waker registered).
-    fn poll_write_out(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), String>> {
+    fn poll_write_out(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         while !self.buf.is_empty() {
             match Pin::new(&mut self.io).poll_write(cx, &self.buf) {
                 Poll::Ready(Ok(0)) => {
-                    return Poll::Ready(Err("the connection closed while writing".into()));
+                    return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
                 }
                 Poll::Ready(Ok(n)) => self.buf.advance(n),
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(format!("write failed: {e}"))),
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 Poll::Pending => {
                     self.blocked_since.get_or_insert_with(Instant::now);
                     return Poll::Pending;
@@ -174,7 +174,7 @@ impl Conn {
         }
         match Pin::new(&mut self.io).poll_flush(cx) {
             Poll::Ready(Ok(())) => {}
-            Poll::Ready(Err(e)) => return Poll::Ready(Err(format!("write failed: {e}"))),
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
             Poll::Pending => {
                 self.blocked_since.get_or_insert_with(Instant::now);
                 return Poll::Pending;
@@ -559,7 +559,7 @@ impl Core {
         let id = conn.id;
         match conn.poll_write_out(&mut Context::from_waker(Waker::noop())) {
             Poll::Ready(Ok(())) => {}
-            Poll::Ready(Err(reason)) => self.lost(st, id, &reason),
+            Poll::Ready(Err(e)) => self.lost(st, id, &format!("write failed: {e}")),
             // The no-op waker took the socket's wake-up: the task polls again with its own
             // (`after` wakes it, since the buffer is not empty).
             Poll::Pending => st.flush_wanted = false,
@@ -692,8 +692,8 @@ impl Core {
         let id = conn.id;
         match conn.poll_write_out(cx) {
             Poll::Ready(Ok(())) => st.flush_wanted = false,
-            Poll::Ready(Err(reason)) => {
-                self.lost(&mut st, id, &reason);
+            Poll::Ready(Err(e)) => {
+                self.lost(&mut st, id, &format!("write failed: {e}"));
                 self.after(&mut st);
             }
             Poll::Pending => return Poll::Pending,

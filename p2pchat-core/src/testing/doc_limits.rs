@@ -58,6 +58,15 @@ pub fn check(markdown: &str, section: &str, actual: &[(&str, String)]) -> Vec<St
     problems
 }
 
+/// Panics, listing every problem, unless the tables under `section` of the markdown file
+/// `doc` match `actual` (see [`check`]).
+pub fn assert_table(doc: &std::path::Path, section: &str, actual: &[(&str, String)]) {
+    let markdown = std::fs::read_to_string(doc)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", doc.display()));
+    let problems = check(&markdown, section, actual);
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
+
 /// `n` with thousands separators: `10,000`.
 pub fn count(n: impl Into<u128>) -> String {
     let digits = n.into().to_string();

@@ -103,6 +103,21 @@ fn reexports(src: &Path) -> std::io::Result<HashMap<String, String>> {
     })
 }
 
+/// Panics, listing every import against `order`, unless the crate in `src` depends on its
+/// modules one way (see [`check`]).
+pub fn assert_one_way(src: &Path, order: &[&str]) {
+    let violations = check(src, order).expect("the sources can be read");
+    assert!(
+        violations.is_empty(),
+        "imports against the layers:\n{}",
+        violations
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+}
+
 /// Every `.rs` file under `src` except the crate root, with its top-level module.
 fn files(src: &Path) -> std::io::Result<Vec<(PathBuf, String)>> {
     let mut out = Vec::new();

@@ -4,15 +4,12 @@
 
 use std::path::Path;
 
-use p2pchat_core::testing::doc_limits::{check, count, days, kib, mins, secs};
+use p2pchat_core::testing::doc_limits::{assert_table, count, days, kib, mins, secs};
 use p2pchat_core::{announce, crypto, discovery, node, protocol, store, transport};
 
 #[test]
 fn the_core_limits_table_matches_the_constants() {
-    let doc = std::fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/ARCHITECTURE.md"),
-    )
-    .expect("docs/ARCHITECTURE.md");
+    let doc = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/ARCHITECTURE.md");
     let (first, longest) = discovery::RECONNECT_BACKOFF;
     let actual = [
         (
@@ -143,6 +140,5 @@ fn the_core_limits_table_matches_the_constants() {
             kib(transport::MEMORY_PIPE_CAPACITY),
         ),
     ];
-    let problems = check(&doc, "In `p2pchat-core`", &actual);
-    assert!(problems.is_empty(), "{}", problems.join("\n"));
+    assert_table(&doc, "In `p2pchat-core`", &actual);
 }

@@ -3,15 +3,12 @@
 
 use std::path::Path;
 
-use p2pchat_core::testing::doc_limits::{check, count, hours, secs};
+use p2pchat_core::testing::doc_limits::{assert_table, count, hours, secs};
 use p2pchat_discovery::{config, storage};
 
 #[test]
 fn the_server_limits_table_matches_the_constants() {
-    let doc = std::fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/ARCHITECTURE.md"),
-    )
-    .expect("docs/ARCHITECTURE.md");
+    let doc = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/ARCHITECTURE.md");
     let actual = [
         (
             "config::DEFAULT_LISTEN_ADDR",
@@ -61,6 +58,5 @@ fn the_server_limits_table_matches_the_constants() {
             secs(p2pchat_discovery::operator::RELAY_TIMEOUT),
         ),
     ];
-    let problems = check(&doc, "In `p2pchat-discovery`", &actual);
-    assert!(problems.is_empty(), "{}", problems.join("\n"));
+    assert_table(&doc, "In `p2pchat-discovery`", &actual);
 }
