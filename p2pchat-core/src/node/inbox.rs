@@ -174,8 +174,11 @@ pub(crate) struct Inbox {
     confirm: Confirm,
     state: Mutex<State>,
     room: Notify,
-    /// Bumped (under the state lock) whenever messages join the inbox: a stream that found
-    /// nothing new, and sees the same count, need not look again.
+    /// Bumped (under the state lock) whenever messages join the inbox, and whenever the
+    /// registered wakers are taken to be woken: a stream that found nothing new, and sees
+    /// the same count, has nothing to look for and its waker is still registered. (Counting
+    /// only additions lost wake-ups: a stream woken for a message it had already read found
+    /// the count unchanged and returned without registering its waker again.)
     added: AtomicU64,
 }
 
@@ -385,6 +388,7 @@ impl Inbox {
             if !std::mem::take(&mut state.wake_pending) {
                 return;
             }
+            self.added.fetch_add(1, Ordering::Release);
             std::mem::take(&mut state.wakers)
         };
         for waker in wakers {
@@ -565,5 +569,78 @@ impl Drop for InboxStream {
         let mut state = self.inbox.state();
         state.cursors.remove(&self.stream);
         Inbox::trim(&mut state);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+    use std::task::Wake;
+
+    use super::*;
+    use crate::node::Durability;
+
+    struct Counting(AtomicUsize);
+
+    impl Wake for Counting {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    fn opened(seq: u64) -> Opened {
+        Opened {
+            id: MessageId::random(),
+            sent_at_ms: 1,
+            seq,
+            body: format!("message {seq}"),
+        }
+    }
+
+    /// A stream woken for a message it had already taken (it was polled for another reason
+    /// in between) must still be woken for the next one: the lost wake-up that left a
+    /// reader idle while messages piled up in the inbox.
+    #[tokio::test]
+    async fn a_stream_woken_for_a_message_it_already_read_is_woken_for_the_next() {
+        let (db, _) = Db::open(None, Durability::Process).unwrap();
+        let inbox = Arc::new(Inbox::load(
+            db,
+            Confirm::OnRead,
+            BTreeMap::new(),
+            BTreeMap::new(),
+            BTreeMap::new(),
+        ));
+        let mut stream = inbox.open_stream();
+        let counter = Arc::new(Counting(AtomicUsize::new(0)));
+        let waker = Waker::from(counter.clone());
+        assert!(
+            stream.poll(&waker).is_none(),
+            "empty: the waker is registered"
+        );
+
+        inbox
+            .accept("alice", vec![opened(1)], false, Keep::Show)
+            .await
+            .unwrap();
+        // Polled (for another event) before the inbox wakes its readers: it takes the
+        // message, then finds nothing and registers again.
+        assert!(stream.poll(&waker).is_some());
+        assert!(stream.poll(&waker).is_none());
+        inbox.wake_readers();
+        assert_eq!(counter.0.load(Ordering::SeqCst), 1);
+        // Woken, it finds nothing new: it must stay registered.
+        assert!(stream.poll(&waker).is_none());
+
+        inbox
+            .accept("alice", vec![opened(2)], false, Keep::Show)
+            .await
+            .unwrap();
+        inbox.wake_readers();
+        assert_eq!(
+            counter.0.load(Ordering::SeqCst),
+            2,
+            "the stream is woken for the second message"
+        );
+        assert!(stream.poll(&waker).is_some());
     }
 }
