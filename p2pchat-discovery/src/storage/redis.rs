@@ -178,6 +178,8 @@ struct Inner {
     changes: broadcast::Sender<PresenceChange>,
     announcements: broadcast::Sender<Announcement>,
     announcement_channel: String,
+    /// `keys.channel()`, built once: the feed compares every push with it.
+    presence_channel: String,
     mailbox: RedisStore,
     /// Turns the pushes into presence changes and announcements; stops when the storage
     /// goes.
@@ -298,6 +300,7 @@ impl RedisStorage {
         let changes = broadcast::channel(PRESENCE_FEED_CAPACITY).0;
         let announcements = broadcast::channel(ANNOUNCEMENT_FEED_CAPACITY).0;
         let announcement_channel = settings.announcement_channel.clone();
+        let presence_channel = keys.channel();
         let inner = Arc::new_cyclic(|weak: &Weak<Inner>| {
             let feed = spawn_push_feed(push_rx, weak.clone());
             Inner {
@@ -306,6 +309,7 @@ impl RedisStorage {
                 scripts: Scripts::new(),
                 changes,
                 announcements,
+                presence_channel,
                 announcement_channel,
                 mailbox,
                 _feed: feed,
@@ -313,7 +317,10 @@ impl RedisStorage {
         });
         inner
             .conn()
-            .subscribe(&[inner.keys.channel(), inner.announcement_channel.clone()])
+            .subscribe(&[
+                inner.presence_channel.clone(),
+                inner.announcement_channel.clone(),
+            ])
             .await
             .map_err(unavailable)?;
         Ok(Self { inner })
@@ -406,7 +413,7 @@ impl PushHandler for Inner {
             }
             return;
         }
-        if name != self.keys.channel() {
+        if name != self.presence_channel {
             return;
         }
         match serde_json::from_slice::<PresenceChange>(msg.get_payload_bytes()) {

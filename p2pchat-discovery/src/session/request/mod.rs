@@ -11,7 +11,9 @@ pub(super) mod lookup;
 pub(super) mod take_expired;
 pub(super) mod watch;
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
+
+pub(super) use crate::storage::unix_ms;
 
 use p2pchat_core::protocol::discovery::{Reply, WireError, WirePeer};
 
@@ -29,14 +31,6 @@ pub(in crate::session) enum Then {
 
 /// A request's answer, and what to do next.
 pub(in crate::session) type Answer = (Result<Reply, WireError>, Then);
-
-fn unix_ms(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_millis()
-        .try_into()
-        .unwrap_or(u64::MAX)
-}
 
 /// An online user as the wire describes it.
 fn online_peer(lease: Lease, now: SystemTime) -> WirePeer {
