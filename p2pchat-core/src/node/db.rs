@@ -30,7 +30,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
+use backon::{BlockingRetryable, ConstantBuilder};
 use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 use tokio::sync::watch;
 
@@ -44,6 +46,12 @@ pub(crate) const SEGMENT_LEN: usize = 8 << 20;
 
 /// The lock file, held exclusively while the database is open.
 const LOCK_FILE: &str = "node.lock";
+
+/// How long [`lock_dir`] keeps trying a taken lock before it reports [`DbError::Locked`].
+const LOCK_WAIT: Duration = Duration::from_millis(500);
+
+/// How often [`lock_dir`] tries a taken lock.
+const LOCK_POLL: Duration = Duration::from_millis(10);
 /// The compacted database.
 const REDB_FILE: &str = "node.redb";
 
@@ -675,10 +683,26 @@ fn create_dir(dir: &Path) -> Result<(), DbError> {
 }
 
 /// Opens (creating it 0600) and locks `node.lock`.
+///
+/// A lock that is taken is tried again for up to [`LOCK_WAIT`]: the lock belongs to the open
+/// file, and a child this process starts (any `Command::spawn` in the embedding application,
+/// or in a test) holds a copy of every open file from its fork to its `exec`. A database
+/// closed a moment ago can therefore look locked for that moment; a directory another node
+/// really holds is still reported as [`DbError::Locked`], [`LOCK_WAIT`] later.
 fn lock_dir(dir: &Path) -> Result<File, DbError> {
     let path = dir.join(LOCK_FILE);
     let file = open_private(&path)?;
-    match file.try_lock() {
+    let polls = LOCK_WAIT.as_millis() / LOCK_POLL.as_millis();
+    let locked = (|| file.try_lock())
+        .retry(
+            ConstantBuilder::new()
+                .with_delay(LOCK_POLL)
+                .with_max_times(polls as usize),
+        )
+        .sleep(std::thread::sleep)
+        .when(|e| matches!(e, TryLockError::WouldBlock))
+        .call();
+    match locked {
         Ok(()) => Ok(file),
         Err(TryLockError::WouldBlock) => Err(DbError::Locked {
             path: dir.to_owned(),
@@ -1321,7 +1345,7 @@ impl SyncThread {
 mod tests {
     use std::io::{BufRead, BufReader, Write};
     use std::process::{Command, Stdio};
-    use std::time::{Duration, Instant};
+    use std::time::Instant;
 
     use super::*;
 
@@ -1727,6 +1751,43 @@ mod tests {
         // Dropping releases it too.
         drop(db);
         let (_db, _) = Db::open(Some(tmp.path()), Durability::Process).unwrap();
+    }
+
+    #[test]
+    #[allow(unsafe_code)]
+    fn a_lock_copied_into_a_starting_child_is_waited_for() {
+        use std::io::{Read, Write};
+        use std::os::unix::net::UnixStream;
+        use std::os::unix::process::CommandExt;
+
+        let tmp = tempfile::tempdir().unwrap();
+        let (db, _) = Db::open(Some(tmp.path()), Durability::Process).unwrap();
+        // A child forked now holds a copy of the lock until it execs; it says when it has
+        // forked, then lingers a little before its exec.
+        let (mut forked, mut in_child) = UnixStream::pair().unwrap();
+        let spawner = std::thread::spawn(move || {
+            let mut command = std::process::Command::new("true");
+            // SAFETY: the hook runs between fork and exec; it only calls write(2) and
+            // nanosleep(2), both async-signal-safe, and allocates nothing.
+            unsafe {
+                command.pre_exec(move || {
+                    in_child.write_all(b"f")?;
+                    std::thread::sleep(Duration::from_millis(150));
+                    Ok(())
+                });
+            }
+            command.status().unwrap()
+        });
+        let mut byte = [0];
+        forked.read_exact(&mut byte).unwrap();
+        drop(db);
+        let reopened = Db::open(Some(tmp.path()), Durability::Process);
+        assert!(
+            reopened.is_ok(),
+            "closed but still locked: {:?}",
+            reopened.err()
+        );
+        assert!(spawner.join().unwrap().success());
     }
 
     #[test]
