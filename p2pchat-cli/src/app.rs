@@ -6,8 +6,9 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use futures::StreamExt;
+use p2pchat_core::error::chain;
 use p2pchat_core::store::RedisStore;
-use p2pchat_core::{ChatNode, DiscoveryClient, Event, Identity, NodeError};
+use p2pchat_core::{ChatNode, DiscoveryClient, Event, Identity};
 use rustyline_async::{Readline, ReadlineEvent, SharedWriter};
 use tokio::io::AsyncBufReadExt;
 
@@ -79,19 +80,20 @@ async fn start(settings: &Settings) -> anyhow::Result<ChatNode> {
     if let Some(url) = &settings.redis_url {
         let store = RedisStore::connect(url)
             .await
-            .map_err(|e| anyhow::anyhow!("Cannot use Redis at {url}: {e}."))?;
+            .map_err(|e| anyhow::anyhow!("Cannot use Redis at {url}: {}.", chain(&e)))?;
         let feed = store
             .announcements(&settings.announcement_channel)
             .await
-            .map_err(|e| anyhow::anyhow!("Cannot listen for announcements on Redis: {e}."))?;
+            .map_err(|e| {
+                anyhow::anyhow!("Cannot listen for announcements on Redis: {}.", chain(&e))
+            })?;
         builder = builder.offline_store(store).announcements(feed);
     }
-    builder.spawn().await.map_err(|e| match &e {
-        NodeError::Transport(t) => anyhow::anyhow!(
-            "Cannot listen on port {}: {t}. Choose another with --port (0 picks a free one).",
-            settings.port
-        ),
-        other => anyhow::anyhow!("{}", render::error(other, &settings.discovery)),
+    builder.spawn().await.map_err(|e| {
+        anyhow::anyhow!(
+            "{}",
+            render::spawn_error(&e, &settings.discovery, settings.port)
+        )
     })
 }
 

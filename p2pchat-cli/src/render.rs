@@ -1,6 +1,7 @@
 //! What the user reads: events as lines in the original's format, errors as sentences.
 
-use p2pchat_core::{DiscoveryError, Event, NodeError};
+use p2pchat_core::error::chain;
+use p2pchat_core::{DiscoveryError, Event, NodeError, SpawnError};
 
 /// `text` with its control characters escaped (`\n`, `\u{1b}`, ...): a peer must not be
 /// able to start a new line that looks like another user's message or an announcement, or
@@ -81,16 +82,30 @@ pub fn error(e: &NodeError, discovery: &str) -> String {
         }
         NodeError::InvalidUsername(e) => format!("That is not a valid username: {e}."),
         NodeError::Discovery(e) => discovery_error(e, discovery),
-        other => format!("{other}."),
+        other => format!("{}.", chain(other)),
+    }
+}
+
+/// Why the node could not start, as a sentence.
+pub fn spawn_error(e: &SpawnError, discovery: &str, port: u16) -> String {
+    match e {
+        SpawnError::Transport(t) => format!(
+            "Cannot listen on port {port}: {}. Choose another with --port (0 picks a free one).",
+            chain(t)
+        ),
+        SpawnError::InvalidUsername(e) => format!("That is not a valid username: {e}."),
+        SpawnError::Discovery(e) => discovery_error(e, discovery),
+        other => format!("{}.", chain(other)),
     }
 }
 
 /// A directory failure as a sentence, naming the server.
 pub fn discovery_error(e: &DiscoveryError, discovery: &str) -> String {
     match e {
-        DiscoveryError::Unreachable { reason, .. } => format!(
-            "Cannot reach the discovery server at {discovery} ({reason}). Start one with \
-             'p2pchat-discovery', or point to yours with --discovery HOST:PORT."
+        DiscoveryError::Unreachable { source, .. } => format!(
+            "Cannot reach the discovery server at {discovery} ({}). Start one with \
+             'p2pchat-discovery', or point to yours with --discovery HOST:PORT.",
+            chain(source)
         ),
         DiscoveryError::NameTaken { username } => format!(
             "The name '{username}' is already taken by another key. Choose another name with \
@@ -100,7 +115,7 @@ pub fn discovery_error(e: &DiscoveryError, discovery: &str) -> String {
         DiscoveryError::RateLimited => {
             "The discovery server is busy (too many registrations); try again in a moment.".into()
         }
-        other => format!("The discovery server said: {other}."),
+        other => format!("The discovery server said: {}.", chain(other)),
     }
 }
 
@@ -176,11 +191,20 @@ mod tests {
     fn errors_read_as_sentences() {
         let unreachable = NodeError::Discovery(DiscoveryError::Unreachable {
             addr: "127.0.0.1:5001".into(),
-            reason: "connection refused".into(),
+            source: "connection refused".into(),
         });
         let said = error(&unreachable, "127.0.0.1:5001");
         assert!(said.starts_with("Cannot reach the discovery server at 127.0.0.1:5001"));
+        assert!(said.contains("(connection refused)"), "{said}");
         assert!(said.contains("p2pchat-discovery"));
+        // A failure's cause is part of the sentence.
+        let store_down = NodeError::Store(p2pchat_core::store::StoreError::unavailable(
+            "the Redis server closed the connection",
+        ));
+        assert_eq!(
+            error(&store_down, "x"),
+            "the offline store is unavailable: the Redis server closed the connection."
+        );
         assert_eq!(
             error(&NodeError::UnknownUser("zed".into()), "x"),
             "There is no user named 'zed'."

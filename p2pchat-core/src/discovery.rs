@@ -19,6 +19,7 @@ use async_trait::async_trait;
 use tokio::sync::mpsc;
 
 use crate::announce::Announcement;
+use crate::error::Cause;
 use crate::identity::{Identity, PublicKey};
 use crate::protocol::UsernameError;
 use crate::store::OfflineStore;
@@ -101,7 +102,7 @@ pub enum DiscoveryEvent {
 }
 
 /// Errors from the directory.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
 pub enum DiscoveryError {
     /// The name is claimed by another key.
@@ -111,18 +112,19 @@ pub enum DiscoveryError {
         username: String,
     },
     /// The name breaks the username rules.
-    #[error("invalid username: {0}")]
+    #[error("invalid username")]
     InvalidUsername(#[from] UsernameError),
     /// The registration's proof of key ownership did not verify.
     #[error("the registration's signature does not verify")]
     BadSignature,
     /// The directory could not be reached.
-    #[error("cannot reach the discovery server at {addr}: {reason}")]
+    #[error("cannot reach the discovery server at {addr}")]
     Unreachable {
         /// Where it was looked for.
         addr: String,
-        /// Why it failed.
-        reason: String,
+        /// Why (the connection error, a timeout, a closed session).
+        #[source]
+        source: Cause,
     },
     /// Too many requests; try again later.
     #[error("rate limited by the discovery server; try again later")]

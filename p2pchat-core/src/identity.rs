@@ -22,7 +22,7 @@ const IDENTITY_FILE_HEADER: &str = "p2pchat identity v1";
 #[non_exhaustive]
 pub enum IdentityError {
     /// Reading or writing the identity file failed.
-    #[error("identity file {path}: {source}")]
+    #[error("identity file {path}")]
     Io {
         /// The file involved.
         path: String,

@@ -40,6 +40,7 @@
 //! ```
 //!
 //! ## Layers, bottom first (each module uses only those above it in this list)
+//! - [`error`]: [`Cause`], the failure underneath a public error, kept as its source.
 //! - [`limits`]: connection caps in total and per address (node listener and server).
 //! - [`identity`]: Ed25519 identity keys, storage, fingerprints.
 //! - [`protocol`]: wire types and the frame codec (no I/O, no API types), limits.
@@ -69,6 +70,7 @@ pub mod announce;
 pub mod crypto;
 #[cfg(feature = "node")]
 pub mod discovery;
+pub mod error;
 #[cfg(feature = "node")]
 pub mod event;
 pub mod identity;
@@ -89,13 +91,14 @@ pub use discovery::MailboxStore;
 pub use discovery::{
     Discovery, DiscoveryClient, DiscoveryError, DiscoverySession, MemoryDiscovery, PeerRecord,
 };
+pub use error::Cause;
 #[cfg(feature = "node")]
 pub use event::Event;
 pub use identity::{Fingerprint, Identity, PublicKey};
 #[cfg(feature = "node")]
 pub use node::{
     ChatNode, ChatNodeBuilder, Confirm, DbError, Durability, Events, NodeError, OutboxEntry,
-    OutboxState,
+    OutboxState, SpawnError,
 };
 pub use protocol::MessageId;
 #[cfg(feature = "redis")]

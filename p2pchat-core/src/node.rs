@@ -47,8 +47,9 @@ pub use link::{LINK_QUEUE_CAPACITY, MAX_IN_FLIGHT};
 
 use crate::crypto::{CryptoError, PairKey};
 use crate::discovery::{DiscoveryError, DiscoverySession, MAX_PAGE_SIZE, PeerRecord};
+use crate::error::chain;
 use crate::event::Event;
-use crate::identity::{Fingerprint, Identity, IdentityError, PublicKey};
+use crate::identity::{Fingerprint, Identity, PublicKey};
 use crate::protocol::{MAX_BODY_LEN, MessageId, UsernameError, validate_username};
 use crate::store::{OfflineStore, StoreError};
 use crate::transport::{Transport, TransportError};
@@ -118,13 +119,34 @@ pub struct OutboxEntry {
     pub queued_at: SystemTime,
 }
 
-/// Errors from [`ChatNode`] operations.
+/// Why [`ChatNodeBuilder::spawn`] could not start a node.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SpawnError {
+    /// The builder is missing something or holds a contradiction; what, as a sentence.
+    #[error("configuration: {0}")]
+    Config(String),
+    /// The username breaks the rules.
+    #[error("invalid username")]
+    InvalidUsername(#[from] UsernameError),
+    /// The node database in the data directory could not be opened or read.
+    #[error(transparent)]
+    Database(#[from] DbError),
+    /// The listener could not be bound (for example, the address is taken).
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    /// The directory refused or could not take the registration.
+    #[error(transparent)]
+    Discovery(#[from] DiscoveryError),
+    /// The offline store could not be subscribed to.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Errors from the operations of a running [`ChatNode`].
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum NodeError {
-    /// The builder is missing something or holds a contradiction.
-    #[error("configuration: {0}")]
-    Config(String),
     /// No such user in the directory.
     #[error("unknown user '{0}': nobody has registered that name")]
     UnknownUser(String),
@@ -143,7 +165,7 @@ pub enum NodeError {
         max: usize,
     },
     /// A username breaks the rules.
-    #[error("invalid username: {0}")]
+    #[error("invalid username")]
     InvalidUsername(#[from] UsernameError),
     /// Nothing to trust: the user's key has not changed.
     #[error("{0}'s key has not changed; nothing to trust")]
@@ -151,27 +173,21 @@ pub enum NodeError {
     /// The node has shut down.
     #[error("the node has shut down")]
     ShutDown,
+    /// A user's published key cannot be used to derive a pairwise key.
+    #[error("{user}'s public key cannot be used")]
+    PeerKey {
+        /// Whose key.
+        user: String,
+        /// Why.
+        #[source]
+        source: CryptoError,
+    },
     /// The directory failed.
     #[error(transparent)]
     Discovery(#[from] DiscoveryError),
     /// The offline store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
-    /// The transport failed (for example, the listen address is taken).
-    #[error(transparent)]
-    Transport(#[from] TransportError),
-    /// The identity could not be loaded.
-    #[error(transparent)]
-    Identity(#[from] IdentityError),
-    /// The state in the data directory could not be read or written.
-    #[error("node state file {path}: {source}")]
-    State {
-        /// The file.
-        path: String,
-        /// The failure.
-        #[source]
-        source: std::io::Error,
-    },
     /// The node database failed.
     #[error(transparent)]
     Database(#[from] DbError),
@@ -463,7 +479,7 @@ impl Shared {
         });
         if let Err(e) = written {
             // They are sent again after a restart; the peer drops them by id.
-            tracing::warn!(error = %e, "cannot record settled messages");
+            tracing::warn!(error = %chain(&e), "cannot record settled messages");
         }
         let _ = self
             .outbox_len
@@ -506,7 +522,7 @@ impl Shared {
             ),
             Some(Err(e @ NodeError::UnknownUser(_))) => return Err(e),
             Some(Err(e)) => {
-                tracing::debug!(peer = %peer, error = %e, "directory unavailable; queueing");
+                tracing::debug!(peer = %peer, error = %chain(&e), "directory unavailable; queueing");
                 (None, None)
             }
         };
@@ -527,7 +543,7 @@ impl Shared {
             let peer = peer.to_owned();
             self.spawn(async move {
                 if let Err(e) = session.watch(&peer).await {
-                    tracing::debug!(%peer, error = %e, "cannot watch presence");
+                    tracing::debug!(%peer, error = %chain(&e), "cannot watch presence");
                 }
             });
         }
@@ -624,7 +640,7 @@ impl Drop for LastHandle {
         let (shared, actor) = (self.shared.clone(), self.actor.clone());
         runtime.spawn(async move {
             if let Err(e) = shutdown(&shared, &actor).await {
-                tracing::warn!(error = %e, "background shutdown");
+                tracing::warn!(error = %chain(&e), "background shutdown");
             }
         });
     }
@@ -828,7 +844,7 @@ impl ChatNode {
     /// Unblocks `user`.
     pub async fn unblock(&self, user: &str) -> Result<(), NodeError> {
         validate_username(user)?;
-        self.shared.peer_state().set_blocked(user, false)
+        Ok(self.shared.peer_state().set_blocked(user, false)?)
     }
 
     /// The blocked users, in name order.
@@ -840,13 +856,13 @@ impl ChatNode {
     /// arriving meanwhile are acknowledged and not shown. Persists across restarts.
     pub async fn mute(&self, user: &str, duration: Duration) -> Result<(), NodeError> {
         validate_username(user)?;
-        self.shared.peer_state().mute(user, duration)
+        Ok(self.shared.peer_state().mute(user, duration)?)
     }
 
     /// Ends a mute early.
     pub async fn unmute(&self, user: &str) -> Result<(), NodeError> {
         validate_username(user)?;
-        self.shared.peer_state().unmute(user)
+        Ok(self.shared.peer_state().unmute(user)?)
     }
 
     /// Whether messages from `user` are hidden by a mute now.

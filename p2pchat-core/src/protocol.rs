@@ -286,7 +286,7 @@ pub enum ProtocolError {
     #[error("malformed frame")]
     Malformed,
     /// The underlying stream failed.
-    #[error("i/o error: {0}")]
+    #[error("i/o error")]
     Io(#[from] std::io::Error),
 }
 

@@ -16,6 +16,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use async_trait::async_trait;
 use futures::stream::BoxStream;
 
+use crate::error::Cause;
 use crate::protocol::MessageId;
 use crate::protocol::discovery::{WireExpired, WireMessage};
 
@@ -105,7 +106,7 @@ impl From<WireExpired> for ExpiredMessage {
 }
 
 /// Errors from an offline store.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
 pub enum StoreError {
     /// The recipient's mailbox is full.
@@ -117,14 +118,35 @@ pub enum StoreError {
         quota: usize,
     },
     /// The store cannot be reached now; the operation may succeed later.
-    #[error("offline store unavailable: {0}")]
-    Unavailable(String),
-    /// The caller may not read this mailbox.
+    #[error("the offline store is unavailable")]
+    Unavailable(#[source] Cause),
+    /// The caller may not read this mailbox (or deposit in this name); why, as a sentence.
     #[error("not allowed: {0}")]
     Forbidden(String),
     /// The store holds or returned data it cannot interpret.
-    #[error("offline store data is corrupt: {0}")]
-    Corrupt(String),
+    #[error("offline store data is corrupt: {what}")]
+    Corrupt {
+        /// What could not be read.
+        what: String,
+        /// Why, where a decoder said so.
+        #[source]
+        source: Option<Cause>,
+    },
+}
+
+impl StoreError {
+    /// [`StoreError::Unavailable`] for `cause` (an error, or a sentence).
+    pub fn unavailable(cause: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
+        Self::Unavailable(Cause::new(cause))
+    }
+
+    /// [`StoreError::Corrupt`] with nothing underneath.
+    pub fn corrupt(what: impl Into<String>) -> Self {
+        Self::Corrupt {
+            what: what.into(),
+            source: None,
+        }
+    }
 }
 
 /// Per-recipient mailboxes of sealed messages, delivered at least once.

@@ -31,9 +31,10 @@ use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 
 use crate::discovery::{Discovery, DiscoveryError, DiscoveryEvent, MAX_PAGE_SIZE, Registration};
+use crate::error::Cause;
 use crate::identity::{Identity, PublicKey};
 use crate::node::handshake::{self, FrameReader, FrameWriter};
-use crate::protocol::{MessageId, PeerFrame};
+use crate::protocol::{MessageId, PeerFrame, ProtocolError};
 use crate::store::{OfflineStore, StoreError, StoredMessage};
 use crate::transport::{Connection, Listener, Transport, TransportError};
 
@@ -467,6 +468,21 @@ impl std::fmt::Debug for RawPeer {
     }
 }
 
+/// Why a [`RawPeer`] could not connect or send.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RawPeerError {
+    /// The connection could not be made.
+    #[error("dialing failed")]
+    Dial(#[source] TransportError),
+    /// The other side refused the handshake, or it broke.
+    #[error("the handshake failed")]
+    Handshake(#[source] Cause),
+    /// A frame could not be written.
+    #[error("writing a frame failed")]
+    Write(#[source] ProtocolError),
+}
+
 impl RawPeer {
     /// Dials `addr` as `me` (holding `identity`) and completes the handshake with `peer`,
     /// whose key must be `peer_key`.
@@ -477,18 +493,18 @@ impl RawPeer {
         me: &str,
         peer: &str,
         peer_key: &PublicKey,
-    ) -> Result<Self, String> {
-        let conn = transport.dial(addr).await.map_err(|e| e.to_string())?;
+    ) -> Result<Self, RawPeerError> {
+        let conn = transport.dial(addr).await.map_err(RawPeerError::Dial)?;
         let (mut reader, mut writer) = handshake::frames(conn);
         handshake::dial(&mut reader, &mut writer, identity, me, peer, peer_key)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| RawPeerError::Handshake(Cause::new(e)))?;
         Ok(Self { reader, writer })
     }
 
     /// Sends one frame.
-    pub async fn send(&mut self, frame: PeerFrame) -> Result<(), String> {
-        self.writer.send(&frame).await.map_err(|e| e.to_string())
+    pub async fn send(&mut self, frame: PeerFrame) -> Result<(), RawPeerError> {
+        self.writer.send(&frame).await.map_err(RawPeerError::Write)
     }
 
     /// The next frame, `None` at end of stream or on error.

@@ -79,7 +79,7 @@ pub enum TransportError {
     #[error("listener closed")]
     Closed,
     /// Any other I/O failure.
-    #[error("{op} {addr}: {source}")]
+    #[error("{op} {addr}")]
     Io {
         /// What was being done (`"bind"`, `"dial"`, `"accept"`).
         op: &'static str,

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use p2pchat_core::announce::AnnouncementGuard;
+use p2pchat_core::error::chain;
 use p2pchat_core::limits::ConnectionLimits;
 use p2pchat_core::protocol::discovery::{Push, WireError};
 use p2pchat_core::{Announcement, Identity, PublicKey};
@@ -263,7 +264,7 @@ impl Directory {
                 _ = stop.cancelled() => return,
                 _ = sweep.tick() => {
                     if let Err(e) = self.storage.sweep().await {
-                        tracing::warn!(error = %e, "presence sweep failed");
+                        tracing::warn!(error = %chain(&e), "presence sweep failed");
                     }
                 }
                 _ = cleanup.tick() => {

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use futures::stream::BoxStream;
+use p2pchat_core::error::chain;
 use p2pchat_core::protocol::discovery::{WireError, WireExpired, WireMessage};
 use p2pchat_core::protocol::{MAX_ACK_BATCH, MAX_TOKEN_LEN, MessageId, validate_username};
 use p2pchat_core::store::{MAX_FETCH_BATCH, MAX_MESSAGE_TTL, StoreError, StoredMessage};
@@ -33,7 +34,7 @@ pub(crate) fn storage_error(e: StorageError) -> WireError {
     match e {
         StorageError::NameTaken(username) => WireError::NameTaken { username },
         e => {
-            tracing::warn!(error = %e, "storage failed");
+            tracing::warn!(error = %chain(&e), "storage failed");
             WireError::Backend(e.to_string())
         }
     }
@@ -47,7 +48,7 @@ fn store_error(e: StoreError) -> WireError {
         },
         StoreError::Forbidden(what) => WireError::Forbidden(what),
         e => {
-            tracing::warn!(error = %e, "mailbox failed");
+            tracing::warn!(error = %chain(&e), "mailbox failed");
             WireError::Backend(e.to_string())
         }
     }

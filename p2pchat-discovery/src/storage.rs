@@ -16,10 +16,12 @@ mod redis;
 
 use std::fmt::Debug;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
+use p2pchat_core::Cause;
 use p2pchat_core::store::OfflineStore;
 use p2pchat_core::{Announcement, PublicKey};
 use serde::{Deserialize, Serialize};
@@ -104,12 +106,45 @@ pub enum StorageError {
     /// The name is claimed by another key that has not lapsed.
     #[error("the name '{0}' is already taken by another key")]
     NameTaken(String),
+    /// The embedded store's file or directory cannot be created or opened.
+    #[error("cannot open the storage at {path}")]
+    Open {
+        /// The file or directory.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: Cause,
+    },
     /// The backend cannot be reached or failed; the operation may be retried.
-    #[error("storage unavailable: {0}")]
-    Unavailable(String),
+    #[error("storage unavailable")]
+    Unavailable(#[source] Cause),
     /// Stored data could not be read back.
-    #[error("stored data is corrupt: {0}")]
-    Corrupt(String),
+    #[error("stored data is corrupt: {what}")]
+    Corrupt {
+        /// What could not be read.
+        what: String,
+        /// Why, where a decoder said so.
+        #[source]
+        source: Option<Cause>,
+    },
+}
+
+impl StorageError {
+    /// [`StorageError::Unavailable`] for `cause` (an error, or a sentence).
+    pub fn unavailable(cause: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
+        Self::Unavailable(Cause::new(cause))
+    }
+
+    /// [`StorageError::Corrupt`]: `what` could not be read, because of `source` if given.
+    pub fn corrupt(
+        what: impl Into<String>,
+        source: Option<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> Self {
+        Self::Corrupt {
+            what: what.into(),
+            source: source.map(Cause::new),
+        }
+    }
 }
 
 /// The server's state.

@@ -327,9 +327,9 @@ async fn corrupt_data_is_reported() {
         .await
         .unwrap();
     let err = storage.claim_of("mallory").await.unwrap_err();
-    assert!(matches!(err, StorageError::Corrupt(_)), "{err:?}");
+    assert!(matches!(err, StorageError::Corrupt { .. }), "{err:?}");
     let err = storage.online("mallory").await.unwrap_err();
-    assert!(matches!(err, StorageError::Corrupt(_)), "{err:?}");
+    assert!(matches!(err, StorageError::Corrupt { .. }), "{err:?}");
 }
 
 #[tokio::test]

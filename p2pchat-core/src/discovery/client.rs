@@ -20,6 +20,7 @@ use super::{
     Discovery, DiscoveryError, DiscoveryEvent, DiscoverySession, MAX_PAGE_SIZE, Page, PeerRecord,
     Registration,
 };
+use crate::error::{Cause, chain};
 use crate::identity::{Identity, PublicKey};
 use crate::protocol::discovery::{
     Claim, ClientFrame, MAX_ANNOUNCED_ADDRS, Push, RegisterRequest, Registered, Reply, Request,
@@ -103,10 +104,10 @@ impl DiscoveryClient {
         self
     }
 
-    fn unreachable(&self, reason: impl Into<String>) -> DiscoveryError {
+    fn unreachable(&self, source: Cause) -> DiscoveryError {
         DiscoveryError::Unreachable {
             addr: self.addr.clone(),
-            reason: reason.into(),
+            source,
         }
     }
 
@@ -114,7 +115,7 @@ impl DiscoveryClient {
     async fn open(&self) -> Result<(Reader, Writer, [u8; NONCE_LEN]), DiscoveryError> {
         let stream = TcpStream::connect(&self.addr)
             .await
-            .map_err(|e| self.unreachable(e.to_string()))?;
+            .map_err(|e| self.unreachable(Cause::new(e)))?;
         let _ = stream.set_nodelay(true);
         let (read, write) = stream.into_split();
         let mut reader = FramedRead::new(read, FrameCodec::<ServerFrame>::default());
@@ -134,10 +135,10 @@ impl DiscoveryClient {
         tokio::time::timeout(DISCOVERY_CONNECT_TIMEOUT, attempt)
             .await
             .unwrap_or_else(|_| {
-                Err(self.unreachable(format!(
+                Err(self.unreachable(Cause::new(format!(
                     "no answer within {} s",
                     DISCOVERY_CONNECT_TIMEOUT.as_secs()
-                )))
+                ))))
             })
     }
 
@@ -162,7 +163,7 @@ impl DiscoveryClient {
                     signature,
                 })))
                 .await
-                .map_err(|e| self.unreachable(e.to_string()))?;
+                .map_err(|e| self.unreachable(Cause::new(e)))?;
             match self.next_frame(&mut reader).await? {
                 ServerFrame::Registered(registered) => Ok((reader, writer, *registered)),
                 ServerFrame::Error(e) => Err(e.into()),
@@ -175,8 +176,8 @@ impl DiscoveryClient {
     async fn next_frame(&self, reader: &mut Reader) -> Result<ServerFrame, DiscoveryError> {
         match reader.next().await {
             Some(Ok(frame)) => Ok(frame),
-            Some(Err(e)) => Err(self.unreachable(e.to_string())),
-            None => Err(self.unreachable("the server closed the connection")),
+            Some(Err(e)) => Err(self.unreachable(Cause::new(e))),
+            None => Err(self.unreachable(Cause::new("the server closed the connection"))),
         }
     }
 }
@@ -412,7 +413,6 @@ struct Pending {
     reply: Option<oneshot::Sender<Answer>>,
 }
 
-/// Why a connection ended.
 /// Why a request could not be written to the session's connection.
 #[derive(Debug, thiserror::Error)]
 enum WriteFailed {
@@ -424,11 +424,12 @@ enum WriteFailed {
     Stalled,
 }
 
+/// Why a connection ended.
 enum Ended {
     /// The handle was dropped, the session deregistered, or it was replaced: stop for good.
     Finished,
     /// The connection broke: reconnect.
-    Lost(String),
+    Lost(Cause),
 }
 
 /// Owns the session connection: writes requests, matches responses (they come in request
@@ -458,7 +459,7 @@ impl SessionTask {
             match self.serve(reader, writer).await {
                 Ended::Finished => break,
                 Ended::Lost(reason) => {
-                    tracing::info!(server = %self.client.addr, %reason, "lost the discovery server; reconnecting");
+                    tracing::info!(server = %self.client.addr, reason = %chain(&reason), "lost the discovery server; reconnecting");
                     for p in self.pending.drain(..) {
                         if let Some(reply) = p.reply {
                             let _ = reply.send(Err(Failure::Session(
@@ -509,10 +510,7 @@ impl SessionTask {
                     match self.send(&mut writer, request).await {
                         Ok(id) => self.pending.push_back(Pending { id, sent: Instant::now(), deregister, reply: Some(reply) }),
                         Err(e) => {
-                            let reason = match &e {
-                                WriteFailed::Connection(cause) => format!("{e}: {cause}"),
-                                WriteFailed::Stalled => e.to_string(),
-                            };
+                            let reason = Cause::new(e);
                             let _ = reply.send(Err(Failure::Session(self.client.unreachable(reason.clone()))));
                             return Ended::Lost(reason);
                         }
@@ -522,7 +520,7 @@ impl SessionTask {
                     Some(Ok(ServerFrame::Response { id, result })) => {
                         self.last_heard = Instant::now();
                         let Some(p) = self.pending.pop_front().filter(|p| p.id == id) else {
-                            return Ended::Lost(format!("response {id} answers no pending request"));
+                            return Ended::Lost(Cause::new(format!("response {id} answers no pending request")));
                         };
                         let done = p.deregister && result.is_ok();
                         if let Some(reply) = p.reply {
@@ -556,15 +554,15 @@ impl SessionTask {
                             let _ = self.events.try_send(DiscoveryEvent::Announcement(announcement));
                         }
                     },
-                    Some(Ok(ServerFrame::Error(e))) => return Ended::Lost(e.to_string()),
-                    Some(Ok(other)) => return Ended::Lost(format!("unexpected frame {other:?}")),
-                    Some(Err(e)) => return Ended::Lost(e.to_string()),
-                    None => return Ended::Lost("the server closed the connection".to_owned()),
+                    Some(Ok(ServerFrame::Error(e))) => return Ended::Lost(Cause::new(e)),
+                    Some(Ok(other)) => return Ended::Lost(Cause::new(format!("unexpected frame {other:?}"))),
+                    Some(Err(e)) => return Ended::Lost(Cause::new(e)),
+                    None => return Ended::Lost(Cause::new("the server closed the connection")),
                 },
                 _ = sleep_until(deadline) => {
-                    return Ended::Lost(format!(
+                    return Ended::Lost(Cause::new(format!(
                         "no answer within {} ms", self.client.request_timeout.as_millis()
-                    ));
+                    )));
                 }
             }
         }
@@ -594,7 +592,7 @@ impl SessionTask {
                             return None;
                         }
                         Some(Call { reply, .. }) => {
-                            let _ = reply.send(Err(Failure::Session(self.client.unreachable("reconnecting"))));
+                            let _ = reply.send(Err(Failure::Session(self.client.unreachable(Cause::new("reconnecting")))));
                         }
                     },
                 }
@@ -627,16 +625,17 @@ impl SessionTask {
                     | DiscoveryError::BadSignature
                     | DiscoveryError::InvalidUsername(_)),
                 ) => {
-                    tracing::error!(error = %e, "the discovery server refuses this registration; giving up");
+                    tracing::error!(error = %chain(&e), "the discovery server refuses this registration; giving up");
                     let _ = self.events.try_send(DiscoveryEvent::SessionEnded {
                         reason: format!(
-                            "the discovery server no longer accepts this registration: {e}"
+                            "the discovery server no longer accepts this registration: {}",
+                            chain(&e)
                         ),
                     });
                     return None;
                 }
                 Err(e) => {
-                    tracing::debug!(error = %e, "reconnection failed");
+                    tracing::debug!(error = %chain(&e), "reconnection failed");
                 }
             }
         }

@@ -65,14 +65,14 @@ impl MailboxStore {
 
     async fn call(&self, request: Request) -> Result<Reply, StoreError> {
         let Some(cmds) = self.cmds.upgrade() else {
-            return Err(StoreError::Unavailable(format!(
+            return Err(StoreError::unavailable(format!(
                 "the discovery session with {} is closed",
                 self.server
             )));
         };
         call(&cmds, request).await.map_err(|e| match e {
             Failure::Wire(e) => StoreError::from(e),
-            Failure::Session(e) => StoreError::Unavailable(e.to_string()),
+            Failure::Session(e) => StoreError::unavailable(e),
         })
     }
 }
@@ -85,13 +85,13 @@ impl From<WireError> for StoreError {
                 quota: usize::try_from(quota).unwrap_or(usize::MAX),
             },
             WireError::Forbidden(what) => StoreError::Forbidden(what),
-            other => StoreError::Unavailable(other.to_string()),
+            other => StoreError::unavailable(other),
         }
     }
 }
 
 fn wrong_reply(reply: Reply) -> StoreError {
-    StoreError::Unavailable(format!("unexpected reply from the server: {reply:?}"))
+    StoreError::unavailable(format!("unexpected reply from the server: {reply:?}"))
 }
 
 #[async_trait]

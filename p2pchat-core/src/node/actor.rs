@@ -2,7 +2,9 @@
 //! peer connections. One `select!` loop owns the timers and the directory event channel.
 
 use std::sync::Arc;
+use std::time::Duration;
 
+use backon::{BackoffBuilder, ExponentialBuilder};
 use futures::StreamExt;
 use futures::stream::BoxStream;
 use tokio::sync::{mpsc, oneshot};
@@ -17,6 +19,7 @@ use super::{
 use crate::announce::Announcement;
 use crate::crypto::CryptoError;
 use crate::discovery::DiscoveryEvent;
+use crate::error::chain;
 use crate::event::Event;
 use crate::limits::ConnectionLimits;
 use crate::protocol::{ErrorCode, MessageId};
@@ -101,7 +104,7 @@ impl Actor {
                         }.instrument(span));
                     }
                     Err(e) => {
-                        tracing::warn!(error = %e, "accepting connections failed");
+                        tracing::warn!(error = %chain(&e), "accepting connections failed");
                         accepting = false;
                     }
                 },
@@ -165,30 +168,56 @@ impl Actor {
     }
 }
 
+/// Drains the mailbox after every notice. A drain that failed (the store or the directory
+/// away) is tried again after a growing wait, notice or not: mail already waiting sends no
+/// new notice. The first failure of a streak is reported as an event, the rest logged.
 async fn drain_on_notice(shared: Arc<Shared>, notice: Arc<tokio::sync::Notify>) {
     loop {
         notice.notified().await;
-        drain(&shared).await;
+        let mut backoff = DRAIN_RETRY.build();
+        let mut failures = 0u32;
+        while let Err(message) = drain(&shared).await {
+            if failures == 0 {
+                shared.emit(Event::Error {
+                    message: message.clone(),
+                });
+            }
+            failures = failures.saturating_add(1);
+            let wait = backoff.next().unwrap_or(DRAIN_RETRY_MAX);
+            tracing::debug!(%message, failures, ?wait, "the mailbox drain failed; trying again");
+            tokio::select! {
+                () = notice.notified() => {}
+                () = tokio::time::sleep(wait) => {}
+            }
+        }
     }
 }
 
+/// The longest wait before a failed mailbox drain is tried again. Default: 30 s.
+const DRAIN_RETRY_MAX: Duration = Duration::from_secs(30);
+
+/// Waits between attempts of a failed mailbox drain: from 250 ms, doubling, jittered, up to
+/// [`DRAIN_RETRY_MAX`].
+const DRAIN_RETRY: ExponentialBuilder = ExponentialBuilder::new()
+    .with_min_delay(Duration::from_millis(250))
+    .with_max_delay(DRAIN_RETRY_MAX)
+    .with_jitter()
+    .without_max_times();
+
 /// Fetches everything in our mailbox, in order, makes it durable in the inbox, then
 /// acknowledges it to the store: a crash mid-drain fetches it again, and duplicates are
-/// dropped by id.
-async fn drain(shared: &Arc<Shared>) {
+/// dropped by id. `Err` (why, as a sentence) when the store or the directory failed and
+/// mail may still be waiting.
+async fn drain(shared: &Arc<Shared>) -> Result<(), String> {
     loop {
         shared.inbox.wait_for_room().await;
-        let batch = match shared.store.fetch(shared.me(), MAX_FETCH_BATCH).await {
-            Ok(batch) => batch,
-            Err(e) => {
-                shared.emit(Event::Error {
-                    message: format!("could not fetch offline messages: {e}"),
-                });
-                return;
-            }
-        };
+        let batch = shared
+            .store
+            .fetch(shared.me(), MAX_FETCH_BATCH)
+            .await
+            .map_err(|e| format!("could not fetch offline messages: {}", chain(&e)))?;
         if batch.is_empty() {
-            return;
+            return Ok(());
         }
         let mut processed = Vec::with_capacity(batch.len());
         // Runs of one sender, in mailbox order.
@@ -205,22 +234,34 @@ async fn drain(shared: &Arc<Shared>) {
                 _ => runs.push((message.from, vec![(message.id, message.token)])),
             }
         }
+        let mut failed = None;
         for (from, tokens) in runs {
             match drain_run(shared, &from, tokens).await {
                 Ok(done) => processed.extend(done),
                 Err(e) => {
-                    tracing::warn!(%from, error = %e, "cannot take offline messages yet");
+                    tracing::warn!(%from, error = %chain(&e), "cannot take offline messages yet");
+                    failed.get_or_insert_with(|| {
+                        format!(
+                            "could not take offline messages from {from} yet: {}",
+                            chain(&e)
+                        )
+                    });
                 }
             }
         }
-        if processed.is_empty() {
-            return;
+        if !processed.is_empty() {
+            shared
+                .store
+                .ack(shared.me(), &processed)
+                .await
+                .map_err(|e| format!("could not acknowledge offline messages: {}", chain(&e)))?;
         }
-        if let Err(e) = shared.store.ack(shared.me(), &processed).await {
-            shared.emit(Event::Error {
-                message: format!("could not acknowledge offline messages: {e}"),
-            });
-            return;
+        if let Some(failed) = failed {
+            return Err(failed);
+        }
+        if processed.is_empty() {
+            // Only messages held for later (sealed ahead of our clock): nothing more now.
+            return Ok(());
         }
     }
 }
@@ -238,9 +279,10 @@ async fn drain_run(
         Some(key) => key,
         None => shared.resolve(from).await?.0.public_key,
     };
-    let pair = shared
-        .pair_key(&key)
-        .map_err(|e| NodeError::Config(e.to_string()))?;
+    let pair = shared.pair_key(&key).map_err(|source| NodeError::PeerKey {
+        user: from.to_owned(),
+        source,
+    })?;
     let by_id: std::collections::HashMap<MessageId, String> = tokens.iter().cloned().collect();
     let received = shared
         .receive_batch(&pair, from, tokens, true, false)
@@ -276,7 +318,10 @@ async fn drain_run(
         Some(old) if record.public_key != key || pinned.is_some() => {
             let new = shared
                 .pair_key(&record.public_key)
-                .map_err(|e| NodeError::Config(e.to_string()))?;
+                .map_err(|source| NodeError::PeerKey {
+                    user: from.to_owned(),
+                    source,
+                })?;
             let again = shared.receive_batch(&new, from, retry, true, true).await?;
             if !again.ack.is_empty() {
                 shared.key_changed(from, &old, &record.public_key);
@@ -310,7 +355,7 @@ async fn report_expired(shared: &Shared) {
                 shared.emit(Event::Expired { id: e.id, to: e.to });
             }
         }
-        Err(e) => tracing::debug!(error = %e, "cannot check for expired messages"),
+        Err(e) => tracing::debug!(error = %chain(&e), "cannot check for expired messages"),
     }
 }
 
@@ -319,7 +364,7 @@ async fn housekeep(shared: Arc<Shared>) {
     if let Ok(session) = shared.session()
         && let Err(e) = session.keep_alive().await
     {
-        tracing::warn!(error = %e, "keep-alive failed");
+        tracing::warn!(error = %chain(&e), "keep-alive failed");
     }
     report_expired(&shared).await;
 }
@@ -345,7 +390,7 @@ async fn accept_one(shared: Arc<Shared>, conn: crate::transport::Connection) {
     let (peer, key) = match result {
         Ok(Ok(peer)) => peer,
         Ok(Err(e)) => {
-            tracing::debug!(error = %e, "inbound handshake failed");
+            tracing::debug!(error = %chain(&e), "inbound handshake failed");
             return;
         }
         Err(_) => {

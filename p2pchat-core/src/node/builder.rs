@@ -23,7 +23,7 @@ use super::link::Outgoing;
 use super::records::{self, OutboxRecord, PEERS_KEY};
 use super::state::PeerState;
 use super::{
-    ChatNode, Config, DEFAULT_ACK_TIMEOUT, DEFAULT_EVENT_CAPACITY, NodeError, SeqClock, Shared,
+    ChatNode, Config, DEFAULT_ACK_TIMEOUT, DEFAULT_EVENT_CAPACITY, SeqClock, Shared, SpawnError,
 };
 use crate::discovery::{DEFAULT_KEEP_ALIVE_INTERVAL, Discovery, DiscoveryClient, Registration};
 use crate::event::Event;
@@ -204,10 +204,10 @@ impl ChatNodeBuilder {
 
     /// Binds the listener, registers with the directory and starts the node. Messages
     /// waiting in the offline store are delivered as events right after.
-    pub async fn spawn(self) -> Result<ChatNode, NodeError> {
+    pub async fn spawn(self) -> Result<ChatNode, SpawnError> {
         let username = self
             .username
-            .ok_or_else(|| NodeError::Config("a username is required".into()))?;
+            .ok_or_else(|| SpawnError::Config("a username is required".into()))?;
         validate_username(&username)?;
         let discovery = self
             .discovery
@@ -227,7 +227,7 @@ impl ChatNodeBuilder {
             confirm: self.confirm,
         };
         if config.keep_alive.is_zero() || config.ack_timeout.is_zero() {
-            return Err(NodeError::Config(
+            return Err(SpawnError::Config(
                 "keep-alive interval and ack timeout must be positive".into(),
             ));
         }
@@ -238,24 +238,26 @@ impl ChatNodeBuilder {
             ("message TTL", config.message_ttl),
         ] {
             if value > MAX_MESSAGE_TTL {
-                return Err(NodeError::Config(format!(
+                return Err(SpawnError::Config(format!(
                     "the {what} is {value:?}; at most {} days",
                     MAX_MESSAGE_TTL.as_secs() / 86_400
                 )));
             }
         }
         if config.message_ttl.is_zero() {
-            return Err(NodeError::Config("the message TTL must be positive".into()));
+            return Err(SpawnError::Config(
+                "the message TTL must be positive".into(),
+            ));
         }
         let identity = self.identity.unwrap_or_else(Identity::generate);
         let (db, mut snapshot) = {
             let dir = config.data_dir.clone();
             let durability = config.durability;
-            tokio::task::spawn_blocking(move || Db::open(dir.as_deref(), durability))
-                .await
-                .map_err(|e| {
-                    NodeError::Config(format!("opening the node database failed: {e}"))
-                })??
+            match tokio::task::spawn_blocking(move || Db::open(dir.as_deref(), durability)).await {
+                Ok(opened) => opened?,
+                // Only a panic ends the task early; it is a bug, raised here.
+                Err(e) => std::panic::resume_unwind(e.into_panic()),
+            }
         };
         let meta = snapshot.take(Table::Meta);
         let mut peers = PeerState::load(db.clone(), meta.get(PEERS_KEY).map(Vec::as_slice))?;
@@ -304,7 +306,7 @@ impl ChatNodeBuilder {
             Some(store) => store,
             None => {
                 let _ = session.deregister().await;
-                return Err(NodeError::Config(
+                return Err(SpawnError::Config(
                     "an offline store is required: this directory keeps no mailboxes".into(),
                 ));
             }

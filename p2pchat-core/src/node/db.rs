@@ -189,7 +189,7 @@ impl Snapshot {
 #[non_exhaustive]
 pub enum DbError {
     /// A file of the database could not be read or written.
-    #[error("node database file {path}: {source}")]
+    #[error("node database file {path}")]
     Io {
         /// The file.
         path: PathBuf,
@@ -206,7 +206,7 @@ pub enum DbError {
         path: PathBuf,
     },
     /// redb failed.
-    #[error("node database {path}: {source}")]
+    #[error("node database {path}")]
     Database {
         /// The database file (or "memory").
         path: PathBuf,
@@ -225,6 +225,12 @@ pub enum DbError {
     /// The database was closed.
     #[error("the node database is closed")]
     Closed,
+    /// A record was written by a version of p2pchat this one cannot read.
+    #[error("the node database holds {what} this version cannot read")]
+    Unreadable {
+        /// Which record.
+        what: &'static str,
+    },
 }
 
 /// A closure turning an I/O error on `path` into a [`DbError::Io`].

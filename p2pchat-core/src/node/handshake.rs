@@ -26,7 +26,7 @@ pub(crate) type FrameWriter = FramedWrite<WriteHalf, FrameCodec<PeerFrame>>;
 /// Why a handshake failed.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum HandshakeError {
-    #[error("{0}")]
+    #[error(transparent)]
     Protocol(#[from] ProtocolError),
     #[error("the peer closed the connection during the handshake")]
     Closed,

@@ -21,6 +21,7 @@ use tokio::sync::Notify;
 
 use super::db::{Db, DbError, Table};
 use super::records::{self, InboxRecord, InboxRecordRef, SeenRecord};
+use crate::error::chain;
 use crate::event::Event;
 use crate::protocol::MessageId;
 
@@ -547,7 +548,7 @@ impl InboxStream {
         {
             // Not recorded as read (the node stopped): it stays for the next start, and is
             // not handed out now.
-            tracing::debug!(error = %e, "cannot record a message as read");
+            tracing::debug!(error = %chain(&e), "cannot record a message as read");
             return None;
         }
         // Read on read by the only stream, the entry is never handed out again (a new stream

@@ -37,6 +37,7 @@ use super::handshake::{self, FrameReader, FrameWriter};
 use super::outbox::{Action, Input, Millis, Outcome, PeerOutbox, State as EntryState, StoreResult};
 use super::{HANDSHAKE_TIMEOUT, OutboxEntry, OutboxState, SHUTDOWN_GRACE, Shared};
 use crate::crypto::{PairKey, PayloadRef};
+use crate::error::{Cause, chain};
 use crate::event::Event;
 use crate::identity::PublicKey;
 use crate::protocol::{FrameCodec, MAX_ACK_BATCH, MessageFrame, MessageId, PeerFrame};
@@ -144,7 +145,7 @@ impl Conn {
     fn feed(&mut self, frame: &PeerFrame) {
         if let Err(e) = self.codec.encode(frame, &mut self.buf) {
             // Our own frames always fit (tokens and ack batches are bounded).
-            tracing::warn!(error = %e, "cannot encode a frame");
+            tracing::warn!(error = %chain(&e), "cannot encode a frame");
         }
     }
 
@@ -152,7 +153,7 @@ impl Conn {
     fn feed_message(&mut self, id: MessageId, token: &str) {
         let frame = MessageFrame::Message { id, token };
         if let Err(e) = self.codec.encode(&frame, &mut self.buf) {
-            tracing::warn!(error = %e, "cannot encode a message frame");
+            tracing::warn!(error = %chain(&e), "cannot encode a message frame");
         }
     }
 
@@ -559,7 +560,7 @@ impl Core {
         let id = conn.id;
         match conn.poll_write_out(&mut Context::from_waker(Waker::noop())) {
             Poll::Ready(Ok(())) => {}
-            Poll::Ready(Err(e)) => self.lost(st, id, &format!("write failed: {e}")),
+            Poll::Ready(Err(e)) => self.lost(st, id, &format!("write failed: {}", chain(&e))),
             // The no-op waker took the socket's wake-up: the task polls again with its own
             // (`after` wakes it, since the buffer is not empty).
             Poll::Pending => st.flush_wanted = false,
@@ -693,7 +694,7 @@ impl Core {
         match conn.poll_write_out(cx) {
             Poll::Ready(Ok(())) => st.flush_wanted = false,
             Poll::Ready(Err(e)) => {
-                self.lost(&mut st, id, &format!("write failed: {e}"));
+                self.lost(&mut st, id, &format!("write failed: {}", chain(&e)));
                 self.after(&mut st);
             }
             Poll::Pending => return Poll::Pending,
@@ -738,7 +739,7 @@ impl Core {
             match results
                 .get(i)
                 .cloned()
-                .unwrap_or_else(|| Err(StoreError::Unavailable("the store gave no answer".into())))
+                .unwrap_or_else(|| Err(StoreError::unavailable("the store gave no answer")))
             {
                 Ok(()) => stored.push(id),
                 Err(e @ (StoreError::Unavailable(_) | StoreError::QuotaExceeded { .. })) => {
@@ -759,8 +760,9 @@ impl Core {
         }
         if let Some((_, e)) = retry.first() {
             let reason = format!(
-                "{} cannot be reached and the offline store failed ({e}); will retry",
-                self.peer
+                "{} cannot be reached and the offline store failed ({}); will retry",
+                self.peer,
+                chain(e)
             );
             self.handle(
                 &mut st,
@@ -776,7 +778,8 @@ impl Core {
                 Input::Stored {
                     ids: vec![id],
                     result: StoreResult::Refused(format!(
-                        "the offline store refused the message: {e}"
+                        "the offline store refused the message: {}",
+                        chain(&e)
                     )),
                 },
             );
@@ -868,7 +871,7 @@ impl Core {
                 }
                 Err(e) => {
                     return Err(DialFailure {
-                        reason: format!("cannot look {peer} up: {e}"),
+                        reason: format!("cannot look {peer} up: {}", chain(&e)),
                         unknown: false,
                         key_changed: None,
                     });
@@ -885,11 +888,7 @@ impl Core {
             let mut last = format!("{peer} announces no address");
             for addr in record.addrs {
                 let attempt = async {
-                    let conn = shared
-                        .transport
-                        .dial(addr)
-                        .await
-                        .map_err(|e| e.to_string())?;
+                    let conn = shared.transport.dial(addr).await.map_err(Cause::new)?;
                     let (mut reader, mut writer) = handshake::frames(conn);
                     handshake::dial(
                         &mut reader,
@@ -900,8 +899,8 @@ impl Core {
                         &key,
                     )
                     .await
-                    .map_err(|e| e.to_string())?;
-                    Ok::<_, String>(Established {
+                    .map_err(Cause::new)?;
+                    Ok::<_, Cause>(Established {
                         reader,
                         writer,
                         key,
@@ -909,7 +908,7 @@ impl Core {
                 };
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, attempt).await {
                     Ok(Ok(est)) => return Ok(est),
-                    Ok(Err(e)) => last = format!("dialing {peer} at {addr} failed: {e}"),
+                    Ok(Err(e)) => last = format!("dialing {peer} at {addr} failed: {}", chain(&e)),
                     Err(_) => last = format!("dialing {peer} at {addr} timed out"),
                 }
             }
@@ -949,17 +948,17 @@ impl Core {
                 match tokio::time::timeout(STORE_TIMEOUT, store.put_many(messages)).await {
                     Ok(results) => results,
                     Err(_) => vec![
-                        Err(StoreError::Unavailable(
-                            "the offline store did not answer in time".into()
+                        Err(StoreError::unavailable(
+                            "the offline store did not answer in time"
                         ));
                         n
                     ],
                 };
-            results.extend(unsealed.iter().map(|_| {
-                Err(StoreError::Unavailable(
-                    "the peer's key is not known yet".into(),
-                ))
-            }));
+            results.extend(
+                unsealed
+                    .iter()
+                    .map(|_| Err(StoreError::unavailable("the peer's key is not known yet"))),
+            );
             ids.extend(unsealed);
             (ids, results)
         }
@@ -1117,7 +1116,7 @@ async fn read_loop(core: Arc<Core>, conn: u64, pair: PairKey, hold: bool, mut re
         };
         let mut end = match first {
             None => Some("the peer closed the connection".to_owned()),
-            Some(Err(e)) => Some(format!("bad frame: {e}")),
+            Some(Err(e)) => Some(format!("bad frame: {}", chain(&e))),
             Some(Ok(frame)) => {
                 batch.push(frame);
                 None
@@ -1126,7 +1125,7 @@ async fn read_loop(core: Arc<Core>, conn: u64, pair: PairKey, hold: bool, mut re
         while end.is_none() && batch.len() < READ_BATCH {
             match reader.next().now_or_never() {
                 Some(Some(Ok(frame))) => batch.push(frame),
-                Some(Some(Err(e))) => end = Some(format!("bad frame: {e}")),
+                Some(Some(Err(e))) => end = Some(format!("bad frame: {}", chain(&e))),
                 Some(None) => end = Some("the peer closed the connection".to_owned()),
                 None => break,
             }
@@ -1209,8 +1208,8 @@ async fn read_loop(core: Arc<Core>, conn: u64, pair: PairKey, hold: bool, mut re
                 }
                 Err(e) => {
                     // Not durable, so not acknowledged: the sender resends.
-                    tracing::warn!(peer = %peer, error = %e, "cannot record received messages");
-                    end.get_or_insert_with(|| format!("cannot record messages: {e}"));
+                    tracing::warn!(peer = %peer, error = %chain(&e), "cannot record received messages");
+                    end.get_or_insert_with(|| format!("cannot record messages: {}", chain(&e)));
                 }
             }
         }

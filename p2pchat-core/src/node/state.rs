@@ -8,10 +8,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::time::Instant;
 
-use super::NodeError;
+use super::db::DbError;
 use super::db::{Batch, Db, Table};
 use super::records::{self, PEERS_KEY, PeersRecord};
 use crate::announce::{Announcement, AnnouncementError, AnnouncementGuard};
+use crate::error::chain;
 use crate::identity::PublicKey;
 
 /// Longest mute; longer ones are cut to this. Default: 100 years.
@@ -50,12 +51,10 @@ fn unix_ms(t: SystemTime) -> u64 {
 
 impl PeerState {
     /// The state as the database holds it (`record`: the bytes under [`PEERS_KEY`]).
-    pub(crate) fn load(db: Arc<Db>, record: Option<&[u8]>) -> Result<Self, NodeError> {
+    pub(crate) fn load(db: Arc<Db>, record: Option<&[u8]>) -> Result<Self, DbError> {
         let record = match record {
-            Some(bytes) => records::decode::<PeersRecord>(bytes).ok_or_else(|| {
-                NodeError::Config(
-                    "the node database holds a peers record this version cannot read".into(),
-                )
+            Some(bytes) => records::decode::<PeersRecord>(bytes).ok_or(DbError::Unreadable {
+                what: "a peers record",
             })?,
             None => PeersRecord::Empty,
         };
@@ -93,7 +92,7 @@ impl PeerState {
         })
     }
 
-    fn save(&self) -> Result<(), NodeError> {
+    fn save(&self) -> Result<(), DbError> {
         let record = PeersRecord::V1 {
             blocked: self.file.blocked.clone(),
             muted: self.file.muted.clone(),
@@ -122,7 +121,7 @@ impl PeerState {
             .is_some_and(|&until| until > Instant::now())
     }
 
-    pub(crate) fn set_blocked(&mut self, user: &str, blocked: bool) -> Result<(), NodeError> {
+    pub(crate) fn set_blocked(&mut self, user: &str, blocked: bool) -> Result<(), DbError> {
         let changed = if blocked {
             self.file.blocked.insert(user.to_owned())
         } else {
@@ -131,7 +130,7 @@ impl PeerState {
         if changed { self.save() } else { Ok(()) }
     }
 
-    pub(crate) fn mute(&mut self, user: &str, duration: Duration) -> Result<(), NodeError> {
+    pub(crate) fn mute(&mut self, user: &str, duration: Duration) -> Result<(), DbError> {
         // A mute "forever" saturates instead of overflowing the clocks.
         let duration = duration.min(MAX_MUTE);
         self.mute_until
@@ -142,7 +141,7 @@ impl PeerState {
         self.save()
     }
 
-    pub(crate) fn unmute(&mut self, user: &str) -> Result<(), NodeError> {
+    pub(crate) fn unmute(&mut self, user: &str) -> Result<(), DbError> {
         self.mute_until.remove(user);
         if self.file.muted.remove(user).is_some() {
             self.save()
@@ -161,7 +160,7 @@ impl PeerState {
 
     /// Pins the operator key on first sight. `Some(pinned)` when another key is pinned
     /// already (it stays pinned).
-    pub(crate) fn pin_operator(&mut self, key: PublicKey) -> Result<Option<PublicKey>, NodeError> {
+    pub(crate) fn pin_operator(&mut self, key: PublicKey) -> Result<Option<PublicKey>, DbError> {
         match self.file.operator {
             Some(pinned) if pinned == key => Ok(None),
             Some(pinned) => Ok(Some(pinned)),
@@ -186,12 +185,12 @@ impl PeerState {
             && let Err(e) = self.save()
         {
             // Worst case a replay after a restart is shown again.
-            tracing::warn!(error = %e, "cannot record the announcement as seen");
+            tracing::warn!(error = %chain(&e), "cannot record the announcement as seen");
         }
         admitted
     }
 
-    pub(crate) fn set_pin(&mut self, user: &str, key: PublicKey) -> Result<(), NodeError> {
+    pub(crate) fn set_pin(&mut self, user: &str, key: PublicKey) -> Result<(), DbError> {
         if self.file.pins.insert(user.to_owned(), key) != Some(key) {
             self.save()
         } else {

@@ -87,12 +87,13 @@ use async_trait::async_trait;
 use futures::Stream;
 use futures::stream::{BoxStream, StreamExt};
 use redis::aio::ConnectionManager;
-use redis::{Msg, Script, Value};
+use redis::{Msg, RedisError, Script, Value};
 use tokio::sync::mpsc;
 use tokio_util::task::AbortOnDropHandle;
 
 use super::redis_conn::{PushHandler, connection, script_with_now, spawn_push_feed};
 use super::{DEFAULT_MAILBOX_QUOTA, ExpiredMessage, OfflineStore, StoreError, StoredMessage};
+use crate::error::Cause;
 use crate::protocol::MessageId;
 
 /// Prefix of every key and mail channel, unless configured. Default: `p2pchat`.
@@ -280,8 +281,8 @@ fn expiry_member(user: &str, id: &MessageId) -> String {
     format!("{user}\n{id}")
 }
 
-fn unavailable(e: impl std::fmt::Display) -> StoreError {
-    StoreError::Unavailable(e.to_string())
+fn unavailable(e: RedisError) -> StoreError {
+    StoreError::unavailable(e)
 }
 
 /// `t` as Unix milliseconds and the nanoseconds within that millisecond (0 before 1970).
@@ -558,15 +559,17 @@ impl RedisStore {
 type Entry = (String, HashMap<String, Vec<u8>>);
 
 fn parse_entries(recipient: &str, reply: Value) -> Result<Vec<Entry>, StoreError> {
-    redis::from_redis_value(reply)
-        .map_err(|e| StoreError::Corrupt(format!("the mailbox of '{recipient}': {e}")))
+    redis::from_redis_value(reply).map_err(|e| StoreError::Corrupt {
+        what: format!("the mailbox of '{recipient}'"),
+        source: Some(Cause::new(e)),
+    })
 }
 
 /// The message in one entry, with its expiry in Unix milliseconds.
 fn decode_entry(recipient: &str, entry: &Entry) -> Result<(StoredMessage, u64), StoreError> {
     let (entry_id, fields) = entry;
     let corrupt = |what: &str| {
-        StoreError::Corrupt(format!(
+        StoreError::corrupt(format!(
             "entry {entry_id} of the mailbox of '{recipient}': {what}"
         ))
     };
@@ -607,7 +610,7 @@ fn decode_entry(recipient: &str, entry: &Entry) -> Result<(StoredMessage, u64), 
 }
 
 fn parse_notice(sender: &str, notice: &str) -> Result<ExpiredMessage, StoreError> {
-    let corrupt = || StoreError::Corrupt(format!("an expiry notice for '{sender}': {notice:?}"));
+    let corrupt = || StoreError::corrupt(format!("an expiry notice for '{sender}': {notice:?}"));
     let (id, to) = notice.split_once('\n').ok_or_else(corrupt)?;
     Ok(ExpiredMessage {
         id: id.parse().map_err(|_| corrupt())?,
@@ -798,11 +801,11 @@ mod tests {
         let entry: Entry = ("1-0".to_owned(), HashMap::new());
         assert!(matches!(
             decode_entry("bob", &entry),
-            Err(StoreError::Corrupt(_))
+            Err(StoreError::Corrupt { .. })
         ));
         assert!(matches!(
             parse_notice("alice", "no newline"),
-            Err(StoreError::Corrupt(_))
+            Err(StoreError::Corrupt { .. })
         ));
         let id = MessageId::random();
         assert_eq!(

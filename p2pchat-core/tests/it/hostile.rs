@@ -12,7 +12,8 @@ use std::time::Duration;
 use bytes::BytesMut;
 use futures::StreamExt;
 use p2pchat_core::crypto::{PairKey, Payload};
-use p2pchat_core::node::{HANDSHAKE_TIMEOUT, NodeError};
+use p2pchat_core::error::chain;
+use p2pchat_core::node::{HANDSHAKE_TIMEOUT, NodeError, SpawnError};
 use p2pchat_core::protocol::{
     FrameCodec, Hello, MAX_FRAME_LEN, MAX_USERNAME_LEN, PeerFrame, Role, UsernameError,
     handshake_transcript,
@@ -449,9 +450,9 @@ fn odd_usernames() -> Vec<(String, UsernameError)> {
     ]
 }
 
-/// The builder refuses every odd or look-alike username with
-/// `NodeError::InvalidUsername` carrying the precise reason, before registering anything;
-/// so do `send`, `block`, `unblock`, `mute`, `unmute`, `fingerprint` and `trust`.
+/// The builder refuses every odd or look-alike username with `SpawnError::InvalidUsername`
+/// carrying the precise reason, before registering anything; so do `send`, `block`,
+/// `unblock`, `mute`, `unmute`, `fingerprint` and `trust`, with `NodeError::InvalidUsername`.
 #[tokio::test]
 async fn odd_and_look_alike_usernames_are_refused_with_a_typed_error() {
     let world = World::new();
@@ -465,7 +466,7 @@ async fn odd_and_look_alike_usernames_are_refused_with_a_typed_error() {
             .await
             .expect_err("an odd name is refused");
         assert!(
-            matches!(&err, NodeError::InvalidUsername(e) if *e == expected),
+            matches!(&err, SpawnError::InvalidUsername(e) if *e == expected),
             "builder, {shown}: {err}"
         );
         let results = [
@@ -513,6 +514,7 @@ async fn a_hello_with_an_odd_name_or_for_another_user_is_refused_by_the_listener
         )
         .await
         .expect_err("an odd name is refused");
+        let err = chain(&err);
         assert!(
             err.contains("refused") && err.contains("invalid username"),
             "{}: {err}",
@@ -529,6 +531,7 @@ async fn a_hello_with_an_odd_name_or_for_another_user_is_refused_by_the_listener
     )
     .await
     .expect_err("a hello for carol is refused by bob");
+    let err = chain(&err);
     assert!(err.contains("this is bob"), "{err}");
     assert!(
         !buffered(&mut bob_events)
@@ -791,7 +794,7 @@ async fn out_of_range_timings_are_refused_at_spawn() {
         ),
     ] {
         assert!(
-            matches!(result, Err(NodeError::Config(_))),
+            matches!(result, Err(SpawnError::Config(_))),
             "{what}: {:?}",
             result.map(|_| ())
         );

@@ -5,9 +5,10 @@ use std::path::Path;
 
 use p2pchat_core::testing::layers;
 
-/// Bottom first: keys and limits; the wire types and codec; the crypto and the signed
-/// announcements; the traits and their implementations; the node on top.
+/// Bottom first: the error cause, keys and limits; the wire types and codec; the crypto and
+/// the signed announcements; the traits and their implementations; the node on top.
 const LAYERS: &[&str] = &[
+    "error",
     "limits",
     "identity",
     "protocol",

@@ -9,10 +9,10 @@ use futures::stream::BoxStream;
 use p2pchat_core::discovery::{
     Discovery, DiscoveryError, DiscoveryEvent, DiscoverySession, Page, Registration,
 };
-use p2pchat_core::node::NodeError;
+use p2pchat_core::node::SpawnError;
 use p2pchat_core::store::{ExpiredMessage, OfflineStore, StoreError, StoredMessage};
 use p2pchat_core::{
-    ChatNode, Event, Identity, MemoryDiscovery, MessageId, PeerRecord, TcpTransport,
+    ChatNode, Event, Identity, MemoryDiscovery, MemoryStore, MessageId, PeerRecord, TcpTransport,
 };
 use tokio::sync::mpsc;
 
@@ -162,6 +162,102 @@ async fn a_failing_mailbox_fetch_is_reported_and_the_node_keeps_running() {
     node.shutdown().await.expect("shutdown");
 }
 
+/// A real store whose first `failures` fetches fail as an outage would.
+#[derive(Debug)]
+struct FailsFirstFetches {
+    inner: MemoryStore,
+    failures: AtomicUsize,
+}
+
+#[async_trait]
+impl OfflineStore for FailsFirstFetches {
+    async fn put(&self, message: StoredMessage) -> Result<(), StoreError> {
+        self.inner.put(message).await
+    }
+    async fn fetch(&self, recipient: &str, limit: usize) -> Result<Vec<StoredMessage>, StoreError> {
+        let left = self.failures.load(Ordering::SeqCst);
+        if left > 0 {
+            self.failures.store(left - 1, Ordering::SeqCst);
+            return Err(StoreError::unavailable("connection refused"));
+        }
+        self.inner.fetch(recipient, limit).await
+    }
+    async fn ack(&self, recipient: &str, ids: &[MessageId]) -> Result<(), StoreError> {
+        self.inner.ack(recipient, ids).await
+    }
+    async fn take_expired(&self, sender: &str) -> Result<Vec<ExpiredMessage>, StoreError> {
+        self.inner.take_expired(sender).await
+    }
+    async fn subscribe(&self, recipient: &str) -> Result<BoxStream<'static, ()>, StoreError> {
+        self.inner.subscribe(recipient).await
+    }
+}
+
+#[tokio::test]
+async fn a_mailbox_drain_that_failed_is_tried_again_without_waiting_for_new_mail() {
+    const FAILURES: usize = 3;
+    let directory = MemoryDiscovery::new();
+    let store = MemoryStore::new();
+    let node = |name: &str| {
+        ChatNode::builder()
+            .username(name)
+            .listen("127.0.0.1:0".parse().expect("addr"))
+            .discovery(directory.clone())
+    };
+    let bob_id = Identity::generate();
+    let bob = node("bob")
+        .identity(bob_id.clone())
+        .offline_store(store.clone())
+        .spawn()
+        .await
+        .expect("bob");
+    bob.shutdown().await.expect("bob leaves");
+    let alice = node("alice")
+        .offline_store(store.clone())
+        .spawn()
+        .await
+        .expect("alice");
+    let mut alice_events = alice.events();
+    let id = alice.send("bob", "waiting for you").await.expect("send");
+    let stored = wait_for(&mut alice_events, outcome).await;
+    assert!(
+        matches!(&stored, Event::StoredOffline { id: got, .. } if *got == id),
+        "{stored:?}"
+    );
+
+    // bob's first drains fail; no new mail comes to wake him, and the message waits anyway.
+    let bob = node("bob")
+        .identity(bob_id)
+        .offline_store(FailsFirstFetches {
+            inner: store,
+            failures: AtomicUsize::new(FAILURES),
+        })
+        .spawn()
+        .await
+        .expect("bob again");
+    let mut events = bob.events();
+    let mut errors = 0;
+    let shown = wait_for(&mut events, |e| {
+        if let Event::Error { message } = e {
+            assert!(
+                message.contains("could not fetch offline messages"),
+                "{message}"
+            );
+            errors += 1;
+        }
+        matches!(e, Event::MessageReceived { .. })
+    })
+    .await;
+    assert!(
+        matches!(&shown, Event::MessageReceived { id: got, text, offline: true, .. }
+            if *got == id && text == "waiting for you"),
+        "{shown:?}"
+    );
+    assert_eq!(errors, 1, "one failure streak, one event");
+    alice.shutdown().await.expect("shutdown");
+    bob.shutdown().await.expect("shutdown");
+}
+
 /// A real directory whose lookups fail with an outage while `down` is set. It keeps the
 /// node's event channel, to say when the session is back.
 #[derive(Debug, Clone)]
@@ -225,7 +321,7 @@ impl DiscoverySession for FlakySession {
         if self.down.load(Ordering::SeqCst) {
             return Err(DiscoveryError::Unreachable {
                 addr: "127.0.0.1:5001".into(),
-                reason: "connection refused".into(),
+                source: "connection refused".into(),
             });
         }
         self.inner.lookup(username).await
@@ -394,7 +490,7 @@ async fn a_taken_name_is_refused_at_spawn() {
         .await
         .expect_err("a second key cannot take the name");
     assert!(
-        matches!(err, NodeError::Discovery(DiscoveryError::NameTaken { .. })),
+        matches!(err, SpawnError::Discovery(DiscoveryError::NameTaken { .. })),
         "{err}"
     );
     first.shutdown().await.expect("shutdown");

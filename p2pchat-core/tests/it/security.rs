@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use p2pchat_core::crypto::{CryptoError, PairKey, Payload};
+use p2pchat_core::error::chain;
 use p2pchat_core::protocol::PeerFrame;
 use p2pchat_core::testing::{RawPeer, RecordingTransport};
 use p2pchat_core::{Event, Identity, MessageId, OfflineStore, TcpTransport};
@@ -206,6 +207,7 @@ async fn an_impostor_cannot_connect_as_a_registered_user() {
     )
     .await;
     let err = result.expect_err("the handshake must fail");
+    let err = chain(&err);
     assert!(err.contains("refused"), "{err}");
     // Nor can someone who is not in the directory at all.
     let err = RawPeer::connect(
@@ -218,6 +220,7 @@ async fn an_impostor_cannot_connect_as_a_registered_user() {
     )
     .await
     .expect_err("unknown users are refused");
+    let err = chain(&err);
     assert!(err.contains("refused"), "{err}");
     alice.shutdown().await.expect("shutdown");
     bob.shutdown().await.expect("shutdown");

@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use bytes::BytesMut;
+use p2pchat_core::error::chain;
 use p2pchat_core::protocol::discovery::{ClientFrame, ServerFrame, WireError};
 use p2pchat_core::protocol::{FrameCodec, PROTOCOL_VERSION, ProtocolError};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -95,6 +96,6 @@ pub(super) fn decode_error(e: ProtocolError) -> Option<WireError> {
         ))),
         e @ ProtocolError::FrameTooLarge { .. } => Some(WireError::LimitExceeded(e.to_string())),
         ProtocolError::Io(_) => None,
-        e => Some(WireError::BadFrame(e.to_string())),
+        e => Some(WireError::BadFrame(chain(&e))),
     }
 }

@@ -14,6 +14,7 @@ use std::sync::Arc;
 
 use futures::StreamExt;
 use futures::stream::BoxStream;
+use p2pchat_core::error::chain;
 use p2pchat_core::protocol::FrameCodec;
 use p2pchat_core::protocol::discovery::{ClientFrame, Push, Request, ServerFrame, WireError};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -191,7 +192,7 @@ impl Session {
             Ok(Some(current)) => current.session != self.lease.session,
             Ok(None) => false,
             Err(e) => {
-                tracing::warn!(error = %e, "cannot check the lease; keeping the session");
+                tracing::warn!(error = %chain(&e), "cannot check the lease; keeping the session");
                 false
             }
         }
@@ -211,7 +212,7 @@ impl Session {
                 .set_offline(&lease.username, lease.session)
                 .await
         {
-            tracing::warn!(user = %lease.username, error = %e, "cannot mark offline; the lease will expire");
+            tracing::warn!(user = %lease.username, error = %chain(&e), "cannot mark offline; the lease will expire");
         }
         // The claim's inactivity clock starts when its owner leaves; short sessions are
         // already covered by the registration's own touch.
@@ -221,7 +222,7 @@ impl Session {
                 .touch(&lease.username, &lease.public_key)
                 .await
         {
-            tracing::warn!(user = %lease.username, error = %e, "cannot record last seen");
+            tracing::warn!(user = %lease.username, error = %chain(&e), "cannot record last seen");
         }
     }
 

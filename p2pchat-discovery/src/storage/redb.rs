@@ -11,7 +11,7 @@ use std::time::{Duration, SystemTime};
 use ::redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use async_trait::async_trait;
 use p2pchat_core::store::{DEFAULT_MAILBOX_QUOTA, OfflineStore};
-use p2pchat_core::{Announcement, PublicKey};
+use p2pchat_core::{Announcement, Cause, PublicKey};
 use tokio::sync::broadcast;
 
 use super::presence::LocalPresence;
@@ -36,8 +36,8 @@ pub struct RedbStorage {
     announcements: broadcast::Sender<Announcement>,
 }
 
-fn unavailable(e: impl std::fmt::Display) -> StorageError {
-    StorageError::Unavailable(e.to_string())
+fn unavailable(e: impl std::error::Error + Send + Sync + 'static) -> StorageError {
+    StorageError::unavailable(e)
 }
 
 fn encode(claim: &NameClaim) -> [u8; 40] {
@@ -48,7 +48,7 @@ fn encode(claim: &NameClaim) -> [u8; 40] {
 }
 
 fn decode(username: &str, bytes: &[u8]) -> Result<NameClaim, StorageError> {
-    let corrupt = || StorageError::Corrupt(format!("the claim on '{username}'"));
+    let corrupt = || StorageError::corrupt(format!("the claim on '{username}'"), None);
     let key: &[u8; 32] = bytes
         .get(..32)
         .and_then(|b| b.try_into().ok())
@@ -74,12 +74,14 @@ impl RedbStorage {
 
     /// As [`RedbStorage::open`], with mailboxes holding at most `quota` messages.
     pub fn open_with_quota(data_dir: &Path, quota: usize) -> Result<Self, StorageError> {
-        std::fs::create_dir_all(data_dir).map_err(|e| {
-            StorageError::Unavailable(format!("cannot create {}: {e}", data_dir.display()))
+        std::fs::create_dir_all(data_dir).map_err(|e| StorageError::Open {
+            path: data_dir.to_owned(),
+            source: Cause::new(e),
         })?;
         let path = data_dir.join(DIRECTORY_FILE);
-        let db = Database::create(&path).map_err(|e| {
-            StorageError::Unavailable(format!("cannot open {}: {e}", path.display()))
+        let db = Database::create(&path).map_err(|e| StorageError::Open {
+            path: path.clone(),
+            source: Cause::new(e),
         })?;
         let txn = db.begin_write().map_err(unavailable)?;
         txn.open_table(CLAIMS).map_err(unavailable)?;
@@ -108,7 +110,7 @@ impl RedbStorage {
         let db = self.db.clone();
         tokio::task::spawn_blocking(move || f(&db))
             .await
-            .map_err(|e| StorageError::Unavailable(format!("storage task failed: {e}")))?
+            .map_err(unavailable)?
     }
 }
 

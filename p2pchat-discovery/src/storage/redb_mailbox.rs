@@ -59,8 +59,8 @@ pub struct RedbMailbox {
     deposits: mpsc::Sender<Deposit>,
 }
 
-fn unavailable(e: impl std::fmt::Display) -> StoreError {
-    StoreError::Unavailable(e.to_string())
+fn unavailable(e: impl std::error::Error + Send + Sync + 'static) -> StoreError {
+    StoreError::unavailable(e)
 }
 
 fn id_key(id: &MessageId) -> u128 {
@@ -68,7 +68,7 @@ fn id_key(id: &MessageId) -> u128 {
 }
 
 fn corrupt(what: &str) -> StoreError {
-    StoreError::Corrupt(format!("a stored {what} cannot be read"))
+    StoreError::corrupt(format!("a stored {what} cannot be read"))
 }
 
 impl RedbMailbox {
@@ -87,9 +87,7 @@ impl RedbMailbox {
         std::thread::Builder::new()
             .name("mailbox-writer".into())
             .spawn(move || write_deposits(writer_db, quota, queue))
-            .map_err(|e| {
-                StoreError::Unavailable(format!("cannot start the mailbox writer: {e}"))
-            })?;
+            .map_err(unavailable)?;
         Ok(Self {
             db,
             quota,
@@ -105,7 +103,7 @@ impl RedbMailbox {
         let (db, quota) = (self.db.clone(), self.quota);
         tokio::task::spawn_blocking(move || f(&db, quota))
             .await
-            .map_err(|e| StoreError::Unavailable(format!("storage task failed: {e}")))?
+            .map_err(unavailable)?
     }
 
     fn notify(&self, recipient: &str) {
@@ -313,10 +311,10 @@ impl OfflineStore for RedbMailbox {
         self.deposits
             .send(Deposit { message, reply })
             .await
-            .map_err(|_| StoreError::Unavailable("the mailbox writer stopped".into()))?;
+            .map_err(|_| StoreError::unavailable("the mailbox writer stopped"))?;
         let stored = stored
             .await
-            .map_err(|_| StoreError::Unavailable("the mailbox writer stopped".into()))??;
+            .map_err(|_| StoreError::unavailable("the mailbox writer stopped"))??;
         if stored {
             self.notify(&recipient);
         }

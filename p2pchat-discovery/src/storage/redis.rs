@@ -239,8 +239,8 @@ impl Keys {
     }
 }
 
-fn unavailable(e: impl std::fmt::Display) -> StorageError {
-    StorageError::Unavailable(e.to_string())
+fn unavailable(e: impl std::error::Error + Send + Sync + 'static) -> StorageError {
+    StorageError::unavailable(e)
 }
 
 fn millis(d: Duration) -> u64 {
@@ -248,12 +248,13 @@ fn millis(d: Duration) -> u64 {
 }
 
 fn to_json<T: serde::Serialize>(value: &T) -> Result<String, StorageError> {
-    serde_json::to_string(value).map_err(|e| StorageError::Corrupt(format!("cannot encode: {e}")))
+    serde_json::to_string(value)
+        .map_err(|e| StorageError::corrupt("a record to store", Some(e.into())))
 }
 
 fn parse_lease(username: &str, json: &str) -> Result<Lease, StorageError> {
     serde_json::from_str(json)
-        .map_err(|e| StorageError::Corrupt(format!("the lease of '{username}': {e}")))
+        .map_err(|e| StorageError::corrupt(format!("the lease of '{username}'"), Some(e.into())))
 }
 
 impl RedisStorage {
@@ -291,7 +292,7 @@ impl RedisStorage {
             },
         )
         .await
-        .map_err(|e| StorageError::Unavailable(e.to_string()))?;
+        .map_err(unavailable)?;
         let (conn, push_rx) = connection(url).await.map_err(unavailable)?;
 
         let keys = Keys {
@@ -462,7 +463,7 @@ impl Storage for RedisStorage {
         let Some(key) = key else {
             return Ok(None);
         };
-        let corrupt = || StorageError::Corrupt(format!("the claim on '{username}'"));
+        let corrupt = || StorageError::corrupt(format!("the claim on '{username}'"), None);
         let public_key = key.parse::<PublicKey>().map_err(|_| corrupt())?;
         let seen = seen
             .and_then(|s| s.parse::<u64>().ok())

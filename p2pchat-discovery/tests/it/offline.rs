@@ -500,7 +500,7 @@ async fn big_mail_comes_in_replies_that_fit_a_frame_and_oversized_tokens_are_ref
     }
     let too_big = "t".repeat(MAX_TOKEN_LEN + 1);
     match alice_box.put(message("alice", "bob", &too_big)).await {
-        Err(StoreError::Unavailable(why)) => assert!(why.contains("at most"), "{why}"),
+        Err(StoreError::Unavailable(why)) => assert!(why.to_string().contains("at most"), "{why}"),
         other => panic!("an oversized token must be refused, got {other:?}"),
     }
     let mut drained = 0;
