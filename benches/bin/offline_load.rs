@@ -1,6 +1,8 @@
 //! Offline store throughput: put 10,000 messages into one mailbox, then drain them (fetch a
 //! batch, acknowledge it, repeat), through `RedisStore` and through the discovery server's
-//! redb mailbox (`MailboxStore` over a real session).
+//! redb mailbox (`MailboxStore` over a real session); and, on the same Redis, the seed's
+//! way as a baseline in the same run: one `RPUSH` per message, awaited one at a time, and
+//! `LPOP` until the list is empty (what the original Python client did).
 //!
 //! ```text
 //! cargo run --release -p p2pchat-benches --bin offline-load -- --messages 10000
@@ -9,9 +11,10 @@
 //! Redis is a `redis-server` this program starts on a free port in a temporary directory
 //! (append-only file on, as a deployment that keeps mail would run it), unless `--redis-url`
 //! names one. The discovery server runs in this process on 127.0.0.1 with its embedded store
-//! in a temporary directory. Puts are issued one at a time (as one node's link stores its
-//! messages) and then with `--concurrency` at once; tokens are 200-byte strings, about the
-//! size of a sealed short message.
+//! in a temporary directory. Puts are issued one at a time, then with `--concurrency` at
+//! once, then with `put_many` in batches of `--batch` (as a node's link hands the store the
+//! messages waiting for one peer); tokens are 200-byte strings, about the size of a sealed
+//! short message.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -34,6 +37,9 @@ struct Args {
     /// Puts in flight at once in the concurrent runs.
     #[arg(long, default_value_t = 32)]
     concurrency: usize,
+    /// Messages per `put_many` in the batched runs.
+    #[arg(long, default_value_t = 64)]
+    batch: usize,
     /// Use this Redis instead of starting one.
     #[arg(long)]
     redis_url: Option<String>,
@@ -72,6 +78,53 @@ async fn put_all(
     Ok(started.elapsed())
 }
 
+/// Puts `n` messages with `put_many`, `batch` at a time; returns the elapsed time.
+async fn put_batches(store: &dyn OfflineStore, n: usize, batch: usize) -> anyhow::Result<Duration> {
+    let started = Instant::now();
+    let mut i = 0;
+    while i < n {
+        let messages: Vec<_> = (i..n.min(i + batch)).map(message).collect();
+        i += messages.len();
+        for result in store.put_many(messages).await {
+            result?;
+        }
+    }
+    Ok(started.elapsed())
+}
+
+/// The seed's offline store on the same Redis: one `RPUSH` of a JSON message per message,
+/// each awaited before the next, then `LPOP` until the list is empty. Returns the two times.
+async fn seed_style(url: &str, n: usize) -> anyhow::Result<(Duration, Duration)> {
+    let client = redis::Client::open(url)?;
+    let mut conn = client.get_multiplexed_async_connection().await?;
+    let key = format!("seed{:08x}:offline:bob", rand_suffix());
+    let started = Instant::now();
+    for i in 0..n {
+        let m = message(i);
+        let json = format!(
+            r#"{{"from":"{}","message":"{}","id":"{}"}}"#,
+            m.from, m.token, m.id
+        );
+        let _: i64 = redis::cmd("RPUSH")
+            .arg(&key)
+            .arg(json)
+            .query_async(&mut conn)
+            .await?;
+    }
+    let put = started.elapsed();
+    let started = Instant::now();
+    let mut drained = 0;
+    loop {
+        let item: Option<String> = redis::cmd("LPOP").arg(&key).query_async(&mut conn).await?;
+        if item.is_none() {
+            break;
+        }
+        drained += 1;
+    }
+    anyhow::ensure!(drained == n, "the seed-style list drained {drained} of {n}");
+    Ok((put, started.elapsed()))
+}
+
 /// Fetches and acknowledges until the mailbox is empty; returns (messages, elapsed).
 async fn drain(store: &dyn OfflineStore) -> anyhow::Result<(usize, Duration)> {
     let started = Instant::now();
@@ -95,28 +148,40 @@ fn rate(n: usize, d: Duration) -> String {
     )
 }
 
-/// One backend: sequential puts, drain, concurrent puts, drain.
+/// One backend: sequential puts, drain, concurrent puts, drain, batched puts, drain.
+/// Returns the batched run's (put, drain) times.
 async fn measure(
     name: &str,
     writer: Arc<dyn OfflineStore>,
     reader: Arc<dyn OfflineStore>,
     args: &Args,
-) -> anyhow::Result<()> {
-    for concurrency in [1, args.concurrency] {
-        let put = put_all(writer.clone(), args.messages, concurrency).await?;
+) -> anyhow::Result<(Duration, Duration)> {
+    let mut batched = (Duration::ZERO, Duration::ZERO);
+    for how in ["x1", "xN", "many"] {
+        let put = match how {
+            "x1" => put_all(writer.clone(), args.messages, 1).await?,
+            "xN" => put_all(writer.clone(), args.messages, args.concurrency).await?,
+            _ => put_batches(writer.as_ref(), args.messages, args.batch).await?,
+        };
         let (drained, took) = drain(reader.as_ref()).await?;
         anyhow::ensure!(
             drained == args.messages,
             "drained {drained} of {}",
             args.messages
         );
+        let label = match how {
+            "x1" => "put x1".to_owned(),
+            "xN" => format!("put x{}", args.concurrency),
+            _ => format!("put_many {}", args.batch),
+        };
         println!(
-            "{name:<28} put (x{concurrency:<2}) {:<40} drain {}",
+            "{name:<28} {label:<12} {:<40} drain {}",
             rate(args.messages, put),
             rate(drained, took)
         );
+        batched = (put, took);
     }
-    Ok(())
+    Ok(batched)
 }
 
 async fn register(
@@ -160,6 +225,14 @@ async fn main() -> anyhow::Result<()> {
             .await
             .with_context(|| format!("cannot use Redis at {url}"))?,
     );
+    let (seed_put, seed_drain) = seed_style(&url, args.messages).await?;
+    println!(
+        "{:<28} {:<12} {:<40} drain {}",
+        "seed-style RPUSH/LPOP",
+        "rpush x1",
+        rate(args.messages, seed_put),
+        rate(args.messages, seed_drain)
+    );
     measure("RedisStore (appendonly)", redis.clone(), redis, &args).await?;
 
     // The discovery server's redb mailbox, over real sessions.
@@ -178,7 +251,13 @@ async fn main() -> anyhow::Result<()> {
         alice.mailbox().context("a mailbox")?,
         bob.mailbox().context("a mailbox")?,
     );
-    measure("server mailbox (redb)", writer, reader, &args).await?;
+    let (put, drained) = measure("server mailbox (redb)", writer, reader, &args).await?;
+    println!(
+        "server mailbox (redb), put_many, beside the seed-style baseline: put {:.1}x as fast, \
+         drain {:.1}x",
+        seed_put.as_secs_f64() / put.as_secs_f64(),
+        seed_drain.as_secs_f64() / drained.as_secs_f64()
+    );
     drop((alice, bob));
     let _ = stop.send(());
     serving.await?;

@@ -105,6 +105,16 @@ impl From<WireExpired> for ExpiredMessage {
     }
 }
 
+/// What a put did with a message it accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Put {
+    /// The message is in the mailbox now.
+    Stored,
+    /// A message with the same id was in the mailbox already: it is kept once.
+    Duplicate,
+}
+
 /// Errors from an offline store.
 #[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
@@ -170,13 +180,14 @@ impl StoreError {
 pub trait OfflineStore: Debug + Send + Sync + 'static {
     /// Stores a message for `message.to`.
     async fn put(&self, message: StoredMessage) -> Result<(), StoreError>;
-    /// Stores several messages, in order, answering for each. By default one
-    /// [`put`](OfflineStore::put) after another; a backend that can do better (one round
-    /// trip, one transaction) overrides it.
-    async fn put_many(&self, messages: Vec<StoredMessage>) -> Vec<Result<(), StoreError>> {
+    /// Stores several messages, in order, answering for each: [`Put::Stored`], or
+    /// [`Put::Duplicate`] where the backend can tell. By default one
+    /// [`put`](OfflineStore::put) after another, each answered `Stored`; a backend that can
+    /// do better (one round trip, one transaction) overrides it.
+    async fn put_many(&self, messages: Vec<StoredMessage>) -> Vec<Result<Put, StoreError>> {
         let mut results = Vec::with_capacity(messages.len());
         for message in messages {
-            results.push(self.put(message).await);
+            results.push(self.put(message).await.map(|()| Put::Stored));
         }
         results
     }
@@ -191,17 +202,6 @@ pub trait OfflineStore: Debug + Send + Sync + 'static {
     async fn subscribe(&self, recipient: &str) -> Result<BoxStream<'static, ()>, StoreError>;
 }
 
-/// Every put of `messages` in flight at once, answered in order: for a backend whose one
-/// connection pipelines concurrent requests in the order they are made (Redis's multiplexed
-/// connection, a discovery session), one round trip for the batch.
-#[cfg(any(feature = "node", feature = "redis"))]
-pub(crate) async fn put_concurrently<S: OfflineStore + ?Sized>(
-    store: &S,
-    messages: Vec<StoredMessage>,
-) -> Vec<Result<(), StoreError>> {
-    futures::future::join_all(messages.into_iter().map(|m| store.put(m))).await
-}
-
 /// A shared store is a store: lets an `Arc<dyn OfflineStore>` (such as
 /// [`crate::DiscoverySession::mailbox`]) be handed to
 /// [`crate::ChatNodeBuilder::offline_store`].
@@ -210,7 +210,7 @@ impl<T: OfflineStore + ?Sized> OfflineStore for std::sync::Arc<T> {
     async fn put(&self, message: StoredMessage) -> Result<(), StoreError> {
         (**self).put(message).await
     }
-    async fn put_many(&self, messages: Vec<StoredMessage>) -> Vec<Result<(), StoreError>> {
+    async fn put_many(&self, messages: Vec<StoredMessage>) -> Vec<Result<Put, StoreError>> {
         (**self).put_many(messages).await
     }
     async fn fetch(&self, recipient: &str, limit: usize) -> Result<Vec<StoredMessage>, StoreError> {

@@ -57,5 +57,5 @@ pub use config::Config;
 pub use directory::Directory;
 pub use operator::{RelayError, relay_announcement};
 pub use server::serve;
-pub use session::WRITE_TIMEOUT;
+pub use session::{MAX_IN_FLIGHT, WRITE_TIMEOUT};
 pub use storage::{RedbStorage, RedisStorage, Storage, StorageError};

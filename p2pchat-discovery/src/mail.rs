@@ -5,14 +5,17 @@
 //! [`MAX_MESSAGE_TTL`] from now; it reads, acknowledges and takes expiry notices of its own
 //! mailbox only.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::SystemTime;
 
 use futures::stream::BoxStream;
 use p2pchat_core::error::chain;
-use p2pchat_core::protocol::discovery::{WireError, WireExpired, WireMessage};
+use p2pchat_core::protocol::discovery::{
+    DepositOutcome, MAX_DEPOSIT_BATCH, WireError, WireExpired, WireMessage,
+};
 use p2pchat_core::protocol::{MAX_ACK_BATCH, MAX_TOKEN_LEN, MessageId, validate_username};
-use p2pchat_core::store::{MAX_FETCH_BATCH, MAX_MESSAGE_TTL, StoreError, StoredMessage};
+use p2pchat_core::store::{MAX_FETCH_BATCH, MAX_MESSAGE_TTL, Put, StoreError, StoredMessage};
 
 use crate::config::DEPOSIT_BURST;
 use crate::limits::KeyedRate;
@@ -67,8 +70,15 @@ impl Mail {
         self.deposits.forget_idle();
     }
 
-    /// Leaves a message from `me` in its recipient's mailbox, by the rules.
-    pub(crate) async fn deposit(&self, me: &str, message: WireMessage) -> Result<(), WireError> {
+    /// Checks a message from `me` against the deposit rules: the message to store if it
+    /// passes. `claimed` holds the recipients already found claimed (a batch looks each up
+    /// once).
+    async fn admit(
+        &self,
+        me: &str,
+        message: WireMessage,
+        claimed: &mut HashSet<String>,
+    ) -> Result<StoredMessage, WireError> {
         if message.token.len() > MAX_TOKEN_LEN {
             return Err(WireError::LimitExceeded(format!(
                 "a stored message is at most {MAX_TOKEN_LEN} bytes"
@@ -86,27 +96,83 @@ impl Mail {
         if !self.deposits.allow(&me.to_owned()) {
             return Err(WireError::RateLimited);
         }
-        if self
-            .storage
-            .claim_of(&message.to)
-            .await
-            .map_err(storage_error)?
-            .is_none()
-        {
-            return Err(WireError::Forbidden(format!(
-                "there is no user named {}",
-                message.to
-            )));
+        if !claimed.contains(&message.to) {
+            if self
+                .storage
+                .claim_of(&message.to)
+                .await
+                .map_err(storage_error)?
+                .is_none()
+            {
+                return Err(WireError::Forbidden(format!(
+                    "there is no user named {}",
+                    message.to
+                )));
+            }
+            claimed.insert(message.to.clone());
         }
         // Nobody's mail waits longer than the longest TTL, whatever the sender asked.
         let latest = SystemTime::now() + MAX_MESSAGE_TTL;
         let mut stored = StoredMessage::from(message);
         stored.expires_at = stored.expires_at.min(latest);
+        Ok(stored)
+    }
+
+    /// Leaves a message from `me` in its recipient's mailbox, by the rules.
+    pub(crate) async fn deposit(&self, me: &str, message: WireMessage) -> Result<(), WireError> {
+        let stored = self.admit(me, message, &mut HashSet::new()).await?;
         self.storage
             .mailbox()
             .put(stored)
             .await
             .map_err(store_error)
+    }
+
+    /// Leaves each of `batch` (at most [`MAX_DEPOSIT_BATCH`]) by the rules of
+    /// [`Mail::deposit`], those that pass in one `put_many` (one commit on the embedded
+    /// store); an outcome per message, in order.
+    pub(crate) async fn deposit_batch(
+        &self,
+        me: &str,
+        batch: Vec<WireMessage>,
+    ) -> Result<Vec<DepositOutcome>, WireError> {
+        if batch.len() > MAX_DEPOSIT_BATCH {
+            return Err(WireError::LimitExceeded(format!(
+                "at most {MAX_DEPOSIT_BATCH} messages per deposit batch"
+            )));
+        }
+        let mut outcomes: Vec<Option<DepositOutcome>> = Vec::with_capacity(batch.len());
+        let mut admitted = Vec::with_capacity(batch.len());
+        let mut slots = Vec::with_capacity(batch.len());
+        let mut claimed = HashSet::new();
+        for message in batch {
+            match self.admit(me, message, &mut claimed).await {
+                Ok(stored) => {
+                    slots.push(outcomes.len());
+                    outcomes.push(None);
+                    admitted.push(stored);
+                }
+                Err(refused) => outcomes.push(Some(DepositOutcome::Refused(refused))),
+            }
+        }
+        if !admitted.is_empty() {
+            let results = self.storage.mailbox().put_many(admitted).await;
+            for (slot, result) in slots.into_iter().zip(results) {
+                outcomes[slot] = Some(match result {
+                    Ok(Put::Stored) => DepositOutcome::Stored,
+                    Ok(_) => DepositOutcome::Duplicate,
+                    Err(e) => DepositOutcome::Refused(store_error(e)),
+                });
+            }
+        }
+        Ok(outcomes
+            .into_iter()
+            .map(|outcome| {
+                outcome.unwrap_or_else(|| {
+                    DepositOutcome::Refused(WireError::Backend("the store gave no answer".into()))
+                })
+            })
+            .collect())
     }
 
     /// `me`'s oldest waiting messages, at most `limit` and as many as fit one reply (at

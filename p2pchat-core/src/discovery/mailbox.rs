@@ -8,11 +8,42 @@ use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::BroadcastStream;
 
 use super::client::{Call, Failure, call};
-use crate::protocol::discovery::{Reply, Request, WireError};
-use crate::protocol::{MAX_ACK_BATCH, MessageId};
-use crate::store::{
-    ExpiredMessage, MAX_FETCH_BATCH, OfflineStore, StoreError, StoredMessage, put_concurrently,
+use crate::protocol::discovery::{
+    DepositOutcome, MAX_DEPOSIT_BATCH, Reply, Request, WireError, WireMessage,
 };
+use crate::protocol::{MAX_ACK_BATCH, MAX_FRAME_LEN, MessageId};
+use crate::store::{ExpiredMessage, MAX_FETCH_BATCH, OfflineStore, Put, StoreError, StoredMessage};
+
+/// Bytes of messages one [`Request::DepositBatch`] carries at most: the frame limit, less
+/// room for the frame's own fields.
+const DEPOSIT_BATCH_BYTES: usize = MAX_FRAME_LEN - 4096;
+
+/// About how many bytes `message` takes in a frame.
+fn encoded_len(message: &StoredMessage) -> usize {
+    message.token.len() + message.from.len() + message.to.len() + 48
+}
+
+/// `messages` in runs that each fit one [`Request::DepositBatch`], in order.
+fn deposit_batches(messages: Vec<StoredMessage>) -> Vec<Vec<StoredMessage>> {
+    let mut batches: Vec<Vec<StoredMessage>> = Vec::new();
+    let mut bytes = 0;
+    for message in messages {
+        let len = encoded_len(&message);
+        match batches.last_mut() {
+            Some(batch)
+                if batch.len() < MAX_DEPOSIT_BATCH && bytes + len <= DEPOSIT_BATCH_BYTES =>
+            {
+                bytes += len;
+                batch.push(message);
+            }
+            _ => {
+                bytes = len;
+                batches.push(vec![message]);
+            }
+        }
+    }
+    batches
+}
 
 /// The server mailbox of one registered user: [`OfflineStore`] over a
 /// [`crate::DiscoveryClient`] session, so offline delivery needs no other service.
@@ -90,6 +121,54 @@ impl From<WireError> for StoreError {
     }
 }
 
+impl MailboxStore {
+    /// One [`Request::DepositBatch`]: an answer per message, in order. Messages in another
+    /// user's name are refused here, as the server would.
+    async fn deposit_batch(&self, batch: Vec<StoredMessage>) -> Vec<Result<Put, StoreError>> {
+        let mut answers: Vec<Option<Result<Put, StoreError>>> = Vec::with_capacity(batch.len());
+        let mut sent: Vec<WireMessage> = Vec::with_capacity(batch.len());
+        for message in batch {
+            if message.from == self.user {
+                answers.push(None);
+                sent.push(message.into());
+            } else {
+                answers.push(Some(Err(StoreError::Forbidden(format!(
+                    "{} may not deposit mail in {}'s name",
+                    self.user, message.from
+                )))));
+            }
+        }
+        let n = sent.len();
+        let mut outcomes: Vec<Result<Put, StoreError>> = if n == 0 {
+            Vec::new()
+        } else {
+            match self.call(Request::DepositBatch(sent)).await {
+                Ok(Reply::Deposited(outcomes)) if outcomes.len() == n => outcomes
+                    .into_iter()
+                    .map(|outcome| match outcome {
+                        DepositOutcome::Stored => Ok(Put::Stored),
+                        DepositOutcome::Duplicate => Ok(Put::Duplicate),
+                        DepositOutcome::Refused(e) => Err(StoreError::from(e)),
+                    })
+                    .collect(),
+                Ok(other) => vec![Err(wrong_reply(other)); n],
+                Err(e) => vec![Err(e); n],
+            }
+        };
+        outcomes.reverse();
+        answers
+            .into_iter()
+            .map(|answer| {
+                answer.unwrap_or_else(|| {
+                    outcomes
+                        .pop()
+                        .unwrap_or_else(|| Err(StoreError::unavailable("no answer for a deposit")))
+                })
+            })
+            .collect()
+    }
+}
+
 fn wrong_reply(reply: Reply) -> StoreError {
     StoreError::unavailable(format!("unexpected reply from the server: {reply:?}"))
 }
@@ -112,9 +191,14 @@ impl OfflineStore for MailboxStore {
         }
     }
 
-    /// The deposits pipelined on the session, in order: one round trip for the batch.
-    async fn put_many(&self, messages: Vec<StoredMessage>) -> Vec<Result<(), StoreError>> {
-        put_concurrently(self, messages).await
+    /// The messages in [`Request::DepositBatch`]es (as many as fit a frame, at most
+    /// [`MAX_DEPOSIT_BATCH`] each), all pipelined on the session at once: one round trip and,
+    /// on the server, one commit for the lot.
+    async fn put_many(&self, messages: Vec<StoredMessage>) -> Vec<Result<Put, StoreError>> {
+        let batches = deposit_batches(messages);
+        let answers =
+            futures::future::join_all(batches.into_iter().map(|b| self.deposit_batch(b))).await;
+        answers.into_iter().flatten().collect()
     }
 
     async fn fetch(&self, recipient: &str, limit: usize) -> Result<Vec<StoredMessage>, StoreError> {

@@ -946,7 +946,8 @@ impl Core {
             let n = messages.len();
             let mut results =
                 match tokio::time::timeout(STORE_TIMEOUT, store.put_many(messages)).await {
-                    Ok(results) => results,
+                    // Stored now or already there: either way the store has it.
+                    Ok(results) => results.into_iter().map(|r| r.map(drop)).collect(),
                     Err(_) => vec![
                         Err(StoreError::unavailable(
                             "the offline store did not answer in time"

@@ -191,6 +191,25 @@ pub enum Request {
     /// Expiry notices for messages this session's user sent. Answered with
     /// [`Reply::Expired`].
     TakeExpired,
+    /// Several [`Request::Deposit`]s in one request (at most [`MAX_DEPOSIT_BATCH`], and
+    /// within the frame limit), each under the deposit rules. Answered with
+    /// [`Reply::Deposited`], one outcome per message, in order.
+    DepositBatch(Vec<WireMessage>),
+}
+
+/// Most messages in one [`Request::DepositBatch`]. Default: 64.
+pub const MAX_DEPOSIT_BATCH: usize = 64;
+
+/// What became of one message of a [`Request::DepositBatch`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum DepositOutcome {
+    /// In the mailbox now, durably.
+    Stored,
+    /// A message with this id was in the mailbox already: kept once.
+    Duplicate,
+    /// Refused, and why (quota, rate, no such recipient, not the session's user, …).
+    Refused(WireError),
 }
 
 /// Successful answers.
@@ -207,6 +226,8 @@ pub enum Reply {
     Mail(Vec<WireMessage>),
     /// Expiry notices.
     Expired(Vec<WireExpired>),
+    /// The outcome of each message of a [`Request::DepositBatch`], in order.
+    Deposited(Vec<DepositOutcome>),
 }
 
 /// A user, as the directory describes it on the wire.

@@ -92,7 +92,7 @@ use tokio::sync::mpsc;
 use tokio_util::task::AbortOnDropHandle;
 
 use super::redis_conn::{PushHandler, connection, script_with_now, spawn_push_feed};
-use super::{DEFAULT_MAILBOX_QUOTA, ExpiredMessage, OfflineStore, StoreError, StoredMessage};
+use super::{DEFAULT_MAILBOX_QUOTA, ExpiredMessage, OfflineStore, Put, StoreError, StoredMessage};
 use crate::error::Cause;
 use crate::protocol::MessageId;
 
@@ -621,7 +621,7 @@ fn parse_notice(sender: &str, notice: &str) -> Result<ExpiredMessage, StoreError
 /// What one put script did.
 enum PutOutcome {
     /// Stored now, or already there.
-    Stored,
+    Done(Put),
     /// The mailbox holds its quota.
     Full,
 }
@@ -652,23 +652,22 @@ impl RedisStore {
             .await
             .map_err(unavailable)?;
         Ok(match outcome {
-            0 | 1 => PutOutcome::Stored,
+            0 => PutOutcome::Done(Put::Stored),
+            1 => PutOutcome::Done(Put::Duplicate),
             _ => PutOutcome::Full,
         })
     }
-}
 
-#[async_trait]
-impl OfflineStore for RedisStore {
-    async fn put(&self, message: StoredMessage) -> Result<(), StoreError> {
+    /// [`OfflineStore::put`], saying whether the message was there already.
+    async fn put_one(&self, message: StoredMessage) -> Result<Put, StoreError> {
         // Expired messages count against the quota until swept: sweep only when the mailbox
         // looks full (a sweep per put would double the round trips of every put).
         match self.put_once(&message).await? {
-            PutOutcome::Stored => Ok(()),
+            PutOutcome::Done(put) => Ok(put),
             PutOutcome::Full => {
                 self.sweep().await?;
                 match self.put_once(&message).await? {
-                    PutOutcome::Stored => Ok(()),
+                    PutOutcome::Done(put) => Ok(put),
                     PutOutcome::Full => Err(StoreError::QuotaExceeded {
                         recipient: message.to.clone(),
                         quota: self.inner.quota,
@@ -677,11 +676,18 @@ impl OfflineStore for RedisStore {
             }
         }
     }
+}
+
+#[async_trait]
+impl OfflineStore for RedisStore {
+    async fn put(&self, message: StoredMessage) -> Result<(), StoreError> {
+        self.put_one(message).await.map(drop)
+    }
 
     /// Every put in flight at once on the one multiplexed connection: the commands are
     /// pipelined in order, one round trip for the batch instead of one per message.
-    async fn put_many(&self, messages: Vec<StoredMessage>) -> Vec<Result<(), StoreError>> {
-        super::put_concurrently(self, messages).await
+    async fn put_many(&self, messages: Vec<StoredMessage>) -> Vec<Result<Put, StoreError>> {
+        futures::future::join_all(messages.into_iter().map(|m| self.put_one(m))).await
     }
 
     async fn fetch(&self, recipient: &str, limit: usize) -> Result<Vec<StoredMessage>, StoreError> {

@@ -71,6 +71,10 @@ fn the_core_limits_table_matches_the_constants() {
             count(discovery::MAX_PAGE_SIZE as u64),
         ),
         (
+            "protocol::discovery::MAX_DEPOSIT_BATCH",
+            count(p2pchat_core::protocol::discovery::MAX_DEPOSIT_BATCH as u64),
+        ),
+        (
             "discovery::DEFAULT_DISCOVERY_ADDR",
             format!("`{}`", discovery::DEFAULT_DISCOVERY_ADDR),
         ),

@@ -10,8 +10,8 @@ use std::net::SocketAddr;
 use bytes::BytesMut;
 use p2pchat_core::crypto::Payload;
 use p2pchat_core::protocol::discovery::{
-    Claim, ClientFrame, Push, RegisterRequest, Registered, Reply, Request, ServerFrame, WireError,
-    WireExpired, WireMessage, WirePage, WirePeer,
+    Claim, ClientFrame, DepositOutcome, Push, RegisterRequest, Registered, Reply, Request,
+    ServerFrame, WireError, WireExpired, WireMessage, WirePage, WirePeer,
 };
 use p2pchat_core::protocol::{ErrorCode, FrameCodec, Hello, MessageId, PeerFrame};
 use p2pchat_core::{Announcement, PublicKey};
@@ -240,6 +240,11 @@ fn every_client_frame_and_request_kind_has_these_bytes() {
             request(Request::TakeExpired),
             "0000000401010709",
         ),
+        (
+            "DepositBatch",
+            request(Request::DepositBatch(vec![wire_message()])),
+            "0000002b0101070a010101010101010101010101010101010105616c69636503626f620267418080a8b1e39fe7cb17",
+        ),
     ]);
 }
 
@@ -299,6 +304,15 @@ fn every_server_frame_reply_push_and_error_kind_has_these_bytes() {
                 to: "bob".into(),
             }]))),
             "0000001a0102070004010101010101010101010101010101010103626f62",
+        ),
+        (
+            "Reply::Deposited",
+            reply(Ok(Reply::Deposited(vec![
+                DepositOutcome::Stored,
+                DepositOutcome::Duplicate,
+                DepositOutcome::Refused(WireError::RateLimited),
+            ]))),
+            "0000000a01020700050300010203",
         ),
         (
             "Response error",

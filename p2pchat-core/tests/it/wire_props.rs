@@ -28,8 +28,8 @@ use bytes::{BufMut, BytesMut};
 use p2pchat_core::announce::MAX_ANNOUNCEMENT_LEN;
 use p2pchat_core::crypto::{PairKey, Payload};
 use p2pchat_core::protocol::discovery::{
-    Claim, ClientFrame, MAX_ANNOUNCED_ADDRS, Push, RegisterRequest, Registered, Reply, Request,
-    ServerFrame, WireError, WireExpired, WireMessage, WirePage, WirePeer,
+    Claim, ClientFrame, DepositOutcome, MAX_ANNOUNCED_ADDRS, Push, RegisterRequest, Registered,
+    Reply, Request, ServerFrame, WireError, WireExpired, WireMessage, WirePage, WirePeer,
 };
 use p2pchat_core::protocol::{
     ErrorCode, FrameCodec, Hello, MessageId, NONCE_LEN, PROTOCOL_VERSION, PeerFrame, ProtocolError,
@@ -212,6 +212,7 @@ fn request() -> impl Strategy<Value = Request> {
         any::<u32>().prop_map(|limit| Request::FetchMail { limit }),
         proptest::collection::vec(message_id(), 0..64).prop_map(|ids| Request::AckMail { ids }),
         Just(Request::TakeExpired),
+        proptest::collection::vec(stored_message(), 0..4).prop_map(Request::DepositBatch),
     ]
 }
 
@@ -239,6 +240,15 @@ fn reply() -> impl Strategy<Value = Reply> {
         page().prop_map(Reply::Page),
         proptest::collection::vec(stored_message(), 0..4).prop_map(Reply::Mail),
         proptest::collection::vec(expired_message(), 0..8).prop_map(Reply::Expired),
+        proptest::collection::vec(deposit_outcome(), 0..8).prop_map(Reply::Deposited),
+    ]
+}
+
+fn deposit_outcome() -> impl Strategy<Value = DepositOutcome> {
+    prop_oneof![
+        Just(DepositOutcome::Stored),
+        Just(DepositOutcome::Duplicate),
+        wire_error().prop_map(DepositOutcome::Refused),
     ]
 }
 

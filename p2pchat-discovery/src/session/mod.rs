@@ -12,8 +12,9 @@ use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use futures::StreamExt;
-use futures::stream::BoxStream;
+use futures::future::BoxFuture;
+use futures::stream::{BoxStream, FuturesOrdered};
+use futures::{FutureExt, StreamExt};
 use p2pchat_core::error::chain;
 use p2pchat_core::protocol::FrameCodec;
 use p2pchat_core::protocol::discovery::{ClientFrame, Push, Request, ServerFrame, WireError};
@@ -30,6 +31,10 @@ use request::{Answer, Then};
 
 use crate::directory::Directory;
 use crate::storage::{Lease, touch_interval};
+
+/// Deposits one session runs at once; reading waits while this many are under way.
+/// Default: 64.
+pub const MAX_IN_FLIGHT: usize = 64;
 
 /// Handles one accepted connection from start to end.
 pub(crate) async fn run(
@@ -117,6 +122,9 @@ impl Session {
     ) {
         let idle = self.directory.config.idle_timeout;
         let mut last_frame = Instant::now();
+        // Deposits under way, answered in the order they came.
+        let mut in_flight: FuturesOrdered<BoxFuture<'static, (u64, Answer)>> =
+            FuturesOrdered::new();
         let replaced = loop {
             tokio::select! {
                 biased;
@@ -139,7 +147,14 @@ impl Session {
                         break false;
                     }
                 }
-                frame = tokio::time::timeout_at(last_frame + idle, reader.next()) => {
+                Some((id, (result, _))) = in_flight.next(), if !in_flight.is_empty() => {
+                    if writer.send(&ServerFrame::Response { id, result }).await.is_err() {
+                        break false;
+                    }
+                }
+                frame = tokio::time::timeout_at(last_frame + idle, reader.next()),
+                    if in_flight.len() < MAX_IN_FLIGHT =>
+                {
                     let frame = match frame {
                         Err(_) => {
                             tracing::debug!("idle session closed");
@@ -151,6 +166,24 @@ impl Session {
                     last_frame = Instant::now();
                     match frame {
                         Ok(ClientFrame::Request { id, request }) => {
+                            let request = match self.detach(request) {
+                                Ok(answer) => {
+                                    in_flight.push_back(answer.map(move |a| (id, a)).boxed());
+                                    continue;
+                                }
+                                Err(request) => request,
+                            };
+                            // Anything else waits for the deposits before it, in order.
+                            let mut written = true;
+                            while let Some((id, (result, _))) = in_flight.next().await {
+                                written = writer.send(&ServerFrame::Response { id, result }).await.is_ok();
+                                if !written {
+                                    break;
+                                }
+                            }
+                            if !written {
+                                break false;
+                            }
                             let (result, then) = self.handle(request).await;
                             if writer.send(&ServerFrame::Response { id, result }).await.is_err() {
                                 break false;
@@ -226,8 +259,27 @@ impl Session {
         }
     }
 
+    /// A request that depends on nothing else the session does (a deposit), as a future of
+    /// its own to run beside others; any other request back.
+    fn detach(&self, request: Request) -> Result<BoxFuture<'static, Answer>, Request> {
+        let (directory, me) = (self.directory.clone(), self.lease.username.clone());
+        match request {
+            Request::Deposit(message) => {
+                Ok(request::deposit::apply(directory, me, *message).boxed())
+            }
+            Request::DepositBatch(batch) => {
+                Ok(request::deposit::batch(directory, me, batch).boxed())
+            }
+            other => Err(other),
+        }
+    }
+
     /// Answers one request: each kind is a file of `request/`.
     async fn handle(&mut self, request: Request) -> Answer {
+        let request = match self.detach(request) {
+            Ok(deposit) => return deposit.await,
+            Err(request) => request,
+        };
         match request {
             Request::KeepAlive => request::keep_alive::apply(self).await,
             Request::Lookup { username } => request::lookup::apply(self, &username).await,
@@ -237,7 +289,6 @@ impl Session {
             Request::Watch { username } => request::watch::watch(self, username),
             Request::Unwatch { username } => request::watch::unwatch(self, &username),
             Request::Deregister => request::deregister::apply(),
-            Request::Deposit(message) => request::deposit::apply(self, *message).await,
             Request::FetchMail { limit } => request::fetch_mail::apply(self, limit).await,
             Request::AckMail { ids } => request::ack_mail::apply(self, &ids).await,
             Request::TakeExpired => request::take_expired::apply(self).await,

@@ -27,7 +27,7 @@ use futures::StreamExt;
 use futures::stream::BoxStream;
 use p2pchat_core::MessageId;
 use p2pchat_core::store::{
-    ExpiredMessage, MAX_EXPIRED_BATCH, OfflineStore, StoreError, StoredMessage,
+    ExpiredMessage, MAX_EXPIRED_BATCH, OfflineStore, Put, StoreError, StoredMessage,
 };
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio_stream::wrappers::BroadcastStream;
@@ -106,6 +106,34 @@ impl RedbMailbox {
             .map_err(unavailable)?
     }
 
+    /// Hands `messages` to the writer thread and waits for their commit; notifies each
+    /// recipient who got new mail.
+    async fn deposit(&self, messages: Vec<StoredMessage>) -> Vec<Result<bool, StoreError>> {
+        let n = messages.len();
+        let recipients: Vec<String> = messages.iter().map(|m| m.to.clone()).collect();
+        let (reply, answer) = oneshot::channel();
+        let stopped = || vec![Err(StoreError::unavailable("the mailbox writer stopped")); n];
+        if self
+            .deposits
+            .send(Deposit { messages, reply })
+            .await
+            .is_err()
+        {
+            return stopped();
+        }
+        let Ok(outcomes) = answer.await else {
+            return stopped();
+        };
+        let mut notified: Vec<&str> = Vec::new();
+        for (recipient, outcome) in recipients.iter().zip(&outcomes) {
+            if matches!(outcome, Ok(true)) && !notified.contains(&recipient.as_str()) {
+                notified.push(recipient);
+                self.notify(recipient);
+            }
+        }
+        outcomes
+    }
+
     fn notify(&self, recipient: &str) {
         let mut notices = self.notices.lock();
         if let Some(tx) = notices.get(recipient)
@@ -117,45 +145,53 @@ impl RedbMailbox {
     }
 }
 
-/// A deposit waiting for the writer thread, and where its outcome goes (`true`: stored now,
-/// `false`: it was already there).
+/// Deposits waiting for the writer thread (one put, or one `put_many`'s messages, committed
+/// together), and where their outcomes go, in order (`true`: stored now, `false`: it was
+/// already there).
 struct Deposit {
-    message: StoredMessage,
-    reply: oneshot::Sender<Result<bool, StoreError>>,
+    messages: Vec<StoredMessage>,
+    reply: oneshot::Sender<Vec<Result<bool, StoreError>>>,
 }
 
 /// Deposits waiting for the writer. Default: 1024.
 const DEPOSIT_QUEUE: usize = 1024;
 
-/// Most deposits committed together. Default: 256.
+/// Messages the writer takes into one commit, at least (a deposit is never split). Default:
+/// 256.
 const DEPOSIT_BATCH: usize = 256;
 
-/// The writer thread: takes every deposit waiting (up to [`DEPOSIT_BATCH`]), applies them in
-/// one write transaction and commits once, so concurrent deposits share one durable commit
-/// (one fsync) instead of paying one each. Each deposit still gets its own outcome; nobody
-/// is answered before the commit that holds their message. Ends when every mailbox handle
-/// is gone. It holds the database weakly, so closing the storage closes the file at once.
+/// The writer thread: takes every deposit waiting (until [`DEPOSIT_BATCH`] messages),
+/// applies them in one write transaction and commits once, so concurrent deposits share one
+/// durable commit (one fsync) instead of paying one each. Each message still gets its own
+/// outcome; nobody is answered before the commit that holds their message. Ends when every
+/// mailbox handle is gone. It holds the database weakly, so closing the storage closes the
+/// file at once.
 fn write_deposits(db: Weak<Database>, quota: usize, mut queue: mpsc::Receiver<Deposit>) {
     while let Some(first) = queue.blocking_recv() {
         let Some(db) = db.upgrade() else { return };
+        let mut taken = first.messages.len();
         let mut batch = vec![first];
-        while batch.len() < DEPOSIT_BATCH {
+        while taken < DEPOSIT_BATCH {
             match queue.try_recv() {
-                Ok(next) => batch.push(next),
+                Ok(next) => {
+                    taken += next.messages.len();
+                    batch.push(next);
+                }
                 Err(_) => break,
             }
         }
         let outcomes = (|| {
             let txn = db.begin_write().map_err(unavailable)?;
             sweep(&txn, now_ms())?;
-            let outcomes: Vec<Result<bool, StoreError>> = batch
+            let outcomes: Vec<Vec<Result<bool, StoreError>>> = batch
                 .iter()
-                .map(|d| put_in(&txn, &d.message, quota))
+                .map(|d| d.messages.iter().map(|m| put_in(&txn, m, quota)).collect())
                 .collect();
-            // A full mailbox refuses one deposit and changes nothing; any other failure may
-            // have left a deposit half written, so nothing in the batch is committed.
+            // A full mailbox refuses one message and changes nothing; any other failure may
+            // have left a message half written, so nothing in the batch is committed.
             if let Some(Err(e)) = outcomes
                 .iter()
+                .flatten()
                 .find(|o| matches!(o, Err(e) if !matches!(e, StoreError::QuotaExceeded { .. })))
             {
                 return Err(e.clone());
@@ -167,13 +203,15 @@ fn write_deposits(db: Weak<Database>, quota: usize, mut queue: mpsc::Receiver<De
         drop(db);
         match outcomes {
             Ok(outcomes) => {
-                for (deposit, outcome) in batch.into_iter().zip(outcomes) {
-                    let _ = deposit.reply.send(outcome);
+                for (deposit, outcomes) in batch.into_iter().zip(outcomes) {
+                    let _ = deposit.reply.send(outcomes);
                 }
             }
             Err(e) => {
                 for deposit in batch {
-                    let _ = deposit.reply.send(Err(e.clone()));
+                    let _ = deposit
+                        .reply
+                        .send(vec![Err(e.clone()); deposit.messages.len()]);
                 }
             }
         }
@@ -306,19 +344,20 @@ fn sweep_if_due(db: &Database) -> Result<(), StoreError> {
 #[async_trait]
 impl OfflineStore for RedbMailbox {
     async fn put(&self, message: StoredMessage) -> Result<(), StoreError> {
-        let recipient = message.to.clone();
-        let (reply, stored) = oneshot::channel();
-        self.deposits
-            .send(Deposit { message, reply })
-            .await
-            .map_err(|_| StoreError::unavailable("the mailbox writer stopped"))?;
-        let stored = stored
-            .await
-            .map_err(|_| StoreError::unavailable("the mailbox writer stopped"))??;
-        if stored {
-            self.notify(&recipient);
-        }
+        let mut outcome = self.deposit(vec![message]).await;
+        outcome
+            .pop()
+            .unwrap_or_else(|| Err(StoreError::unavailable("no answer")))?;
         Ok(())
+    }
+
+    /// The messages in one commit (with whatever other deposits are waiting).
+    async fn put_many(&self, messages: Vec<StoredMessage>) -> Vec<Result<Put, StoreError>> {
+        self.deposit(messages)
+            .await
+            .into_iter()
+            .map(|outcome| outcome.map(|stored| if stored { Put::Stored } else { Put::Duplicate }))
+            .collect()
     }
 
     async fn fetch(&self, recipient: &str, limit: usize) -> Result<Vec<StoredMessage>, StoreError> {

@@ -54,6 +54,10 @@ fn the_server_limits_table_matches_the_constants() {
             format!("`{}`", storage::DEFAULT_KEY_PREFIX),
         ),
         (
+            "MAX_IN_FLIGHT",
+            count(p2pchat_discovery::MAX_IN_FLIGHT as u64),
+        ),
+        (
             "operator::RELAY_TIMEOUT",
             secs(p2pchat_discovery::operator::RELAY_TIMEOUT),
         ),

@@ -4,13 +4,14 @@
 //! else's name, and a node's pinned operator key changing under it.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::BytesMut;
 use futures::StreamExt;
 use p2pchat_core::protocol::discovery::{
-    Claim, ClientFrame, RegisterRequest, Reply, Request, ServerFrame, WireError, WireMessage,
-    register_transcript,
+    Claim, ClientFrame, DepositOutcome, MAX_DEPOSIT_BATCH, RegisterRequest, Reply, Request,
+    ServerFrame, WireError, WireMessage, register_transcript,
 };
 use p2pchat_core::protocol::{FrameCodec, MAX_FRAME_LEN};
 use p2pchat_core::{
@@ -428,6 +429,187 @@ async fn forged_and_replayed_deposits_and_registrations_are_refused() {
         ids(bob.mailbox().unwrap().fetch("bob", 10).await.unwrap()),
         vec![once]
     );
+    server.stop().await;
+}
+
+/// A deposit batch is answered per message, in order: stored, a duplicate of one stored
+/// before, and refusals (a name nobody holds, another user's name, a token over the limit)
+/// that leave the rest of the batch alone. Only the stored ones reach the mailbox, in order.
+#[tokio::test]
+async fn a_deposit_batch_is_answered_per_message_stored_duplicate_or_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(fast_config(), redb(dir.path())).await;
+    let (bob, _b) = register(&server.client(), &Identity::generate(), "bob").await;
+    let (_carol, _c) = register(&server.client(), &Identity::generate(), "carol").await;
+    let mut alice = Raw::connect(server.addr).await;
+    alice.register(&Identity::generate(), "alice").await;
+
+    let first = message(MessageId::random(), "alice", "bob");
+    let mut too_big = message(MessageId::random(), "alice", "bob");
+    too_big.token = "t".repeat(p2pchat_core::protocol::MAX_TOKEN_LEN + 1);
+    let last = message(MessageId::random(), "alice", "bob");
+    let batch = vec![
+        first.clone(),
+        first.clone(),
+        message(MessageId::random(), "alice", "nobody"),
+        message(MessageId::random(), "carol", "bob"),
+        too_big,
+        last.clone(),
+    ];
+    let outcomes = match alice.request(Request::DepositBatch(batch)).await {
+        Ok(Reply::Deposited(outcomes)) => outcomes,
+        other => panic!("expected an outcome per message, got {other:?}"),
+    };
+    assert_eq!(outcomes.len(), 6, "{outcomes:?}");
+    assert_eq!(outcomes[0], DepositOutcome::Stored);
+    assert_eq!(outcomes[1], DepositOutcome::Duplicate);
+    assert!(
+        matches!(&outcomes[2], DepositOutcome::Refused(WireError::Forbidden(why)) if why.contains("nobody")),
+        "{outcomes:?}"
+    );
+    assert!(
+        matches!(&outcomes[3], DepositOutcome::Refused(WireError::Forbidden(why)) if why.contains("carol")),
+        "{outcomes:?}"
+    );
+    assert!(
+        matches!(
+            &outcomes[4],
+            DepositOutcome::Refused(WireError::LimitExceeded(_))
+        ),
+        "{outcomes:?}"
+    );
+    assert_eq!(outcomes[5], DepositOutcome::Stored);
+    let mail = bob.mailbox().unwrap().fetch("bob", 10).await.unwrap();
+    let got: Vec<MessageId> = mail.iter().map(|m| m.id).collect();
+    assert_eq!(got, vec![first.id, last.id], "the stored ones, in order");
+
+    // Over the batch limit: refused whole, nothing stored.
+    let over: Vec<WireMessage> = (0..=MAX_DEPOSIT_BATCH)
+        .map(|_| message(MessageId::random(), "alice", "carol"))
+        .collect();
+    assert!(matches!(
+        alice.request(Request::DepositBatch(over)).await,
+        Err(WireError::LimitExceeded(_))
+    ));
+    server.stop().await;
+}
+
+/// A batch that crosses the recipient's quota stores up to it and refuses the rest with
+/// `QuotaExceeded`, each answered; a later batch for another recipient is unaffected.
+#[tokio::test]
+async fn a_deposit_batch_over_the_quota_stores_up_to_it_and_refuses_the_rest() {
+    const QUOTA: usize = 5;
+    let dir = tempfile::tempdir().unwrap();
+    let storage: Arc<dyn p2pchat_discovery::Storage> =
+        Arc::new(p2pchat_discovery::RedbStorage::open_with_quota(dir.path(), QUOTA).unwrap());
+    let server = TestServer::start(fast_config(), storage).await;
+    let (bob, _b) = register(&server.client(), &Identity::generate(), "bob").await;
+    let (_carol, _c) = register(&server.client(), &Identity::generate(), "carol").await;
+    let mut alice = Raw::connect(server.addr).await;
+    alice.register(&Identity::generate(), "alice").await;
+    let batch: Vec<WireMessage> = (0..QUOTA + 3)
+        .map(|_| message(MessageId::random(), "alice", "bob"))
+        .collect();
+    let outcomes = match alice.request(Request::DepositBatch(batch)).await {
+        Ok(Reply::Deposited(outcomes)) => outcomes,
+        other => panic!("expected an outcome per message, got {other:?}"),
+    };
+    assert!(
+        outcomes[..QUOTA]
+            .iter()
+            .all(|o| *o == DepositOutcome::Stored),
+        "{outcomes:?}"
+    );
+    assert!(
+        outcomes[QUOTA..].iter().all(|o| matches!(
+            o,
+            DepositOutcome::Refused(WireError::QuotaExceeded { quota, .. }) if *quota == QUOTA as u64
+        )),
+        "{outcomes:?}"
+    );
+    assert_eq!(
+        bob.mailbox()
+            .unwrap()
+            .fetch("bob", 100)
+            .await
+            .unwrap()
+            .len(),
+        QUOTA
+    );
+    let to_carol = vec![message(MessageId::random(), "alice", "carol")];
+    assert_eq!(
+        alice.request(Request::DepositBatch(to_carol)).await,
+        Ok(Reply::Deposited(vec![DepositOutcome::Stored]))
+    );
+    server.stop().await;
+}
+
+/// Requests pipelined on one session are answered in the order they were sent, though the
+/// deposits among them run concurrently: a lookup and a fetch after a run of deposits see
+/// them done, and every answer carries the id of its request, in sequence.
+#[tokio::test]
+async fn pipelined_requests_are_answered_in_order_while_deposits_run_together() {
+    const DEPOSITS: usize = 50;
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(fast_config(), redb(dir.path())).await;
+    let (bob, _b) = register(&server.client(), &Identity::generate(), "bob").await;
+    let mut alice = Raw::connect(server.addr).await;
+    alice.register(&Identity::generate(), "alice").await;
+    let mut sent = Vec::new();
+    let mut frames = Vec::new();
+    for i in 0..DEPOSITS {
+        let request = if i == DEPOSITS / 2 {
+            Request::Lookup {
+                username: "bob".into(),
+            }
+        } else if i % 7 == 3 {
+            let batch = (0..3)
+                .map(|_| message(MessageId::random(), "alice", "bob"))
+                .collect::<Vec<_>>();
+            sent.extend(batch.iter().map(|m| m.id));
+            Request::DepositBatch(batch)
+        } else {
+            let m = message(MessageId::random(), "alice", "bob");
+            sent.push(m.id);
+            Request::Deposit(Box::new(m))
+        };
+        frames.push(ClientFrame::Request {
+            id: i as u64 + 1,
+            request,
+        });
+    }
+    frames.push(ClientFrame::Request {
+        id: DEPOSITS as u64 + 1,
+        request: Request::FetchMail { limit: 10 },
+    });
+    // All at once, then read.
+    for frame in &frames {
+        alice.send(frame).await;
+    }
+    let mut answered = Vec::new();
+    while answered.len() < frames.len() {
+        match alice.frame().await {
+            Some(ServerFrame::Response { id, result }) => answered.push((id, result)),
+            Some(ServerFrame::Push(_)) => {}
+            other => panic!("expected responses, got {other:?}"),
+        }
+    }
+    let ids: Vec<u64> = answered.iter().map(|(id, _)| *id).collect();
+    let expected: Vec<u64> = (1..=frames.len() as u64).collect();
+    assert_eq!(ids, expected, "answers in request order");
+    for (id, result) in &answered {
+        match result {
+            Ok(Reply::Done | Reply::Deposited(_) | Reply::Record(Some(_)) | Reply::Mail(_)) => {}
+            other => panic!("request {id} failed: {other:?}"),
+        }
+    }
+    let mail = bob.mailbox().unwrap().fetch("bob", 1000).await.unwrap();
+    let got: Vec<MessageId> = mail.iter().map(|m| m.id).collect();
+    let mut want = sent.clone();
+    want.sort();
+    let mut have = got.clone();
+    have.sort();
+    assert_eq!(have, want, "every deposit stored once");
     server.stop().await;
 }
 
