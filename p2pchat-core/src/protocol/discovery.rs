@@ -318,8 +318,9 @@ pub enum WireError {
     /// The registration's signature does not verify.
     #[error("the registration's signature does not verify")]
     BadSignature,
-    /// Too many registrations from this address; retry later.
-    #[error("too many registrations from this address; try again later")]
+    /// Too many requests of this kind (registrations from this address, deposits by this
+    /// user); retry later.
+    #[error("rate limited by the server (too many registrations or deposits); try again later")]
     RateLimited,
     /// A server limit was reached (connections, watches, addresses, handshake time).
     #[error("limit exceeded: {0}")]

@@ -183,10 +183,12 @@ fn write_deposits(db: Weak<Database>, quota: usize, mut queue: mpsc::Receiver<De
         let outcomes = (|| {
             let txn = db.begin_write().map_err(unavailable)?;
             sweep(&txn, now_ms())?;
+            let mut tables = MailTables::open(&txn)?;
             let outcomes: Vec<Vec<Result<bool, StoreError>>> = batch
                 .iter()
-                .map(|d| d.messages.iter().map(|m| put_in(&txn, m, quota)).collect())
+                .map(|d| d.messages.iter().map(|m| tables.put(m, quota)).collect())
                 .collect();
+            tables.finish()?;
             // A full mailbox refuses one message and changes nothing; any other failure may
             // have left a message half written, so nothing in the batch is committed.
             if let Some(Err(e)) = outcomes
@@ -218,47 +220,72 @@ fn write_deposits(db: Weak<Database>, quota: usize, mut queue: mpsc::Receiver<De
     }
 }
 
-/// Adds one message inside `txn`: `Ok(false)` if it is there already.
-fn put_in(
-    txn: &WriteTransaction,
-    message: &StoredMessage,
-    quota: usize,
-) -> Result<bool, StoreError> {
-    let to = message.to.as_str();
-    let mut ids = txn.open_table(MAIL_IDS).map_err(unavailable)?;
-    if ids
-        .get((to, id_key(&message.id)))
-        .map_err(unavailable)?
-        .is_some()
-    {
-        return Ok(false);
+/// The tables a deposit writes, opened once per write transaction (opening a table costs
+/// more than an insert), and the next sequence number, written back once by
+/// [`MailTables::finish`].
+struct MailTables<'txn> {
+    mail: ::redb::Table<'txn, (&'static str, u64), &'static [u8]>,
+    ids: ::redb::Table<'txn, (&'static str, u128), u64>,
+    expiry: ::redb::Table<'txn, (u64, u64), &'static str>,
+    counts: ::redb::Table<'txn, &'static str, u64>,
+    meta: ::redb::Table<'txn, &'static str, u64>,
+    next: u64,
+}
+
+impl<'txn> MailTables<'txn> {
+    fn open(txn: &'txn WriteTransaction) -> Result<Self, StoreError> {
+        let meta = txn.open_table(MAIL_META).map_err(unavailable)?;
+        let next = meta.get("next").map_err(unavailable)?.map(|v| v.value());
+        Ok(Self {
+            mail: txn.open_table(MAIL).map_err(unavailable)?,
+            ids: txn.open_table(MAIL_IDS).map_err(unavailable)?,
+            expiry: txn.open_table(MAIL_EXPIRY).map_err(unavailable)?,
+            counts: txn.open_table(MAIL_COUNT).map_err(unavailable)?,
+            meta,
+            next: next.unwrap_or(0),
+        })
     }
-    let mut counts = txn.open_table(MAIL_COUNT).map_err(unavailable)?;
-    let waiting = counts.get(to).map_err(unavailable)?.map(|v| v.value());
-    let waiting = waiting.unwrap_or(0);
-    if waiting >= quota as u64 {
-        return Err(StoreError::QuotaExceeded {
-            recipient: to.to_owned(),
-            quota,
-        });
+
+    /// Adds one message: `Ok(false)` if it is there already.
+    fn put(&mut self, message: &StoredMessage, quota: usize) -> Result<bool, StoreError> {
+        let to = message.to.as_str();
+        if self
+            .ids
+            .get((to, id_key(&message.id)))
+            .map_err(unavailable)?
+            .is_some()
+        {
+            return Ok(false);
+        }
+        let waiting = self.counts.get(to).map_err(unavailable)?.map(|v| v.value());
+        let waiting = waiting.unwrap_or(0);
+        if waiting >= quota as u64 {
+            return Err(StoreError::QuotaExceeded {
+                recipient: to.to_owned(),
+                quota,
+            });
+        }
+        let seq = self.next;
+        self.next += 1;
+        let bytes = MailRecordV1::encode(message);
+        self.mail
+            .insert((to, seq), bytes.as_slice())
+            .map_err(unavailable)?;
+        self.ids
+            .insert((to, id_key(&message.id)), seq)
+            .map_err(unavailable)?;
+        self.expiry
+            .insert((unix_ms(message.expires_at), seq), to)
+            .map_err(unavailable)?;
+        self.counts.insert(to, waiting + 1).map_err(unavailable)?;
+        Ok(true)
     }
-    let mut meta = txn.open_table(MAIL_META).map_err(unavailable)?;
-    let seq = meta.get("next").map_err(unavailable)?.map(|v| v.value());
-    let seq = seq.unwrap_or(0);
-    meta.insert("next", seq + 1).map_err(unavailable)?;
-    let bytes = MailRecordV1::encode(message);
-    txn.open_table(MAIL)
-        .map_err(unavailable)?
-        .insert((to, seq), bytes.as_slice())
-        .map_err(unavailable)?;
-    ids.insert((to, id_key(&message.id)), seq)
-        .map_err(unavailable)?;
-    txn.open_table(MAIL_EXPIRY)
-        .map_err(unavailable)?
-        .insert((unix_ms(message.expires_at), seq), to)
-        .map_err(unavailable)?;
-    counts.insert(to, waiting + 1).map_err(unavailable)?;
-    Ok(true)
+
+    /// Writes the next sequence number back.
+    fn finish(mut self) -> Result<(), StoreError> {
+        self.meta.insert("next", self.next).map_err(unavailable)?;
+        Ok(())
+    }
 }
 
 /// Moves up to [`SWEEP_BATCH`] expired messages to their senders' expiry notices.
