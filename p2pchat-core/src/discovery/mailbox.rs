@@ -94,6 +94,18 @@ impl MailboxStore {
         }
     }
 
+    /// Refuses a deposit in another user's name, as the server would.
+    fn mine_to_send(&self, message: &StoredMessage) -> Result<(), StoreError> {
+        if message.from == self.user {
+            Ok(())
+        } else {
+            Err(StoreError::Forbidden(format!(
+                "{} may not deposit mail in {}'s name",
+                self.user, message.from
+            )))
+        }
+    }
+
     async fn call(&self, request: Request) -> Result<Reply, StoreError> {
         let Some(cmds) = self.cmds.upgrade() else {
             return Err(StoreError::unavailable(format!(
@@ -128,14 +140,12 @@ impl MailboxStore {
         let mut answers: Vec<Option<Result<Put, StoreError>>> = Vec::with_capacity(batch.len());
         let mut sent: Vec<WireMessage> = Vec::with_capacity(batch.len());
         for message in batch {
-            if message.from == self.user {
-                answers.push(None);
-                sent.push(message.into());
-            } else {
-                answers.push(Some(Err(StoreError::Forbidden(format!(
-                    "{} may not deposit mail in {}'s name",
-                    self.user, message.from
-                )))));
+            match self.mine_to_send(&message) {
+                Ok(()) => {
+                    answers.push(None);
+                    sent.push(message.into());
+                }
+                Err(refused) => answers.push(Some(Err(refused))),
             }
         }
         let n = sent.len();
@@ -176,12 +186,7 @@ fn wrong_reply(reply: Reply) -> StoreError {
 #[async_trait]
 impl OfflineStore for MailboxStore {
     async fn put(&self, message: StoredMessage) -> Result<(), StoreError> {
-        if message.from != self.user {
-            return Err(StoreError::Forbidden(format!(
-                "{} may not deposit mail in {}'s name",
-                self.user, message.from
-            )));
-        }
+        self.mine_to_send(&message)?;
         match self
             .call(Request::Deposit(Box::new(message.into())))
             .await?

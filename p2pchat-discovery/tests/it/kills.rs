@@ -428,7 +428,9 @@ async fn redis_killed_and_restarted_keeps_stored_mail_and_outage_sends_are_retri
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_server_killed_during_a_stream_of_deposit_batches_loses_no_stored_message() {
     const BATCH: usize = 32;
-    const BATCHES: usize = 400;
+    // Far more than can be sent before the kill (the stream stops at its first failure):
+    // the kill must land mid-stream however fast the build.
+    const BATCHES: usize = 5_000;
     let dir = tempfile::tempdir().unwrap();
     let server_dir = dir.path().join("server");
     let mut server = Binary::start(&server_dir, "127.0.0.1:0").await;
