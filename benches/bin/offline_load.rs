@@ -22,7 +22,7 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::Context;
 use clap::Parser;
 use p2pchat_core::discovery::Registration;
-use p2pchat_core::store::{MAX_FETCH_BATCH, OfflineStore, RedisStore, RedisStoreConfig};
+use p2pchat_core::store::{MAX_FETCH_BATCH, MailKey, OfflineStore, RedisStore, RedisStoreConfig};
 use p2pchat_core::testing::RedisServer;
 use p2pchat_core::{Discovery, DiscoveryClient, DiscoverySession, Identity, MessageId};
 use p2pchat_discovery::{Config, Directory, RedbStorage, serve};
@@ -136,8 +136,8 @@ async fn drain(store: &dyn OfflineStore) -> anyhow::Result<(usize, Duration)> {
             return Ok((drained, started.elapsed()));
         }
         drained += batch.len();
-        let ids: Vec<MessageId> = batch.iter().map(|m| m.id).collect();
-        store.ack("bob", &ids).await?;
+        let acked: Vec<MailKey> = batch.iter().map(MailKey::of).collect();
+        store.ack("bob", &acked).await?;
     }
 }
 

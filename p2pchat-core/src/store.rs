@@ -18,7 +18,7 @@ use futures::stream::BoxStream;
 
 use crate::error::Cause;
 use crate::protocol::MessageId;
-use crate::protocol::discovery::{WireExpired, WireMessage};
+use crate::protocol::discovery::{WireExpired, WireMailKey, WireMessage};
 
 pub use memory::MemoryStore;
 #[cfg(feature = "redis")]
@@ -54,6 +54,27 @@ pub struct StoredMessage {
     pub token: String,
     /// When the message expires undelivered.
     pub expires_at: SystemTime,
+}
+
+/// What names one message in a mailbox: its sender and its id. Ids are chosen by senders
+/// and travel in the clear, so an id alone names nothing: another sender may use the same
+/// one, and must neither hide nor remove the first sender's message.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct MailKey {
+    /// The sender's username.
+    pub from: String,
+    /// The id the sender gave the message.
+    pub id: MessageId,
+}
+
+impl MailKey {
+    /// The key of `message`.
+    pub fn of(message: &StoredMessage) -> Self {
+        Self {
+            from: message.from.clone(),
+            id: message.id,
+        }
+    }
 }
 
 /// A message that expired before its recipient fetched it.
@@ -105,13 +126,32 @@ impl From<WireExpired> for ExpiredMessage {
     }
 }
 
+impl From<MailKey> for WireMailKey {
+    fn from(k: MailKey) -> Self {
+        Self {
+            from: k.from,
+            id: k.id,
+        }
+    }
+}
+
+impl From<WireMailKey> for MailKey {
+    fn from(k: WireMailKey) -> Self {
+        Self {
+            from: k.from,
+            id: k.id,
+        }
+    }
+}
+
 /// What a put did with a message it accepted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Put {
     /// The message is in the mailbox now.
     Stored,
-    /// A message with the same id was in the mailbox already: it is kept once.
+    /// The same sender's message with the same id was in the mailbox already: it is kept
+    /// once.
     Duplicate,
 }
 
@@ -163,11 +203,13 @@ impl StoreError {
 ///
 /// # Contract
 /// - [`put`](OfflineStore::put) appends to `message.to`'s mailbox. It is idempotent by
-///   `(to, id)`: putting the same message twice stores it once. A full mailbox refuses with
-///   [`StoreError::QuotaExceeded`].
+///   `(to, from, id)`: putting the same message twice stores it once, while another
+///   sender's message with the same id is a different message, stored beside it. A full
+///   mailbox refuses with [`StoreError::QuotaExceeded`].
 /// - [`fetch`](OfflineStore::fetch) returns the oldest unacknowledged messages, in the
 ///   order they were put, without removing them: a message is returned by every fetch until
-///   it is [`ack`](OfflineStore::ack)ed. Expired messages are never returned.
+///   it is [`ack`](OfflineStore::ack)ed by its [`MailKey`] (sender and id). Expired
+///   messages are never returned.
 /// - A message not acknowledged before `expires_at` leaves the mailbox and is reported once
 ///   to its sender by [`take_expired`](OfflineStore::take_expired).
 /// - [`subscribe`](OfflineStore::subscribe) yields an item whenever mail may have arrived
@@ -193,8 +235,9 @@ pub trait OfflineStore: Debug + Send + Sync + 'static {
     }
     /// Up to `limit` of `recipient`'s oldest waiting messages, left in place.
     async fn fetch(&self, recipient: &str, limit: usize) -> Result<Vec<StoredMessage>, StoreError>;
-    /// Removes processed messages from `recipient`'s mailbox. Unknown ids are ignored.
-    async fn ack(&self, recipient: &str, ids: &[MessageId]) -> Result<(), StoreError>;
+    /// Removes processed messages from `recipient`'s mailbox, each named by its sender and
+    /// id. Unknown keys are ignored.
+    async fn ack(&self, recipient: &str, acked: &[MailKey]) -> Result<(), StoreError>;
     /// Expiry notices for messages `sender` sent, each returned once, at most
     /// [`MAX_EXPIRED_BATCH`] per call (the rest on later calls).
     async fn take_expired(&self, sender: &str) -> Result<Vec<ExpiredMessage>, StoreError>;
@@ -216,8 +259,8 @@ impl<T: OfflineStore + ?Sized> OfflineStore for std::sync::Arc<T> {
     async fn fetch(&self, recipient: &str, limit: usize) -> Result<Vec<StoredMessage>, StoreError> {
         (**self).fetch(recipient, limit).await
     }
-    async fn ack(&self, recipient: &str, ids: &[MessageId]) -> Result<(), StoreError> {
-        (**self).ack(recipient, ids).await
+    async fn ack(&self, recipient: &str, acked: &[MailKey]) -> Result<(), StoreError> {
+        (**self).ack(recipient, acked).await
     }
     async fn take_expired(&self, sender: &str) -> Result<Vec<ExpiredMessage>, StoreError> {
         (**self).take_expired(sender).await

@@ -35,7 +35,7 @@ use crate::error::Cause;
 use crate::identity::{Identity, PublicKey};
 use crate::node::handshake::{self, FrameReader, FrameWriter};
 use crate::protocol::{MessageId, PeerFrame, ProtocolError};
-use crate::store::{OfflineStore, StoreError, StoredMessage};
+use crate::store::{MailKey, OfflineStore, Put, StoreError, StoredMessage};
 use crate::transport::{Connection, Listener, Transport, TransportError};
 
 pub mod doc_limits;
@@ -334,6 +334,12 @@ fn stored(from: &str, to: &str, n: u32) -> StoredMessage {
     }
 }
 
+/// Every user a [`store_conformance`] run acts as (a backend that needs users set up, such
+/// as a server that takes deposits only for claimed names, sets these up first).
+pub const STORE_SUITE_USERS: [&str; 8] = [
+    "alice", "bob", "carol", "dave", "erin", "frank", "grace", "mallory",
+];
+
 /// The stores a [`store_conformance`] run acts through, one per user. Backends that trust
 /// their caller ([`crate::MemoryStore`], a Redis store) hand every user the same store
 /// ([`SharedStore`]); a store on an authenticated session (the server mailbox) hands each
@@ -401,15 +407,95 @@ where
     alice.put(messages[3].clone()).await.expect("put again");
     assert_eq!(bob.fetch("bob", 100).await.expect("fetch").len(), 20);
 
-    // Ack removes exactly the acknowledged ones; unknown ids are ignored.
-    let acked: Vec<MessageId> = messages[..10].iter().map(|m| m.id).collect();
-    bob.ack("bob", &[acked.clone(), vec![MessageId::random()]].concat())
+    // Ack removes exactly the acknowledged ones; unknown keys are ignored.
+    let acked: Vec<MailKey> = messages[..10].iter().map(MailKey::of).collect();
+    let unknown = [
+        MailKey {
+            from: "alice".to_owned(),
+            id: MessageId::random(),
+        },
+        MailKey {
+            from: "mallory".to_owned(),
+            id: messages[12].id,
+        },
+    ];
+    bob.ack("bob", &[&acked[..], &unknown].concat())
         .await
         .expect("ack");
     assert_eq!(bob.fetch("bob", 100).await.expect("fetch"), messages[10..]);
     bob.ack("bob", &acked)
         .await
         .expect("acking twice is harmless");
+
+    // An id names a message only with its sender: mallory, who saw the id of alice's
+    // message go by, neither hides it (depositing first under the same id) nor removes it
+    // (acknowledging the id as another sender's).
+    let mallory = access.store_for("mallory").await;
+    let grace = access.store_for("grace").await;
+    let genuine = stored("alice", "grace", 100);
+    let mut junk = stored("mallory", "grace", 101);
+    junk.id = genuine.id;
+    mallory.put(junk.clone()).await.expect("mallory's put");
+    let outcome = alice.put_many(vec![genuine.clone()]).await;
+    assert!(
+        matches!(outcome[..], [Ok(Put::Stored)]),
+        "another sender's message with the same id is stored, not a duplicate: {outcome:?}"
+    );
+    let again = alice.put_many(vec![genuine.clone()]).await;
+    assert!(
+        matches!(again[..], [Ok(_)]),
+        "the same sender's message again is accepted: {again:?}"
+    );
+    assert_eq!(
+        grace.fetch("grace", 10).await.expect("fetch"),
+        vec![junk.clone(), genuine.clone()],
+        "both are kept, once each, in the order put"
+    );
+    grace
+        .ack(
+            "grace",
+            &[MailKey {
+                from: "bob".to_owned(),
+                id: genuine.id,
+            }],
+        )
+        .await
+        .expect("ack");
+    grace
+        .ack("grace", &[MailKey::of(&junk)])
+        .await
+        .expect("ack");
+    assert_eq!(
+        grace.fetch("grace", 10).await.expect("fetch"),
+        vec![genuine.clone()],
+        "acknowledging one sender's message leaves the other's"
+    );
+    grace
+        .ack("grace", &[MailKey::of(&genuine)])
+        .await
+        .expect("ack");
+    assert!(grace.fetch("grace", 10).await.expect("fetch").is_empty());
+    // Nor does the expiry of mallory's message under that id touch alice's.
+    let genuine = stored("alice", "grace", 102);
+    let mut junk = stored("mallory", "grace", 103);
+    junk.id = genuine.id;
+    junk.expires_at = SystemTime::now() - Duration::from_secs(1);
+    let _ = mallory.put(junk).await;
+    alice.put(genuine.clone()).await.expect("put");
+    let expired = mallory.take_expired("mallory").await.expect("take_expired");
+    assert_eq!(expired.len(), 1, "mallory's message expires: {expired:?}");
+    assert!(alice.take_expired("alice").await.expect("take").is_empty());
+    alice.put(genuine.clone()).await.expect("put again");
+    assert_eq!(
+        grace.fetch("grace", 10).await.expect("fetch"),
+        vec![genuine.clone()],
+        "alice's message stays, once, after the other sender's one with its id expired"
+    );
+    grace
+        .ack("grace", &[MailKey::of(&genuine)])
+        .await
+        .expect("ack");
+    assert!(grace.fetch("grace", 10).await.expect("fetch").is_empty());
 
     // Quota.
     for n in 0..40 {

@@ -12,10 +12,12 @@ use std::time::SystemTime;
 use futures::stream::BoxStream;
 use p2pchat_core::error::chain;
 use p2pchat_core::protocol::discovery::{
-    DepositOutcome, MAX_DEPOSIT_BATCH, WireError, WireExpired, WireMessage,
+    DepositOutcome, MAX_DEPOSIT_BATCH, WireError, WireExpired, WireMailKey, WireMessage,
 };
-use p2pchat_core::protocol::{MAX_ACK_BATCH, MAX_TOKEN_LEN, MessageId, validate_username};
-use p2pchat_core::store::{MAX_FETCH_BATCH, MAX_MESSAGE_TTL, Put, StoreError, StoredMessage};
+use p2pchat_core::protocol::{MAX_ACK_BATCH, MAX_TOKEN_LEN, validate_username};
+use p2pchat_core::store::{
+    MAX_FETCH_BATCH, MAX_MESSAGE_TTL, MailKey, Put, StoreError, StoredMessage,
+};
 
 use crate::config::DEPOSIT_BURST;
 use crate::limits::KeyedRate;
@@ -199,16 +201,17 @@ impl Mail {
         Ok(mail.into_iter().map(Into::into).collect())
     }
 
-    /// Removes processed messages from `me`'s mailbox.
-    pub(crate) async fn ack(&self, me: &str, ids: &[MessageId]) -> Result<(), WireError> {
-        if ids.len() > MAX_ACK_BATCH {
+    /// Removes processed messages from `me`'s mailbox, each named by sender and id.
+    pub(crate) async fn ack(&self, me: &str, acked: Vec<WireMailKey>) -> Result<(), WireError> {
+        if acked.len() > MAX_ACK_BATCH {
             return Err(WireError::LimitExceeded(format!(
-                "at most {MAX_ACK_BATCH} ids per acknowledgement"
+                "at most {MAX_ACK_BATCH} messages per acknowledgement"
             )));
         }
+        let acked: Vec<MailKey> = acked.into_iter().map(Into::into).collect();
         self.storage
             .mailbox()
-            .ack(me, ids)
+            .ack(me, &acked)
             .await
             .map_err(store_error)
     }

@@ -11,8 +11,10 @@ use super::client::{Call, Failure, call};
 use crate::protocol::discovery::{
     DepositOutcome, MAX_DEPOSIT_BATCH, Reply, Request, WireError, WireMessage,
 };
-use crate::protocol::{MAX_ACK_BATCH, MAX_FRAME_LEN, MessageId};
-use crate::store::{ExpiredMessage, MAX_FETCH_BATCH, OfflineStore, Put, StoreError, StoredMessage};
+use crate::protocol::{MAX_ACK_BATCH, MAX_FRAME_LEN};
+use crate::store::{
+    ExpiredMessage, MAX_FETCH_BATCH, MailKey, OfflineStore, Put, StoreError, StoredMessage,
+};
 
 /// Bytes of messages one [`Request::DepositBatch`] carries at most: the frame limit, less
 /// room for the frame's own fields.
@@ -215,12 +217,12 @@ impl OfflineStore for MailboxStore {
         }
     }
 
-    async fn ack(&self, recipient: &str, ids: &[MessageId]) -> Result<(), StoreError> {
+    async fn ack(&self, recipient: &str, acked: &[MailKey]) -> Result<(), StoreError> {
         self.only_mine(recipient, "acknowledge mail in")?;
-        for chunk in ids.chunks(MAX_ACK_BATCH) {
+        for chunk in acked.chunks(MAX_ACK_BATCH) {
             match self
-                .call(Request::AckMail {
-                    ids: chunk.to_vec(),
+                .call(Request::AckMailFrom {
+                    acked: chunk.iter().cloned().map(Into::into).collect(),
                 })
                 .await?
             {

@@ -23,7 +23,7 @@ use crate::error::chain;
 use crate::event::Event;
 use crate::limits::ConnectionLimits;
 use crate::protocol::{ErrorCode, MessageId};
-use crate::store::MAX_FETCH_BATCH;
+use crate::store::{MAX_FETCH_BATCH, MailKey};
 use crate::transport::Listener;
 
 /// An authentic offline message stamped at most this far ahead of our clock waits in the
@@ -205,9 +205,9 @@ const DRAIN_RETRY: ExponentialBuilder = ExponentialBuilder::new()
     .without_max_times();
 
 /// Fetches everything in our mailbox, in order, makes it durable in the inbox, then
-/// acknowledges it to the store: a crash mid-drain fetches it again, and duplicates are
-/// dropped by id. `Err` (why, as a sentence) when the store or the directory failed and
-/// mail may still be waiting.
+/// acknowledges it to the store by sender and id: a crash mid-drain fetches it again, and
+/// duplicates are dropped by sender and id. `Err` (why, as a sentence) when the store or
+/// the directory failed and mail may still be waiting.
 async fn drain(shared: &Arc<Shared>) -> Result<(), String> {
     loop {
         shared.inbox.wait_for_room().await;
@@ -224,7 +224,7 @@ async fn drain(shared: &Arc<Shared>) -> Result<(), String> {
         let mut runs: Vec<(String, Vec<(MessageId, String)>)> = Vec::new();
         for message in batch {
             if message.to != shared.me() || shared.peer_state().is_blocked(&message.from) {
-                processed.push(message.id);
+                processed.push(MailKey::of(&message));
                 continue;
             }
             match runs.last_mut() {
@@ -237,7 +237,10 @@ async fn drain(shared: &Arc<Shared>) -> Result<(), String> {
         let mut failed = None;
         for (from, tokens) in runs {
             match drain_run(shared, &from, tokens).await {
-                Ok(done) => processed.extend(done),
+                Ok(done) => processed.extend(done.into_iter().map(|id| MailKey {
+                    from: from.clone(),
+                    id,
+                })),
                 Err(e) => {
                     tracing::warn!(%from, error = %chain(&e), "cannot take offline messages yet");
                     failed.get_or_insert_with(|| {

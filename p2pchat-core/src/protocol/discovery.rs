@@ -182,8 +182,9 @@ pub enum Request {
         /// At most this many (capped by the server).
         limit: u32,
     },
-    /// Removes processed messages from this session's user's mailbox. Answered with
-    /// [`Reply::Done`].
+    /// Retired: an id alone does not name a message (another sender may use the same id).
+    /// The server refuses it with [`WireError::UnsupportedVersion`]; nodes send
+    /// [`Request::AckMailFrom`].
     AckMail {
         /// The processed ids (at most [`super::MAX_ACK_BATCH`]).
         ids: Vec<MessageId>,
@@ -195,7 +196,27 @@ pub enum Request {
     /// within the frame limit), each under the deposit rules. Answered with
     /// [`Reply::Deposited`], one outcome per message, in order.
     DepositBatch(Vec<WireMessage>),
+    /// Removes processed messages from this session's user's mailbox, each named by its
+    /// sender and id. Answered with [`Reply::Done`].
+    AckMailFrom {
+        /// The processed messages (at most [`super::MAX_ACK_BATCH`]).
+        acked: Vec<WireMailKey>,
+    },
 }
+
+/// One message of a mailbox, as [`Request::AckMailFrom`] names it: its sender and id.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireMailKey {
+    /// The sender's username.
+    pub from: String,
+    /// The id the sender gave it.
+    pub id: MessageId,
+}
+
+// A full acknowledgement fits in a frame: a name, its length, an id and its length each.
+const _: () = assert!(
+    super::MAX_ACK_BATCH * (super::MAX_USERNAME_LEN + 1 + 16 + 1) + 64 <= super::MAX_FRAME_LEN
+);
 
 /// Most messages in one [`Request::DepositBatch`]. Default: 64.
 pub const MAX_DEPOSIT_BATCH: usize = 64;
@@ -206,7 +227,7 @@ pub const MAX_DEPOSIT_BATCH: usize = 64;
 pub enum DepositOutcome {
     /// In the mailbox now, durably.
     Stored,
-    /// A message with this id was in the mailbox already: kept once.
+    /// The same sender's message with this id was in the mailbox already: kept once.
     Duplicate,
     /// Refused, and why (quota, rate, no such recipient, not the session's user, …).
     Refused(WireError),

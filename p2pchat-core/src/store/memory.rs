@@ -11,8 +11,9 @@ use futures::stream::BoxStream;
 use tokio::sync::broadcast;
 use tokio_stream::wrappers::BroadcastStream;
 
-use super::{DEFAULT_MAILBOX_QUOTA, ExpiredMessage, OfflineStore, StoreError, StoredMessage};
-use crate::protocol::MessageId;
+use super::{
+    DEFAULT_MAILBOX_QUOTA, ExpiredMessage, MailKey, OfflineStore, Put, StoreError, StoredMessage,
+};
 
 /// Capacity of the new-mail notice channel; a lagging subscriber still gets a notice.
 const NOTICE_CAPACITY: usize = 64;
@@ -82,17 +83,20 @@ impl Mailboxes {
     }
 }
 
-#[async_trait]
-impl OfflineStore for MemoryStore {
-    async fn put(&self, message: StoredMessage) -> Result<(), StoreError> {
+impl MemoryStore {
+    /// One put, saying whether the message was there already.
+    fn put_one(&self, message: StoredMessage) -> Result<Put, StoreError> {
         let to = message.to.clone();
         {
             let mut boxes = self.lock();
             boxes.expire(SystemTime::now());
             let quota = boxes.quota;
             let queue = boxes.boxes.entry(to.clone()).or_default();
-            if queue.iter().any(|m| m.id == message.id) {
-                return Ok(());
+            if queue
+                .iter()
+                .any(|m| m.id == message.id && m.from == message.from)
+            {
+                return Ok(Put::Duplicate);
             }
             if queue.len() >= quota {
                 return Err(StoreError::QuotaExceeded {
@@ -103,7 +107,18 @@ impl OfflineStore for MemoryStore {
             queue.push_back(message);
         }
         let _ = self.notices.send(to);
-        Ok(())
+        Ok(Put::Stored)
+    }
+}
+
+#[async_trait]
+impl OfflineStore for MemoryStore {
+    async fn put(&self, message: StoredMessage) -> Result<(), StoreError> {
+        self.put_one(message).map(drop)
+    }
+
+    async fn put_many(&self, messages: Vec<StoredMessage>) -> Vec<Result<Put, StoreError>> {
+        messages.into_iter().map(|m| self.put_one(m)).collect()
     }
 
     async fn fetch(&self, recipient: &str, limit: usize) -> Result<Vec<StoredMessage>, StoreError> {
@@ -116,11 +131,11 @@ impl OfflineStore for MemoryStore {
             .unwrap_or_default())
     }
 
-    async fn ack(&self, recipient: &str, ids: &[MessageId]) -> Result<(), StoreError> {
+    async fn ack(&self, recipient: &str, acked: &[MailKey]) -> Result<(), StoreError> {
         let mut boxes = self.lock();
         if let Some(queue) = boxes.boxes.get_mut(recipient) {
-            let ids: std::collections::HashSet<&MessageId> = ids.iter().collect();
-            queue.retain(|m| !ids.contains(&m.id));
+            let acked: std::collections::HashSet<&MailKey> = acked.iter().collect();
+            queue.retain(|m| !acked.contains(&MailKey::of(m)));
             if queue.is_empty() {
                 boxes.boxes.remove(recipient);
             }

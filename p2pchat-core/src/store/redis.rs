@@ -7,10 +7,17 @@
 //!   Fernet token, as sealed by the sender), `exp` (`expires_at`, Unix milliseconds) and
 //!   `exp_ns` (the nanoseconds within that millisecond, so `expires_at` comes back exactly).
 //!   Deleted when its last entry goes.
-//! - `{prefix}:mbox-ids:{user}`: hash message id (hex) → stream entry id. It makes `put`
-//!   idempotent and lets `ack` (which knows message ids) find the entries.
-//! - `{prefix}:mbox-expiry`: sorted set of every waiting message, member `{user}\n{id}`,
-//!   score its `exp`: what the sweep scans for expired messages.
+//! - `{prefix}:mbox-ids:{user}`: hash `{from}\n{id}` (sender, message id in hex) → stream
+//!   entry id. It makes `put` idempotent per sender and lets `ack` (which names sender and
+//!   id, a [`MailKey`]) find the entries. A message id alone names nothing: ids are chosen
+//!   by senders and travel in the clear, so another sender's message with the same id is
+//!   another message, and neither hides nor removes the first.
+//! - `{prefix}:mbox-expiry`: sorted set of every waiting message, member
+//!   `{user}\n{from}\n{id}`, score its `exp`: what the sweep scans for expired messages.
+//!
+//! Entries written before mail was keyed by sender have the hash field `{id}` and the
+//! expiry member `{user}\n{id}`; `ack` and the sweep still find them (an `ack` only when
+//! the entry's sender is the one named), so an upgrade strands nothing.
 //! - `{prefix}:expired:{sender}`: list of expiry notices `{id}\n{recipient}` for `sender`,
 //!   emptied by [`take_expired`](OfflineStore::take_expired).
 //! - `{prefix}:mail:{user}`: the pub/sub channel on which every `put` for `user` publishes
@@ -35,11 +42,11 @@
 //!
 //! # Transitions
 //! Every transition touching several keys is one Lua script, so it is atomic across processes:
-//! - put: already in the ids hash → done (idempotent); `XLEN` at the quota →
+//! - put: the sender's id already in the ids hash → done (idempotent); `XLEN` at the quota →
 //!   [`StoreError::QuotaExceeded`]; else `XADD`, `HSET` the id, `ZADD` the expiry and
 //!   `PUBLISH` the new-mail notice.
-//! - ack: per id, the entry found through the ids hash is `XDEL`ed, its id `HDEL`ed and its
-//!   expiry member `ZREM`ed. Unknown ids are ignored.
+//! - ack: per (sender, id), the entry found through the ids hash is `XDEL`ed, its field
+//!   `HDEL`ed and its expiry member `ZREM`ed. Unknown keys are ignored.
 //! - sweep (run by `fetch` and `take_expired`, and by `put` only when the mailbox looks full,
 //!   since expired entries count against the quota until swept; at most [`SWEEP_BATCH`]
 //!   messages per call): lists the expiry members whose score is not after "now", then per member a script
@@ -92,7 +99,9 @@ use tokio::sync::mpsc;
 use tokio_util::task::AbortOnDropHandle;
 
 use super::redis_conn::{PushHandler, connection, script_with_now, spawn_push_feed};
-use super::{DEFAULT_MAILBOX_QUOTA, ExpiredMessage, OfflineStore, Put, StoreError, StoredMessage};
+use super::{
+    DEFAULT_MAILBOX_QUOTA, ExpiredMessage, MailKey, OfflineStore, Put, StoreError, StoredMessage,
+};
 use crate::error::Cause;
 use crate::protocol::MessageId;
 
@@ -110,25 +119,46 @@ const ANNOUNCEMENT_BUFFER: usize = 256;
 /// KEYS: mailbox, ids, expiry. ARGV: id, from, to, token, exp ms, exp ns, quota, expiry
 /// member, channel. 0: stored, 1: already there, 2: mailbox full.
 const PUT: &str = "
-if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 1 then return 1 end
+local field = ARGV[2] .. '\\n' .. ARGV[1]
+if redis.call('HEXISTS', KEYS[2], field) == 1 then return 1 end
 if redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[7]) then return 2 end
 local entry = redis.call('XADD', KEYS[1], '*', 'id', ARGV[1], 'from', ARGV[2], 'to', ARGV[3],
   'token', ARGV[4], 'exp', ARGV[5], 'exp_ns', ARGV[6])
-redis.call('HSET', KEYS[2], ARGV[1], entry)
+redis.call('HSET', KEYS[2], field, entry)
 redis.call('ZADD', KEYS[3], ARGV[5], ARGV[8])
 redis.call('PUBLISH', ARGV[9], ARGV[1])
 return 0
 ";
 
-/// KEYS: mailbox, ids, expiry. ARGV: user, ids... Returns how many were removed.
+/// KEYS: mailbox, ids, expiry. ARGV: user, then (from, id) pairs. Returns how many were
+/// removed. An entry from before mail was keyed by sender (field `{id}`) is removed only
+/// when its sender is the one named.
 const ACK: &str = "
 local removed = 0
-for i = 2, #ARGV do
-  local entry = redis.call('HGET', KEYS[2], ARGV[i])
+for i = 2, #ARGV - 1, 2 do
+  local from, id = ARGV[i], ARGV[i + 1]
+  local field = from .. '\\n' .. id
+  local member = ARGV[1] .. '\\n' .. field
+  local entry = redis.call('HGET', KEYS[2], field)
+  if not entry then
+    local legacy = redis.call('HGET', KEYS[2], id)
+    if legacy then
+      local found = redis.call('XRANGE', KEYS[1], legacy, legacy)[1]
+      local sender = nil
+      if found then
+        for j = 1, #found[2] - 1, 2 do
+          if found[2][j] == 'from' then sender = found[2][j + 1] end
+        end
+      end
+      if sender == from or not found then
+        entry, field, member = legacy, id, ARGV[1] .. '\\n' .. id
+      end
+    end
+  end
   if entry then
     redis.call('XDEL', KEYS[1], entry)
-    redis.call('HDEL', KEYS[2], ARGV[i])
-    redis.call('ZREM', KEYS[3], ARGV[1] .. '\\n' .. ARGV[i])
+    redis.call('HDEL', KEYS[2], field)
+    redis.call('ZREM', KEYS[3], member)
     removed = removed + 1
   end
 end
@@ -141,7 +171,8 @@ const SWEEP_LIST: &str = "
 return { now, redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[1])) }
 ";
 
-/// KEYS: expiry, mailbox, ids. ARGV: member, id, recipient, expired-list key prefix.
+/// KEYS: expiry, mailbox, ids. ARGV: member, ids-hash field, recipient, expired-list key
+/// prefix, id.
 /// 1: expired and reported, 0: nothing to do (not expired, or another process did it).
 const SWEEP_ONE: &str = "
 local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
@@ -161,7 +192,7 @@ for i = 1, #fields - 1, 2 do
   if fields[i] == 'from' then from = fields[i + 1] end
 end
 if not from then return 0 end
-redis.call('RPUSH', ARGV[4] .. from, ARGV[2] .. '\\n' .. ARGV[3])
+redis.call('RPUSH', ARGV[4] .. from, ARGV[5] .. '\\n' .. ARGV[3])
 return 1
 ";
 
@@ -198,10 +229,10 @@ impl Default for RedisStoreConfig {
 /// Each mailbox is a stream `{prefix}:mbox:{user}` (one entry per message: id, sender,
 /// recipient, token, expiry), read with `XRANGE` and trimmed only by
 /// [`ack`](OfflineStore::ack) or expiry, so an unacknowledged message is fetched again:
-/// delivery is at least once. A hash of message ids makes `put` idempotent, a sorted set of
-/// expiry times feeds the sweep that reports expired messages to their senders (lists
-/// `{prefix}:expired:{sender}`), and every `put` publishes on `{prefix}:mail:{user}`, which
-/// [`subscribe`](OfflineStore::subscribe) listens to. Multi-key changes are Lua scripts
+/// delivery is at least once. A hash of (sender, message id) makes `put` idempotent per
+/// sender, a sorted set of expiry times feeds the sweep that reports expired messages to
+/// their senders (lists `{prefix}:expired:{sender}`), and every `put` publishes on
+/// `{prefix}:mail:{user}`, which [`subscribe`](OfflineStore::subscribe) listens to. Multi-key changes are Lua scripts
 /// timed by the Redis clock. Only tokens and routing metadata are ever written.
 ///
 /// One RESP3 connection carries commands and subscriptions and comes back by itself after
@@ -276,9 +307,22 @@ impl Keys {
     }
 }
 
-/// The expiry set's member for `user`'s message `id`.
-fn expiry_member(user: &str, id: &MessageId) -> String {
-    format!("{user}\n{id}")
+/// The ids hash field of `from`'s message `id`.
+fn id_field(from: &str, id: &MessageId) -> String {
+    format!("{from}\n{id}")
+}
+
+/// The expiry set's member for `user`'s message `id` from `from`.
+fn expiry_member(user: &str, from: &str, id: &MessageId) -> String {
+    format!("{user}\n{}", id_field(from, id))
+}
+
+/// An expiry set member: the recipient, the ids hash field and the message id. Members
+/// written before mail was keyed by sender are `{user}\n{id}`, with the field `{id}`.
+fn parse_member(member: &str) -> Option<(&str, &str, &str)> {
+    let (user, field) = member.split_once('\n')?;
+    let id = field.rsplit_once('\n').map_or(field, |(_, id)| id);
+    Some((user, field, id))
 }
 
 fn unavailable(e: RedisError) -> StoreError {
@@ -526,7 +570,7 @@ impl RedisStore {
             .await
             .map_err(unavailable)?;
         for member in members {
-            let Some((user, id)) = member.rsplit_once('\n') else {
+            let Some((user, field, id)) = parse_member(&member) else {
                 tracing::warn!(%member, "removing a malformed expiry entry");
                 let _: i64 = redis::cmd("ZREM")
                     .arg(keys.expiry())
@@ -544,9 +588,10 @@ impl RedisStore {
                 .key(keys.mailbox(user))
                 .key(keys.ids(user))
                 .arg(&member)
-                .arg(id)
+                .arg(field)
                 .arg(user)
                 .arg(keys.expired_prefix())
+                .arg(id)
                 .invoke_async(&mut self.inner.conn())
                 .await
                 .map_err(unavailable)?;
@@ -646,7 +691,7 @@ impl RedisStore {
             .arg(exp_ms)
             .arg(exp_ns)
             .arg(self.inner.quota)
-            .arg(expiry_member(to, &message.id))
+            .arg(expiry_member(to, &message.from, &message.id))
             .arg(keys.mail_channel(to))
             .invoke_async(&mut self.inner.conn())
             .await
@@ -722,8 +767,8 @@ impl OfflineStore for RedisStore {
         Ok(messages)
     }
 
-    async fn ack(&self, recipient: &str, ids: &[MessageId]) -> Result<(), StoreError> {
-        if ids.is_empty() {
+    async fn ack(&self, recipient: &str, acked: &[MailKey]) -> Result<(), StoreError> {
+        if acked.is_empty() {
             return Ok(());
         }
         let keys = &self.inner.keys;
@@ -732,8 +777,8 @@ impl OfflineStore for RedisStore {
             .key(keys.ids(recipient))
             .key(keys.expiry())
             .arg(recipient);
-        for id in ids {
-            invocation.arg(id.to_string());
+        for key in acked {
+            invocation.arg(&key.from).arg(key.id.to_string());
         }
         let _: i64 = invocation
             .invoke_async(&mut self.inner.conn())

@@ -11,7 +11,7 @@ use bytes::BytesMut;
 use p2pchat_core::crypto::Payload;
 use p2pchat_core::protocol::discovery::{
     Claim, ClientFrame, DepositOutcome, Push, RegisterRequest, Registered, Reply, Request,
-    ServerFrame, WireError, WireExpired, WireMessage, WirePage, WirePeer,
+    ServerFrame, WireError, WireExpired, WireMailKey, WireMessage, WirePage, WirePeer,
 };
 use p2pchat_core::protocol::{ErrorCode, FrameCodec, Hello, MessageId, PeerFrame};
 use p2pchat_core::{Announcement, PublicKey};
@@ -244,6 +244,16 @@ fn every_client_frame_and_request_kind_has_these_bytes() {
             "DepositBatch",
             request(Request::DepositBatch(vec![wire_message()])),
             "0000002b0101070a010101010101010101010101010101010105616c69636503626f620267418080a8b1e39fe7cb17",
+        ),
+        (
+            "AckMailFrom",
+            request(Request::AckMailFrom {
+                acked: vec![WireMailKey {
+                    from: "alice".into(),
+                    id: id(1),
+                }],
+            }),
+            "0000001b0101070b0105616c69636501010101010101010101010101010101",
         ),
     ]);
 }

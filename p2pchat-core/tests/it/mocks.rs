@@ -10,9 +10,9 @@ use p2pchat_core::discovery::{
     Discovery, DiscoveryError, DiscoveryEvent, DiscoverySession, Page, Registration,
 };
 use p2pchat_core::node::SpawnError;
-use p2pchat_core::store::{ExpiredMessage, OfflineStore, StoreError, StoredMessage};
+use p2pchat_core::store::{ExpiredMessage, MailKey, OfflineStore, StoreError, StoredMessage};
 use p2pchat_core::{
-    ChatNode, Event, Identity, MemoryDiscovery, MemoryStore, MessageId, PeerRecord, TcpTransport,
+    ChatNode, Event, Identity, MemoryDiscovery, MemoryStore, PeerRecord, TcpTransport,
 };
 use tokio::sync::mpsc;
 
@@ -24,7 +24,7 @@ mockall::mock! {
     impl OfflineStore for Store {
         async fn put(&self, message: StoredMessage) -> Result<(), StoreError>;
         async fn fetch(&self, recipient: &str, limit: usize) -> Result<Vec<StoredMessage>, StoreError>;
-        async fn ack(&self, recipient: &str, ids: &[MessageId]) -> Result<(), StoreError>;
+        async fn ack(&self, recipient: &str, acked: &[MailKey]) -> Result<(), StoreError>;
         async fn take_expired(&self, sender: &str) -> Result<Vec<ExpiredMessage>, StoreError>;
         async fn subscribe(&self, recipient: &str) -> Result<BoxStream<'static, ()>, StoreError>;
     }
@@ -182,8 +182,8 @@ impl OfflineStore for FailsFirstFetches {
         }
         self.inner.fetch(recipient, limit).await
     }
-    async fn ack(&self, recipient: &str, ids: &[MessageId]) -> Result<(), StoreError> {
-        self.inner.ack(recipient, ids).await
+    async fn ack(&self, recipient: &str, acked: &[MailKey]) -> Result<(), StoreError> {
+        self.inner.ack(recipient, acked).await
     }
     async fn take_expired(&self, sender: &str) -> Result<Vec<ExpiredMessage>, StoreError> {
         self.inner.take_expired(sender).await

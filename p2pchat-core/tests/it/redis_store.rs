@@ -7,6 +7,7 @@ use std::collections::HashSet;
 use std::time::{Duration, Instant, SystemTime};
 
 use futures::{FutureExt, StreamExt};
+use p2pchat_core::store::MailKey;
 use p2pchat_core::testing::{RedisServer, SharedStore, TestRedis, store_conformance};
 use p2pchat_core::{
     ChatNode, Event, Identity, MemoryDiscovery, MessageId, OfflineStore, RedisStore,
@@ -112,9 +113,9 @@ async fn redis_store_reconnects_after_redis_restarts_and_loses_or_repeats_nothin
         if batch.is_empty() {
             break;
         }
-        let ids: Vec<MessageId> = batch.iter().map(|m| m.id).collect();
-        store.ack("bob", &ids).await.unwrap();
-        seen.extend(ids);
+        let acked: Vec<MailKey> = batch.iter().map(MailKey::of).collect();
+        store.ack("bob", &acked).await.unwrap();
+        seen.extend(acked.into_iter().map(|k| k.id));
     }
     let sent: Vec<MessageId> = messages.iter().map(|m| m.id).collect();
     assert_eq!(seen, sent, "drained once each, in order");
@@ -406,4 +407,109 @@ async fn redis_holds_only_tokens_and_routing_metadata() {
     }
     alice.shutdown().await.unwrap();
     bob.shutdown().await.unwrap();
+}
+
+/// Mail written before mailboxes were keyed by sender (ids hash field `{id}`, expiry member
+/// `{user}\n{id}`) is still fetched, acknowledged only under its own sender, and expired
+/// to its sender: an upgrade strands nothing and hands no one else the old ids.
+#[tokio::test]
+async fn mail_written_keyed_by_id_alone_is_still_acknowledged_and_expired() {
+    let redis = TestRedis::from_env_or_start();
+    let prefix = redis.unique_prefix("legacy-ids");
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut raw = client.get_multiplexed_async_connection().await.unwrap();
+    let now_ms = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let (kept, expired) = (MessageId::random(), MessageId::random());
+    for (id, from, exp) in [
+        (kept, "alice", now_ms + 3_600_000),
+        (expired, "erin", now_ms - 1000),
+    ] {
+        let id = id.to_string();
+        let entry: String = redis::cmd("XADD")
+            .arg(format!("{prefix}:mbox:bob"))
+            .arg("*")
+            .arg(&[
+                ("id", id.as_str()),
+                ("from", from),
+                ("to", "bob"),
+                ("token", "gAAAAA-old"),
+            ])
+            .arg("exp")
+            .arg(exp)
+            .query_async(&mut raw)
+            .await
+            .unwrap();
+        let _: i64 = redis::cmd("HSET")
+            .arg(format!("{prefix}:mbox-ids:bob"))
+            .arg(&id)
+            .arg(&entry)
+            .query_async(&mut raw)
+            .await
+            .unwrap();
+        let _: i64 = redis::cmd("ZADD")
+            .arg(format!("{prefix}:mbox-expiry"))
+            .arg(exp)
+            .arg(format!("bob\n{id}"))
+            .query_async(&mut raw)
+            .await
+            .unwrap();
+    }
+    let store = RedisStore::connect_with(
+        &redis.url(),
+        RedisStoreConfig {
+            prefix: prefix.clone(),
+            quota: 100,
+        },
+    )
+    .await
+    .unwrap();
+
+    let fetched = store.fetch("bob", 10).await.unwrap();
+    assert_eq!(
+        fetched.iter().map(MailKey::of).collect::<Vec<_>>(),
+        vec![MailKey {
+            from: "alice".to_owned(),
+            id: kept
+        }],
+        "the old unexpired message is fetched"
+    );
+    let notices = store.take_expired("erin").await.unwrap();
+    assert_eq!(
+        notices
+            .iter()
+            .map(|n| (n.id, n.to.as_str()))
+            .collect::<Vec<_>>(),
+        vec![(expired, "bob")],
+        "the old expired message is reported to its sender"
+    );
+
+    store
+        .ack(
+            "bob",
+            &[MailKey {
+                from: "mallory".to_owned(),
+                id: kept,
+            }],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        store.fetch("bob", 10).await.unwrap(),
+        fetched,
+        "another sender naming the old id removes nothing"
+    );
+    store.ack("bob", &[MailKey::of(&fetched[0])]).await.unwrap();
+    assert!(store.fetch("bob", 10).await.unwrap().is_empty());
+    let left: (i64, i64) = redis::pipe()
+        .cmd("HLEN")
+        .arg(format!("{prefix}:mbox-ids:bob"))
+        .cmd("ZCARD")
+        .arg(format!("{prefix}:mbox-expiry"))
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    assert_eq!(left, (0, 0), "no id or expiry entry is left behind");
 }

@@ -29,7 +29,8 @@ use p2pchat_core::announce::MAX_ANNOUNCEMENT_LEN;
 use p2pchat_core::crypto::{PairKey, Payload};
 use p2pchat_core::protocol::discovery::{
     Claim, ClientFrame, DepositOutcome, MAX_ANNOUNCED_ADDRS, Push, RegisterRequest, Registered,
-    Reply, Request, ServerFrame, WireError, WireExpired, WireMessage, WirePage, WirePeer,
+    Reply, Request, ServerFrame, WireError, WireExpired, WireMailKey, WireMessage, WirePage,
+    WirePeer,
 };
 use p2pchat_core::protocol::{
     ErrorCode, FrameCodec, Hello, MessageId, NONCE_LEN, PROTOCOL_VERSION, PeerFrame, ProtocolError,
@@ -213,6 +214,14 @@ fn request() -> impl Strategy<Value = Request> {
         proptest::collection::vec(message_id(), 0..64).prop_map(|ids| Request::AckMail { ids }),
         Just(Request::TakeExpired),
         proptest::collection::vec(stored_message(), 0..4).prop_map(Request::DepositBatch),
+        proptest::collection::vec((text(40), message_id()), 0..64).prop_map(|acked| {
+            Request::AckMailFrom {
+                acked: acked
+                    .into_iter()
+                    .map(|(from, id)| WireMailKey { from, id })
+                    .collect(),
+            }
+        }),
     ]
 }
 

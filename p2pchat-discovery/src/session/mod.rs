@@ -290,7 +290,8 @@ impl Session {
             Request::Unwatch { username } => request::watch::unwatch(self, &username),
             Request::Deregister => request::deregister::apply(),
             Request::FetchMail { limit } => request::fetch_mail::apply(self, limit).await,
-            Request::AckMail { ids } => request::ack_mail::apply(self, &ids).await,
+            Request::AckMail { .. } => request::ack_mail::retired(),
+            Request::AckMailFrom { acked } => request::ack_mail::apply(self, acked).await,
             Request::TakeExpired => request::take_expired::apply(self).await,
             other => (
                 Err(WireError::BadFrame(format!(

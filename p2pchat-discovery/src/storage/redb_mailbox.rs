@@ -3,7 +3,11 @@
 //!
 //! Tables (in `directory.redb`, beside the claims):
 //! - `mail`: (recipient, seq) → the message (a `MailRecordV1`), in deposit order;
-//! - `mail_ids`: (recipient, message id) → seq, for idempotent deposits and acks by id;
+//! - `mail_keys`: (recipient, sender, message id) → seq, for idempotent deposits and acks
+//!   by sender and id. An id alone names nothing (senders choose ids, and they travel in the
+//!   clear): another sender's message with the same id is another message. Files written
+//!   before this table keyed ids by (recipient, id) in `mail_ids`, which opening moves over
+//!   (reading each sender from its message) and deletes;
 //! - `mail_expiry`: (expires-at ms, seq) → recipient, so expiry is found without a scan;
 //! - `mail_expired`: (sender, seq) → the expiry notice (an `ExpiredRecordV1`) waiting for
 //!   the sender;
@@ -21,13 +25,15 @@ use std::collections::HashMap;
 use std::sync::{Arc, Weak};
 use std::time::SystemTime;
 
-use ::redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
+use ::redb::{
+    Database, ReadableDatabase, ReadableTable, TableDefinition, TableHandle, WriteTransaction,
+};
 use async_trait::async_trait;
 use futures::StreamExt;
 use futures::stream::BoxStream;
 use p2pchat_core::MessageId;
 use p2pchat_core::store::{
-    ExpiredMessage, MAX_EXPIRED_BATCH, OfflineStore, Put, StoreError, StoredMessage,
+    ExpiredMessage, MAX_EXPIRED_BATCH, MailKey, OfflineStore, Put, StoreError, StoredMessage,
 };
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio_stream::wrappers::BroadcastStream;
@@ -36,7 +42,9 @@ use super::record::{ExpiredRecordV1, MailRecordV1};
 use super::unix_ms;
 
 const MAIL: TableDefinition<'_, (&str, u64), &[u8]> = TableDefinition::new("mail");
-const MAIL_IDS: TableDefinition<'_, (&str, u128), u64> = TableDefinition::new("mail_ids");
+const MAIL_KEYS: TableDefinition<'_, (&str, &str, u128), u64> = TableDefinition::new("mail_keys");
+/// `mail_keys` before mail was keyed by sender: (recipient, id) → seq. Moved over on open.
+const MAIL_IDS_V1: TableDefinition<'_, (&str, u128), u64> = TableDefinition::new("mail_ids");
 const MAIL_EXPIRY: TableDefinition<'_, (u64, u64), &str> = TableDefinition::new("mail_expiry");
 const MAIL_EXPIRED: TableDefinition<'_, (&str, u64), &[u8]> = TableDefinition::new("mail_expired");
 const MAIL_COUNT: TableDefinition<'_, &str, u64> = TableDefinition::new("mail_count");
@@ -76,7 +84,8 @@ impl RedbMailbox {
     pub(crate) fn open(db: Arc<Database>, quota: usize) -> Result<Self, StoreError> {
         let txn = db.begin_write().map_err(unavailable)?;
         txn.open_table(MAIL).map_err(unavailable)?;
-        txn.open_table(MAIL_IDS).map_err(unavailable)?;
+        txn.open_table(MAIL_KEYS).map_err(unavailable)?;
+        migrate_ids_v1(&txn)?;
         txn.open_table(MAIL_EXPIRY).map_err(unavailable)?;
         txn.open_table(MAIL_EXPIRED).map_err(unavailable)?;
         txn.open_table(MAIL_COUNT).map_err(unavailable)?;
@@ -225,7 +234,7 @@ fn write_deposits(db: Weak<Database>, quota: usize, mut queue: mpsc::Receiver<De
 /// [`MailTables::finish`].
 struct MailTables<'txn> {
     mail: ::redb::Table<'txn, (&'static str, u64), &'static [u8]>,
-    ids: ::redb::Table<'txn, (&'static str, u128), u64>,
+    keys: ::redb::Table<'txn, (&'static str, &'static str, u128), u64>,
     expiry: ::redb::Table<'txn, (u64, u64), &'static str>,
     counts: ::redb::Table<'txn, &'static str, u64>,
     meta: ::redb::Table<'txn, &'static str, u64>,
@@ -238,7 +247,7 @@ impl<'txn> MailTables<'txn> {
         let next = meta.get("next").map_err(unavailable)?.map(|v| v.value());
         Ok(Self {
             mail: txn.open_table(MAIL).map_err(unavailable)?,
-            ids: txn.open_table(MAIL_IDS).map_err(unavailable)?,
+            keys: txn.open_table(MAIL_KEYS).map_err(unavailable)?,
             expiry: txn.open_table(MAIL_EXPIRY).map_err(unavailable)?,
             counts: txn.open_table(MAIL_COUNT).map_err(unavailable)?,
             meta,
@@ -246,15 +255,12 @@ impl<'txn> MailTables<'txn> {
         })
     }
 
-    /// Adds one message: `Ok(false)` if it is there already.
+    /// Adds one message: `Ok(false)` if the same sender's message with its id is there
+    /// already.
     fn put(&mut self, message: &StoredMessage, quota: usize) -> Result<bool, StoreError> {
         let to = message.to.as_str();
-        if self
-            .ids
-            .get((to, id_key(&message.id)))
-            .map_err(unavailable)?
-            .is_some()
-        {
+        let key = (to, message.from.as_str(), id_key(&message.id));
+        if self.keys.get(key).map_err(unavailable)?.is_some() {
             return Ok(false);
         }
         let waiting = self.counts.get(to).map_err(unavailable)?.map(|v| v.value());
@@ -271,9 +277,7 @@ impl<'txn> MailTables<'txn> {
         self.mail
             .insert((to, seq), bytes.as_slice())
             .map_err(unavailable)?;
-        self.ids
-            .insert((to, id_key(&message.id)), seq)
-            .map_err(unavailable)?;
+        self.keys.insert(key, seq).map_err(unavailable)?;
         self.expiry
             .insert((unix_ms(message.expires_at), seq), to)
             .map_err(unavailable)?;
@@ -304,7 +308,7 @@ fn sweep(txn: &WriteTransaction, now_ms: u64) -> Result<(), StoreError> {
         return Ok(());
     }
     let mut mail = txn.open_table(MAIL).map_err(unavailable)?;
-    let mut ids = txn.open_table(MAIL_IDS).map_err(unavailable)?;
+    let mut keys = txn.open_table(MAIL_KEYS).map_err(unavailable)?;
     let mut counts = txn.open_table(MAIL_COUNT).map_err(unavailable)?;
     let mut expired = txn.open_table(MAIL_EXPIRED).map_err(unavailable)?;
     for ((at, seq), recipient) in due {
@@ -317,8 +321,12 @@ fn sweep(txn: &WriteTransaction, now_ms: u64) -> Result<(), StoreError> {
             continue;
         };
         let message = MailRecordV1::decode(&bytes).ok_or_else(|| corrupt("message"))?;
-        ids.remove((recipient.as_str(), id_key(&message.id)))
-            .map_err(unavailable)?;
+        keys.remove((
+            recipient.as_str(),
+            message.from.as_str(),
+            id_key(&message.id),
+        ))
+        .map_err(unavailable)?;
         decrement(&mut counts, &recipient)?;
         let notice = ExpiredMessage {
             id: message.id,
@@ -329,6 +337,40 @@ fn sweep(txn: &WriteTransaction, now_ms: u64) -> Result<(), StoreError> {
             .insert((message.from.as_str(), seq), notice.as_slice())
             .map_err(unavailable)?;
     }
+    Ok(())
+}
+
+/// Moves the (recipient, id) → seq rows of a file written before mail was keyed by sender
+/// into `mail_keys`, reading each message's sender from the message, and deletes the old
+/// table. Nothing to do in a newer file.
+fn migrate_ids_v1(txn: &WriteTransaction) -> Result<(), StoreError> {
+    let present = txn
+        .list_tables()
+        .map_err(unavailable)?
+        .any(|t| t.name() == MAIL_IDS_V1.name());
+    if !present {
+        return Ok(());
+    }
+    {
+        let old = txn.open_table(MAIL_IDS_V1).map_err(unavailable)?;
+        let mail = txn.open_table(MAIL).map_err(unavailable)?;
+        let mut keys = txn.open_table(MAIL_KEYS).map_err(unavailable)?;
+        let mut moved = 0usize;
+        for row in old.iter().map_err(unavailable)? {
+            let (k, seq) = row.map_err(unavailable)?;
+            let ((to, id), seq) = (k.value(), seq.value());
+            // A row whose message is gone named nothing: it is dropped.
+            let Some(bytes) = mail.get((to, seq)).map_err(unavailable)? else {
+                continue;
+            };
+            let message = MailRecordV1::decode(bytes.value()).ok_or_else(|| corrupt("message"))?;
+            keys.insert((to, message.from.as_str(), id), seq)
+                .map_err(unavailable)?;
+            moved += 1;
+        }
+        tracing::info!(moved, "mailbox ids now keyed by sender");
+    }
+    txn.delete_table(MAIL_IDS_V1).map_err(unavailable)?;
     Ok(())
 }
 
@@ -414,20 +456,20 @@ impl OfflineStore for RedbMailbox {
         .await
     }
 
-    async fn ack(&self, recipient: &str, acked: &[MessageId]) -> Result<(), StoreError> {
+    async fn ack(&self, recipient: &str, acked: &[MailKey]) -> Result<(), StoreError> {
         let recipient = recipient.to_owned();
         let acked = acked.to_vec();
         self.blocking(move |db, _| {
             let txn = db.begin_write().map_err(unavailable)?;
             {
                 let to = recipient.as_str();
-                let mut ids = txn.open_table(MAIL_IDS).map_err(unavailable)?;
+                let mut keys = txn.open_table(MAIL_KEYS).map_err(unavailable)?;
                 let mut mail = txn.open_table(MAIL).map_err(unavailable)?;
                 let mut expiry = txn.open_table(MAIL_EXPIRY).map_err(unavailable)?;
                 let mut counts = txn.open_table(MAIL_COUNT).map_err(unavailable)?;
-                for id in &acked {
-                    let Some(seq) = ids
-                        .remove((to, id_key(id)))
+                for key in &acked {
+                    let Some(seq) = keys
+                        .remove((to, key.from.as_str(), id_key(&key.id)))
                         .map_err(unavailable)?
                         .map(|v| v.value())
                     else {
@@ -497,5 +539,123 @@ impl OfflineStore for RedbMailbox {
         drop(notices);
         // A lagged receiver missed notices: that is still "mail may have arrived".
         Ok(BroadcastStream::new(rx).map(|_| ()).boxed())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ::redb::ReadableTableMetadata;
+    use std::time::Duration;
+
+    fn message(from: &str, to: &str, id: MessageId) -> StoredMessage {
+        StoredMessage {
+            id,
+            from: from.to_owned(),
+            to: to.to_owned(),
+            token: format!("token-of-{from}"),
+            expires_at: SystemTime::now() + Duration::from_secs(3600),
+        }
+    }
+
+    /// Writes `message` as a server did before mail was keyed by sender.
+    fn put_v1(db: &Database, message: &StoredMessage, seq: u64) {
+        let txn = db.begin_write().unwrap();
+        {
+            let to = message.to.as_str();
+            let bytes = MailRecordV1::encode(message);
+            let mut mail = txn.open_table(MAIL).unwrap();
+            mail.insert((to, seq), bytes.as_slice()).unwrap();
+            let mut ids = txn.open_table(MAIL_IDS_V1).unwrap();
+            ids.insert((to, id_key(&message.id)), seq).unwrap();
+            let mut expiry = txn.open_table(MAIL_EXPIRY).unwrap();
+            expiry
+                .insert((unix_ms(message.expires_at), seq), to)
+                .unwrap();
+            let mut counts = txn.open_table(MAIL_COUNT).unwrap();
+            let n = counts.get(to).unwrap().map_or(0, |v| v.value());
+            counts.insert(to, n + 1).unwrap();
+            let mut meta = txn.open_table(MAIL_META).unwrap();
+            meta.insert("next", seq + 1).unwrap();
+        }
+        txn.commit().unwrap();
+    }
+
+    /// A file from before mail was keyed by sender opens with its mail intact and keyed by
+    /// sender: the old ids move over (a row whose message is gone is dropped), the same
+    /// sender's id is still a duplicate, another sender's is not, and acks by sender and id
+    /// find the old messages.
+    #[tokio::test]
+    async fn mail_written_keyed_by_id_alone_is_keyed_by_sender_after_opening() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("directory.redb");
+        let (x, y) = (MessageId::random(), MessageId::random());
+        let old = [message("alice", "bob", x), message("carol", "bob", y)];
+        {
+            let db = Database::create(&path).unwrap();
+            put_v1(&db, &old[0], 0);
+            put_v1(&db, &old[1], 1);
+            // A dangling id row, as a crash between tables cannot leave but a hand edit can.
+            let txn = db.begin_write().unwrap();
+            txn.open_table(MAIL_IDS_V1)
+                .unwrap()
+                .insert(("bob", id_key(&MessageId::random())), 9)
+                .unwrap();
+            txn.commit().unwrap();
+        }
+        let db = Arc::new(Database::create(&path).unwrap());
+        let mailbox = RedbMailbox::open(db.clone(), 100).unwrap();
+        {
+            let txn = db.begin_read().unwrap();
+            assert!(
+                txn.open_table(MAIL_IDS_V1).is_err(),
+                "the old table is gone"
+            );
+            let keys = txn.open_table(MAIL_KEYS).unwrap();
+            assert_eq!(
+                keys.len().unwrap(),
+                2,
+                "both live rows moved, the dangling one not"
+            );
+        }
+        assert_eq!(mailbox.fetch("bob", 10).await.unwrap(), old.to_vec());
+
+        let outcomes = mailbox
+            .put_many(vec![old[0].clone(), message("mallory", "bob", x)])
+            .await;
+        assert!(
+            matches!(outcomes[..], [Ok(Put::Duplicate), Ok(Put::Stored)]),
+            "alice's id is hers alone: {outcomes:?}"
+        );
+        mailbox
+            .ack(
+                "bob",
+                &[
+                    MailKey::of(&old[0]),
+                    MailKey {
+                        from: "alice".to_owned(),
+                        id: y,
+                    },
+                ],
+            )
+            .await
+            .unwrap();
+        let left = mailbox.fetch("bob", 10).await.unwrap();
+        assert_eq!(
+            left.iter().map(MailKey::of).collect::<Vec<_>>(),
+            vec![
+                MailKey::of(&old[1]),
+                MailKey {
+                    from: "mallory".to_owned(),
+                    id: x
+                }
+            ],
+            "the ack took alice's message only"
+        );
+        drop(mailbox);
+
+        // Opening again finds nothing to move and keeps what is there.
+        let mailbox = RedbMailbox::open(db, 100).unwrap();
+        assert_eq!(mailbox.fetch("bob", 10).await.unwrap(), left);
     }
 }

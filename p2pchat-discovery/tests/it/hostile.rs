@@ -11,7 +11,7 @@ use bytes::BytesMut;
 use futures::StreamExt;
 use p2pchat_core::protocol::discovery::{
     Claim, ClientFrame, DepositOutcome, MAX_DEPOSIT_BATCH, RegisterRequest, Reply, Request,
-    ServerFrame, WireError, WireMessage, register_transcript,
+    ServerFrame, WireError, WireMailKey, WireMessage, register_transcript,
 };
 use p2pchat_core::protocol::{FrameCodec, MAX_FRAME_LEN};
 use p2pchat_core::{
@@ -700,4 +700,86 @@ async fn a_changed_operator_key_is_reported_and_what_it_signs_is_dropped() {
         "nothing the new key signed was shown: {rest:?}"
     );
     second.stop().await;
+}
+
+/// The review's attack on the wire: mallory, who saw the id of alice's message go by,
+/// deposits junk under it in bob's mailbox first. Alice's deposit is still stored (not
+/// "duplicate"), bob fetches both, acknowledging by id alone is refused (it cannot say
+/// whose message it means), and acknowledging mallory's message leaves alice's.
+async fn another_senders_id_neither_hides_nor_removes_a_message(
+    storage: Arc<dyn p2pchat_discovery::Storage>,
+) {
+    let server = TestServer::start(fast_config(), storage).await;
+    let mut bob = Raw::connect(server.addr).await;
+    bob.register(&Identity::generate(), "bob").await;
+    let mut mallory = Raw::connect(server.addr).await;
+    mallory.register(&Identity::generate(), "mallory").await;
+    let mut alice = Raw::connect(server.addr).await;
+    alice.register(&Identity::generate(), "alice").await;
+
+    let genuine = message(MessageId::random(), "alice", "bob");
+    let mut junk = message(genuine.id, "mallory", "bob");
+    junk.token = "gAAAAA-junk".to_owned();
+    assert_eq!(
+        mallory
+            .request(Request::Deposit(Box::new(junk.clone())))
+            .await,
+        Ok(Reply::Done)
+    );
+    assert_eq!(
+        alice
+            .request(Request::DepositBatch(vec![
+                genuine.clone(),
+                genuine.clone()
+            ]))
+            .await,
+        Ok(Reply::Deposited(vec![
+            DepositOutcome::Stored,
+            DepositOutcome::Duplicate
+        ])),
+        "alice's message is stored; only her own repeat is a duplicate"
+    );
+    assert_eq!(
+        bob.request(Request::FetchMail { limit: 10 }).await,
+        Ok(Reply::Mail(vec![junk.clone(), genuine.clone()]))
+    );
+    assert!(
+        matches!(
+            bob.request(Request::AckMail {
+                ids: vec![genuine.id]
+            })
+            .await,
+            Err(WireError::UnsupportedVersion(_))
+        ),
+        "an acknowledgement by id alone is refused"
+    );
+    assert_eq!(
+        bob.request(Request::AckMailFrom {
+            acked: vec![WireMailKey {
+                from: "mallory".into(),
+                id: junk.id
+            }]
+        })
+        .await,
+        Ok(Reply::Done),
+        "the session goes on after the refusal"
+    );
+    assert_eq!(
+        bob.request(Request::FetchMail { limit: 10 }).await,
+        Ok(Reply::Mail(vec![genuine])),
+        "alice's message is still there"
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn another_senders_id_neither_hides_nor_removes_a_message_on_redb() {
+    let dir = tempfile::tempdir().unwrap();
+    another_senders_id_neither_hides_nor_removes_a_message(redb(dir.path())).await;
+}
+
+#[tokio::test]
+async fn another_senders_id_neither_hides_nor_removes_a_message_on_redis() {
+    let redis = redis();
+    another_senders_id_neither_hides_nor_removes_a_message(redis_storage(&redis.url()).await).await;
 }

@@ -11,7 +11,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant, SystemTime};
 
-use p2pchat_core::store::MAX_FETCH_BATCH;
+use p2pchat_core::store::{MAX_FETCH_BATCH, MailKey};
 use p2pchat_core::testing::RedisServer;
 use p2pchat_core::{
     ChatNode, ChatNodeBuilder, DiscoveryClient, Identity, MessageId, OfflineStore, RedisStore,
@@ -494,9 +494,9 @@ async fn the_server_killed_during_a_stream_of_deposit_batches_loses_no_stored_me
         if batch.is_empty() {
             break;
         }
-        let ids: Vec<MessageId> = batch.iter().map(|m| m.id).collect();
-        mailbox.ack("bob", &ids).await.unwrap();
-        held.extend(ids);
+        let acked: Vec<MailKey> = batch.iter().map(MailKey::of).collect();
+        mailbox.ack("bob", &acked).await.unwrap();
+        held.extend(acked.into_iter().map(|k| k.id));
     }
     let held_set: std::collections::HashSet<MessageId> = held.iter().copied().collect();
     let lost = stored.iter().filter(|id| !held_set.contains(id)).count();

@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use futures::stream::BoxStream;
-use p2pchat_core::store::{ExpiredMessage, OfflineStore, StoreError, StoredMessage};
-use p2pchat_core::testing::{SharedStore, StoreAccess, store_conformance};
+use p2pchat_core::store::{ExpiredMessage, MailKey, OfflineStore, StoreError, StoredMessage};
+use p2pchat_core::testing::{STORE_SUITE_USERS, SharedStore, StoreAccess, store_conformance};
 use p2pchat_core::{
     ChatNode, DiscoveryClient, DiscoverySession, Event, Events, Identity, MessageId, TcpTransport,
 };
@@ -18,9 +18,6 @@ use p2pchat_discovery::{RedbStorage, Storage};
 use tokio::sync::Notify;
 
 use super::util::*;
-
-/// Every user of the store suite, registered up front (a deposit needs a claimed recipient).
-const SUITE_USERS: [&str; 6] = ["alice", "bob", "carol", "dave", "erin", "frank"];
 
 /// Each user acts through the mailbox of their own session on the server.
 struct Mailboxes {
@@ -42,7 +39,8 @@ impl StoreAccess for Mailboxes {
 async fn mailboxes(storage: Arc<dyn Storage>) -> Mailboxes {
     let server = TestServer::start(fast_config(), storage).await;
     let mut sessions = HashMap::new();
-    for user in SUITE_USERS {
+    // Registered up front: a deposit needs a claimed recipient.
+    for user in STORE_SUITE_USERS {
         let (session, _rx) = register(&server.client(), &Identity::generate(), user).await;
         sessions.insert(user.to_owned(), session);
     }
@@ -136,7 +134,15 @@ async fn a_mailbox_acts_for_its_own_user_only() {
         Err(StoreError::Forbidden(_))
     ));
     assert!(matches!(
-        alice_box.ack("bob", &[MessageId::random()]).await,
+        alice_box
+            .ack(
+                "bob",
+                &[MailKey {
+                    from: "alice".into(),
+                    id: MessageId::random()
+                }]
+            )
+            .await,
         Err(StoreError::Forbidden(_))
     ));
     assert!(matches!(
@@ -373,12 +379,12 @@ impl OfflineStore for StallFirstAck {
     async fn fetch(&self, r: &str, n: usize) -> Result<Vec<StoredMessage>, StoreError> {
         self.inner.fetch(r, n).await
     }
-    async fn ack(&self, r: &str, ids: &[MessageId]) -> Result<(), StoreError> {
+    async fn ack(&self, r: &str, acked: &[MailKey]) -> Result<(), StoreError> {
         if !self.once.swap(true, std::sync::atomic::Ordering::SeqCst) {
             self.stalled.notify_one();
             std::future::pending::<()>().await;
         }
-        self.inner.ack(r, ids).await
+        self.inner.ack(r, acked).await
     }
     async fn take_expired(&self, s: &str) -> Result<Vec<ExpiredMessage>, StoreError> {
         self.inner.take_expired(s).await
@@ -511,8 +517,8 @@ async fn big_mail_comes_in_replies_that_fit_a_frame_and_oversized_tokens_are_ref
         }
         assert!(batch.len() < 5, "one reply cannot hold all five");
         drained += batch.len();
-        let ids: Vec<MessageId> = batch.iter().map(|m| m.id).collect();
-        bob_box.ack("bob", &ids).await.unwrap();
+        let acked: Vec<MailKey> = batch.iter().map(MailKey::of).collect();
+        bob_box.ack("bob", &acked).await.unwrap();
     }
     assert_eq!(drained, 5);
     bob.keep_alive().await.expect("the session survived");
