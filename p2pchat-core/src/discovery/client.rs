@@ -482,7 +482,7 @@ impl SessionTask {
         let id = self.next_id;
         self.next_id += 1;
         let frame = ClientFrame::Request { id, request };
-        match tokio::time::timeout(self.client.request_timeout, writer.send(frame)).await {
+        match within(self.client.request_timeout, writer.send(frame)).await {
             Ok(Ok(())) => Ok(id),
             Ok(Err(e)) => Err(WriteFailed::Connection(e)),
             Err(_) => Err(WriteFailed::Stalled),
@@ -490,6 +490,12 @@ impl SessionTask {
     }
 
     async fn serve(&mut self, mut reader: Reader, mut writer: Writer) -> Ended {
+        // The deadline timer is set when a request waits and the timer is not set to go off
+        // before the deadline: it may go off early (then it is set again), never late. So a
+        // stream of quick answers moves no timer at all.
+        let timer = tokio::time::sleep(self.client.request_timeout);
+        tokio::pin!(timer);
+        let mut armed: Option<Instant> = None;
         loop {
             // No answer for the request timeout while one waits, counting from the later
             // of its sending and the last frame heard: a long pipeline of deposits that the
@@ -498,6 +504,12 @@ impl SessionTask {
                 .pending
                 .front()
                 .map(|p| p.sent.max(self.last_heard) + self.client.request_timeout);
+            if let Some(due) = deadline
+                && armed.is_none_or(|at| at > due)
+            {
+                timer.as_mut().reset(due);
+                armed = Some(due);
+            }
             tokio::select! {
                 call = self.cmds.recv() => {
                     let Some(Call { request, reply }) = call else { return Ended::Finished };
@@ -559,10 +571,13 @@ impl SessionTask {
                     Some(Err(e)) => return Ended::Lost(Cause::new(e)),
                     None => return Ended::Lost(Cause::new("the server closed the connection")),
                 },
-                _ = sleep_until(deadline) => {
-                    return Ended::Lost(Cause::new(format!(
-                        "no answer within {} ms", self.client.request_timeout.as_millis()
-                    )));
+                () = &mut timer, if armed.is_some() => {
+                    armed = None;
+                    if deadline.is_some_and(|due| due <= Instant::now()) {
+                        return Ended::Lost(Cause::new(format!(
+                            "no answer within {} ms", self.client.request_timeout.as_millis()
+                        )));
+                    }
                 }
             }
         }
@@ -642,11 +657,17 @@ impl SessionTask {
     }
 }
 
-async fn sleep_until(deadline: Option<Instant>) {
-    match deadline {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
+/// `fut` within `limit`, starting the timer only if `fut` is not done at once (a write to
+/// a socket with room in its buffer): most calls then cost no timer.
+async fn within<F: Future>(
+    limit: Duration,
+    fut: F,
+) -> Result<F::Output, tokio::time::error::Elapsed> {
+    let mut fut = std::pin::pin!(fut);
+    if let std::task::Poll::Ready(out) = futures::poll!(fut.as_mut()) {
+        return Ok(out);
     }
+    tokio::time::timeout(limit, fut).await
 }
 
 #[cfg(test)]

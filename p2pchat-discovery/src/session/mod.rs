@@ -125,14 +125,23 @@ impl Session {
         // Deposits under way, answered in the order they came.
         let mut in_flight: FuturesOrdered<BoxFuture<'static, (u64, Answer)>> =
             FuturesOrdered::new();
+        // The waits that outlive one request are made once, not once per frame (each new one
+        // is a timer or a waiter-list entry to add and remove): the idle timer is moved on
+        // only when it fires early, the stop and replacement signals stay registered.
+        let idle_timer = tokio::time::sleep_until(last_frame + idle);
+        let stopped = stop.cancelled();
+        let check = self.check.clone();
+        let checked = check.notified();
+        tokio::pin!(idle_timer, stopped, checked);
         let replaced = loop {
             tokio::select! {
                 biased;
-                _ = stop.cancelled() => {
+                _ = &mut stopped => {
                     let _ = writer.send(&ServerFrame::Error(WireError::ShuttingDown)).await;
                     break false;
                 }
-                _ = self.check.notified() => {
+                _ = &mut checked => {
+                    checked.set(check.notified());
                     if self.is_replaced().await {
                         break true;
                     }
@@ -152,17 +161,21 @@ impl Session {
                         break false;
                     }
                 }
-                frame = tokio::time::timeout_at(last_frame + idle, reader.next()),
-                    if in_flight.len() < MAX_IN_FLIGHT =>
-                {
-                    let frame = match frame {
-                        Err(_) => {
-                            tracing::debug!("idle session closed");
-                            break false;
-                        }
-                        Ok(None) => break false,
-                        Ok(Some(frame)) => frame,
-                    };
+                () = &mut idle_timer => {
+                    // Quiet for the idle timeout, with nothing under way: closed.
+                    let (due, now) = (last_frame + idle, Instant::now());
+                    if due > now {
+                        idle_timer.as_mut().reset(due);
+                    } else if in_flight.is_empty() {
+                        tracing::debug!("idle session closed");
+                        break false;
+                    } else {
+                        // Deposits still under way: not idle; look again later.
+                        idle_timer.as_mut().reset(now + idle);
+                    }
+                }
+                frame = reader.next(), if in_flight.len() < MAX_IN_FLIGHT => {
+                    let Some(frame) = frame else { break false };
                     last_frame = Instant::now();
                     match frame {
                         Ok(ClientFrame::Request { id, request }) => {

@@ -783,3 +783,39 @@ async fn another_senders_id_neither_hides_nor_removes_a_message_on_redis() {
     let redis = redis();
     another_senders_id_neither_hides_nor_removes_a_message(redis_storage(&redis.url()).await).await;
 }
+
+/// A registered session that sends nothing for the idle timeout is closed; one that keeps
+/// sending (keep-alives well inside the timeout) stays open for several timeouts.
+#[tokio::test]
+async fn a_quiet_session_is_closed_after_the_idle_timeout_and_a_chatty_one_is_not() {
+    let idle = Duration::from_millis(400);
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = fast_config();
+    config.idle_timeout = idle;
+    let server = TestServer::start(config, redb(dir.path())).await;
+    let mut quiet = Raw::connect(server.addr).await;
+    quiet.register(&Identity::generate(), "quiet").await;
+    let mut chatty = Raw::connect(server.addr).await;
+    chatty.register(&Identity::generate(), "chatty").await;
+    let started = tokio::time::Instant::now();
+
+    // Four timeouts of keep-alives, a tenth of the timeout apart.
+    while started.elapsed() < idle * 4 {
+        assert_eq!(chatty.request(Request::KeepAlive).await, Ok(Reply::Done));
+        tokio::time::sleep(idle / 10).await;
+    }
+    // Long closed by now: the server hung up on the quiet one.
+    loop {
+        match quiet.frame().await {
+            None => break,
+            Some(ServerFrame::Push(_)) => continue,
+            other => panic!("expected the quiet session to be closed, got {other:?}"),
+        }
+    }
+    assert_eq!(
+        chatty.request(Request::KeepAlive).await,
+        Ok(Reply::Done),
+        "the chatty session is still served"
+    );
+    server.stop().await;
+}
