@@ -11,20 +11,26 @@
 //! Redis is a `redis-server` this program starts on a free port in a temporary directory
 //! (append-only file on, as a deployment that keeps mail would run it), unless `--redis-url`
 //! names one. The discovery server runs in this process on 127.0.0.1 with its embedded store
-//! in a temporary directory and no deposit rate limit. Puts are issued one at a time, then with `--concurrency` at
-//! once, then with `put_many` in batches of `--batch` (as a node's link hands the store the
-//! messages waiting for one peer); tokens are 200-byte strings, about the size of a sealed
-//! short message.
+//! in a temporary directory and no deposit rate limit. Puts are issued one at a time, then
+//! with `--concurrency` at once, then with `put_many` in batches of `--batch` (as a node's
+//! link hands the store the messages waiting for one peer); tokens are 200-byte strings,
+//! about the size of a sealed short message. Last, for each store, a `ChatNode` sends
+//! `--messages` messages one `send` at a time to a peer who is away (the node's real path:
+//! durable outbox, then the store), timed until the node reports the last one stored.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context;
 use clap::Parser;
+use futures::StreamExt;
 use p2pchat_core::discovery::Registration;
 use p2pchat_core::store::{MAX_FETCH_BATCH, MailKey, OfflineStore, RedisStore, RedisStoreConfig};
 use p2pchat_core::testing::RedisServer;
-use p2pchat_core::{Discovery, DiscoveryClient, DiscoverySession, Identity, MessageId};
+use p2pchat_core::{
+    ChatNode, Discovery, DiscoveryClient, DiscoverySession, Event, Identity, MemoryDiscovery,
+    MessageId, TcpTransport,
+};
 use p2pchat_discovery::{Config, Directory, RedbStorage, serve};
 use tokio::sync::mpsc;
 
@@ -185,6 +191,55 @@ async fn measure(
     Ok(batched)
 }
 
+/// The node's real path: `n` `ChatNode::send` calls, each awaited before the next, to a
+/// peer who is away, until the node reports every message `StoredOffline`. The sender
+/// keeps its durable outbox in a temporary data directory; `dave` is spawned once and shut
+/// down first, so the directory knows him as offline. Returns the elapsed time.
+async fn node_sends(
+    discovery: impl Discovery + Clone,
+    store: Option<Arc<dyn OfflineStore>>,
+    n: usize,
+) -> anyhow::Result<Duration> {
+    let dir = tempfile::tempdir()?;
+    let node = |name: &str| {
+        let mut builder = ChatNode::builder()
+            .identity(Identity::generate())
+            .username(name)
+            .listen("127.0.0.1:0".parse().expect("an address"))
+            .transport(TcpTransport::new())
+            .discovery(discovery.clone())
+            .data_dir(dir.path().join(name))
+            .event_capacity(n * 2 + 64);
+        if let Some(store) = &store {
+            builder = builder.offline_store(store.clone());
+        }
+        builder
+    };
+    node("dave").spawn().await?.shutdown().await?;
+    let alice = node("alice").spawn().await?;
+    let mut events = alice.events();
+    let stored = tokio::spawn(async move {
+        let mut stored = 0;
+        while stored < n {
+            match events.next().await {
+                Some(Event::StoredOffline { .. }) => stored += 1,
+                Some(Event::SendFailed { reason, .. }) => anyhow::bail!("a send failed: {reason}"),
+                Some(_) => {}
+                None => anyhow::bail!("the event stream ended after {stored} stored"),
+            }
+        }
+        anyhow::Ok(())
+    });
+    let started = Instant::now();
+    for i in 0..n {
+        alice.send("dave", &format!("message {i:0>100}")).await?;
+    }
+    stored.await??;
+    let took = started.elapsed();
+    alice.shutdown().await?;
+    Ok(took)
+}
+
 async fn register(
     client: &DiscoveryClient,
     name: &str,
@@ -234,7 +289,20 @@ async fn main() -> anyhow::Result<()> {
         rate(args.messages, seed_put),
         rate(args.messages, seed_drain)
     );
-    measure("RedisStore (appendonly)", redis.clone(), redis, &args).await?;
+    measure(
+        "RedisStore (appendonly)",
+        redis.clone(),
+        redis.clone(),
+        &args,
+    )
+    .await?;
+    let took = node_sends(MemoryDiscovery::new(), Some(redis), args.messages).await?;
+    println!(
+        "{:<28} {:<12} {}",
+        "RedisStore (appendonly)",
+        "node send x1",
+        rate(args.messages, took)
+    );
 
     // The discovery server's redb mailbox, over real sessions.
     let dir = tempfile::tempdir()?;
@@ -266,6 +334,13 @@ async fn main() -> anyhow::Result<()> {
         seed_drain.as_secs_f64() / drained.as_secs_f64()
     );
     drop((alice, bob));
+    let took = node_sends(client.clone(), None, args.messages).await?;
+    println!(
+        "{:<28} {:<12} {}",
+        "server mailbox (redb)",
+        "node send x1",
+        rate(args.messages, took)
+    );
     let _ = stop.send(());
     serving.await?;
     Ok(())
