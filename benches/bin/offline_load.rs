@@ -193,8 +193,9 @@ async fn measure(
 
 /// The node's real path: `n` `ChatNode::send` calls, each awaited before the next, to a
 /// peer who is away, until the node reports every message `StoredOffline`. The sender
-/// keeps its durable outbox in a temporary data directory; `dave` is spawned once and shut
-/// down first, so the directory knows him as offline. Returns the elapsed time.
+/// (`sender`) keeps its durable outbox in a temporary data directory; the recipient (`away`)
+/// is spawned once and shut down first, so the directory knows it as offline. Returns the
+/// elapsed time.
 async fn node_sends(
     discovery: impl Discovery + Clone,
     store: Option<Arc<dyn OfflineStore>>,
@@ -215,9 +216,9 @@ async fn node_sends(
         }
         builder
     };
-    node("dave").spawn().await?.shutdown().await?;
-    let alice = node("alice").spawn().await?;
-    let mut events = alice.events();
+    node("away").spawn().await?.shutdown().await?;
+    let sender = node("sender").spawn().await?;
+    let mut events = sender.events();
     let stored = tokio::spawn(async move {
         let mut stored = 0;
         while stored < n {
@@ -232,11 +233,11 @@ async fn node_sends(
     });
     let started = Instant::now();
     for i in 0..n {
-        alice.send("dave", &format!("message {i:0>100}")).await?;
+        sender.send("away", &format!("message {i:0>100}")).await?;
     }
     stored.await??;
     let took = started.elapsed();
-    alice.shutdown().await?;
+    sender.shutdown().await?;
     Ok(took)
 }
 
