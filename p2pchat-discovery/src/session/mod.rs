@@ -78,7 +78,9 @@ pub(crate) async fn serve_connection<R, W>(
     let limit = directory.config.handshake_timeout;
     let registered = tokio::select! {
         _ = stop.cancelled() => Err(Some(WireError::ShuttingDown)),
-        outcome = tokio::time::timeout(limit, register::apply(&directory, &mut reader, &mut writer, peer)) => {
+        // Boxed, as the request handlers below: what only a registration or a request needs
+        // is held only while it runs, so an idle session's task stays small.
+        outcome = tokio::time::timeout(limit, Box::pin(register::apply(&directory, &mut reader, &mut writer, peer))) => {
             outcome.unwrap_or_else(|_| Err(Some(WireError::LimitExceeded(format!(
                 "registration must complete within {} ms", limit.as_millis()
             )))))
@@ -197,7 +199,7 @@ impl Session {
                             if !written {
                                 break false;
                             }
-                            let (result, then) = self.handle(request).await;
+                            let (result, then) = Box::pin(self.handle(request)).await;
                             if writer.send(&ServerFrame::Response { id, result }).await.is_err() {
                                 break false;
                             }
@@ -228,8 +230,8 @@ impl Session {
             tracing::debug!(user = %self.lease.username, "replaced by a newer registration");
             let _ = writer.send(&ServerFrame::Push(Push::Replaced)).await;
         }
-        self.end(replaced).await;
-        close(writer, reader).await;
+        Box::pin(self.end(replaced)).await;
+        Box::pin(close(writer, reader)).await;
     }
 
     /// Whether the storage's lease for this user now names another session.
