@@ -54,7 +54,8 @@ pub const MAX_USERNAME_LEN: usize = 32;
 /// spare. Default: 90 KiB.
 pub const MAX_TOKEN_LEN: usize = 90 * 1024;
 
-/// Most ids in one [`PeerFrame::Ack`].
+/// Most ids in one [`PeerFrame::Ack`], and most messages in one mailbox acknowledgement
+/// (`discovery::Request::AckMailFrom`).
 pub const MAX_ACK_BATCH: usize = 4096;
 
 /// Length of the random nonces in the handshake.
