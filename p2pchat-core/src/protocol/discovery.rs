@@ -182,9 +182,9 @@ pub enum Request {
         /// At most this many (capped by the server).
         limit: u32,
     },
-    /// Retired: an id alone does not name a message (another sender may use the same id).
-    /// The server refuses it with [`WireError::UnsupportedVersion`]; nodes send
-    /// [`Request::AckMailFrom`].
+    /// From nodes before [`Request::AckMailFrom`]: an id alone does not name a message
+    /// (another sender may use the same id), so the server reads it as the messages with
+    /// these ids that this session's fetches handed out. Answered with [`Reply::Done`].
     AckMail {
         /// The processed ids (at most [`super::MAX_ACK_BATCH`]).
         ids: Vec<MessageId>,

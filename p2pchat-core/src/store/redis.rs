@@ -14,14 +14,17 @@
 //!   another message, and neither hides nor removes the first.
 //! - `{prefix}:mbox-expiry`: sorted set of every waiting message, member
 //!   `{user}\n{from}\n{id}`, score its `exp`: what the sweep scans for expired messages.
-//!
-//! Entries written before mail was keyed by sender have the hash field `{id}` and the
-//! expiry member `{user}\n{id}`; `ack` and the sweep still find them (an `ack` only when
-//! the entry's sender is the one named), so an upgrade strands nothing.
 //! - `{prefix}:expired:{sender}`: list of expiry notices `{id}\n{recipient}` for `sender`,
 //!   emptied by [`take_expired`](OfflineStore::take_expired).
 //! - `{prefix}:mail:{user}`: the pub/sub channel on which every `put` for `user` publishes
 //!   (the message id), feeding [`subscribe`](OfflineStore::subscribe).
+//!
+//! Entries written before mail was keyed by sender have the hash field `{id}` and the
+//! expiry member `{user}\n{id}`; `put`, `ack` and the sweep still find them (`put` and
+//! `ack` only when the entry's sender is the one named). A process of that earlier layout
+//! acknowledges by id alone and does not find the new fields: every process sharing a
+//! prefix must run this layout (upgrade them together), or the old ones' acknowledgements
+//! leave their mail in place until it expires.
 //!
 //! Nothing but tokens and routing metadata (ids, usernames, expiry times) is ever written:
 //! the plaintext of a message never reaches Redis.
@@ -31,7 +34,7 @@
 //! of single entries anywhere (`XDEL`): exactly a mailbox read oldest-first and acknowledged
 //! out of order. Consumer groups would add a pending-entries list and claim/ownership
 //! bookkeeping, but a mailbox has exactly one reader (its owner's node), which acknowledges
-//! explicitly by message id; so a plain `XRANGE` is the read.
+//! explicitly by sender and message id; so a plain `XRANGE` is the read.
 //!
 //! # At least once
 //! [`fetch`](OfflineStore::fetch) never removes anything: an entry stays in the stream,
@@ -42,7 +45,8 @@
 //!
 //! # Transitions
 //! Every transition touching several keys is one Lua script, so it is atomic across processes:
-//! - put: the sender's id already in the ids hash → done (idempotent); `XLEN` at the quota →
+//! - put: the sender's id already in the ids hash (or an entry of the old layout with this
+//!   id from this sender) → done (idempotent); `XLEN` at the quota →
 //!   [`StoreError::QuotaExceeded`]; else `XADD`, `HSET` the id, `ZADD` the expiry and
 //!   `PUBLISH` the new-mail notice.
 //! - ack: per (sender, id), the entry found through the ids hash is `XDEL`ed, its field
@@ -117,10 +121,20 @@ const SWEEP_BATCH: usize = 256;
 const ANNOUNCEMENT_BUFFER: usize = 256;
 
 /// KEYS: mailbox, ids, expiry. ARGV: id, from, to, token, exp ms, exp ns, quota, expiry
-/// member, channel. 0: stored, 1: already there, 2: mailbox full.
+/// member, channel. 0: stored, 1: already there, 2: mailbox full. An entry from before mail
+/// was keyed by sender (field `{id}`) is the same message when its sender is this one.
 const PUT: &str = "
 local field = ARGV[2] .. '\\n' .. ARGV[1]
 if redis.call('HEXISTS', KEYS[2], field) == 1 then return 1 end
+local legacy = redis.call('HGET', KEYS[2], ARGV[1])
+if legacy then
+  local found = redis.call('XRANGE', KEYS[1], legacy, legacy)[1]
+  if found then
+    for j = 1, #found[2] - 1, 2 do
+      if found[2][j] == 'from' and found[2][j + 1] == ARGV[2] then return 1 end
+    end
+  end
+end
 if redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[7]) then return 2 end
 local entry = redis.call('XADD', KEYS[1], '*', 'id', ARGV[1], 'from', ARGV[2], 'to', ARGV[3],
   'token', ARGV[4], 'exp', ARGV[5], 'exp_ns', ARGV[6])

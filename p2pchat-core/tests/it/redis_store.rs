@@ -476,6 +476,21 @@ async fn mail_written_keyed_by_id_alone_is_still_acknowledged_and_expired() {
         }],
         "the old unexpired message is fetched"
     );
+    // Put again by its own sender, the old message is a duplicate; by another sender under
+    // its id, a message of its own.
+    let mut again = fetched[0].clone();
+    let outcome = store.put_many(vec![again.clone()]).await;
+    assert!(
+        matches!(outcome[..], [Ok(p2pchat_core::store::Put::Duplicate)]),
+        "{outcome:?}"
+    );
+    again.from = "mallory".to_owned();
+    store.put(again.clone()).await.unwrap();
+    assert_eq!(
+        store.fetch("bob", 10).await.unwrap(),
+        vec![fetched[0].clone(), again.clone()]
+    );
+    store.ack("bob", &[MailKey::of(&again)]).await.unwrap();
     let notices = store.take_expired("erin").await.unwrap();
     assert_eq!(
         notices

@@ -112,7 +112,14 @@ pub(super) struct Session {
     pushes: mpsc::Sender<Push>,
     push_rx: mpsc::Receiver<Push>,
     watching: HashSet<String>,
+    /// The (sender, id) of the messages this session's fetches handed out and that were not
+    /// acknowledged yet, at most [`HANDED_OUT`], for nodes that acknowledge by id alone
+    /// (`AckMail`); emptied by the first `AckMailFrom`.
+    handed_out: Vec<p2pchat_core::store::MailKey>,
 }
+
+/// Most (sender, id) pairs a session remembers handing out: a few fetches' worth.
+pub(super) const HANDED_OUT: usize = 4 * p2pchat_core::store::MAX_FETCH_BATCH;
 
 impl Session {
     async fn serve<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
@@ -163,19 +170,6 @@ impl Session {
                         break false;
                     }
                 }
-                () = &mut idle_timer => {
-                    // Quiet for the idle timeout, with nothing under way: closed.
-                    let (due, now) = (last_frame + idle, Instant::now());
-                    if due > now {
-                        idle_timer.as_mut().reset(due);
-                    } else if in_flight.is_empty() {
-                        tracing::debug!("idle session closed");
-                        break false;
-                    } else {
-                        // Deposits still under way: not idle; look again later.
-                        idle_timer.as_mut().reset(now + idle);
-                    }
-                }
                 frame = reader.next(), if in_flight.len() < MAX_IN_FLIGHT => {
                     let Some(frame) = frame else { break false };
                     last_frame = Instant::now();
@@ -203,6 +197,8 @@ impl Session {
                             if writer.send(&ServerFrame::Response { id, result }).await.is_err() {
                                 break false;
                             }
+                            // Time spent answering is not the client's silence.
+                            last_frame = Instant::now();
                             match then {
                                 Then::Continue => {}
                                 Then::Close => break false,
@@ -222,6 +218,20 @@ impl Session {
                             }
                             break false;
                         }
+                    }
+                }
+                // After the reader: a frame already waiting is read, not cut off.
+                () = &mut idle_timer => {
+                    // Quiet for the idle timeout, with nothing under way: closed.
+                    let (due, now) = (last_frame + idle, Instant::now());
+                    if due > now {
+                        idle_timer.as_mut().reset(due);
+                    } else if in_flight.is_empty() {
+                        tracing::debug!("idle session closed");
+                        break false;
+                    } else {
+                        // Deposits still under way: not idle; look again later.
+                        idle_timer.as_mut().reset(now + idle);
                     }
                 }
             }
@@ -305,7 +315,7 @@ impl Session {
             Request::Unwatch { username } => request::watch::unwatch(self, &username),
             Request::Deregister => request::deregister::apply(),
             Request::FetchMail { limit } => request::fetch_mail::apply(self, limit).await,
-            Request::AckMail { .. } => request::ack_mail::retired(),
+            Request::AckMail { ids } => request::ack_mail::by_id(self, &ids).await,
             Request::AckMailFrom { acked } => request::ack_mail::apply(self, acked).await,
             Request::TakeExpired => request::take_expired::apply(self).await,
             other => (

@@ -101,6 +101,7 @@ pub(super) async fn apply<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
         pushes,
         push_rx,
         watching: HashSet::new(),
+        handed_out: Vec::new(),
     };
     let confirmation = ServerFrame::Registered(Box::new(Registered {
         observed: peer,

@@ -363,7 +363,12 @@ fn migrate_ids_v1(txn: &WriteTransaction) -> Result<(), StoreError> {
             let Some(bytes) = mail.get((to, seq)).map_err(unavailable)? else {
                 continue;
             };
-            let message = MailRecordV1::decode(bytes.value()).ok_or_else(|| corrupt("message"))?;
+            // One unreadable message must not keep the server from starting: it stays where
+            // it is (a fetch reports it), unkeyed.
+            let Some(message) = MailRecordV1::decode(bytes.value()) else {
+                tracing::warn!(recipient = %to, seq, "an unreadable message is not keyed by sender");
+                continue;
+            };
             keys.insert((to, message.from.as_str(), id), seq)
                 .map_err(unavailable)?;
             moved += 1;
@@ -595,11 +600,18 @@ mod tests {
             let db = Database::create(&path).unwrap();
             put_v1(&db, &old[0], 0);
             put_v1(&db, &old[1], 1);
-            // A dangling id row, as a crash between tables cannot leave but a hand edit can.
+            // A dangling id row, as a crash between tables cannot leave but a hand edit can,
+            // and an unreadable message in another mailbox: neither stops the opening.
             let txn = db.begin_write().unwrap();
-            txn.open_table(MAIL_IDS_V1)
+            let mut ids = txn.open_table(MAIL_IDS_V1).unwrap();
+            ids.insert(("bob", id_key(&MessageId::random())), 9)
+                .unwrap();
+            ids.insert(("zed", id_key(&MessageId::random())), 10)
+                .unwrap();
+            drop(ids);
+            txn.open_table(MAIL)
                 .unwrap()
-                .insert(("bob", id_key(&MessageId::random())), 9)
+                .insert(("zed", 10), b"not a record".as_slice())
                 .unwrap();
             txn.commit().unwrap();
         }
@@ -615,7 +627,7 @@ mod tests {
             assert_eq!(
                 keys.len().unwrap(),
                 2,
-                "both live rows moved, the dangling one not"
+                "both live rows moved, the dangling and unreadable ones not"
             );
         }
         assert_eq!(mailbox.fetch("bob", 10).await.unwrap(), old.to_vec());
