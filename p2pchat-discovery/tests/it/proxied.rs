@@ -425,3 +425,47 @@ async fn sessions_through_a_proxy_that_cuts_delays_and_blackholes_the_server_los
     );
     assert!(stats.cut > 0 && stats.swallowed > 0);
 }
+
+/// The client's request deadline: a session whose server answers at once keeps going for
+/// many request timeouts (the deadline timer may go off early, and is then moved on, never
+/// cutting a live session), and a server that falls silent is given up on after the
+/// timeout, not never.
+#[tokio::test]
+async fn the_request_deadline_keeps_a_busy_session_and_gives_up_on_a_silent_server() {
+    let timeout = Duration::from_millis(300);
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(fast_config(), redb(dir.path())).await;
+    let proxy = Proxy::start(Some(server.addr)).await;
+    let client = DiscoveryClient::new(proxy.addr().to_string())
+        .reconnect_backoff(Duration::from_millis(50), Duration::from_millis(400))
+        .request_timeout(timeout);
+    let (session, _rx) = register(&client, &Identity::generate(), "busy").await;
+
+    let started = std::time::Instant::now();
+    let mut answered = 0u64;
+    while started.elapsed() < timeout * 10 {
+        session
+            .keep_alive()
+            .await
+            .expect("a server that answers keeps the session");
+        answered += 1;
+    }
+    assert_eq!(
+        proxy.stats().accepted,
+        1,
+        "one connection all along ({answered} keep-alives)"
+    );
+
+    proxy.set_mode(Mode::Blackhole);
+    let asked = std::time::Instant::now();
+    let outcome = tokio::time::timeout(timeout * 10, session.keep_alive())
+        .await
+        .expect("a silent server is given up on");
+    let waited = asked.elapsed();
+    assert!(outcome.is_err(), "no answer is an error: {outcome:?}");
+    assert!(
+        waited >= timeout,
+        "given up after {waited:?}, before the {timeout:?} timeout"
+    );
+    server.stop().await;
+}
