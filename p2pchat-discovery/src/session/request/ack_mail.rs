@@ -1,6 +1,8 @@
 //! `AckMailFrom`: processed messages leave this session's user's mailbox. `AckMail`, from
 //! nodes that acknowledge by id alone, is understood through what this session was handed.
 
+use std::collections::HashSet;
+
 use p2pchat_core::MessageId;
 use p2pchat_core::protocol::MAX_ACK_BATCH;
 use p2pchat_core::protocol::discovery::{Reply, WireError, WireMailKey};
@@ -34,6 +36,7 @@ pub(in crate::session) async fn by_id(session: &mut Session, ids: &[MessageId]) 
             Then::Continue,
         );
     }
+    let ids: HashSet<&MessageId> = ids.iter().collect();
     let (acked, kept): (Vec<MailKey>, Vec<MailKey>) = std::mem::take(&mut session.handed_out)
         .into_iter()
         .partition(|key| ids.contains(&key.id));
