@@ -163,9 +163,6 @@ impl Storage for RedbStorage {
         let (username, key) = (username.to_owned(), *key);
         self.blocking(move |db| {
             let now = SystemTime::now();
-            if claimed_fresh(db, &username, &key_bytes, lapse, now)? {
-                return Ok(());
-            }
             // Decide again inside the write transaction: writers are serialized, so two
             // racing claims cannot both see the name free.
             let txn = db.begin_write().map_err(unavailable)?;

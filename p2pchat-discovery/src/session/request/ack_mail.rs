@@ -15,6 +15,11 @@ use crate::session::Session;
 pub(in crate::session) async fn apply(session: &mut Session, acked: Vec<WireMailKey>) -> Answer {
     // A node that names senders needs no memory of what it was handed.
     session.handed_out = Vec::new();
+    remove(session, acked).await
+}
+
+/// Takes `acked` out of the session user's mailbox.
+async fn remove(session: &Session, acked: Vec<WireMailKey>) -> Answer {
     let acked = session
         .directory
         .mail
@@ -41,11 +46,5 @@ pub(in crate::session) async fn by_id(session: &mut Session, ids: &[MessageId]) 
         .into_iter()
         .partition(|key| ids.contains(&key.id));
     session.handed_out = kept;
-    let acked = acked.into_iter().map(Into::into).collect();
-    let acked = session
-        .directory
-        .mail
-        .ack(&session.lease.username, acked)
-        .await;
-    (acked.map(|()| Reply::Done), Then::Continue)
+    remove(session, acked.into_iter().map(Into::into).collect()).await
 }
