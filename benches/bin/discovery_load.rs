@@ -140,6 +140,7 @@ fn registration(name: &str) -> Registration {
         username: name.to_owned(),
         listen_port: 7000,
         announce: Vec::new(),
+        dialable: true,
     }
 }
 

@@ -250,6 +250,7 @@ async fn register(
         username: name.into(),
         listen_port: 7000,
         announce: Vec::new(),
+        dialable: true,
     };
     Ok(client
         .register(&Identity::generate(), registration, tx)

@@ -33,6 +33,10 @@ pub struct Settings {
     pub redis_url: Option<String>,
     /// The Redis channel announcements arrive on.
     pub announcement_channel: String,
+    /// Addresses to publish instead of the one the server sees.
+    pub announce: Vec<std::net::SocketAddr>,
+    /// `false`: nobody can dial this client; peers use connect-back or the relay.
+    pub dialable: bool,
     /// Use the line editor (stdin is a terminal).
     pub terminal: bool,
 }
@@ -75,6 +79,8 @@ async fn start(settings: &Settings) -> anyhow::Result<ChatNode> {
         .identity(identity)
         .username(settings.user.clone())
         .listen(([0, 0, 0, 0], settings.port).into())
+        .announce(settings.announce.clone())
+        .dialable(settings.dialable)
         .discovery(DiscoveryClient::new(settings.discovery.clone()))
         .data_dir(&settings.data_dir);
     if let Some(url) = &settings.redis_url {

@@ -40,6 +40,15 @@ struct Args {
     /// The Redis channel announcements arrive on.
     #[arg(long, default_value = DEFAULT_ANNOUNCEMENT_CHANNEL)]
     announcement_channel: String,
+    /// Publish this address for peers to dial instead of the one the server sees (a port
+    /// forward, say); may be given several times.
+    #[arg(long, value_name = "IP:PORT")]
+    announce: Vec<std::net::SocketAddr>,
+    /// Nobody can dial you (behind a NAT without a port forward): the server publishes no
+    /// address and peers reach you by connect-back or through its relay. Without it, the
+    /// server checks whether it can dial you and says so.
+    #[arg(long)]
+    not_dialable: bool,
 }
 
 fn main() -> ExitCode {
@@ -108,6 +117,8 @@ fn settings(args: Args, terminal: bool) -> Result<app::Settings, String> {
         data_dir,
         redis_url: args.redis_url,
         announcement_channel: args.announcement_channel,
+        announce: args.announce,
+        dialable: !args.not_dialable,
         terminal,
     })
 }

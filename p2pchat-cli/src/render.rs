@@ -58,6 +58,9 @@ pub fn event(event: &Event) -> Option<String> {
              ('fingerprint {username}'), then accept the new key with 'trust {username}'."
         ),
         Event::Error { message } => format!("(error: {})", printable(message)),
+        Event::Reachability { direct: false } => {
+            "(you are not reachable directly; messages go through the server relay)".into()
+        }
         Event::Lagged { missed } => {
             format!("({missed} events were missed: the screen fell behind)")
         }

@@ -217,3 +217,55 @@ async fn operator_announcements_print_as_special_messages() {
     alice.quit().await;
     bob.quit().await;
 }
+
+const NOT_REACHABLE: &str =
+    "(you are not reachable directly; messages go through the server relay)";
+
+#[tokio::test]
+async fn a_user_who_cannot_be_dialed_chats_both_ways_with_one_who_can() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("server")).await;
+    let mut alice = Client::start(dir.path(), "alice", &server).await;
+    let mut bob = Client::start_with(dir.path(), "bob", &server.addr, &["--not-dialable"]).await;
+    alice.say("send bob are you behind a NAT?").await;
+    bob.expect("[alice] are you behind a NAT?").await;
+    bob.say("send alice yes, and I still get this at once")
+        .await;
+    alice
+        .expect("[bob] yes, and I still get this at once")
+        .await;
+    let alice_said = alice.quit().await;
+    let bob_said = bob.quit().await;
+    assert_eq!(
+        bob_said.iter().filter(|l| *l == NOT_REACHABLE).count(),
+        1,
+        "bob is told once: {bob_said:?}"
+    );
+    assert!(
+        !alice_said
+            .iter()
+            .any(|l| l == NOT_REACHABLE || l.contains("is offline")),
+        "alice is reachable, and nothing went through the mailbox: {alice_said:?}"
+    );
+}
+
+#[tokio::test]
+async fn two_users_who_cannot_be_dialed_chat_through_the_relay() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("server")).await;
+    let flag = &["--not-dialable"];
+    let mut alice = Client::start_with(dir.path(), "alice", &server.addr, flag).await;
+    let mut bob = Client::start_with(dir.path(), "bob", &server.addr, flag).await;
+    alice.say("send bob relayed hello").await;
+    bob.expect("[alice] relayed hello").await;
+    bob.say("send alice relayed answer").await;
+    alice.expect("[bob] relayed answer").await;
+    for said in [alice.quit().await, bob.quit().await] {
+        assert_eq!(
+            said.iter().filter(|l| *l == NOT_REACHABLE).count(),
+            1,
+            "{said:?}"
+        );
+        assert!(!said.iter().any(|l| l.contains("is offline")), "{said:?}");
+    }
+}

@@ -23,6 +23,7 @@ use crate::error::Cause;
 use crate::identity::{Identity, PublicKey};
 use crate::protocol::UsernameError;
 use crate::store::OfflineStore;
+use crate::transport::Connection;
 
 /// The directory's rules, which the client and the server share.
 pub use crate::protocol::discovery::{DEFAULT_CLAIM_LAPSE, DEFAULT_PRESENCE_TTL, MAX_PAGE_SIZE};
@@ -46,6 +47,28 @@ pub struct Registration {
     pub listen_port: u16,
     /// Explicit addresses to publish instead of the observed one (empty: use the observed).
     pub announce: Vec<SocketAddr>,
+    /// `false`: nobody can dial this node (behind a NAT, say); the directory publishes no
+    /// address for it and peers reach it by connect-back or relay. `true`: the directory
+    /// checks whether it can be dialed and says ([`DiscoveryEvent::Reachability`]).
+    pub dialable: bool,
+}
+
+/// Where and how to join a relay the directory opened ([`DiscoveryEvent::RelayOffer`],
+/// [`DiscoverySession::join_relay`]). The token is a secret: it is not printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RelayTicket {
+    /// The secret that pairs the two sides.
+    pub token: [u8; crate::protocol::discovery::RELAY_TOKEN_LEN],
+    /// The directory instance to join at; `None`: the one the session is registered with.
+    pub addr: Option<SocketAddr>,
+}
+
+impl Debug for RelayTicket {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RelayTicket")
+            .field("addr", &self.addr)
+            .finish_non_exhaustive()
+    }
 }
 
 /// What the directory knows about a user.
@@ -99,6 +122,26 @@ pub enum DiscoveryEvent {
         /// Why, as a sentence.
         reason: String,
     },
+    /// Whether the directory can dial this node at the addresses it registered (after every
+    /// registration of a node that said it is dialable; `false` at once for one that said it
+    /// is not).
+    Reachability {
+        /// `true`: its addresses are published; peers dial it directly.
+        dialable: bool,
+    },
+    /// `username` cannot be dialed and asks this node to dial it.
+    ConnectBack {
+        /// Who.
+        username: String,
+    },
+    /// `username` opened a relay to this node through the directory: join it
+    /// ([`DiscoverySession::join_relay`]) and run the peer handshake over it.
+    RelayOffer {
+        /// Who.
+        username: String,
+        /// Where and how to join.
+        ticket: RelayTicket,
+    },
 }
 
 /// Errors from the directory.
@@ -144,6 +187,10 @@ pub enum DiscoveryError {
     /// The directory's storage failed.
     #[error("discovery backend error: {0}")]
     Backend(String),
+    /// This directory (or the peer's registration with it) does not offer what was asked:
+    /// connect-back or relays.
+    #[error("not offered by this directory: {0}")]
+    Unsupported(String),
 }
 
 /// A directory of users: name → key, addresses and presence.
@@ -201,5 +248,26 @@ pub trait DiscoverySession: Debug + Send + Sync + 'static {
     /// registration. By default, none.
     fn operator_key(&self) -> Option<PublicKey> {
         None
+    }
+    /// Asks `username`, who cannot be dialed, to dial this node (which can be): it gets
+    /// [`DiscoveryEvent::ConnectBack`]. `Ok` once the request is on its way; whether the
+    /// connection comes is seen on the listener. By default, unsupported.
+    async fn connect_back(&self, username: &str) -> Result<(), DiscoveryError> {
+        Err(DiscoveryError::Unsupported(format!(
+            "connect-back to {username}"
+        )))
+    }
+    /// Opens a connection to `username` relayed by the directory: a byte stream like a
+    /// transport's, over which the peer handshake runs end to end; `username` gets
+    /// [`DiscoveryEvent::RelayOffer`] to join the other end. By default, unsupported.
+    async fn relay(&self, username: &str) -> Result<Connection, DiscoveryError> {
+        Err(DiscoveryError::Unsupported(format!(
+            "a relay to {username}"
+        )))
+    }
+    /// Joins the relay of a [`DiscoveryEvent::RelayOffer`]. By default, unsupported.
+    async fn join_relay(&self, ticket: &RelayTicket) -> Result<Connection, DiscoveryError> {
+        let _ = ticket;
+        Err(DiscoveryError::Unsupported("relays".into()))
     }
 }

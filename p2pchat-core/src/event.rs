@@ -113,6 +113,13 @@ pub enum Event {
         /// What happened, as a sentence.
         message: String,
     },
+    /// Whether peers can dial this node directly, as the directory found when the node
+    /// registered (again after every reconnection). When they cannot, peers reach it by
+    /// connect-back or through the directory's relay.
+    Reachability {
+        /// `true`: directly dialable.
+        direct: bool,
+    },
     /// This reader fell behind and missed `missed` events. Never messages: those wait in
     /// the inbox for the reader.
     Lagged {

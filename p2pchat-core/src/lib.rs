@@ -98,7 +98,7 @@ pub use identity::{Fingerprint, Identity, PublicKey};
 #[cfg(feature = "node")]
 pub use node::{
     ChatNode, ChatNodeBuilder, Confirm, DbError, Durability, Events, NodeError, OutboxEntry,
-    OutboxState, SpawnError,
+    OutboxState, PeerPath, SpawnError,
 };
 pub use protocol::MessageId;
 #[cfg(feature = "redis")]

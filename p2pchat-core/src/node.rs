@@ -43,7 +43,18 @@ pub use events::Events;
 use events::Subscription;
 pub(crate) use inbox::InboxStream;
 pub use inbox::{Confirm, DEDUP_WINDOW, MAX_UNCONFIRMED};
-pub use link::{LINK_QUEUE_CAPACITY, MAX_IN_FLIGHT};
+pub use link::{CONNECT_BACK_TIMEOUT, LINK_QUEUE_CAPACITY, MAX_IN_FLIGHT};
+
+/// How a node is connected to a peer ([`ChatNode::path`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PeerPath {
+    /// A connection one of the two opened to the other (dialed, or dialed back).
+    Direct,
+    /// Through the directory's relay: neither could dial the other. The same handshake and
+    /// sealed tokens as a direct connection; replaced by a direct one when one becomes
+    /// possible.
+    Relayed,
+}
 
 use crate::crypto::{CryptoError, PairKey};
 use crate::discovery::{DiscoveryError, DiscoverySession, MAX_PAGE_SIZE, PeerRecord};
@@ -241,6 +252,8 @@ pub(crate) struct Shared {
     pub(crate) store: Arc<dyn OfflineStore>,
     pub(crate) transport: Arc<dyn Transport>,
     session: Mutex<Option<Arc<dyn DiscoverySession>>>,
+    /// Whether peers can dial us, as the directory last said: 0 not known yet, 1 yes, 2 no.
+    reachable: std::sync::atomic::AtomicU8,
     /// Stops every task at once, without flushing: the end of a graceful shutdown, or a
     /// simulated crash.
     pub(crate) halt: CancellationToken,
@@ -363,6 +376,27 @@ impl Shared {
         // The links refer back to this state: let them go with it.
         self.links.lock().clear();
         self.events.close();
+    }
+
+    /// Whether peers can dial us, as the directory last said (`None`: not said yet).
+    pub(crate) fn dialable(&self) -> Option<bool> {
+        match self.reachable.load(Ordering::Acquire) {
+            1 => Some(true),
+            2 => Some(false),
+            _ => None,
+        }
+    }
+
+    /// Records what the directory says about our reachability; returns what it was.
+    pub(crate) fn set_dialable(&self, dialable: bool) -> Option<bool> {
+        let before = self
+            .reachable
+            .swap(if dialable { 1 } else { 2 }, Ordering::AcqRel);
+        match before {
+            1 => Some(true),
+            2 => Some(false),
+            _ => None,
+        }
     }
 
     pub(crate) fn session(&self) -> Result<Arc<dyn DiscoverySession>, NodeError> {
@@ -556,7 +590,7 @@ impl Shared {
     }
 
     /// The link to `peer`, if one is running.
-    fn existing_link(&self, peer: &str) -> Option<LinkHandle> {
+    pub(crate) fn existing_link(&self, peer: &str) -> Option<LinkHandle> {
         self.links
             .lock()
             .get(peer)
@@ -703,6 +737,17 @@ impl ChatNode {
     /// The address the node accepts peer connections on.
     pub fn local_addr(&self) -> SocketAddr {
         self.shared.local_addr
+    }
+
+    /// How the node is connected to `peer` now: `None` without a connection.
+    pub fn path(&self, peer: &str) -> Option<PeerPath> {
+        self.shared.existing_link(peer)?.path()
+    }
+
+    /// Whether peers can dial this node directly, as the directory last said (`None`: not
+    /// said yet). See [`Event::Reachability`].
+    pub fn dialable(&self) -> Option<bool> {
+        self.shared.dialable()
     }
 
     /// A stream of the node's events. The first call's stream starts when the node was

@@ -240,6 +240,21 @@ pub enum PeerFrame {
         /// Human-readable detail.
         detail: String,
     },
+    /// From the discovery server instead of a `Hello`: can this address be dialed? The
+    /// listener answers [`PeerFrame::ProbeOk`] and closes.
+    Probe {
+        /// Fresh randomness from the server.
+        #[serde(with = "serde_bytes")]
+        nonce: [u8; NONCE_LEN],
+    },
+    /// The answer to [`PeerFrame::Probe`]: the listener's identity key signs
+    /// [`discovery::probe_transcript`], so the server knows the address reaches the node
+    /// that registered.
+    ProbeOk {
+        /// The signature.
+        #[serde(with = "serde_bytes")]
+        signature: [u8; 64],
+    },
 }
 
 /// Machine-readable reason in an error frame.

@@ -56,23 +56,16 @@ async fn within<T>(what: &str, fut: impl Future<Output = T>) -> T {
 // ---------------------------------------------------------------------------------------
 // Transport
 
-/// Checks the [`Transport`] contract: `make` returns a fresh transport (or a handle on a
-/// fresh network) each call.
-pub async fn transport_conformance<T, F, Fut>(make: F)
+/// Checks what every connection between two peers must do, whatever carries it (a
+/// transport, or the directory's relay): bytes flow both ways in order; a megabyte each way
+/// at once arrives intact without deadlock; dropping one end is end-of-stream at the other.
+/// `open` gives a fresh pair of connected ends each call (dialing end first).
+pub async fn connection_conformance<F, Fut>(mut open: F)
 where
-    T: Transport,
-    F: Fn() -> Fut,
-    Fut: Future<Output = T>,
+    F: FnMut() -> Fut,
+    Fut: Future<Output = (Connection, Connection)>,
 {
-    let any: SocketAddr = "127.0.0.1:0".parse().expect("valid address");
-
-    // Bytes flow both ways, in order; dropping one end is end-of-stream at the other.
-    let transport = make().await;
-    let mut listener = transport.bind(any).await.expect("bind to port 0");
-    let addr = listener.local_addr();
-    assert_ne!(addr.port(), 0, "local_addr reports the chosen port");
-    let (dialed, accepted) = tokio::join!(transport.dial(addr), listener.accept());
-    let (mut a, mut b) = (dialed.expect("dial"), accepted.expect("accept"));
+    let (mut a, mut b) = within("a connection", open()).await;
     a.writer.write_all(b"ping").await.expect("write");
     a.writer.flush().await.expect("flush");
     let mut buf = [0u8; 4];
@@ -114,14 +107,39 @@ where
     drop(wb);
 
     // End of stream when the other end goes away.
-    let (dialed, accepted) = tokio::join!(transport.dial(addr), listener.accept());
-    let (a, mut b) = (dialed.expect("dial"), accepted.expect("accept"));
+    let (a, mut b) = within("a second connection", open()).await;
     drop(a);
     let mut rest = Vec::new();
     within("end of stream", b.reader.read_to_end(&mut rest))
         .await
         .expect("clean end of stream");
     assert!(rest.is_empty());
+}
+
+/// Checks the [`Transport`] contract: `make` returns a fresh transport (or a handle on a
+/// fresh network) each call.
+pub async fn transport_conformance<T, F, Fut>(make: F)
+where
+    T: Transport,
+    F: Fn() -> Fut,
+    Fut: Future<Output = T>,
+{
+    let any: SocketAddr = "127.0.0.1:0".parse().expect("valid address");
+
+    let transport = Arc::new(make().await);
+    let listener = transport.bind(any).await.expect("bind to port 0");
+    let addr = listener.local_addr();
+    assert_ne!(addr.port(), 0, "local_addr reports the chosen port");
+    let listener = Arc::new(tokio::sync::Mutex::new(listener));
+    connection_conformance(|| {
+        let (transport, listener) = (transport.clone(), listener.clone());
+        async move {
+            let mut listener = listener.lock().await;
+            let (dialed, accepted) = tokio::join!(transport.dial(addr), listener.accept());
+            (dialed.expect("dial"), accepted.expect("accept"))
+        }
+    })
+    .await;
 
     // A bound address cannot be bound again.
     match transport.bind(addr).await {
@@ -145,6 +163,7 @@ fn registration(name: &str, port: u16) -> Registration {
         username: name.to_owned(),
         listen_port: port,
         announce: Vec::new(),
+        dialable: true,
     }
 }
 

@@ -12,6 +12,7 @@ mod it {
     pub mod layers;
     pub mod messaging;
     pub mod mocks;
+    pub mod reach;
     pub mod redis_store;
     pub mod security;
     pub mod util;

@@ -1,5 +1,6 @@
 //! The server's settings: [`Config`], and the named defaults of every limit and timing.
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use p2pchat_core::Identity;
@@ -36,6 +37,28 @@ pub const SESSION_PUSH_CAPACITY: usize = 64;
 /// How long sessions get to close when the server shuts down. Default: 5 s.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
+/// How long the reachability probe of a registering node may take (connect, probe, signed
+/// answer) before the node counts as not dialable. Default: 1 s.
+pub const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Most relays open at once (joined or waiting to be). Default: 1,024.
+pub const MAX_RELAYS: usize = 1024;
+
+/// Most relays one user takes part in at once (on either side). Default: 32.
+pub const MAX_RELAYS_PER_USER: usize = 32;
+
+/// Bytes per second one relay carries, both directions together (bursts of one second's
+/// worth). Default: 1 MiB/s: chat, not bulk transfer.
+pub const RELAY_BYTES_PER_SECOND: u32 = 1 << 20;
+
+/// A relay that carries nothing for this long is closed (peers ping every 15 s). Default:
+/// 60 s.
+pub const RELAY_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Connect-back and relay requests per second from one user (bursts of twice as many).
+/// Default: 10.
+pub const REACH_REQUESTS_PER_SECOND_PER_USER: u32 = 10;
+
 /// Limits and timings of a server. Every field has a named default.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -62,6 +85,24 @@ pub struct Config {
     /// The key that signs announcements. Nodes learn its public half at registration and
     /// pin it. By default, none: the server relays no announcements.
     pub operator: Option<Identity>,
+    /// Time allowed for the reachability probe of a registering node; zero: no probe (every
+    /// node that says it is dialable is published as dialable). By default,
+    /// [`PROBE_TIMEOUT`].
+    pub probe_timeout: Duration,
+    /// 0 disables relaying. By default, [`MAX_RELAYS`].
+    pub max_relays: usize,
+    /// By default, [`MAX_RELAYS_PER_USER`].
+    pub max_relays_per_user: usize,
+    /// 0 means unlimited. By default, [`RELAY_BYTES_PER_SECOND`].
+    pub relay_bytes_per_second: u32,
+    /// By default, [`RELAY_IDLE_TIMEOUT`].
+    pub relay_idle_timeout: Duration,
+    /// 0 means unlimited. By default, [`REACH_REQUESTS_PER_SECOND_PER_USER`].
+    pub reach_requests_per_second_per_user: u32,
+    /// Where nodes registered with other instances (sharing Redis) join relays this
+    /// instance holds. By default, none: the listening address, when it is a specific one
+    /// (not `0.0.0.0`); otherwise relays are offered only between this instance's sessions.
+    pub relay_addr: Option<SocketAddr>,
 }
 
 impl Default for Config {
@@ -76,6 +117,13 @@ impl Default for Config {
             registrations_per_second_per_ip: REGISTRATIONS_PER_SECOND_PER_IP,
             deposits_per_second_per_user: DEPOSITS_PER_SECOND_PER_USER,
             operator: None,
+            probe_timeout: PROBE_TIMEOUT,
+            max_relays: MAX_RELAYS,
+            max_relays_per_user: MAX_RELAYS_PER_USER,
+            relay_bytes_per_second: RELAY_BYTES_PER_SECOND,
+            relay_idle_timeout: RELAY_IDLE_TIMEOUT,
+            reach_requests_per_second_per_user: REACH_REQUESTS_PER_SECOND_PER_USER,
+            relay_addr: None,
         }
     }
 }

@@ -4,8 +4,8 @@
 
 use parking_lot::Mutex;
 use std::collections::HashMap;
-use std::net::IpAddr;
-use std::sync::Arc;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use p2pchat_core::announce::AnnouncementGuard;
@@ -18,8 +18,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::limits::KeyedRate;
-use crate::mail::Mail;
-use crate::storage::{PresenceChange, SessionId, Storage};
+use crate::mail::{Mail, storage_error};
+use crate::relay::Relays;
+use crate::storage::{PresenceChange, SessionId, Signal, Storage};
 
 /// How often the registration rate limiter forgets idle addresses.
 const RATE_LIMITER_CLEANUP: Duration = Duration::from_secs(60);
@@ -32,8 +33,10 @@ struct LocalSession {
     /// A hint only: the session asks the storage, whose last `set_online` wins, so two
     /// racing registrations never both lose.
     check: Arc<Notify>,
-    /// Its push queue, for announcements.
+    /// Its push queue, for announcements, connect-back requests and relay offers.
     pushes: mpsc::Sender<Push>,
+    /// It registered with `RegisterReachable`: it understands connect-back and relay pushes.
+    reach: bool,
 }
 
 /// The directory: what a server's sessions share, behind methods. Its configuration and
@@ -56,6 +59,12 @@ pub struct Directory {
     watchers: Mutex<HashMap<String, HashMap<SessionId, mpsc::Sender<Push>>>>,
     /// username → the session registered here.
     sessions: Mutex<HashMap<String, LocalSession>>,
+    /// The relays this instance holds.
+    pub(crate) relays: Relays,
+    /// Connect-back and relay requests per user.
+    pub(crate) reach_requests: KeyedRate<String>,
+    /// Where this instance listens (set by [`crate::serve`]).
+    listen_addr: OnceLock<SocketAddr>,
 }
 
 impl Directory {
@@ -76,6 +85,12 @@ impl Directory {
                 config.registrations_per_second_per_ip.saturating_mul(2),
             ),
             mail: Mail::new(storage.clone(), config.deposits_per_second_per_user),
+            reach_requests: KeyedRate::new(
+                config.reach_requests_per_second_per_user,
+                config.reach_requests_per_second_per_user.saturating_mul(2),
+            ),
+            relays: Relays::default(),
+            listen_addr: OnceLock::new(),
             operator_key: config.operator.as_ref().map(Identity::public_key),
             announced: Mutex::new(AnnouncementGuard::default()),
             config,
@@ -100,6 +115,76 @@ impl Directory {
         self.sessions.lock().len()
     }
 
+    /// Relays open on this instance now (joined, or waiting for their sides).
+    pub fn open_relays(&self) -> usize {
+        self.relays.open_count()
+    }
+
+    /// Records where this instance listens (the default relay address).
+    pub(crate) fn set_listen_addr(&self, addr: SocketAddr) {
+        let _ = self.listen_addr.set(addr);
+    }
+
+    /// Where nodes of other instances join this instance's relays: the configured address,
+    /// or the listening address when it is a specific one.
+    pub(crate) fn relay_addr(&self) -> Option<SocketAddr> {
+        self.config.relay_addr.or_else(|| {
+            self.listen_addr
+                .get()
+                .copied()
+                .filter(|a| !a.ip().is_unspecified())
+        })
+    }
+
+    /// Whether `username`'s session is here and takes connect-back and relay pushes
+    /// (`None`: not registered here).
+    pub(crate) fn takes_pushes(&self, username: &str) -> Option<bool> {
+        self.sessions.lock().get(username).map(|s| s.reach)
+    }
+
+    /// Pushes `push` to `username`'s session, here or (through the storage) on the instance
+    /// that holds it.
+    pub(crate) async fn signal(&self, username: &str, push: Push) -> Result<(), WireError> {
+        let local = self
+            .sessions
+            .lock()
+            .get(username)
+            .map(|s| (s.reach, s.pushes.clone()));
+        match local {
+            Some((false, _)) => Err(WireError::Forbidden(format!(
+                "{username}'s node does not take connect-back requests or relays (an older version)"
+            ))),
+            Some((true, pushes)) => pushes.try_send(push).map_err(|_| {
+                WireError::LimitExceeded(format!("{username}'s session is not keeping up"))
+            }),
+            None => match self.storage.online(username).await {
+                Ok(Some(_)) => {
+                    let signal = Signal {
+                        to: username.to_owned(),
+                        push,
+                    };
+                    self.storage
+                        .publish_signal(&signal)
+                        .await
+                        .map_err(storage_error)
+                }
+                Ok(None) => Err(WireError::Forbidden(format!("{username} is not online"))),
+                Err(e) => Err(storage_error(e)),
+            },
+        }
+    }
+
+    /// Delivers a signal from another instance to its session, if it is here.
+    fn deliver(&self, signal: Signal) {
+        let sessions = self.sessions.lock();
+        if let Some(session) = sessions.get(&signal.to)
+            && session.reach
+            && session.pushes.try_send(signal.push).is_err()
+        {
+            tracing::debug!(user = %signal.to, "push queue full; signal dropped");
+        }
+    }
+
     /// Records `username`'s new session here; an older one is told to check whether it was
     /// replaced. Returns the new session's check signal.
     pub(crate) fn add_session(
@@ -107,6 +192,7 @@ impl Directory {
         username: &str,
         id: SessionId,
         pushes: mpsc::Sender<Push>,
+        reach: bool,
     ) -> Arc<Notify> {
         let check = Arc::new(Notify::new());
         let old = self.sessions.lock().insert(
@@ -115,6 +201,7 @@ impl Directory {
                 id,
                 check: check.clone(),
                 pushes,
+                reach,
             },
         );
         if let Some(old) = old {
@@ -227,11 +314,19 @@ impl Directory {
         self: Arc<Self>,
         mut feed: broadcast::Receiver<PresenceChange>,
         mut announcements: broadcast::Receiver<Announcement>,
+        mut signals: broadcast::Receiver<Signal>,
         stop: CancellationToken,
     ) {
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
+                signal = signals.recv() => match signal {
+                    Ok(signal) => self.deliver(signal),
+                    Err(broadcast::error::RecvError::Lagged(n)) => {
+                        tracing::warn!(missed = n, "signal feed lagged; some connect-backs or relay offers were not sent");
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return,
+                },
                 a = announcements.recv() => match a {
                     Ok(a) => {
                         let sent = self.relay_from_feed(&a);

@@ -25,10 +25,13 @@
 //!
 //! ## Modules, top to bottom (each uses only those below it)
 //! - [`server`]: [`serve`], the accept loop.
-//! - `session`: one connection, in rooms: the connection's frames, the registration, an
-//!   announcement, and one file per request kind.
+//! - `session`: one connection, in rooms: the connection's frames, the registration (with
+//!   the reachability probe), an announcement, one side of a relay, and one file per request
+//!   kind.
 //! - [`directory`]: [`Directory`], the state the sessions share, behind methods; the relay
 //!   of presence changes and announcements.
+//! - `relay`: relays between peers that cannot dial each other: pairing two connections by
+//!   a token within the relay limits, and splicing them.
 //! - `mail`: the mailboxes as sessions use them, with the deposit rules beside them.
 //! - [`storage`]: the [`Storage`] trait, [`RedbStorage`] and [`RedisStorage`]; the redb
 //!   mailbox and its versioned records.
@@ -47,6 +50,7 @@ pub mod fuzz;
 mod limits;
 mod mail;
 pub mod operator;
+mod relay;
 pub mod server;
 mod session;
 pub mod storage;

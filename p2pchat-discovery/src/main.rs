@@ -13,7 +13,8 @@ use p2pchat_core::protocol::discovery::DEFAULT_DISCOVERY_ADDR;
 use p2pchat_core::store::DEFAULT_ANNOUNCEMENT_CHANNEL;
 use p2pchat_core::{Announcement, Identity};
 use p2pchat_discovery::config::{
-    DEFAULT_LISTEN_ADDR, MAX_CONNECTIONS, MAX_CONNECTIONS_PER_IP, REGISTRATIONS_PER_SECOND_PER_IP,
+    DEFAULT_LISTEN_ADDR, MAX_CONNECTIONS, MAX_CONNECTIONS_PER_IP, MAX_RELAYS, MAX_RELAYS_PER_USER,
+    PROBE_TIMEOUT, REGISTRATIONS_PER_SECOND_PER_IP, RELAY_BYTES_PER_SECOND, RELAY_IDLE_TIMEOUT,
 };
 use p2pchat_discovery::storage::RedisStorageConfig;
 use p2pchat_discovery::{
@@ -99,6 +100,27 @@ struct ServeArgs {
     /// Registrations per second from one IP address (0: unlimited).
     #[arg(long, default_value_t = REGISTRATIONS_PER_SECOND_PER_IP)]
     registrations_per_second: u32,
+    /// Milliseconds the reachability probe of a registering node may take (0: no probe;
+    /// nodes are published as they say).
+    #[arg(long, default_value_t = PROBE_TIMEOUT.as_millis() as u64)]
+    probe_timeout_ms: u64,
+    /// Most relays open at once (0: relay nothing; peers that cannot dial each other use
+    /// the mailbox).
+    #[arg(long, default_value_t = MAX_RELAYS)]
+    max_relays: usize,
+    /// Most relays one user takes part in at once.
+    #[arg(long, default_value_t = MAX_RELAYS_PER_USER)]
+    max_relays_per_user: usize,
+    /// Bytes per second one relay carries, both directions together (0: unlimited).
+    #[arg(long, default_value_t = RELAY_BYTES_PER_SECOND)]
+    relay_bytes_per_second: u32,
+    /// Seconds a relay may carry nothing before it is closed.
+    #[arg(long, default_value_t = RELAY_IDLE_TIMEOUT.as_secs(), value_parser = clap::value_parser!(u64).range(1..))]
+    relay_idle_timeout: u64,
+    /// Where nodes registered with other instances (sharing Redis) join the relays this
+    /// instance holds [default: --listen, unless it is 0.0.0.0 or [::]].
+    #[arg(long, value_name = "IP:PORT")]
+    relay_addr: Option<SocketAddr>,
 }
 
 #[tokio::main]
@@ -205,6 +227,12 @@ async fn run(args: ServeArgs) -> anyhow::Result<()> {
         max_connections_per_ip: args.max_connections_per_ip,
         registrations_per_second_per_ip: args.registrations_per_second,
         operator: Some(operator),
+        probe_timeout: Duration::from_millis(args.probe_timeout_ms),
+        max_relays: args.max_relays,
+        max_relays_per_user: args.max_relays_per_user,
+        relay_bytes_per_second: args.relay_bytes_per_second,
+        relay_idle_timeout: Duration::from_secs(args.relay_idle_timeout),
+        relay_addr: args.relay_addr,
         ..Config::default()
     };
     let storage: Arc<dyn Storage> = match &args.redis_url {

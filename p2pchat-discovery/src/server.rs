@@ -30,13 +30,15 @@ pub async fn serve(
     // Subscribe before the first session can register, so no change is missed.
     let feed = directory.storage.presence_changes();
     let announcements = directory.storage.announcements();
+    let signals = directory.storage.signals();
     tasks.spawn(
         directory
             .clone()
-            .dispatch_loop(feed, announcements, stop.clone()),
+            .dispatch_loop(feed, announcements, signals, stop.clone()),
     );
     tasks.spawn(directory.clone().sweep_loop(stop.clone()));
     if let Ok(addr) = listener.local_addr() {
+        directory.set_listen_addr(addr);
         tracing::info!(%addr, "serving discovery sessions");
     }
     tokio::pin!(shutdown);

@@ -37,6 +37,21 @@ pub const PRESENCE_FEED_CAPACITY: usize = 4096;
 /// Announcements buffered for a slow dispatcher. Default: 64.
 pub const ANNOUNCEMENT_FEED_CAPACITY: usize = 64;
 
+/// Signals (connect-back requests, relay offers) buffered for a slow dispatcher.
+/// Default: 1024.
+pub const SIGNAL_FEED_CAPACITY: usize = 1024;
+
+/// A push for one user's session, wherever it is registered: a connect-back request or a
+/// relay offer from a session of another instance. The instance holding the session
+/// delivers it; the others drop it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Signal {
+    /// Whose session.
+    pub to: String,
+    /// What to push to it.
+    pub push: p2pchat_core::protocol::discovery::Push,
+}
+
 /// A claim's `last_seen` is rewritten at most this often while its owner keeps registering,
 /// so keep-alives and reconnections do not turn into disk writes. Default: 1 hour (claims
 /// lapse after months).
@@ -222,6 +237,13 @@ pub trait Storage: Debug + Send + Sync + 'static {
     /// The feed of announcements to relay to this instance's sessions (published by any
     /// instance; on Redis, anything on the announcement channel, still to be verified).
     fn announcements(&self) -> broadcast::Receiver<Announcement>;
+
+    /// Hands a signal to every instance sharing the backend (for a user whose session is
+    /// not on this one).
+    async fn publish_signal(&self, signal: &Signal) -> Result<(), StorageError>;
+
+    /// The feed of signals from every instance sharing the backend.
+    fn signals(&self) -> broadcast::Receiver<Signal>;
 }
 
 /// How stale a claim's `last_seen` may get before a registration or a session's end

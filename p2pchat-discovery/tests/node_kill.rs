@@ -609,6 +609,7 @@ async fn sender_killed_recipient_unreachable() {
                 username: "bob".into(),
                 listen_port: hole.port(),
                 announce: vec![hole],
+                dialable: true,
             },
             tx,
         )

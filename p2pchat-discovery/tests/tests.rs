@@ -19,5 +19,6 @@ mod it {
     pub mod offline;
     pub mod proxied;
     pub mod proxy;
+    pub mod reach;
     pub mod util;
 }

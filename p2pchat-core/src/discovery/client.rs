@@ -3,6 +3,7 @@
 
 use std::collections::{BTreeSet, VecDeque};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -18,16 +19,18 @@ use tracing::Instrument;
 use super::mailbox::MailboxStore;
 use super::{
     Discovery, DiscoveryError, DiscoveryEvent, DiscoverySession, MAX_PAGE_SIZE, Page, PeerRecord,
-    Registration,
+    Registration, RelayTicket,
 };
 use crate::error::{Cause, chain};
 use crate::identity::{Identity, PublicKey};
 use crate::protocol::discovery::{
-    Claim, ClientFrame, MAX_ANNOUNCED_ADDRS, Push, RegisterRequest, Registered, Reply, Request,
-    ServerFrame, WireError, WirePage, WirePeer, register_transcript,
+    Claim, ClientFrame, MAX_ANNOUNCED_ADDRS, Push, RELAY_JOIN_TIMEOUT, RegisterReachableRequest,
+    RegisterRequest, Registered, Reply, Request, ServerFrame, WireError, WirePage, WirePeer,
+    WireRelayTicket, register_reachable_transcript, register_transcript,
 };
 use crate::protocol::{FrameCodec, NONCE_LEN, ProtocolError, validate_username};
 use crate::store::OfflineStore;
+use crate::transport::Connection;
 
 pub use crate::protocol::discovery::DEFAULT_DISCOVERY_ADDR;
 
@@ -113,7 +116,15 @@ impl DiscoveryClient {
 
     /// Connects and reads the server's challenge.
     async fn open(&self) -> Result<(Reader, Writer, [u8; NONCE_LEN]), DiscoveryError> {
-        let stream = TcpStream::connect(&self.addr)
+        self.open_at(&self.addr).await
+    }
+
+    /// Connects to the server instance at `addr` and reads its challenge.
+    async fn open_at(
+        &self,
+        addr: &str,
+    ) -> Result<(Reader, Writer, [u8; NONCE_LEN]), DiscoveryError> {
+        let stream = TcpStream::connect(addr)
             .await
             .map_err(|e| self.unreachable(Cause::new(e)))?;
         let _ = stream.set_nodelay(true);
@@ -142,35 +153,106 @@ impl DiscoveryClient {
             })
     }
 
-    /// Connects, answers the challenge, and waits for the verdict.
+    /// Connects, answers the challenge, and waits for the verdict. `true` with it when the
+    /// server took part in reachability (`RegisterReachable`); a server from before that
+    /// refuses the frame, and is registered with again the older way.
     async fn establish(
         &self,
         identity: &Identity,
         registration: &Registration,
-    ) -> Result<(Reader, Writer, Registered), DiscoveryError> {
+    ) -> Result<(Reader, Writer, Registered, bool), DiscoveryError> {
         let attempt = async {
-            let (mut reader, mut writer, nonce) = self.open().await?;
-            let claim = Claim {
-                username: registration.username.clone(),
-                public_key: identity.public_key(),
-                listen_port: registration.listen_port,
-                announce: registration.announce.clone(),
-            };
-            let signature = identity.sign(&register_transcript(&nonce, &claim));
-            writer
-                .send(ClientFrame::Register(Box::new(RegisterRequest {
-                    claim,
-                    signature,
-                })))
-                .await
-                .map_err(|e| self.unreachable(Cause::new(e)))?;
-            match self.next_frame(&mut reader).await? {
-                ServerFrame::Registered(registered) => Ok((reader, writer, *registered)),
-                ServerFrame::Error(e) => Err(e.into()),
-                other => Err(unexpected(&other)),
+            match self.register_once(identity, registration, true).await? {
+                Ok((reader, writer, registered)) => Ok((reader, writer, registered, true)),
+                Err(WireError::BadFrame(why)) => {
+                    tracing::info!(server = %self.addr, %why, "the server does not know reachability; registering the older way");
+                    match self.register_once(identity, registration, false).await? {
+                        Ok((reader, writer, registered)) => Ok((reader, writer, registered, false)),
+                        Err(e) => Err(e.into()),
+                    }
+                }
+                Err(e) => Err(e.into()),
             }
         };
         self.bounded(attempt).await
+    }
+
+    /// One registration attempt on a new connection: `RegisterReachable` or the older
+    /// `Register`. The server's refusal is handed back as it came.
+    async fn register_once(
+        &self,
+        identity: &Identity,
+        registration: &Registration,
+        reachable: bool,
+    ) -> Result<Result<(Reader, Writer, Registered), WireError>, DiscoveryError> {
+        let (mut reader, mut writer, nonce) = self.open().await?;
+        let claim = Claim {
+            username: registration.username.clone(),
+            public_key: identity.public_key(),
+            listen_port: registration.listen_port,
+            announce: registration.announce.clone(),
+        };
+        let frame = if reachable {
+            let dialable = registration.dialable;
+            let signature = identity.sign(&register_reachable_transcript(&nonce, &claim, dialable));
+            ClientFrame::RegisterReachable(Box::new(RegisterReachableRequest {
+                claim,
+                dialable,
+                signature,
+            }))
+        } else {
+            let signature = identity.sign(&register_transcript(&nonce, &claim));
+            ClientFrame::Register(Box::new(RegisterRequest { claim, signature }))
+        };
+        writer
+            .send(frame)
+            .await
+            .map_err(|e| self.unreachable(Cause::new(e)))?;
+        match self.next_frame(&mut reader).await? {
+            ServerFrame::Registered(registered) => Ok(Ok((reader, writer, *registered))),
+            ServerFrame::Error(e) => Ok(Err(e)),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Joins the relay `ticket` names: a new connection to the server instance, the token,
+    /// and the wait for the other side. What follows on the connection is the other side's.
+    async fn join(&self, ticket: &WireRelayTicket) -> Result<Connection, DiscoveryError> {
+        let addr = ticket
+            .addr
+            .map_or_else(|| self.addr.clone(), |a| a.to_string());
+        let attempt = async {
+            let (mut reader, mut writer, _) = self.open_at(&addr).await?;
+            writer
+                .send(ClientFrame::RelayJoin {
+                    token: ticket.token,
+                })
+                .await
+                .map_err(|e| self.unreachable(Cause::new(e)))?;
+            match self.next_frame(&mut reader).await? {
+                ServerFrame::Relayed => {}
+                ServerFrame::Error(e) => return Err(e.into()),
+                other => return Err(unexpected(&other)),
+            }
+            let remote = reader
+                .get_ref()
+                .peer_addr()
+                .map_err(|e| self.unreachable(Cause::new(e)))?;
+            // Bytes of the other side that came with `Relayed` are read first.
+            let parts = reader.into_parts();
+            let early = std::io::Cursor::new(parts.read_buf.freeze());
+            Ok(Connection {
+                reader: Box::new(tokio::io::AsyncReadExt::chain(early, parts.io)),
+                writer: Box::new(writer.into_inner()),
+                remote,
+            })
+        };
+        // The other side is told and must connect too.
+        tokio::time::timeout(DISCOVERY_CONNECT_TIMEOUT + RELAY_JOIN_TIMEOUT, attempt)
+            .await
+            .unwrap_or_else(|_| {
+                Err(self.unreachable(Cause::new("the relay was not joined in time")))
+            })
     }
 
     async fn next_frame(&self, reader: &mut Reader) -> Result<ServerFrame, DiscoveryError> {
@@ -200,7 +282,8 @@ impl Discovery for DiscoveryClient {
                 "at most {MAX_ANNOUNCED_ADDRS} announced addresses"
             )));
         }
-        let (reader, writer, registered) = self.establish(identity, &registration).await?;
+        let (reader, writer, registered, reach) = self.establish(identity, &registration).await?;
+        let reach = Arc::new(AtomicBool::new(reach));
         tracing::debug!(server = %self.addr, addrs = ?registered.addrs, "registered");
         let (cmds_tx, cmds) = mpsc::channel(SESSION_QUEUE_CAPACITY);
         let mail_notices = broadcast::channel(MAIL_NOTICE_CAPACITY).0;
@@ -222,13 +305,16 @@ impl Discovery for DiscoveryClient {
             next_id: 0,
             pending: VecDeque::new(),
             last_heard: Instant::now(),
+            reach: reach.clone(),
         };
         tokio::spawn(task.run(reader, writer).instrument(span));
         Ok(Box::new(ClientSession {
+            client: self.clone(),
             addr: self.addr.clone(),
             cmds: cmds_tx,
             mailbox: Arc::new(mailbox),
             operator_key: registered.operator_key,
+            reach,
         }))
     }
 }
@@ -313,14 +399,31 @@ pub(crate) async fn call(cmds: &mpsc::Sender<Call>, request: Request) -> Answer 
 
 #[derive(Debug)]
 struct ClientSession {
+    client: DiscoveryClient,
     addr: String,
     /// The only strong sender: dropping the session ends its connection task.
     cmds: mpsc::Sender<Call>,
     mailbox: Arc<MailboxStore>,
     operator_key: Option<PublicKey>,
+    /// The server takes part in reachability (connect-back, relays): as of the last
+    /// registration.
+    reach: Arc<AtomicBool>,
 }
 
 impl ClientSession {
+    /// Fails unless the server offers connect-back and relays: a server from before them
+    /// would close the session on the request.
+    fn check_reach(&self, what: &str) -> Result<(), DiscoveryError> {
+        if self.reach.load(Ordering::Acquire) {
+            Ok(())
+        } else {
+            Err(DiscoveryError::Unsupported(format!(
+                "{what}: the server at {} is older than relays",
+                self.addr
+            )))
+        }
+    }
+
     async fn call(&self, request: Request) -> Result<Reply, DiscoveryError> {
         call(&self.cmds, request)
             .await
@@ -403,6 +506,39 @@ impl DiscoverySession for ClientSession {
     fn operator_key(&self) -> Option<PublicKey> {
         self.operator_key
     }
+
+    async fn connect_back(&self, username: &str) -> Result<(), DiscoveryError> {
+        validate_username(username)?;
+        self.check_reach("connect-back")?;
+        let request = Request::ConnectBack {
+            username: username.to_owned(),
+        };
+        match self.call(request).await? {
+            Reply::Done => Ok(()),
+            other => Err(wrong_reply(other)),
+        }
+    }
+
+    async fn relay(&self, username: &str) -> Result<Connection, DiscoveryError> {
+        validate_username(username)?;
+        self.check_reach("a relay")?;
+        let request = Request::Relay {
+            username: username.to_owned(),
+        };
+        match self.call(request).await? {
+            Reply::Relay(ticket) => self.client.join(&ticket).await,
+            other => Err(wrong_reply(other)),
+        }
+    }
+
+    async fn join_relay(&self, ticket: &RelayTicket) -> Result<Connection, DiscoveryError> {
+        self.client
+            .join(&WireRelayTicket {
+                token: ticket.token,
+                addr: ticket.addr,
+            })
+            .await
+    }
 }
 
 /// A request sent and not yet answered. Re-watches after a reconnection have no caller.
@@ -450,6 +586,9 @@ struct SessionTask {
     /// When the server last sent a frame: a request waits its turn behind those before it,
     /// so its deadline counts from the later of this and its sending.
     last_heard: Instant,
+    /// Shared with the handle: whether the server took the last registration as
+    /// `RegisterReachable`.
+    reach: Arc<AtomicBool>,
 }
 
 impl SessionTask {
@@ -565,6 +704,16 @@ impl SessionTask {
                         Push::Announcement(announcement) => {
                             let _ = self.events.try_send(DiscoveryEvent::Announcement(announcement));
                         }
+                        Push::Reachability { dialable } => {
+                            let _ = self.events.try_send(DiscoveryEvent::Reachability { dialable });
+                        }
+                        Push::ConnectBack { username } => {
+                            let _ = self.events.try_send(DiscoveryEvent::ConnectBack { username });
+                        }
+                        Push::RelayOffer { username, ticket } => {
+                            let ticket = RelayTicket { token: ticket.token, addr: ticket.addr };
+                            let _ = self.events.try_send(DiscoveryEvent::RelayOffer { username, ticket });
+                        }
                     },
                     Some(Ok(ServerFrame::Error(e))) => return Ended::Lost(Cause::new(e)),
                     Some(Ok(other)) => return Ended::Lost(Cause::new(format!("unexpected frame {other:?}"))),
@@ -617,7 +766,8 @@ impl SessionTask {
                 .establish(&self.identity, &self.registration)
                 .await
             {
-                Ok((reader, mut writer, _)) => {
+                Ok((reader, mut writer, _, reach)) => {
+                    self.reach.store(reach, Ordering::Release);
                     tracing::info!(server = %self.client.addr, "registered again");
                     let _ = self.mail_notices.send(());
                     let _ = self.events.try_send(DiscoveryEvent::Reconnected);

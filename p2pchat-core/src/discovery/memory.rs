@@ -12,18 +12,23 @@ use tokio::time::Instant;
 
 use super::{
     DEFAULT_CLAIM_LAPSE, DEFAULT_PRESENCE_TTL, Discovery, DiscoveryError, DiscoveryEvent,
-    DiscoverySession, MAX_PAGE_SIZE, Page, PeerRecord, Registration,
+    DiscoverySession, MAX_PAGE_SIZE, Page, PeerRecord, Registration, RelayTicket,
 };
 use crate::identity::{Identity, PublicKey};
+use crate::protocol::discovery::{RELAY_JOIN_TIMEOUT, RELAY_TOKEN_LEN};
 use crate::protocol::validate_username;
+use crate::transport::{Connection, MEMORY_PIPE_CAPACITY};
 
 /// How often expired registrations are swept (and their watchers told).
 const SWEEP_INTERVAL: Duration = Duration::from_millis(500);
 
 /// An in-memory directory. Clones share it; each node registers through its own clone.
 ///
-/// Peers are published at `127.0.0.1:<listen port>` unless they announce addresses. Times use
-/// tokio's clock, so tests with a paused clock control presence expiry.
+/// Peers are published at `127.0.0.1:<listen port>` unless they announce addresses, or
+/// registered as not dialable (then nothing is published, and they are reached by
+/// connect-back or relay: a relayed connection is an in-memory pipe, as a
+/// [`crate::MemoryNetwork`] connection). Times use tokio's clock, so tests with a paused clock
+/// control presence expiry.
 #[derive(Debug, Clone)]
 pub struct MemoryDiscovery {
     inner: Arc<Mutex<Directory>>,
@@ -38,6 +43,8 @@ struct Directory {
     presence_ttl: Duration,
     claim_lapse: Duration,
     sweeper_started: bool,
+    /// Relays opened and not joined yet: token → the joining side's end, and when.
+    relays: HashMap<[u8; RELAY_TOKEN_LEN], (tokio::io::DuplexStream, Instant)>,
 }
 
 #[derive(Debug)]
@@ -50,6 +57,8 @@ struct Entry {
     announced_online: bool,
     last_seen: Instant,
     last_seen_wall: SystemTime,
+    /// The current session's event channel (for connect-back and relay offers).
+    events: mpsc::Sender<DiscoveryEvent>,
 }
 
 impl Default for MemoryDiscovery {
@@ -75,8 +84,39 @@ impl MemoryDiscovery {
                 presence_ttl,
                 claim_lapse,
                 sweeper_started: false,
+                relays: HashMap::new(),
             })),
         }
+    }
+}
+
+impl MemoryDiscovery {
+    /// Publishes `addrs` for the online user `username` as if it had registered again with
+    /// them (none: not dialable), telling the user ([`DiscoveryEvent::Reachability`]) and its
+    /// watchers ([`DiscoveryEvent::PeerOnline`]): for tests where reachability changes.
+    /// `false` when the user is not online.
+    pub fn publish(&self, username: &str, addrs: Vec<SocketAddr>) -> bool {
+        let mut dir = self.inner.lock();
+        let now = Instant::now();
+        let online = dir
+            .users
+            .get(username)
+            .is_some_and(|e| dir.is_online(e, now));
+        let Some(entry) = dir.users.get_mut(username).filter(|_| online) else {
+            return false;
+        };
+        let dialable = !addrs.is_empty();
+        entry.addrs = addrs;
+        let _ = entry
+            .events
+            .try_send(DiscoveryEvent::Reachability { dialable });
+        dir.notify(
+            username,
+            DiscoveryEvent::PeerOnline {
+                username: username.to_owned(),
+            },
+        );
+        true
     }
 }
 
@@ -169,7 +209,9 @@ impl Discovery for MemoryDiscovery {
         }
         let session = dir.next_session;
         dir.next_session += 1;
-        let addrs = if registration.announce.is_empty() {
+        let addrs = if !registration.dialable {
+            Vec::new()
+        } else if registration.announce.is_empty() {
             vec![SocketAddr::new(
                 IpAddr::V4(Ipv4Addr::LOCALHOST),
                 registration.listen_port,
@@ -186,8 +228,12 @@ impl Discovery for MemoryDiscovery {
                 announced_online: true,
                 last_seen: now,
                 last_seen_wall: SystemTime::now(),
+                events: events.clone(),
             },
         );
+        let _ = events.try_send(DiscoveryEvent::Reachability {
+            dialable: registration.dialable,
+        });
         dir.notify(
             &registration.username,
             DiscoveryEvent::PeerOnline {
@@ -351,4 +397,76 @@ impl DiscoverySession for MemorySession {
         self.close();
         Ok(())
     }
+
+    async fn connect_back(&self, username: &str) -> Result<(), DiscoveryError> {
+        self.check_open()?;
+        let dir = self.dir.lock();
+        let me = dir.users.get(&self.username);
+        if me.is_none_or(|e| e.addrs.is_empty()) {
+            return Err(DiscoveryError::Refused(
+                "connect-back is for users who can be dialed".into(),
+            ));
+        }
+        let target = self.online_target(&dir, username)?;
+        let _ = target.events.try_send(DiscoveryEvent::ConnectBack {
+            username: self.username.clone(),
+        });
+        Ok(())
+    }
+
+    async fn relay(&self, username: &str) -> Result<Connection, DiscoveryError> {
+        self.check_open()?;
+        let mut dir = self.dir.lock();
+        let events = self.online_target(&dir, username)?.events.clone();
+        let now = Instant::now();
+        dir.relays
+            .retain(|_, (_, at)| now.duration_since(*at) < RELAY_JOIN_TIMEOUT);
+        let (ours, theirs) = tokio::io::duplex(MEMORY_PIPE_CAPACITY);
+        let token: [u8; RELAY_TOKEN_LEN] = rand::random();
+        dir.relays.insert(token, (theirs, now));
+        let offer = DiscoveryEvent::RelayOffer {
+            username: self.username.clone(),
+            ticket: RelayTicket { token, addr: None },
+        };
+        if events.try_send(offer).is_err() {
+            dir.relays.remove(&token);
+            return Err(DiscoveryError::Refused(format!(
+                "{username} is not taking relays now"
+            )));
+        }
+        Ok(Connection::new(ours, relay_addr()))
+    }
+
+    async fn join_relay(&self, ticket: &RelayTicket) -> Result<Connection, DiscoveryError> {
+        self.check_open()?;
+        let (end, _) = self
+            .dir
+            .lock()
+            .relays
+            .remove(&ticket.token)
+            .ok_or_else(|| {
+                DiscoveryError::Refused("no such relay (expired, or joined already)".into())
+            })?;
+        Ok(Connection::new(end, relay_addr()))
+    }
+}
+
+impl MemorySession {
+    /// `username`'s entry when it is online in a session that is not this one.
+    fn online_target<'d>(
+        &self,
+        dir: &'d Directory,
+        username: &str,
+    ) -> Result<&'d Entry, DiscoveryError> {
+        let now = Instant::now();
+        match dir.users.get(username) {
+            Some(entry) if username != self.username && dir.is_online(entry, now) => Ok(entry),
+            _ => Err(DiscoveryError::Refused(format!("{username} is not online"))),
+        }
+    }
+}
+
+/// The remote address of an in-memory relayed connection: the directory's end.
+fn relay_addr() -> SocketAddr {
+    SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0)
 }

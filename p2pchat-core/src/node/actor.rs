@@ -100,7 +100,7 @@ impl Actor {
                         let span = tracing::debug_span!("inbound", remote = %conn.remote);
                         shared.tasks.clone().spawn(async move {
                             let _permit = permit;
-                            accept_one(shared, conn).await;
+                            accept_one(shared, conn, false).await;
                         }.instrument(span));
                     }
                     Err(e) => {
@@ -150,6 +150,49 @@ impl Actor {
             DiscoveryEvent::SessionEnded { reason } => self.shared.emit(Event::Error {
                 message: format!("lost the directory: {reason}"),
             }),
+            DiscoveryEvent::Reachability { dialable } => {
+                if self.shared.set_dialable(dialable) != Some(dialable) {
+                    tracing::info!(dialable, "reachability");
+                    self.shared.emit(Event::Reachability { direct: dialable });
+                }
+                if dialable {
+                    // Relayed peers can now dial us (we ask them to).
+                    for link in self.shared.all_links() {
+                        link.upgrade();
+                    }
+                }
+            }
+            DiscoveryEvent::ConnectBack { username } => {
+                if self.shared.peer_state().is_blocked(&username) {
+                    return;
+                }
+                let pinned = self.shared.peer_state().pin(&username);
+                match self.shared.link(&username, pinned) {
+                    Ok(link) => link.connect_now(),
+                    Err(e) => {
+                        tracing::debug!(peer = %username, error = %chain(&e), "no connect-back")
+                    }
+                }
+            }
+            DiscoveryEvent::RelayOffer { username, ticket } => {
+                if self.shared.peer_state().is_blocked(&username) {
+                    return;
+                }
+                let Ok(session) = self.shared.session() else {
+                    return;
+                };
+                let shared = self.shared.clone();
+                let span = tracing::debug_span!("relayed", peer = %username);
+                self.shared.tasks.clone().spawn(
+                    async move {
+                        match session.join_relay(&ticket).await {
+                            Ok(conn) => accept_one(shared, conn, true).await,
+                            Err(e) => tracing::debug!(error = %chain(&e), "cannot join the relay"),
+                        }
+                    }
+                    .instrument(span),
+                );
+            }
         }
     }
 
@@ -372,8 +415,9 @@ async fn housekeep(shared: Arc<Shared>) {
     report_expired(&shared).await;
 }
 
-/// Authenticates one incoming connection and hands it to the peer's link.
-async fn accept_one(shared: Arc<Shared>, conn: crate::transport::Connection) {
+/// Authenticates one incoming connection (or the accepting end of a relay) and hands it to
+/// the peer's link.
+async fn accept_one(shared: Arc<Shared>, conn: crate::transport::Connection, relayed: bool) {
     let (mut reader, mut writer) = handshake::frames(conn);
     let admit = |user: String, key| {
         let shared = shared.clone();
@@ -409,6 +453,7 @@ async fn accept_one(shared: Arc<Shared>, conn: crate::transport::Connection) {
         reader,
         writer,
         key,
+        relayed,
     });
 }
 

@@ -42,6 +42,7 @@ pub struct ChatNodeBuilder {
     username: Option<String>,
     listen: Option<SocketAddr>,
     announce: Vec<SocketAddr>,
+    not_dialable: bool,
     transport: Option<Arc<dyn Transport>>,
     discovery: Option<Arc<dyn Discovery>>,
     store: Option<Arc<dyn OfflineStore>>,
@@ -101,6 +102,17 @@ impl ChatNodeBuilder {
     /// the port it listens on.
     pub fn announce(mut self, addrs: Vec<SocketAddr>) -> Self {
         self.announce = addrs;
+        self
+    }
+
+    /// Whether peers can dial this node at all. `false` (behind a NAT without a port
+    /// forward, say): the directory publishes no address and does not probe; peers reach
+    /// the node by connect-back (it dials them) or through the directory's relay.
+    ///
+    /// By default, `true`: the directory probes the published address at registration and
+    /// the node learns the verdict ([`crate::Event::Reachability`]).
+    pub fn dialable(mut self, dialable: bool) -> Self {
+        self.not_dialable = !dialable;
         self
     }
 
@@ -288,20 +300,29 @@ impl ChatNodeBuilder {
         let transport = self
             .transport
             .unwrap_or_else(|| Arc::new(TcpTransport::new()));
-        let listener = transport.bind(config.listen).await?;
+        let mut listener = transport.bind(config.listen).await?;
         let local_addr = listener.local_addr();
         let (discovery_tx, discovery_events) = mpsc::channel(DISCOVERY_EVENT_CAPACITY);
-        let session = discovery
-            .register(
+        // The directory may probe our listener while we register: answer it meanwhile.
+        let session = {
+            let probes = super::handshake::answer_probes(&mut *listener, &identity);
+            let registering = discovery.register(
                 &identity,
                 Registration {
                     username: config.username.clone(),
                     listen_port: local_addr.port(),
                     announce: config.announce.clone(),
+                    dialable: !self.not_dialable,
                 },
                 discovery_tx,
-            )
-            .await?;
+            );
+            tokio::pin!(registering);
+            tokio::select! {
+                session = &mut registering => session?,
+                // The listener failed: register without answering (the node is not dialable).
+                () = probes => registering.await?,
+            }
+        };
         let store = match self.store.or_else(|| session.mailbox()) {
             Some(store) => store,
             None => {
@@ -336,6 +357,7 @@ impl ChatNodeBuilder {
             store,
             transport,
             session: Mutex::new(Some(Arc::from(session))),
+            reachable: std::sync::atomic::AtomicU8::new(0),
             halt: CancellationToken::new(),
             tasks: TaskTracker::new(),
             closing: Mutex::new(false),

@@ -14,6 +14,7 @@ use futures::{SinkExt, StreamExt};
 use tokio_util::codec::{FramedRead, FramedWrite};
 
 use crate::identity::{Identity, PublicKey};
+use crate::protocol::discovery::probe_transcript;
 use crate::protocol::{
     ErrorCode, FrameCodec, Hello, PeerFrame, ProtocolError, Role, handshake_transcript,
     validate_username,
@@ -36,6 +37,9 @@ pub(crate) enum HandshakeError {
     Refused { detail: String },
     #[error("{0}")]
     Failed(String),
+    /// Not a peer: the directory's reachability probe, answered.
+    #[error("answered the directory's reachability probe")]
+    Probed,
 }
 
 /// A refusal the listener sends back before closing.
@@ -126,10 +130,16 @@ where
     F: FnOnce(String, PublicKey) -> Fut,
     Fut: std::future::Future<Output = Result<(), Refusal>>,
 {
-    let PeerFrame::Hello(theirs) = next(reader).await? else {
-        return Err(HandshakeError::Unexpected);
+    let theirs = match next(reader).await? {
+        PeerFrame::Hello(theirs) => *theirs,
+        PeerFrame::Probe { nonce } => {
+            // The directory checks that this address reaches us: prove it, and close.
+            let signature = identity.sign(&probe_transcript(&nonce));
+            writer.send(&PeerFrame::ProbeOk { signature }).await?;
+            return Err(HandshakeError::Probed);
+        }
+        _ => return Err(HandshakeError::Unexpected),
     };
-    let theirs = *theirs;
     let refusal = if validate_username(&theirs.username).is_err() {
         Some(Refusal {
             code: ErrorCode::AuthenticationFailed,
@@ -178,3 +188,36 @@ where
     }
     Ok((theirs.username, theirs.public_key))
 }
+
+/// While the node registers (before it accepts peers): answers the directory's
+/// reachability probes on `listener`, and closes anything else (a peer that dials this early
+/// retries, or its message waits in the mailbox). Returns only if the listener fails; drop
+/// it to stop.
+pub(crate) async fn answer_probes(
+    listener: &mut dyn crate::transport::Listener,
+    identity: &Identity,
+) {
+    let mut answering = tokio::task::JoinSet::new();
+    loop {
+        let conn = match listener.accept().await {
+            Ok(conn) => conn,
+            Err(_) => return,
+        };
+        let identity = identity.clone();
+        answering.spawn(async move {
+            let (mut reader, mut writer) = frames(conn);
+            if let Ok(Some(Ok(PeerFrame::Probe { nonce }))) =
+                tokio::time::timeout(PROBE_ANSWER_TIMEOUT, reader.next()).await
+            {
+                let signature = identity.sign(&probe_transcript(&nonce));
+                let _ = writer.send(&PeerFrame::ProbeOk { signature }).await;
+            }
+        });
+        // Finished ones are reaped as we go, so the set stays small.
+        while answering.try_join_next().is_some() {}
+    }
+}
+
+/// How long a connection accepted while registering may take to send its probe. Default:
+/// 2 s.
+const PROBE_ANSWER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);

@@ -37,6 +37,7 @@ use super::handshake::{self, FrameReader, FrameWriter};
 use super::outbox::{Action, Input, Millis, Outcome, PeerOutbox, State as EntryState, StoreResult};
 use super::{HANDSHAKE_TIMEOUT, OutboxEntry, OutboxState, SHUTDOWN_GRACE, Shared};
 use crate::crypto::{PairKey, PayloadRef};
+use crate::discovery::{DiscoverySession, PeerRecord};
 use crate::error::{Cause, chain};
 use crate::event::Event;
 use crate::identity::PublicKey;
@@ -88,6 +89,20 @@ pub(crate) struct Established {
     pub(crate) writer: FrameWriter,
     /// The key the peer proved in the handshake.
     pub(crate) key: PublicKey,
+    /// Through the directory's relay, not direct.
+    pub(crate) relayed: bool,
+}
+
+/// How long a node that asked a peer to dial it back waits for the connection before it
+/// tries the directory's relay. Default: 2 s.
+pub const CONNECT_BACK_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// What a dial came to.
+enum Dialed {
+    /// A connection we opened (direct or relayed).
+    Opened(Box<Established>),
+    /// The peer connected to us meanwhile (connect-back): it is adopted already.
+    CameIn,
 }
 
 impl std::fmt::Debug for Established {
@@ -136,6 +151,7 @@ struct Conn {
     blocked_since: Option<Instant>,
     _reader: AbortOnDropHandle<()>,
     dialed_by_me: bool,
+    relayed: bool,
     ping: Option<(u64, Instant)>,
     last_ping: Instant,
 }
@@ -238,6 +254,11 @@ struct Core {
     /// The task has ended: messages queued from now on wait in the database for the next
     /// start.
     stopped: AtomicBool,
+    /// The id of the latest adopted connection: a dial that asked the peer to connect back
+    /// waits for it to change.
+    adopted: tokio::sync::watch::Sender<u64>,
+    /// An attempt to replace a relayed connection by a direct one.
+    upgrade: Mutex<Option<AbortOnDropHandle<()>>>,
     span: tracing::Span,
 }
 
@@ -275,6 +296,8 @@ pub(crate) fn spawn(shared: Arc<Shared>, peer: String, key: Option<PublicKey>) -
         wake: Notify::new(),
         room: Notify::new(),
         stopped: AtomicBool::new(false),
+        adopted: tokio::sync::watch::Sender::new(0),
+        upgrade: Mutex::new(None),
         span: span.clone(),
     });
     shared.spawn(run(core.clone()).instrument(span));
@@ -325,9 +348,54 @@ impl LinkHandle {
         core.after(&mut st);
     }
 
-    /// The directory says the peer is online: dialing is worth trying again.
+    /// The directory says the peer is online (perhaps at a new address): dialing is worth
+    /// trying again, and a relayed connection may become direct.
     pub(crate) fn peer_online(&self) {
         self.core.input(Input::PeerOnline);
+        self.upgrade();
+    }
+
+    /// How the link is connected now.
+    pub(crate) fn path(&self) -> Option<super::PeerPath> {
+        self.core.lock().conn.as_ref().map(|c| {
+            if c.relayed {
+                super::PeerPath::Relayed
+            } else {
+                super::PeerPath::Direct
+            }
+        })
+    }
+
+    /// The peer asks us to dial it (it cannot be dialed; connect-back): a connection is
+    /// opened even with nothing to send.
+    pub(crate) fn connect_now(&self) {
+        let core = &self.core;
+        let mut st = core.lock();
+        // The peer asks only when it has no connection to us: one we still hold is dead on
+        // its side.
+        if let Some(id) = st.conn.as_ref().map(|c| c.id) {
+            core.lost(&mut st, id, "the peer asked to be dialed back");
+        }
+        core.handle(&mut st, Input::ConnectWanted);
+        core.after(&mut st);
+    }
+
+    /// If the connection is relayed, tries to open a direct one beside it (dialing the
+    /// peer, or asking it to dial us back); the direct one replaces it, and what was in
+    /// flight on the relay is written again on it (the peer drops what it has by id).
+    pub(crate) fn upgrade(&self) {
+        let core = &self.core;
+        if !core.lock().conn.as_ref().is_some_and(|c| c.relayed) {
+            return;
+        }
+        let mut upgrade = core.upgrade.lock();
+        if upgrade.as_ref().is_some_and(|h| !h.is_finished()) {
+            return;
+        }
+        let task = upgrade_task(core.clone());
+        *upgrade = Some(AbortOnDropHandle::new(tokio::spawn(
+            task.instrument(core.span.clone()),
+        )));
     }
 
     /// The directory is back after an outage: what waits for a retry goes now (a dial, or
@@ -651,8 +719,17 @@ impl Core {
         }
         if let Some(existing) = &st.conn {
             let me_smaller = self.shared.identity.public_key().to_bytes() < est.key.to_bytes();
-            let keep_existing =
-                existing.dialed_by_me != dialed_by_me && existing.dialed_by_me == me_smaller;
+            // One side opened both: the newer wins (that side found the older one dead). One
+            // each (both dialed at once, or the one who could not dial was dialed back): a
+            // direct one over a relayed one, else the one dialed by the smaller key. Both
+            // ends choose the same.
+            let keep_existing = if existing.dialed_by_me == dialed_by_me {
+                false
+            } else if existing.relayed != est.relayed {
+                !existing.relayed
+            } else {
+                existing.dialed_by_me == me_smaller
+            };
             if keep_existing {
                 return;
             }
@@ -675,12 +752,15 @@ impl Core {
             blocked_since: None,
             _reader: AbortOnDropHandle::new(reader),
             dialed_by_me,
+            relayed: est.relayed,
             ping: None,
             last_ping: Instant::now(),
         });
         // Whatever was in flight on an old connection goes again on this one; the peer
         // drops what it already has by id.
         self.handle(st, Input::Connected { conn: id });
+        self.adopted.send_replace(id);
+        tracing::debug!(conn = id, relayed = est.relayed, dialed_by_me, "connected");
     }
 
     /// Writes the buffer for the task: ready when it is empty (or there is no connection).
@@ -702,10 +782,18 @@ impl Core {
         Poll::Ready(())
     }
 
-    fn on_dialed(self: &Arc<Self>, dialed: Option<Result<Established, DialFailure>>) {
+    fn on_dialed(self: &Arc<Self>, dialed: Option<Result<Dialed, DialFailure>>) {
         let mut st = self.lock();
         match dialed {
-            Some(Ok(est)) => self.adopt(&mut st, est, true),
+            Some(Ok(Dialed::Opened(est))) => self.adopt(&mut st, *est, true),
+            Some(Ok(Dialed::CameIn)) if st.conn.is_some() => {}
+            Some(Ok(Dialed::CameIn)) => self.handle(
+                &mut st,
+                Input::DialFailed {
+                    reason: format!("{}'s connection back closed at once", self.peer),
+                    unknown: false,
+                },
+            ),
             Some(Err(failure)) => {
                 tracing::debug!(peer = %self.peer, reason = %failure.reason, "dial failed");
                 if let Some((pinned, new)) = failure.key_changed {
@@ -814,10 +902,7 @@ impl Core {
     }
 
     /// Starts closing: no new dials; what is queued is written or stored.
-    fn start_closing(
-        &self,
-        dial: &mut Option<AbortOnDropHandle<Result<Established, DialFailure>>>,
-    ) {
+    fn start_closing(&self, dial: &mut Option<AbortOnDropHandle<Result<Dialed, DialFailure>>>) {
         let mut st = self.lock();
         st.close_requested = false;
         if st.closing {
@@ -840,8 +925,10 @@ impl Core {
         self.after(&mut st);
     }
 
-    /// Starts a dial beside the loop: look the peer up, dial its addresses, handshake.
-    fn start_dial(&self) -> Option<AbortOnDropHandle<Result<Established, DialFailure>>> {
+    /// Starts a dial beside the loop: look the peer up, dial its addresses and handshake;
+    /// when it has none that answer, ask it to dial us back (if we can be dialed), then
+    /// open a relay through the directory and handshake over that.
+    fn start_dial(self: &Arc<Self>) -> Option<AbortOnDropHandle<Result<Dialed, DialFailure>>> {
         if self.shared.peer_state().is_blocked(&self.peer) {
             self.input(Input::DialFailed {
                 reason: format!("{} is blocked", self.peer),
@@ -849,76 +936,94 @@ impl Core {
             });
             return None;
         }
-        let shared = self.shared.clone();
-        let peer = self.peer.clone();
-        let pinned = self.lock().key;
+        let core = self.clone();
         let task = async move {
-            let record = match shared.resolve(&peer).await {
-                Ok((record, None)) => record,
-                Ok((record, Some(pinned))) => {
-                    return Err(DialFailure {
-                        reason: format!("{peer}'s key changed"),
-                        unknown: false,
-                        key_changed: Some((pinned, record.public_key)),
-                    });
-                }
-                Err(super::NodeError::UnknownUser(_)) => {
-                    return Err(DialFailure {
-                        reason: format!("unknown user '{peer}': nobody has registered that name"),
-                        unknown: true,
-                        key_changed: None,
-                    });
-                }
-                Err(e) => {
-                    return Err(DialFailure {
-                        reason: format!("cannot look {peer} up: {}", chain(&e)),
-                        unknown: false,
-                        key_changed: None,
-                    });
-                }
+            let (record, key) = core.resolve().await?;
+            let mut last = match direct(&core.shared, &core.peer, &key, &record.addrs).await {
+                Ok(est) => return Ok(Dialed::Opened(Box::new(est))),
+                Err(reason) => reason,
             };
-            if !record.online {
+            // Nothing to dial directly (the directory found the peer undialable, or its
+            // addresses do not answer us).
+            let session = core.shared.session().map_err(|e| DialFailure {
+                reason: chain(&e),
+                unknown: false,
+                key_changed: None,
+            })?;
+            if core.shared.dialable() == Some(true) {
+                match core.connect_back(&*session).await {
+                    Ok(()) => return Ok(Dialed::CameIn),
+                    Err(reason) => last = reason,
+                }
+            }
+            match relayed(&core.shared, &*session, &core.peer, &key).await {
+                Ok(est) => Ok(Dialed::Opened(Box::new(est))),
+                Err(reason) => Err(DialFailure {
+                    reason: format!("{last}; {reason}"),
+                    unknown: false,
+                    key_changed: None,
+                }),
+            }
+        };
+        Some(AbortOnDropHandle::new(tokio::spawn(task.in_current_span())))
+    }
+
+    /// The peer's directory record, online, and the key to expect (the pinned one).
+    async fn resolve(&self) -> Result<(PeerRecord, PublicKey), DialFailure> {
+        let peer = &self.peer;
+        let pinned = self.lock().key;
+        let record = match self.shared.resolve(peer).await {
+            Ok((record, None)) => record,
+            Ok((record, Some(pinned))) => {
                 return Err(DialFailure {
-                    reason: format!("{peer} is offline"),
+                    reason: format!("{peer}'s key changed"),
+                    unknown: false,
+                    key_changed: Some((pinned, record.public_key)),
+                });
+            }
+            Err(super::NodeError::UnknownUser(_)) => {
+                return Err(DialFailure {
+                    reason: format!("unknown user '{peer}': nobody has registered that name"),
+                    unknown: true,
+                    key_changed: None,
+                });
+            }
+            Err(e) => {
+                return Err(DialFailure {
+                    reason: format!("cannot look {peer} up: {}", chain(&e)),
                     unknown: false,
                     key_changed: None,
                 });
             }
-            let key = pinned.unwrap_or(record.public_key);
-            let mut last = format!("{peer} announces no address");
-            for addr in record.addrs {
-                let attempt = async {
-                    let conn = shared.transport.dial(addr).await.map_err(Cause::new)?;
-                    let (mut reader, mut writer) = handshake::frames(conn);
-                    handshake::dial(
-                        &mut reader,
-                        &mut writer,
-                        &shared.identity,
-                        shared.me(),
-                        &peer,
-                        &key,
-                    )
-                    .await
-                    .map_err(Cause::new)?;
-                    Ok::<_, Cause>(Established {
-                        reader,
-                        writer,
-                        key,
-                    })
-                };
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, attempt).await {
-                    Ok(Ok(est)) => return Ok(est),
-                    Ok(Err(e)) => last = format!("dialing {peer} at {addr} failed: {}", chain(&e)),
-                    Err(_) => last = format!("dialing {peer} at {addr} timed out"),
-                }
-            }
-            Err(DialFailure {
-                reason: last,
+        };
+        if !record.online {
+            return Err(DialFailure {
+                reason: format!("{peer} is offline"),
                 unknown: false,
                 key_changed: None,
-            })
-        };
-        Some(AbortOnDropHandle::new(tokio::spawn(task.in_current_span())))
+            });
+        }
+        let key = pinned.unwrap_or(record.public_key);
+        Ok((record, key))
+    }
+
+    /// Asks the peer (through the directory) to dial us, and waits for its connection to
+    /// be adopted, within [`CONNECT_BACK_TIMEOUT`].
+    async fn connect_back(&self, session: &dyn DiscoverySession) -> Result<(), String> {
+        let peer = &self.peer;
+        let mut adopted = self.adopted.subscribe();
+        adopted.mark_unchanged();
+        session
+            .connect_back(peer)
+            .await
+            .map_err(|e| format!("{peer} could not be asked to connect back: {}", chain(&e)))?;
+        match tokio::time::timeout(CONNECT_BACK_TIMEOUT, adopted.changed()).await {
+            Ok(Ok(())) => Ok(()),
+            _ => Err(format!(
+                "{peer} did not connect back within {} ms",
+                CONNECT_BACK_TIMEOUT.as_millis()
+            )),
+        }
     }
 
     /// Starts a store call beside the loop.
@@ -967,6 +1072,106 @@ impl Core {
     }
 }
 
+/// Dials `addrs` in turn and runs the handshake, expecting `key`: the first that works, or
+/// why none did.
+async fn direct(
+    shared: &Arc<Shared>,
+    peer: &str,
+    key: &PublicKey,
+    addrs: &[std::net::SocketAddr],
+) -> Result<Established, String> {
+    let mut last = format!("{peer} cannot be dialed directly (no published address)");
+    for &addr in addrs {
+        let attempt = async {
+            let conn = shared.transport.dial(addr).await.map_err(Cause::new)?;
+            let (mut reader, mut writer) = handshake::frames(conn);
+            handshake::dial(
+                &mut reader,
+                &mut writer,
+                &shared.identity,
+                shared.me(),
+                peer,
+                key,
+            )
+            .await
+            .map_err(Cause::new)?;
+            Ok::<_, Cause>(Established {
+                reader,
+                writer,
+                key: *key,
+                relayed: false,
+            })
+        };
+        match tokio::time::timeout(HANDSHAKE_TIMEOUT, attempt).await {
+            Ok(Ok(est)) => return Ok(est),
+            Ok(Err(e)) => last = format!("dialing {peer} at {addr} failed: {}", chain(&e)),
+            Err(_) => last = format!("dialing {peer} at {addr} timed out"),
+        }
+    }
+    Err(last)
+}
+
+/// Opens a relay to `peer` through the directory and runs the dialer's handshake over it:
+/// end to end, as on a direct connection, so the relay sees only sealed frames.
+async fn relayed(
+    shared: &Arc<Shared>,
+    session: &dyn DiscoverySession,
+    peer: &str,
+    key: &PublicKey,
+) -> Result<Established, String> {
+    let attempt = async {
+        let conn = session.relay(peer).await.map_err(Cause::new)?;
+        let (mut reader, mut writer) = handshake::frames(conn);
+        handshake::dial(
+            &mut reader,
+            &mut writer,
+            &shared.identity,
+            shared.me(),
+            peer,
+            key,
+        )
+        .await
+        .map_err(Cause::new)?;
+        Ok::<_, Cause>(Established {
+            reader,
+            writer,
+            key: *key,
+            relayed: true,
+        })
+    };
+    let limit = HANDSHAKE_TIMEOUT + crate::protocol::discovery::RELAY_JOIN_TIMEOUT;
+    match tokio::time::timeout(limit, attempt).await {
+        Ok(Ok(est)) => Ok(est),
+        Ok(Err(e)) => Err(format!("relaying to {peer} failed: {}", chain(&e))),
+        Err(_) => Err(format!("relaying to {peer} timed out")),
+    }
+}
+
+/// Replaces a relayed connection by a direct one if the peer can now be dialed, or asks it
+/// to dial us if we can be. Gives up quietly: the relay stays.
+async fn upgrade_task(core: Arc<Core>) {
+    let Ok((record, key)) = core.resolve().await else {
+        return;
+    };
+    if !record.addrs.is_empty() {
+        match direct(&core.shared, &core.peer, &key, &record.addrs).await {
+            Ok(est) => {
+                let mut st = core.lock();
+                core.adopt(&mut st, est, true);
+                core.after(&mut st);
+                return;
+            }
+            Err(reason) => tracing::debug!(%reason, "still relayed"),
+        }
+    }
+    if core.shared.dialable() == Some(true)
+        && let Ok(session) = core.shared.session()
+        && let Err(reason) = core.connect_back(&*session).await
+    {
+        tracing::debug!(%reason, "still relayed");
+    }
+}
+
 /// Marks the link stopped when its task ends, however it ends.
 struct StopGuard(Arc<Core>);
 
@@ -1003,7 +1208,7 @@ async fn run(core: Arc<Core>) {
     let _guard = StopGuard(core.clone());
     let halt = core.shared.halt.clone();
     let timeout = core.shared.config.ack_timeout;
-    let mut dial: Option<AbortOnDropHandle<Result<Established, DialFailure>>> = None;
+    let mut dial: Option<AbortOnDropHandle<Result<Dialed, DialFailure>>> = None;
     let mut stores: FuturesUnordered<StoreJob> = FuturesUnordered::new();
     let mut ping = tokio::time::interval(PING_INTERVAL / 3);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

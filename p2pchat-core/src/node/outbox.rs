@@ -161,6 +161,9 @@ pub(crate) enum Input {
     },
     /// The directory says the peer is online: dialing is worth trying now.
     PeerOnline,
+    /// The peer asked to be dialed (connect-back): open a connection even with nothing
+    /// queued, unless one is up or being opened.
+    ConnectWanted,
     /// The peer's key changed: hold everything.
     Hold,
     /// The user trusts the peer's key: go on.
@@ -225,6 +228,8 @@ pub(crate) struct PeerOutbox<P> {
     /// Set when the last free in-flight slot was taken or when closing waits: a settled
     /// acknowledgement should wake the link.
     link_waiting: bool,
+    /// A connection is wanted with nothing queued (connect-back); cleared by the next dial.
+    connect_wanted: bool,
 }
 
 fn new_backoff() -> ExponentialBackoff {
@@ -260,6 +265,7 @@ impl<P> PeerOutbox<P> {
             first_queued: 0,
             storing: 0,
             link_waiting: false,
+            connect_wanted: false,
         }
     }
 
@@ -480,6 +486,7 @@ impl<P> PeerOutbox<P> {
                     self.retry_at = now.max(1);
                 }
             }
+            Input::ConnectWanted => self.connect_wanted = true,
             Input::Hold => self.held = true,
             Input::Trusted => {
                 self.held = false;
@@ -612,6 +619,7 @@ impl<P> PeerOutbox<P> {
         let queued = first.is_some();
         match self.conn {
             Conn::Up(conn) => {
+                self.connect_wanted = false;
                 let mut ids = Vec::new();
                 // Order: nothing overtakes a message the store may hand back.
                 let start = if self.storing > 0 {
@@ -649,17 +657,24 @@ impl<P> PeerOutbox<P> {
                 }
             }
             Conn::Dialing => {}
+            Conn::None if !queued && self.connect_wanted && self.closing.is_none() => {
+                // Asked for by the peer, not for a message: no backoff applies.
+                self.connect_wanted = false;
+                self.conn = Conn::Dialing;
+                out.push(Action::Dial);
+            }
             Conn::None if !queued => {}
             Conn::None if self.closing.is_some() => {
                 if !self.gave_up {
                     self.store_queued(out);
                 }
             }
-            Conn::None if now < self.retry_at => {}
+            Conn::None if now < self.retry_at && !self.connect_wanted => {}
             Conn::None => {
                 // The wait after a failure (if any) is over.
                 self.retry_at = 0;
-                if now >= self.dial_after {
+                if now >= self.dial_after || std::mem::take(&mut self.connect_wanted) {
+                    self.connect_wanted = false;
                     self.conn = Conn::Dialing;
                     out.push(Action::Dial);
                 } else {

@@ -76,6 +76,10 @@ pub enum ServerFrame {
         /// Sessions of this instance that were sent the announcement.
         sessions: u64,
     },
+    /// The answer to [`ClientFrame::RelayJoin`]: the other side has joined. Every byte after
+    /// this frame is the other side's, as it wrote it (a peer connection: its handshake
+    /// first).
+    Relayed,
 }
 
 /// What the server confirms at registration.
@@ -107,6 +111,79 @@ pub enum ClientFrame {
     /// Instead of registering: an operator announcement to relay to every online node. It
     /// must be signed by this server's operator key.
     Announce(Box<Announcement>),
+    /// Registers the user, as [`ClientFrame::Register`], from a node that takes part in
+    /// reachability: the server checks whether the node can be dialed (unless it says it
+    /// cannot), publishes its addresses only if so, and may push it
+    /// [`Push::Reachability`], [`Push::ConnectBack`] and [`Push::RelayOffer`].
+    RegisterReachable(Box<RegisterReachableRequest>),
+    /// Instead of registering: this connection is one side of the relay the token names.
+    /// Answered with [`ServerFrame::Relayed`] once the other side joins, or an error.
+    RelayJoin {
+        /// The token from [`Reply::Relay`] or [`Push::RelayOffer`].
+        #[serde(with = "serde_bytes")]
+        token: [u8; RELAY_TOKEN_LEN],
+    },
+}
+
+/// Bytes in a relay token. Default: 16 (128 random bits).
+pub const RELAY_TOKEN_LEN: usize = 16;
+
+/// How long the server keeps a relay open for its sides to join, and one side waits for
+/// the other. Default: 5 s.
+pub const RELAY_JOIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A signed [`Claim`] with the node's word on whether it can be dialed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegisterReachableRequest {
+    /// The claim.
+    pub claim: Claim,
+    /// `false`: the node says nobody can dial it (behind a NAT, say), so the server does not
+    /// probe it and publishes no address for it.
+    pub dialable: bool,
+    /// Ed25519 signature by `claim.public_key` over [`register_reachable_transcript`].
+    #[serde(with = "serde_bytes")]
+    pub signature: [u8; 64],
+}
+
+/// The bytes a [`RegisterReachableRequest`] signs: as [`register_transcript`], under its own
+/// label, with the `dialable` word.
+pub fn register_reachable_transcript(
+    nonce: &[u8; NONCE_LEN],
+    claim: &Claim,
+    dialable: bool,
+) -> Vec<u8> {
+    let mut out = b"p2pchat/1 register-reachable\0".to_vec();
+    out.extend_from_slice(nonce);
+    let bytes = postcard::to_stdvec(claim).expect("serializing to a Vec cannot fail");
+    out.extend_from_slice(&bytes);
+    out.push(u8::from(dialable));
+    out
+}
+
+/// The bytes a node signs to answer the server's reachability probe
+/// ([`crate::protocol::PeerFrame::Probe`]): a label and the server's nonce.
+pub fn probe_transcript(nonce: &[u8; NONCE_LEN]) -> Vec<u8> {
+    let mut out = b"p2pchat/1 probe\0".to_vec();
+    out.extend_from_slice(nonce);
+    out
+}
+
+/// Where and how to join a relay: handed to both sides of it.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireRelayTicket {
+    /// The secret that pairs the two sides' connections.
+    #[serde(with = "serde_bytes")]
+    pub token: [u8; RELAY_TOKEN_LEN],
+    /// The server instance to join at; `None`: the one this session is registered with.
+    pub addr: Option<SocketAddr>,
+}
+
+impl std::fmt::Debug for WireRelayTicket {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WireRelayTicket")
+            .field("addr", &self.addr)
+            .finish_non_exhaustive()
+    }
 }
 
 /// What a registration claims: signed, with the server's nonce, by the key it names.
@@ -202,6 +279,19 @@ pub enum Request {
         /// The processed messages (at most [`super::MAX_ACK_BATCH`]).
         acked: Vec<WireMailKey>,
     },
+    /// Asks `username` (online, registered with [`ClientFrame::RegisterReachable`]) to dial
+    /// this session's user, who can be dialed when it cannot. Answered with [`Reply::Done`]
+    /// once the request is on its way ([`Push::ConnectBack`]).
+    ConnectBack {
+        /// Who should dial.
+        username: String,
+    },
+    /// Opens a relay to `username` through the server, within its relay limits. Answered
+    /// with [`Reply::Relay`]; `username` is sent [`Push::RelayOffer`] with the same ticket.
+    Relay {
+        /// Who to relay to.
+        username: String,
+    },
 }
 
 /// One message of a mailbox, as [`Request::AckMailFrom`] names it: its sender and id.
@@ -249,6 +339,8 @@ pub enum Reply {
     Expired(Vec<WireExpired>),
     /// The outcome of each message of a [`Request::DepositBatch`], in order.
     Deposited(Vec<DepositOutcome>),
+    /// A relay is ready to join ([`ClientFrame::RelayJoin`]) on a new connection.
+    Relay(WireRelayTicket),
 }
 
 /// A user, as the directory describes it on the wire.
@@ -321,6 +413,25 @@ pub enum Push {
     NewMail,
     /// An operator announcement (the node checks the signature against the key it pinned).
     Announcement(Box<Announcement>),
+    /// Whether the server could dial this session's user at the addresses it registered
+    /// (sent after a [`ClientFrame::RegisterReachable`]).
+    Reachability {
+        /// `true`: published and dialable; `false`: no address is published.
+        dialable: bool,
+    },
+    /// `username` cannot be dialed and asks this session's user to dial it (at the
+    /// addresses the directory has for it).
+    ConnectBack {
+        /// Who to dial.
+        username: String,
+    },
+    /// `username` opened a relay to this session's user: join it to talk.
+    RelayOffer {
+        /// Who is on the other side.
+        username: String,
+        /// Where and how to join.
+        ticket: WireRelayTicket,
+    },
 }
 
 /// Errors carried on the wire.

@@ -55,6 +55,18 @@ fn the_core_limits_table_matches_the_constants() {
         ),
         ("node::MAX_IN_FLIGHT", count(node::MAX_IN_FLIGHT as u64)),
         (
+            "node::CONNECT_BACK_TIMEOUT",
+            secs(node::CONNECT_BACK_TIMEOUT),
+        ),
+        (
+            "protocol::discovery::RELAY_TOKEN_LEN",
+            count(p2pchat_core::protocol::discovery::RELAY_TOKEN_LEN as u64),
+        ),
+        (
+            "protocol::discovery::RELAY_JOIN_TIMEOUT",
+            secs(p2pchat_core::protocol::discovery::RELAY_JOIN_TIMEOUT),
+        ),
+        (
             "discovery::DEFAULT_KEEP_ALIVE_INTERVAL",
             secs(discovery::DEFAULT_KEEP_ALIVE_INTERVAL),
         ),

@@ -10,8 +10,9 @@ use std::net::SocketAddr;
 use bytes::BytesMut;
 use p2pchat_core::crypto::Payload;
 use p2pchat_core::protocol::discovery::{
-    Claim, ClientFrame, DepositOutcome, Push, RegisterRequest, Registered, Reply, Request,
-    ServerFrame, WireError, WireExpired, WireMailKey, WireMessage, WirePage, WirePeer,
+    Claim, ClientFrame, DepositOutcome, Push, RegisterReachableRequest, RegisterRequest,
+    Registered, Reply, Request, ServerFrame, WireError, WireExpired, WireMailKey, WireMessage,
+    WirePage, WirePeer, WireRelayTicket,
 };
 use p2pchat_core::protocol::{ErrorCode, FrameCodec, Hello, MessageId, PeerFrame};
 use p2pchat_core::{Announcement, PublicKey};
@@ -142,6 +143,16 @@ fn every_peer_frame_kind_has_these_bytes() {
             }),
             "00000006010704026e6f",
         ),
+        (
+            "Probe",
+            frame(&PeerFrame::Probe { nonce: [5; 32] }),
+            "000000230108200505050505050505050505050505050505050505050505050505050505050505",
+        ),
+        (
+            "ProbeOk",
+            frame(&PeerFrame::ProbeOk { signature: [6; 64] }),
+            "0000004301094006060606060606060606060606060606060606060606060606060606060606060606060606060606060606060606060606060606060606060606060606060606",
+        ),
     ]);
 }
 
@@ -254,6 +265,41 @@ fn every_client_frame_and_request_kind_has_these_bytes() {
                 }],
             }),
             "0000001b0101070b0105616c69636501010101010101010101010101010101",
+        ),
+        (
+            "RegisterReachable",
+            frame(&ClientFrame::RegisterReachable(Box::new(
+                RegisterReachableRequest {
+                    claim: Claim {
+                        username: "bob".into(),
+                        public_key: key(),
+                        listen_port: 7000,
+                        announce: Vec::new(),
+                    },
+                    dialable: false,
+                    signature: [1; 64],
+                },
+            ))),
+            "0000006c010303626f62205866666666666666666666666666666666666666666666666666666666666666d83600004001010101010101010101010101010101010101010101010101010101010101010101010101010101010101010101010101010101010101010101010101010101",
+        ),
+        (
+            "RelayJoin",
+            frame(&ClientFrame::RelayJoin { token: [8; 16] }),
+            "0000001301041008080808080808080808080808080808",
+        ),
+        (
+            "ConnectBack",
+            request(Request::ConnectBack {
+                username: "bob".into(),
+            }),
+            "000000080101070c03626f62",
+        ),
+        (
+            "Relay",
+            request(Request::Relay {
+                username: "bob".into(),
+            }),
+            "000000080101070d03626f62",
         ),
     ]);
 }
@@ -419,6 +465,38 @@ fn every_server_frame_reply_push_and_error_kind_has_these_bytes() {
             "Forbidden",
             error(WireError::Forbidden("x".into())),
             "0000000501040a0178",
+        ),
+        ("Relayed", frame(&ServerFrame::Relayed), "000000020106"),
+        (
+            "Reply::Relay",
+            reply(Ok(Reply::Relay(WireRelayTicket {
+                token: [8; 16],
+                addr: None,
+            }))),
+            "000000170102070006100808080808080808080808080808080800",
+        ),
+        (
+            "Push::Reachability",
+            frame(&ServerFrame::Push(Push::Reachability { dialable: true })),
+            "0000000401030501",
+        ),
+        (
+            "Push::ConnectBack",
+            frame(&ServerFrame::Push(Push::ConnectBack {
+                username: "alice".into(),
+            })),
+            "0000000901030605616c696365",
+        ),
+        (
+            "Push::RelayOffer",
+            frame(&ServerFrame::Push(Push::RelayOffer {
+                username: "alice".into(),
+                ticket: WireRelayTicket {
+                    token: [8; 16],
+                    addr: Some(addr("192.0.2.7:5001")),
+                },
+            })),
+            "0000002201030705616c69636510080808080808080808080808080808080100c00002078927",
         ),
     ]);
 }

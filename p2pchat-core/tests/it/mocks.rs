@@ -92,7 +92,10 @@ async fn a_failing_offline_store_is_retried_until_it_takes_the_message() {
         match wait_for(&mut events, |e| {
             !matches!(
                 e,
-                Event::Sent { .. } | Event::PeerOnline { .. } | Event::PeerOffline { .. }
+                Event::Sent { .. }
+                    | Event::PeerOnline { .. }
+                    | Event::PeerOffline { .. }
+                    | Event::Reachability { .. }
             )
         })
         .await

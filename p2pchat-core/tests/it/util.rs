@@ -109,6 +109,7 @@ pub fn outcome(event: &Event) -> bool {
             | Event::Sent { .. }
             | Event::PeerOnline { .. }
             | Event::PeerOffline { .. }
+            | Event::Reachability { .. }
     )
 }
 

@@ -40,6 +40,11 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
         }
     }
 
+    /// The connection's writing half (a relay takes it over).
+    pub(super) fn into_inner(self) -> W {
+        self.half
+    }
+
     /// Writes one frame, within [`WRITE_TIMEOUT`].
     pub(super) async fn send(&mut self, frame: &ServerFrame) -> Result<(), ProtocolError> {
         self.buf.clear();

@@ -6,6 +6,7 @@
 mod announce;
 mod connection;
 mod register;
+mod relay_leg;
 mod request;
 
 use std::collections::HashSet;
@@ -57,8 +58,8 @@ pub(crate) async fn serve_connection<R, W>(
     peer: SocketAddr,
     stop: CancellationToken,
 ) where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
+    R: AsyncRead + Send + Unpin + 'static,
+    W: AsyncWrite + Send + Unpin + 'static,
 {
     let mut reader = FramedRead::with_capacity(read, FrameCodec::default(), READ_BUFFER);
     let mut writer = Writer::new(write);
@@ -89,6 +90,9 @@ pub(crate) async fn serve_connection<R, W>(
     match registered {
         Ok(Opening::Session(session, mail)) => session.serve(reader, writer, mail, stop).await,
         Ok(Opening::Announced) => close(writer, reader).await,
+        Ok(Opening::Relay(token)) => {
+            relay_leg::serve(directory.clone(), token, reader, writer, stop).await;
+        }
         Err(Some(error)) => refuse(writer, reader, error).await,
         Err(None) => {}
     }
@@ -100,6 +104,8 @@ pub(super) enum Opening {
     Session(Box<Session>, BoxStream<'static, ()>),
     /// An operator's announcement, relayed and answered.
     Announced,
+    /// One side of the relay this token names.
+    Relay(crate::relay::Token),
 }
 
 /// A registered session.
@@ -318,6 +324,10 @@ impl Session {
             Request::AckMail { ids } => request::ack_mail::by_id(self, &ids).await,
             Request::AckMailFrom { acked } => request::ack_mail::apply(self, acked).await,
             Request::TakeExpired => request::take_expired::apply(self).await,
+            Request::ConnectBack { username } => {
+                request::reach::connect_back(self, &username).await
+            }
+            Request::Relay { username } => request::reach::relay(self, &username).await,
             other => (
                 Err(WireError::BadFrame(format!(
                     "unsupported request {other:?}"

@@ -5,15 +5,19 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use futures::StreamExt;
+use p2pchat_core::PublicKey;
 use p2pchat_core::limits::limit_key;
 use p2pchat_core::protocol::discovery::{
-    ClientFrame, MAX_ANNOUNCED_ADDRS, RegisterRequest, Registered, ServerFrame, WireError,
-    register_transcript,
+    Claim, ClientFrame, MAX_ANNOUNCED_ADDRS, Push, Registered, ServerFrame, WireError,
+    probe_transcript, register_reachable_transcript, register_transcript,
 };
-use p2pchat_core::protocol::{NONCE_LEN, validate_username};
+use p2pchat_core::protocol::{FrameCodec, NONCE_LEN, PeerFrame, validate_username};
+use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
+use tokio_util::codec::Framed;
 
 use super::connection::{Reader, Writer, decode_error};
 use super::{Opening, Session, announce};
@@ -35,11 +39,17 @@ pub(super) async fn apply<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
         .send(&ServerFrame::Challenge { nonce })
         .await
         .map_err(|_| None)?;
-    let request: Box<RegisterRequest> = match reader.next().await {
-        Some(Ok(ClientFrame::Register(request))) => request,
+    // The claim, its signature, and (from nodes that take part in reachability) whether
+    // the node says it can be dialed.
+    let (claim, signature, reach): (Claim, [u8; 64], Option<bool>) = match reader.next().await {
+        Some(Ok(ClientFrame::Register(request))) => (request.claim, request.signature, None),
+        Some(Ok(ClientFrame::RegisterReachable(request))) => {
+            (request.claim, request.signature, Some(request.dialable))
+        }
         Some(Ok(ClientFrame::Announce(announcement))) => {
             return announce::apply(directory, writer, &announcement).await;
         }
+        Some(Ok(ClientFrame::RelayJoin { token })) => return Ok(Opening::Relay(token)),
         Some(Ok(_)) => {
             return Err(Some(WireError::BadFrame(
                 "the first frame must be a registration".into(),
@@ -51,7 +61,7 @@ pub(super) async fn apply<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     if !directory.registrations.allow(&limit_key(peer.ip())) {
         return Err(Some(WireError::RateLimited));
     }
-    let claim = &request.claim;
+    let claim = &claim;
     validate_username(&claim.username)
         .map_err(|_| Some(WireError::InvalidUsername(claim.username.clone())))?;
     if claim.announce.len() > MAX_ANNOUNCED_ADDRS {
@@ -59,10 +69,11 @@ pub(super) async fn apply<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
             "at most {MAX_ANNOUNCED_ADDRS} announced addresses"
         ))));
     }
-    if !claim
-        .public_key
-        .verify(&register_transcript(&nonce, claim), &request.signature)
-    {
+    let transcript = match reach {
+        None => register_transcript(&nonce, claim),
+        Some(dialable) => register_reachable_transcript(&nonce, claim, dialable),
+    };
+    if !claim.public_key.verify(&transcript, &signature) {
         return Err(Some(WireError::BadSignature));
     }
     let storage = &directory.storage;
@@ -75,6 +86,14 @@ pub(super) async fn apply<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
         vec![SocketAddr::new(peer.ip(), claim.listen_port)]
     } else {
         claim.announce.clone()
+    };
+    // A node that takes part in reachability is published only at the addresses where the
+    // probe reached it (none if it says it cannot be dialed); an older node, as it says.
+    let addrs = match reach {
+        None => addrs,
+        Some(false) => Vec::new(),
+        Some(true) if config.probe_timeout.is_zero() => addrs,
+        Some(true) => probe(&addrs, &claim.public_key, config.probe_timeout).await,
     };
     let lease = Lease {
         username: claim.username.clone(),
@@ -92,7 +111,12 @@ pub(super) async fn apply<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
         .await
         .map_err(Some)?;
     let (pushes, push_rx) = mpsc::channel(SESSION_PUSH_CAPACITY);
-    let check = directory.add_session(&lease.username, lease.session, pushes.clone());
+    let check = directory.add_session(
+        &lease.username,
+        lease.session,
+        pushes.clone(),
+        reach.is_some(),
+    );
     let session = Session {
         directory: directory.clone(),
         lease,
@@ -109,10 +133,56 @@ pub(super) async fn apply<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
         presence_ttl_ms: config.presence_ttl.as_millis() as u64,
         operator_key: directory.operator_key,
     }));
-    if writer.send(&confirmation).await.is_err() {
+    let mut sent = writer.send(&confirmation).await;
+    if reach.is_some() && sent.is_ok() {
+        let dialable = !session.lease.addrs.is_empty();
+        sent = writer
+            .send(&ServerFrame::Push(Push::Reachability { dialable }))
+            .await;
+    }
+    if sent.is_err() {
         session.end(false).await;
         return Err(None);
     }
     tracing::debug!(user = %session.lease.username, "registered");
     Ok(Opening::Session(Box::new(session), mail))
+}
+
+/// The addresses among `addrs` where the node holding `key` answers the probe within
+/// `limit`, tried at once.
+async fn probe(addrs: &[SocketAddr], key: &PublicKey, limit: Duration) -> Vec<SocketAddr> {
+    let tries = addrs.iter().map(|&addr| async move {
+        let reached = tokio::time::timeout(limit, probe_one(addr, key))
+            .await
+            .unwrap_or(false);
+        tracing::debug!(%addr, reached, "reachability probe");
+        reached.then_some(addr)
+    });
+    futures::future::join_all(tries)
+        .await
+        .into_iter()
+        .flatten()
+        .collect()
+}
+
+/// Dials `addr`, sends a fresh nonce, and checks the answer is signed by `key`.
+async fn probe_one(addr: SocketAddr, key: &PublicKey) -> bool {
+    let Ok(stream) = TcpStream::connect(addr).await else {
+        return false;
+    };
+    let _ = stream.set_nodelay(true);
+    let mut framed = Framed::new(stream, FrameCodec::<PeerFrame>::default());
+    let nonce: [u8; NONCE_LEN] = rand::random();
+    if futures::SinkExt::send(&mut framed, PeerFrame::Probe { nonce })
+        .await
+        .is_err()
+    {
+        return false;
+    }
+    match framed.next().await {
+        Some(Ok(PeerFrame::ProbeOk { signature })) => {
+            key.verify(&probe_transcript(&nonce), &signature)
+        }
+        _ => false,
+    }
 }

@@ -17,8 +17,8 @@ use tokio::sync::broadcast;
 use super::presence::LocalPresence;
 use super::redb_mailbox::RedbMailbox;
 use super::{
-    ANNOUNCEMENT_FEED_CAPACITY, Lease, NameClaim, PresenceChange, SessionId, Storage, StorageError,
-    touch_interval, unix_ms,
+    ANNOUNCEMENT_FEED_CAPACITY, Lease, NameClaim, PresenceChange, SIGNAL_FEED_CAPACITY, SessionId,
+    Signal, Storage, StorageError, touch_interval, unix_ms,
 };
 
 /// The claims table: username → key bytes ‖ last-seen milliseconds.
@@ -34,6 +34,7 @@ pub struct RedbStorage {
     presence: Arc<LocalPresence>,
     mailbox: RedbMailbox,
     announcements: broadcast::Sender<Announcement>,
+    signals: broadcast::Sender<Signal>,
 }
 
 fn unavailable(e: impl std::error::Error + Send + Sync + 'static) -> StorageError {
@@ -120,6 +121,7 @@ impl RedbStorage {
             presence: Arc::new(LocalPresence::new()),
             mailbox,
             announcements: broadcast::channel(ANNOUNCEMENT_FEED_CAPACITY).0,
+            signals: broadcast::channel(SIGNAL_FEED_CAPACITY).0,
         })
     }
 
@@ -284,5 +286,15 @@ impl Storage for RedbStorage {
 
     fn announcements(&self) -> broadcast::Receiver<Announcement> {
         self.announcements.subscribe()
+    }
+
+    async fn publish_signal(&self, signal: &Signal) -> Result<(), StorageError> {
+        // One instance: its sessions are all here, so this reaches nobody but is allowed.
+        let _ = self.signals.send(signal.clone());
+        Ok(())
+    }
+
+    fn signals(&self) -> broadcast::Receiver<Signal> {
+        self.signals.subscribe()
     }
 }

@@ -13,6 +13,8 @@
 //!   `ZRANGEBYLEX` lists them in name order. Members whose presence key already expired are
 //!   skipped by the reads and removed by the next sweep.
 //! - `{prefix}:presence`: the pub/sub channel carrying every [`PresenceChange`] as JSON.
+//! - `{prefix}:signal`: the pub/sub channel carrying [`Signal`]s (connect-back requests and
+//!   relay offers for a session on another instance) as JSON.
 //!
 //! # Transitions
 //! Every transition touching several keys is one Lua script, so it is atomic across
@@ -58,7 +60,7 @@ use tokio_util::task::AbortOnDropHandle;
 
 use super::{
     ANNOUNCEMENT_FEED_CAPACITY, Lease, NameClaim, PRESENCE_FEED_CAPACITY, PresenceChange,
-    SessionId, Storage, StorageError, touch_interval,
+    SIGNAL_FEED_CAPACITY, SessionId, Signal, Storage, StorageError, touch_interval,
 };
 
 /// Prefix of every key and channel name, unless configured. Default: `p2pchat`.
@@ -180,6 +182,9 @@ struct Inner {
     announcement_channel: String,
     /// `keys.channel()`, built once: the feed compares every push with it.
     presence_channel: String,
+    signals: broadcast::Sender<Signal>,
+    /// `keys.signal_channel()`, built once.
+    signal_channel: String,
     mailbox: RedisStore,
     /// Turns the pushes into presence changes and announcements; stops when the storage
     /// goes.
@@ -236,6 +241,9 @@ impl Keys {
     }
     fn channel(&self) -> String {
         format!("{}:presence", self.prefix)
+    }
+    fn signal_channel(&self) -> String {
+        format!("{}:signal", self.prefix)
     }
 }
 
@@ -302,6 +310,8 @@ impl RedisStorage {
         let announcements = broadcast::channel(ANNOUNCEMENT_FEED_CAPACITY).0;
         let announcement_channel = settings.announcement_channel.clone();
         let presence_channel = keys.channel();
+        let signal_channel = keys.signal_channel();
+        let signals = broadcast::channel(SIGNAL_FEED_CAPACITY).0;
         let inner = Arc::new_cyclic(|weak: &Weak<Inner>| {
             let feed = spawn_push_feed(push_rx, weak.clone());
             Inner {
@@ -312,6 +322,8 @@ impl RedisStorage {
                 announcements,
                 presence_channel,
                 announcement_channel,
+                signals,
+                signal_channel,
                 mailbox,
                 _feed: feed,
             }
@@ -321,6 +333,7 @@ impl RedisStorage {
             .subscribe(&[
                 inner.presence_channel.clone(),
                 inner.announcement_channel.clone(),
+                inner.signal_channel.clone(),
             ])
             .await
             .map_err(unavailable)?;
@@ -411,6 +424,13 @@ impl PushHandler for Inner {
             {
                 Some(Ok(a)) => drop(self.announcements.send(a)),
                 _ => tracing::debug!(channel = %name, "ignoring a malformed announcement"),
+            }
+            return;
+        }
+        if name == self.signal_channel {
+            match serde_json::from_slice::<Signal>(msg.get_payload_bytes()) {
+                Ok(signal) => drop(self.signals.send(signal)),
+                Err(e) => tracing::debug!(channel = %name, "ignoring a malformed signal: {e}"),
             }
             return;
         }
@@ -644,5 +664,19 @@ impl Storage for RedisStorage {
 
     fn announcements(&self) -> broadcast::Receiver<Announcement> {
         self.inner.announcements.subscribe()
+    }
+
+    async fn publish_signal(&self, signal: &Signal) -> Result<(), StorageError> {
+        let _: i64 = redis::cmd("PUBLISH")
+            .arg(&self.inner.signal_channel)
+            .arg(to_json(signal)?)
+            .query_async(&mut self.inner.conn())
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    fn signals(&self) -> broadcast::Receiver<Signal> {
+        self.inner.signals.subscribe()
     }
 }

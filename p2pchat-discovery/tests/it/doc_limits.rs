@@ -37,6 +37,28 @@ fn the_server_limits_table_matches_the_constants() {
             count(config::SESSION_PUSH_CAPACITY as u64),
         ),
         ("config::SHUTDOWN_GRACE", secs(config::SHUTDOWN_GRACE)),
+        ("config::PROBE_TIMEOUT", secs(config::PROBE_TIMEOUT)),
+        ("config::MAX_RELAYS", count(config::MAX_RELAYS as u64)),
+        (
+            "config::MAX_RELAYS_PER_USER",
+            count(config::MAX_RELAYS_PER_USER as u64),
+        ),
+        (
+            "config::RELAY_BYTES_PER_SECOND",
+            count(config::RELAY_BYTES_PER_SECOND),
+        ),
+        (
+            "config::RELAY_IDLE_TIMEOUT",
+            secs(config::RELAY_IDLE_TIMEOUT),
+        ),
+        (
+            "config::REACH_REQUESTS_PER_SECOND_PER_USER",
+            count(config::REACH_REQUESTS_PER_SECOND_PER_USER),
+        ),
+        (
+            "storage::SIGNAL_FEED_CAPACITY",
+            count(storage::SIGNAL_FEED_CAPACITY as u64),
+        ),
         (
             "storage::PRESENCE_FEED_CAPACITY",
             count(storage::PRESENCE_FEED_CAPACITY as u64),

@@ -5,8 +5,8 @@ use std::path::Path;
 
 use p2pchat_core::testing::layers;
 
-/// Bottom first: configuration and rates; storage; the mail rules over it; the directory
-/// the sessions share; the sessions; the accept loop; the fuzz check driving a session.
+/// Bottom first: configuration and rates; storage; the mail rules over it; the relays; the
+/// directory the sessions share; the sessions; the accept loop; the fuzz check driving a session.
 const LAYERS: &[&str] = &[
     "operator",
     "testing",
@@ -14,6 +14,7 @@ const LAYERS: &[&str] = &[
     "limits",
     "storage",
     "mail",
+    "relay",
     "directory",
     "session",
     "server",

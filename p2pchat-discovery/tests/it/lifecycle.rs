@@ -370,6 +370,7 @@ async fn the_published_address_is_the_observed_ip_with_the_listen_port_unless_an
                 username: "announcer".into(),
                 listen_port: 6000,
                 announce: announced.clone(),
+                dialable: true,
             },
             tx,
         )

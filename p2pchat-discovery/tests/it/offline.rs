@@ -260,14 +260,22 @@ async fn offline_messages_wait_in_the_server_mailbox_and_arrive_in_order_marked_
 #[tokio::test]
 async fn mail_stored_while_the_recipient_is_online_but_unreachable_is_drained_at_once() {
     let dir = tempfile::tempdir().unwrap();
-    let server = TestServer::start(fast_config(), redb(&dir.path().join("server"))).await;
-    let alice = node(
-        "alice",
-        &Identity::generate(),
-        &dir.path().join("alice"),
-        &server,
-    )
-    .await;
+    // Neither side can be dialed and the server relays nothing: the mailbox is the only way.
+    let config = p2pchat_discovery::Config {
+        max_relays: 0,
+        ..fast_config()
+    };
+    let server = TestServer::start(config, redb(&dir.path().join("server"))).await;
+    let alice = ChatNode::builder()
+        .username("alice")
+        .listen("127.0.0.1:0".parse().unwrap())
+        .dialable(false)
+        .discovery(server.client())
+        .data_dir(dir.path().join("alice"))
+        .keep_alive_interval(TTL / 4)
+        .spawn()
+        .await
+        .unwrap();
     // bob announces an address nobody listens on: alice cannot dial him.
     let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let dead_addr = dead.local_addr().unwrap();

@@ -149,7 +149,13 @@ impl PeerStream<'_> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_link_through_a_proxy_that_cuts_delays_and_blackholes_shows_each_message_once() {
     let dir = tempfile::tempdir().unwrap();
-    let server = TestServer::start(fast_config(), redb(&dir.path().join("server"))).await;
+    // The proxy is the only way between the two: bob is not asked to dial alice back (she
+    // says she cannot be dialed) and the server relays nothing (see `reach` for those).
+    let config = p2pchat_discovery::Config {
+        max_relays: 0,
+        ..fast_config()
+    };
+    let server = TestServer::start(config, redb(&dir.path().join("server"))).await;
     // bob publishes the proxy's address: alice reaches him only through it.
     let proxy = Proxy::start(None).await;
     let bob = node("bob", dir.path(), server.client())
@@ -160,6 +166,7 @@ async fn a_peer_link_through_a_proxy_that_cuts_delays_and_blackholes_shows_each_
     proxy.set_upstream(bob.local_addr());
     let alice = node("alice", dir.path(), server.client())
         .ack_timeout(ACK_TIMEOUT)
+        .dialable(false)
         .spawn()
         .await
         .unwrap();

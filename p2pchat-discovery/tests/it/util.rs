@@ -26,7 +26,9 @@ pub fn init_tracing() {
         .try_init();
 }
 
-/// Short timings and no per-address caps (every test client comes from 127.0.0.1).
+/// Short timings and no per-address caps (every test client comes from 127.0.0.1). No
+/// reachability probe: nodes are published at the addresses they register (most tests
+/// register made-up ports); the probe's own tests (`reach`) turn it on.
 pub fn fast_config() -> Config {
     Config {
         presence_ttl: TTL,
@@ -34,6 +36,7 @@ pub fn fast_config() -> Config {
         handshake_timeout: Duration::from_secs(2),
         max_connections_per_ip: 10_000,
         registrations_per_second_per_ip: 0,
+        probe_timeout: Duration::ZERO,
         ..Config::default()
     }
 }
@@ -132,6 +135,7 @@ pub fn registration(name: &str, port: u16) -> Registration {
         username: name.to_owned(),
         listen_port: port,
         announce: Vec::new(),
+        dialable: true,
     }
 }
 

@@ -8,6 +8,7 @@ pub(super) mod fetch_mail;
 pub(super) mod keep_alive;
 pub(super) mod list_online;
 pub(super) mod lookup;
+pub(super) mod reach;
 pub(super) mod take_expired;
 pub(super) mod watch;
 
