@@ -8,7 +8,17 @@
 //!    alice sends; the time is from just before `alice.send("bob", ..)` to bob's
 //!    [`Event::MessageReceived`]. Prints p50 and p99 for each, and the path
 //!    (`alice.path("bob")`) seen once alice has the acknowledgement: `Direct` for (a),
-//!    `Relayed` for (b). The target is p50 < 200 ms.
+//!    `Relayed` for (b). The target is p50 < 200 ms. Then, `--baseline-trials` times,
+//!    (c) *baseline: the old way*, as every message to such a peer went before connect-back
+//!    and the relay: against a second server in this process with no reachability probe
+//!    (`Config::probe_timeout` zero: nodes are published at whatever address they register)
+//!    and no relay (`Config::max_relays` 0), alice is `.dialable(false)` (no connect-back)
+//!    and bob announces the address of a blackhole, a listener on 127.0.0.1 that accepts
+//!    connections and holds them without reading or writing: alice's dial connects, her
+//!    handshake gets no answer, she waits out the node's 5 s `HANDSHAKE_TIMEOUT`, and the
+//!    message goes through the server's mailbox (alice reports [`Event::StoredOffline`], bob
+//!    gets it with `offline: true`). Timed the same way. Last,
+//!    `speed-up p50: baseline/connect-back = x, baseline/relay = y`.
 //! 2. **Relayed beside direct, alternating round by round**: one long-lived direct pair (both
 //!    dialable) and one long-lived relayed pair (neither dialable), each warmed up with one
 //!    message (the paths are checked: `Direct`, `Relayed`). Each round measures, for each
@@ -24,6 +34,7 @@
 //! ```text
 //! cargo run --release -p p2pchat-benches --bin relay
 //! cargo run --release -p p2pchat-benches --bin relay -- --trials 50 --rounds 3 --sizes 64,1024
+//! cargo run --release -p p2pchat-benches --bin relay -- --baseline-trials 0
 //! ```
 //!
 //! The server keeps its data in redb in a temporary directory. Its per-relay byte budget
@@ -32,15 +43,19 @@
 //! rate and connection caps (every node here comes from 127.0.0.1); everything else is the
 //! default `Config`. Each node keeps its database in a temporary data directory with the
 //! default durability, and bob's application reads his messages as they arrive. `--trials 0`
-//! skips part 1, `--rounds 0` part 2. The machine is shared and noisy, so part 2's sides run
-//! alternately, round by round, in one process.
+//! skips part 1 (the baseline with it), `--baseline-trials 0` the baseline alone, `--rounds 0`
+//! part 2. The machine is shared and noisy, so part 2's sides run alternately, round by
+//! round, in one process.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Parser;
 use futures::StreamExt;
+use p2pchat_core::node::HANDSHAKE_TIMEOUT;
 use p2pchat_core::{ChatNode, DiscoveryClient, Event, Events, PeerPath, TcpTransport};
 use p2pchat_discovery::{Config, Directory, RedbStorage, serve};
 use tokio::net::TcpListener;
@@ -54,6 +69,10 @@ struct Args {
     /// First-message trials per path (connect-back, relay), each with fresh nodes.
     #[arg(long, default_value_t = 20)]
     trials: usize,
+    /// First-message trials the old way (no connect-back, no relay: the mailbox after the
+    /// 5 s handshake timeout), each with fresh nodes; each takes seconds. 0 skips them.
+    #[arg(long, default_value_t = 3)]
+    baseline_trials: usize,
     /// Alternating rounds per size (relayed beside direct).
     #[arg(long, default_value_t = 5)]
     rounds: usize,
@@ -81,7 +100,7 @@ const RELAYED_RATE_TARGET: f64 = 100_000.0;
 // The discovery server, in this process.
 
 struct Server {
-    addr: std::net::SocketAddr,
+    addr: SocketAddr,
     directory: Arc<Directory>,
     stop: oneshot::Sender<()>,
     task: JoinHandle<()>,
@@ -90,14 +109,32 @@ struct Server {
 
 impl Server {
     async fn start() -> anyhow::Result<Self> {
-        let dir = tempfile::tempdir().context("a temporary directory for the server")?;
-        let storage = RedbStorage::open(dir.path()).context("open the server's redb")?;
-        let config = Config {
+        Self::with(Config {
             relay_bytes_per_second: 0,
             registrations_per_second_per_ip: 0,
             max_connections_per_ip: 100_000,
             ..Config::default()
-        };
+        })
+        .await
+    }
+
+    /// The server as it was before reachability: no probe (a node is published at whatever
+    /// address it registers), so no connect-back for undialable nodes, and no relay. The
+    /// per-address caps are lifted as for [`Server::start`].
+    async fn baseline() -> anyhow::Result<Self> {
+        Self::with(Config {
+            probe_timeout: Duration::ZERO,
+            max_relays: 0,
+            registrations_per_second_per_ip: 0,
+            max_connections_per_ip: 100_000,
+            ..Config::default()
+        })
+        .await
+    }
+
+    async fn with(config: Config) -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir().context("a temporary directory for the server")?;
+        let storage = RedbStorage::open(dir.path()).context("open the server's redb")?;
         let directory = Directory::with_storage(config, Arc::new(storage));
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
@@ -139,10 +176,22 @@ struct Node {
 
 impl Node {
     async fn spawn(server: &Server, name: &str, dialable: bool) -> anyhow::Result<Self> {
+        Self::spawn_announcing(server, name, dialable, Vec::new()).await
+    }
+
+    /// As [`Node::spawn`], publishing `announce` (if not empty) instead of the address the
+    /// server sees.
+    async fn spawn_announcing(
+        server: &Server,
+        name: &str,
+        dialable: bool,
+        announce: Vec<SocketAddr>,
+    ) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir().context("a temporary data directory")?;
         let node = ChatNode::builder()
             .username(name)
-            .listen(std::net::SocketAddr::from(([127, 0, 0, 1], 0)))
+            .listen(SocketAddr::from(([127, 0, 0, 1], 0)))
+            .announce(announce)
             .transport(TcpTransport::new())
             .discovery(DiscoveryClient::new(server.addr.to_string()))
             .dialable(dialable)
@@ -280,9 +329,129 @@ fn paths_seen(paths: &[Option<PeerPath>]) -> String {
         .join(", ")
 }
 
-async fn first_messages(server: &Server, trials: usize) -> anyhow::Result<()> {
+/// A TCP listener on 127.0.0.1 that accepts connections and holds them open without
+/// reading or writing, until it is dropped: a dialer's connection is made, but its
+/// handshake is never answered, as for a peer whose port drops incoming connections.
+struct Blackhole {
+    addr: SocketAddr,
+    /// Connections accepted so far.
+    accepted: Arc<AtomicUsize>,
+    _task: AbortOnDropHandle<()>,
+}
+
+impl Blackhole {
+    async fn open() -> anyhow::Result<Self> {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .context("bind the blackhole")?;
+        let addr = listener.local_addr()?;
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        let task = AbortOnDropHandle::new(tokio::spawn(async move {
+            // Held, never read nor written, until the task is dropped.
+            let mut held = Vec::new();
+            while let Ok((socket, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::Relaxed);
+                held.push(socket);
+            }
+        }));
+        Ok(Self {
+            addr,
+            accepted,
+            _task: task,
+        })
+    }
+}
+
+/// One baseline trial, the old way, against the [`Server::baseline`] server: fresh alice
+/// (not dialable, so no connect-back) and bob (published, unprobed, at a blackhole); returns
+/// the time from `send` to bob's `MessageReceived`, which comes from the mailbox.
+async fn baseline_message(server: &Server, trial: usize) -> anyhow::Result<Duration> {
+    let hole = Blackhole::open().await?;
+    let mut alice = Node::spawn(server, &format!("alice-base-{trial}"), false).await?;
+    let mut bob =
+        Node::spawn_announcing(server, &format!("bob-base-{trial}"), true, vec![hole.addr]).await?;
+    let (alice_direct, bob_direct) = tokio::try_join!(alice.reachability(), bob.reachability())?;
+    anyhow::ensure!(!alice_direct, "{} reported itself dialable", alice.name());
+    anyhow::ensure!(
+        bob_direct,
+        "{} was not published at the blackhole (no probe expected)",
+        bob.name()
+    );
+    let (alice_name, bob_name) = (alice.name().to_owned(), bob.name().to_owned());
+
+    let started = Instant::now();
+    alice
+        .node
+        .send(&bob_name, "the first message")
+        .await
+        .with_context(|| format!("{alice_name} sends to {bob_name}"))?;
+    loop {
+        if let Event::MessageReceived { from, offline, .. } =
+            next(&mut bob.events, &bob_name).await?
+            && from == alice_name
+        {
+            anyhow::ensure!(
+                offline,
+                "{bob_name} got the message from {alice_name} directly, not from the mailbox"
+            );
+            break;
+        }
+    }
+    let took = started.elapsed();
+    loop {
+        match next(&mut alice.events, &alice_name).await? {
+            Event::StoredOffline { .. } => break,
+            Event::Delivered { to, .. } => {
+                anyhow::bail!("{alice_name}'s message to {to} was delivered, not stored")
+            }
+            Event::SendFailed { to, reason, .. } => {
+                anyhow::bail!("{alice_name}'s message to {to} failed: {reason}")
+            }
+            Event::Lagged { missed } => {
+                anyhow::bail!("{alice_name}'s event reader lagged and missed {missed} events")
+            }
+            _ => {}
+        }
+    }
+    let accepted = hole.accepted.load(Ordering::Relaxed);
+    anyhow::ensure!(
+        accepted > 0,
+        "{alice_name} never connected to the blackhole {}",
+        hole.addr
+    );
+    anyhow::ensure!(
+        took >= HANDSHAKE_TIMEOUT,
+        "the message arrived after {took:?}, before the {HANDSHAKE_TIMEOUT:?} handshake \
+         timeout: not the old way"
+    );
+    alice.shutdown().await?;
+    bob.shutdown().await?;
+    drop(hole);
+    Ok(took)
+}
+
+/// One result line of part 1.
+fn first_message_line(label: &str, times: &mut [Duration], after: &str) -> Duration {
+    let (p50, p99) = (percentile(times, 0.50), percentile(times, 0.99));
+    println!(
+        "  {label:<36} p50 {:>9}  p99 {:>9}  min {:>9}  max {:>9}  {after}",
+        millis(p50),
+        millis(p99),
+        millis(times.first().copied().unwrap_or_default()),
+        millis(times.last().copied().unwrap_or_default()),
+    );
+    p50
+}
+
+async fn first_messages(
+    server: &Server,
+    trials: usize,
+    baseline_trials: usize,
+) -> anyhow::Result<()> {
     println!("first message to an undialable peer ({trials} trials each, fresh nodes and names):");
     let mut met = Vec::new();
+    let mut p50s = Vec::new();
     for (alice_dialable, label, expected) in [
         (true, "(a) connect-back (alice dialable)", PeerPath::Direct),
         (false, "(b) relay (neither dialable)", PeerPath::Relayed),
@@ -296,22 +465,51 @@ async fn first_messages(server: &Server, trials: usize) -> anyhow::Result<()> {
             times.push(took);
             paths.push(path);
         }
-        let (p50, p99) = (percentile(&mut times, 0.50), percentile(&mut times, 0.99));
         let unexpected = paths.iter().filter(|p| **p != Some(expected)).count();
-        println!(
-            "  {label:<36} p50 {:>9}  p99 {:>9}  min {:>9}  max {:>9}  path after: {}{}",
-            millis(p50),
-            millis(p99),
-            millis(times.first().copied().unwrap_or_default()),
-            millis(times.last().copied().unwrap_or_default()),
-            paths_seen(&paths),
-            if unexpected == 0 {
-                String::new()
-            } else {
-                format!("  (expected {expected:?}: {unexpected} trials were not)")
-            }
+        let p50 = first_message_line(
+            label,
+            &mut times,
+            &format!(
+                "path after: {}{}",
+                paths_seen(&paths),
+                if unexpected == 0 {
+                    String::new()
+                } else {
+                    format!("  (expected {expected:?}: {unexpected} trials were not)")
+                }
+            ),
         );
         met.push((label, p50 < FIRST_MESSAGE_TARGET));
+        p50s.push(p50);
+    }
+    if baseline_trials > 0 {
+        let label = "(c) baseline: the old way";
+        let baseline = Server::baseline().await.context("the baseline server")?;
+        println!(
+            "  {label}: {baseline_trials} trials, fresh nodes and names, against a second \
+             server on {} (no reachability probe, no relay); alice not dialable, bob published \
+             at a blackhole",
+            baseline.addr
+        );
+        let mut times = Vec::with_capacity(baseline_trials);
+        for trial in 0..baseline_trials {
+            let took = baseline_message(&baseline, trial)
+                .await
+                .with_context(|| format!("{label}, trial {trial}"))?;
+            times.push(took);
+        }
+        baseline.stop().await.context("the baseline server")?;
+        let p50 = first_message_line(
+            label,
+            &mut times,
+            &format!("via the mailbox x{baseline_trials} (offline, StoredOffline)"),
+        );
+        let ratio = |other: Duration| p50.as_secs_f64() / other.as_secs_f64();
+        println!(
+            "speed-up p50: baseline/connect-back = {:.1}, baseline/relay = {:.1}",
+            ratio(p50s[0]),
+            ratio(p50s[1])
+        );
     }
     for (label, ok) in met {
         println!(
@@ -595,7 +793,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         Config::default().relay_bytes_per_second
     );
     if args.trials > 0 {
-        first_messages(&server, args.trials).await?;
+        first_messages(&server, args.trials, args.baseline_trials).await?;
     }
     if args.rounds > 0 && !args.sizes.is_empty() {
         relayed_beside_direct(&server, &args).await?;
