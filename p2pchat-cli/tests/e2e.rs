@@ -225,8 +225,18 @@ const NOT_REACHABLE: &str =
 async fn a_user_who_cannot_be_dialed_chats_both_ways_with_one_who_can() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(&dir.path().join("server")).await;
+    // bob's published port drops every connection, as a port nobody forwards: the server's
+    // probe finds he cannot be dialed.
+    let hole = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hole_addr = hole.local_addr().unwrap().to_string();
+    let _dropping = tokio::spawn(async move {
+        while let Ok((stream, _)) = hole.accept().await {
+            drop(stream);
+        }
+    });
     let mut alice = Client::start(dir.path(), "alice", &server).await;
-    let mut bob = Client::start_with(dir.path(), "bob", &server.addr, &["--not-dialable"]).await;
+    let mut bob =
+        Client::start_with(dir.path(), "bob", &server.addr, &["--announce", &hole_addr]).await;
     alice.say("send bob are you behind a NAT?").await;
     bob.expect("[alice] are you behind a NAT?").await;
     bob.say("send alice yes, and I still get this at once")

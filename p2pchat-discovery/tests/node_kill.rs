@@ -56,6 +56,8 @@ const COUNT_ENV: &str = "P2PCHAT_NODE_KILL_COUNT";
 const LABEL_ENV: &str = "P2PCHAT_NODE_KILL_LABEL";
 /// Sender: milliseconds between two sends (default 0).
 const PACE_ENV: &str = "P2PCHAT_NODE_KILL_PACE_MS";
+/// Set: the child says it cannot be dialed (so it is reached by connect-back or relay).
+const NOT_DIALABLE_ENV: &str = "P2PCHAT_NODE_KILL_NOT_DIALABLE";
 /// The longest any stage waits.
 const WAIT: Duration = Duration::from_secs(30);
 /// The nodes' keep-alive interval, well inside the server's presence TTL (3 s): a node
@@ -66,14 +68,18 @@ const ACK_TIMEOUT: Duration = Duration::from_secs(2);
 
 type TestFn = fn(&tokio::runtime::Runtime);
 
-const TESTS: [(&str, TestFn); 4] = [
+const TESTS: [(&str, TestFn); 5] = [
     (
         "a_sender_killed_at_random_points_while_the_recipient_cannot_be_reached_loses_nothing",
         |rt| rt.block_on(sender_killed_recipient_unreachable()),
     ),
     (
         "a_sender_killed_mid_stream_and_restarted_shows_every_message_its_send_returned_for_once",
-        |rt| rt.block_on(sender_killed()),
+        |rt| rt.block_on(sender_killed(false)),
+    ),
+    (
+        "a_sender_killed_mid_relayed_stream_and_restarted_shows_every_message_once",
+        |rt| rt.block_on(sender_killed(true)),
     ),
     (
         "a_receiver_killed_mid_stream_and_restarted_shows_every_message_once",
@@ -180,6 +186,7 @@ async fn child(role: &str) {
         .keep_alive_interval(KEEP_ALIVE)
         .ack_timeout(ACK_TIMEOUT)
         .event_capacity(1 << 16)
+        .dialable(std::env::var_os(NOT_DIALABLE_ENV).is_none())
         .spawn()
         .await
         .unwrap();
@@ -294,6 +301,11 @@ impl ChildNode {
         Self::start_paced(role, server, dir, count, "message", Duration::ZERO).await
     }
 
+    /// As [`ChildNode::start`], for a child that cannot be dialed.
+    async fn start_undialable(role: &str, server: SocketAddr, dir: &Path, count: usize) -> Self {
+        Self::spawn(role, server, dir, count, "message", Duration::ZERO, false).await
+    }
+
     /// A sender whose messages read `{label} {i}`, sent `pace` apart.
     async fn start_paced(
         role: &str,
@@ -303,7 +315,23 @@ impl ChildNode {
         label: &str,
         pace: Duration,
     ) -> Self {
-        let mut child = Command::new(std::env::current_exe().unwrap())
+        Self::spawn(role, server, dir, count, label, pace, true).await
+    }
+
+    async fn spawn(
+        role: &str,
+        server: SocketAddr,
+        dir: &Path,
+        count: usize,
+        label: &str,
+        pace: Duration,
+        dialable: bool,
+    ) -> Self {
+        let mut command = Command::new(std::env::current_exe().unwrap());
+        if !dialable {
+            command.env(NOT_DIALABLE_ENV, "1");
+        }
+        let mut child = command
             .env(CHILD_ENV, role)
             .env(LABEL_ENV, label)
             .env(PACE_ENV, pace.as_millis().to_string())
@@ -488,7 +516,9 @@ fn node(name: &str, dir: &Path, server: SocketAddr) -> p2pchat_core::ChatNodeBui
         .event_capacity(1 << 16)
 }
 
-async fn sender_killed() {
+/// `relayed`: neither node can be dialed, so every connection between them (before the kill
+/// and after the restart) runs through the server's relay.
+async fn sender_killed(relayed: bool) {
     const FIRST_LIFE: usize = 20_000;
     const KILL_AFTER: usize = 2_000;
     const IN_FLIGHT: usize = 100;
@@ -496,24 +526,45 @@ async fn sender_killed() {
     let started = Instant::now();
     let dir = tempfile::tempdir().unwrap();
     let (server, stop_server) = start_server(&dir.path().join("server")).await;
-    let bob = node("bob", dir.path(), server).spawn().await.unwrap();
+    let bob = node("bob", dir.path(), server)
+        .dialable(!relayed)
+        .spawn()
+        .await
+        .unwrap();
     let seen = Seen::default();
     let watching = seen.watch(&bob);
+    let start = |count| {
+        let dir = dir.path().to_owned();
+        async move {
+            if relayed {
+                ChildNode::start_undialable("sender", server, &dir, count).await
+            } else {
+                ChildNode::start("sender", server, &dir, count).await
+            }
+        }
+    };
 
     // alice streams to bob and is killed once a good part is acknowledged, with more
     // returned by `send` and not acknowledged yet.
-    let mut alice = ChildNode::start("sender", server, dir.path(), FIRST_LIFE).await;
+    let mut alice = start(FIRST_LIFE).await;
     alice
         .read_until("acknowledgements, and more in flight", |l| {
             l.delivered.len() >= KILL_AFTER && l.sent.len() >= l.acknowledged() + IN_FLIGHT
         })
         .await;
+    let path_at_kill = bob.path("alice");
     let first = alice.kill().await;
     let killed_at = started.elapsed();
+    let expected = if relayed {
+        p2pchat_core::PeerPath::Relayed
+    } else {
+        p2pchat_core::PeerPath::Direct
+    };
+    assert_eq!(path_at_kill, Some(expected), "the stream's path");
 
     // alice comes back with the same key and data directory: her outbox still holds what
     // was not acknowledged, and she sends more.
-    let mut alice = ChildNode::start("sender", server, dir.path(), SECOND_LIFE).await;
+    let mut alice = start(SECOND_LIFE).await;
     alice.read_until("done", |l| l.done).await;
     let returned: HashSet<MessageId> = first.sent.iter().chain(&alice.life.sent).copied().collect();
     // (Not panicking on a timeout: the counts below say what is missing.)
@@ -549,8 +600,13 @@ async fn sender_killed() {
         .iter()
         .filter(|id| shown.contains_key(**id))
         .count();
+    let label = if relayed {
+        "sender killed, relayed"
+    } else {
+        "sender killed"
+    };
     println!(
-        "node-kill (sender killed): sent={sent} shown={shown_sent} lost={lost} \
+        "node-kill ({label}): sent={sent} shown={shown_sent} lost={lost} \
          duplicated={duplicated} (\"sent\" = `send` returned: {} in the first life, SIGKILL at \
          {killed_at:.1?} with {} of them acknowledged; {} in the second life, which reported {} \
          outcomes; unacknowledged at the kill {}, of which shown {} (resent from the outbox \
