@@ -81,6 +81,11 @@ pub const DEFAULT_EVENT_CAPACITY: usize = 4096;
 /// How long a connection handshake may take. Default: 5 s.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Directory lookups per second that dialers presenting a key the node has not pinned may
+/// cause, for the whole node (bursts of twice that); beyond it they are refused "busy" before
+/// any lookup. Default: 20.
+pub const MAX_STRANGER_LOOKUPS_PER_SECOND: u32 = 20;
+
 /// Incoming handshakes in progress at once; a connection beyond this is closed at once.
 /// Default: 64.
 pub const MAX_PENDING_HANDSHAKES: usize = 64;
@@ -254,6 +259,8 @@ pub(crate) struct Shared {
     session: Mutex<Option<Arc<dyn DiscoverySession>>>,
     /// Whether peers can dial us, as the directory last said: 0 not known yet, 1 yes, 2 no.
     reachable: std::sync::atomic::AtomicU8,
+    /// Directory lookups that dialers presenting an unpinned key may cause.
+    pub(crate) stranger_lookups: governor::DefaultDirectRateLimiter,
     /// Stops every task at once, without flushing: the end of a graceful shutdown, or a
     /// simulated crash.
     pub(crate) halt: CancellationToken,
@@ -415,6 +422,20 @@ impl Shared {
         let pair = PairKey::derive(&self.identity, key)?;
         self.pair_keys.lock().insert(*key, pair.clone());
         Ok(pair)
+    }
+
+    /// Looks `user` up in the directory, pinning nothing.
+    pub(crate) async fn lookup(&self, user: &str) -> Result<PeerRecord, NodeError> {
+        self.session()?
+            .lookup(user)
+            .await?
+            .ok_or_else(|| NodeError::UnknownUser(user.to_owned()))
+    }
+
+    /// Whether a dialer that presents a key we have not pinned may cost a directory lookup
+    /// now: at most [`MAX_STRANGER_LOOKUPS_PER_SECOND`] for the whole node.
+    pub(crate) fn stranger_lookup_allowed(&self) -> bool {
+        self.stranger_lookups.check().is_ok()
     }
 
     /// Looks `user` up and checks its key against the pin, pinning on first sight. Returns
@@ -942,6 +963,12 @@ impl ChatNode {
         }
         let (record, _) = self.shared.resolve(user).await?;
         Ok(record.public_key.fingerprint())
+    }
+
+    /// The key pinned for `user` (trusted on first contact, or by [`ChatNode::trust`]), if
+    /// any.
+    pub fn pinned_key(&self, user: &str) -> Option<PublicKey> {
+        self.shared.peer_state().pin(user)
     }
 
     /// Accepts the key `user` presents now in place of the pinned one, and releases the

@@ -15,6 +15,7 @@ mod it {
     pub mod reach;
     pub mod redis_store;
     pub mod security;
+    pub mod strangers;
     pub mod util;
     pub mod wire_props;
 }

@@ -41,6 +41,10 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// answer) before the node counts as not dialable. Default: 1 s.
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 
+/// Reachability probes under way at once, across registrations; a probe waits for a
+/// place within its timeout. Default: 256.
+pub const MAX_PROBES_IN_FLIGHT: usize = 256;
+
 /// Most relays open at once (joined or waiting to be). Default: 1,024.
 pub const MAX_RELAYS: usize = 1024;
 

@@ -63,6 +63,10 @@ pub struct Directory {
     pub(crate) relays: Relays,
     /// Connect-back and relay requests per user.
     pub(crate) reach_requests: KeyedRate<String>,
+    /// Connect-back requests per target user.
+    pub(crate) connect_backs: KeyedRate<String>,
+    /// Reachability probes under way at once, across registrations.
+    pub(crate) probes: tokio::sync::Semaphore,
     /// Where this instance listens (set by [`crate::serve`]).
     listen_addr: OnceLock<SocketAddr>,
 }
@@ -89,7 +93,12 @@ impl Directory {
                 config.reach_requests_per_second_per_user,
                 config.reach_requests_per_second_per_user.saturating_mul(2),
             ),
+            connect_backs: KeyedRate::new(
+                config.reach_requests_per_second_per_user,
+                config.reach_requests_per_second_per_user.saturating_mul(2),
+            ),
             relays: Relays::default(),
+            probes: tokio::sync::Semaphore::new(crate::config::MAX_PROBES_IN_FLIGHT),
             listen_addr: OnceLock::new(),
             operator_key: config.operator.as_ref().map(Identity::public_key),
             announced: Mutex::new(AnnouncementGuard::default()),
@@ -365,6 +374,8 @@ impl Directory {
                 _ = cleanup.tick() => {
                     self.registrations.forget_idle();
                     self.mail.forget_idle();
+                    self.reach_requests.forget_idle();
+                    self.connect_backs.forget_idle();
                 }
             }
         }

@@ -52,8 +52,24 @@ pub(crate) enum Joined {
     First(oneshot::Receiver<Handoff>),
     /// Second: hand the leg to the first side, which splices.
     Second(oneshot::Sender<Handoff>, Slot),
-    /// No such relay (never opened, expired, or both sides joined already).
+    /// No such relay (never opened, expired, or that side joined already).
     Unknown,
+}
+
+/// The two secrets of a relay: one for each side, so neither can join in the other's place.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Tokens {
+    /// The side that asked for it.
+    pub(crate) opener: Token,
+    /// The side it was offered to.
+    pub(crate) target: Token,
+}
+
+/// Which side of a relay a token is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Side {
+    Opener,
+    Target,
 }
 
 /// The relays of one server instance: those waiting for their sides, and the counts the
@@ -65,8 +81,11 @@ pub(crate) struct Relays {
 
 #[derive(Default)]
 struct Table {
+    /// Relays waiting for their sides, by their opener's token.
     pending: HashMap<Token, Pending>,
-    /// Each open relay's (opener, other side) → its token and its stop signal.
+    /// Every token of a pending relay → its opener's token and its side.
+    sides: HashMap<Token, (Token, Side)>,
+    /// Each open relay's (opener, other side) → what ends it early.
     pairs: HashMap<(String, String), Opened>,
     per_user: HashMap<String, usize>,
     open: usize,
@@ -91,9 +110,10 @@ struct Opened {
 
 struct Pending {
     slot: Slot,
+    target: Token,
     expires: Instant,
     /// The side that joined first, waiting.
-    first: Option<oneshot::Sender<Handoff>>,
+    first: Option<(Side, oneshot::Sender<Handoff>)>,
 }
 
 /// One open relay's place in the limits, given back when dropped (never under the
@@ -146,6 +166,14 @@ impl Table {
         }
     }
 
+    /// Takes a pending relay out, with its tokens (to be dropped after the lock).
+    fn take(&mut self, opener: &Token) -> Option<Pending> {
+        let pending = self.pending.remove(opener)?;
+        self.sides.remove(opener);
+        self.sides.remove(&pending.target);
+        Some(pending)
+    }
+
     /// Takes out the relays nobody joined in time (to be dropped after the lock).
     fn expire(&mut self, now: Instant, dropped: &mut Vec<Pending>) {
         let expired: Vec<Token> = self
@@ -155,15 +183,16 @@ impl Table {
             .map(|(t, _)| *t)
             .collect();
         for token in expired {
-            dropped.extend(self.pending.remove(&token));
+            dropped.extend(self.take(&token));
         }
     }
 }
 
 impl Relays {
-    /// Opens a relay from `a` to `b`: its token, or why not (a limit). A relay `a` opened to
-    /// `b` before that is still open ends: the newer one replaces it.
-    pub(crate) fn open(&self, a: &str, b: &str, limits: RelayLimits) -> Result<Token, WireError> {
+    /// Opens a relay from `a` to `b`: its two tokens, or why not (a limit). A relay `a`
+    /// opened to `b` before that is still open ends once this one is admitted: the newer one
+    /// replaces it.
+    pub(crate) fn open(&self, a: &str, b: &str, limits: RelayLimits) -> Result<Tokens, WireError> {
         let mut dropped = Vec::new();
         let result = {
             let mut t = self.table.lock();
@@ -172,16 +201,14 @@ impl Relays {
             // One relay per direction: two peers that dial each other at once get two (the
             // nodes keep one), and a user cannot hold more than one of another's slots.
             let pair = (a.to_owned(), b.to_owned());
-            if let Some(old) = t.pairs.remove(&pair) {
-                // The older relay ends now, and stops counting now.
-                old.stop.cancel();
-                if !old.released.swap(true, Ordering::AcqRel) {
-                    t.release(&pair);
-                }
-                dropped.extend(t.pending.remove(&old.token));
-            }
-            let count = |user: &str| t.per_user.get(user).copied().unwrap_or(0);
-            if t.open >= limits.total {
+            // The one this replaces does not count against it.
+            let replaced = t
+                .pairs
+                .get(&pair)
+                .is_some_and(|o| !o.released.load(Ordering::Acquire));
+            let discount = usize::from(replaced);
+            let count = |user: &str| t.per_user.get(user).copied().unwrap_or(0) - discount;
+            if t.open - discount >= limits.total {
                 Err(WireError::LimitExceeded(format!(
                     "the server relays at most {} connections at once",
                     limits.total
@@ -192,7 +219,18 @@ impl Relays {
                     limits.per_user
                 )))
             } else {
-                let token: Token = rand::random();
+                if let Some(old) = t.pairs.remove(&pair) {
+                    // The older relay ends now, and stops counting now.
+                    old.stop.cancel();
+                    if !old.released.swap(true, Ordering::AcqRel) {
+                        t.release(&pair);
+                    }
+                    dropped.extend(t.take(&old.token));
+                }
+                let tokens = Tokens {
+                    opener: rand::random(),
+                    target: rand::random(),
+                };
                 let stop = CancellationToken::new();
                 let released = Arc::new(AtomicBool::new(false));
                 t.open += 1;
@@ -202,7 +240,7 @@ impl Relays {
                 t.pairs.insert(
                     pair.clone(),
                     Opened {
-                        token,
+                        token: tokens.opener,
                         stop: stop.clone(),
                         released: released.clone(),
                     },
@@ -210,28 +248,41 @@ impl Relays {
                 let slot = Slot {
                     table: Arc::downgrade(&self.table),
                     pair,
-                    token,
+                    token: tokens.opener,
                     stop,
                     released,
                 };
-                t.pending.insert(
-                    token,
+                t.sides.insert(tokens.opener, (tokens.opener, Side::Opener));
+                t.sides.insert(tokens.target, (tokens.opener, Side::Target));
+                let earlier = t.pending.insert(
+                    tokens.opener,
                     Pending {
                         slot,
+                        target: tokens.target,
                         expires: now + RELAY_JOIN_TIMEOUT,
                         first: None,
                     },
                 );
-                Ok(token)
+                // 128 random bits do not repeat; were they to, the older entry would be
+                // dropped after the lock, like every other.
+                dropped.extend(earlier);
+                Ok(tokens)
             }
         };
         drop(dropped);
         result
     }
 
-    /// Forgets a relay nobody will join (its offer could not be delivered).
+    /// Forgets a relay that will not be joined (its offer could not be delivered, or its
+    /// first side gave up waiting), by either of its tokens.
     pub(crate) fn cancel(&self, token: &Token) {
-        let dropped = self.table.lock().pending.remove(token);
+        let dropped = {
+            let mut t = self.table.lock();
+            match t.sides.get(token) {
+                Some(&(opener, _)) => t.take(&opener),
+                None => None,
+            }
+        };
         drop(dropped);
     }
 
@@ -241,23 +292,30 @@ impl Relays {
         let joined = {
             let mut t = self.table.lock();
             t.expire(Instant::now(), &mut dropped);
-            match t.pending.get_mut(token) {
+            let Some(&(opener, side)) = t.sides.get(token) else {
+                return Joined::Unknown;
+            };
+            match t.pending.get_mut(&opener) {
                 None => Joined::Unknown,
-                Some(p) if p.first.is_none() => {
-                    let (tx, rx) = oneshot::channel();
-                    p.first = Some(tx);
-                    Joined::First(rx)
-                }
-                Some(_) => match t.pending.remove(token) {
-                    Some(Pending {
-                        slot,
-                        first: Some(first),
-                        ..
-                    }) => Joined::Second(first, slot),
-                    other => {
-                        dropped.extend(other);
-                        Joined::Unknown
+                Some(p) => match &p.first {
+                    None => {
+                        let (tx, rx) = oneshot::channel();
+                        p.first = Some((side, tx));
+                        Joined::First(rx)
                     }
+                    // That side is here already: a second connection for it joins nothing.
+                    Some((first, _)) if *first == side => Joined::Unknown,
+                    Some(_) => match t.take(&opener) {
+                        Some(Pending {
+                            slot,
+                            first: Some((_, first)),
+                            ..
+                        }) => Joined::Second(first, slot),
+                        other => {
+                            dropped.extend(other);
+                            Joined::Unknown
+                        }
+                    },
                 },
             }
         };
@@ -365,7 +423,7 @@ mod tests {
         per_user: 2,
     };
 
-    fn refused(r: Result<Token, WireError>) -> String {
+    fn refused(r: Result<Tokens, WireError>) -> String {
         match r {
             Err(WireError::LimitExceeded(why)) => why,
             other => panic!("expected a limit, got {other:?}"),
@@ -384,17 +442,43 @@ mod tests {
         assert!(refused(relays.open("f", "g", LIMITS)).contains("at most 3"));
         assert_eq!(relays.open_count(), 3);
         // The relay a→b is joined by both sides, then ends: its place is given back.
-        let Joined::First(_first) = relays.join(&ab) else {
+        let Joined::First(_first) = relays.join(&ab.opener) else {
             panic!("first join")
         };
-        let Joined::Second(_handoff, slot) = relays.join(&ab) else {
+        assert!(
+            matches!(relays.join(&ab.opener), Joined::Unknown),
+            "the opener cannot join in the target's place"
+        );
+        let Joined::Second(_handoff, slot) = relays.join(&ab.target) else {
             panic!("second join")
         };
-        assert!(matches!(relays.join(&ab), Joined::Unknown), "a third join");
+        for token in [ab.opener, ab.target] {
+            assert!(
+                matches!(relays.join(&token), Joined::Unknown),
+                "a third join"
+            );
+        }
         assert_eq!(relays.open_count(), 3, "open while spliced");
         drop(slot);
         assert_eq!(relays.open_count(), 2);
         relays.open("a", "d", LIMITS).unwrap();
+    }
+
+    #[test]
+    fn a_relay_refused_for_a_limit_leaves_the_one_it_would_have_replaced() {
+        let relays = Relays::default();
+        let limits = RelayLimits {
+            total: 10,
+            per_user: 1,
+        };
+        let ab = relays.open("a", "b", limits).unwrap();
+        // a's slot is its relay to b, which a newer a→b may replace...
+        let again = relays.open("a", "b", limits).unwrap();
+        assert!(matches!(relays.join(&ab.opener), Joined::Unknown));
+        // ...but a→c is over a's limit, and takes nothing away.
+        assert!(refused(relays.open("a", "c", limits)).contains("per user"));
+        assert!(matches!(relays.join(&again.opener), Joined::First(_)));
+        assert_eq!(relays.open_count(), 1);
     }
 
     #[test]
@@ -404,19 +488,22 @@ mod tests {
         let back = relays.open("b", "a", LIMITS).unwrap();
         assert_eq!(relays.open_count(), 2, "one relay per direction");
         let second = relays.open("a", "b", LIMITS).unwrap();
-        assert_ne!(first, second);
-        assert!(matches!(relays.join(&first), Joined::Unknown), "replaced");
-        assert!(matches!(relays.join(&back), Joined::First(_)));
-        assert!(matches!(relays.join(&second), Joined::First(_)));
+        assert_ne!(first.opener, second.opener);
+        for token in [first.opener, first.target] {
+            assert!(matches!(relays.join(&token), Joined::Unknown), "replaced");
+        }
+        assert!(matches!(relays.join(&back.target), Joined::First(_)));
+        assert!(matches!(relays.join(&second.opener), Joined::First(_)));
         assert_eq!(relays.open_count(), 2);
     }
 
     #[test]
     fn a_cancelled_relay_cannot_be_joined_and_frees_its_place() {
         let relays = Relays::default();
-        let token = relays.open("a", "b", LIMITS).unwrap();
-        relays.cancel(&token);
-        assert!(matches!(relays.join(&token), Joined::Unknown));
+        let tokens = relays.open("a", "b", LIMITS).unwrap();
+        relays.cancel(&tokens.opener);
+        assert!(matches!(relays.join(&tokens.opener), Joined::Unknown));
+        assert!(matches!(relays.join(&tokens.target), Joined::Unknown));
         assert_eq!(relays.open_count(), 0);
         assert!(matches!(relays.join(&rand::random()), Joined::Unknown));
     }
@@ -424,9 +511,9 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_relay_nobody_joins_expires() {
         let relays = Relays::default();
-        let token = relays.open("a", "b", LIMITS).unwrap();
+        let tokens = relays.open("a", "b", LIMITS).unwrap();
         tokio::time::advance(RELAY_JOIN_TIMEOUT).await;
-        assert!(matches!(relays.join(&token), Joined::Unknown));
+        assert!(matches!(relays.join(&tokens.target), Joined::Unknown));
         assert_eq!(relays.open_count(), 0);
     }
 

@@ -21,6 +21,7 @@ use crate::crypto::CryptoError;
 use crate::discovery::DiscoveryEvent;
 use crate::error::chain;
 use crate::event::Event;
+use crate::identity::PublicKey;
 use crate::limits::ConnectionLimits;
 use crate::protocol::{ErrorCode, MessageId};
 use crate::store::{MAX_FETCH_BATCH, MailKey};
@@ -163,10 +164,17 @@ impl Actor {
                 }
             }
             DiscoveryEvent::ConnectBack { username } => {
-                if self.shared.peer_state().is_blocked(&username) {
+                // The server passes these on only from users whose addresses its probe
+                // verified. A stranger's request (no pinned key, no link) costs a lookup, so
+                // it spends the strangers' budget; beyond it, the stranger relays instead.
+                let pinned = self.shared.peer_state().pin(&username);
+                let known = pinned.is_some() || self.shared.existing_link(&username).is_some();
+                if self.shared.peer_state().is_blocked(&username)
+                    || (!known && !self.shared.stranger_lookup_allowed())
+                {
+                    tracing::debug!(peer = %username, "connect-back request ignored");
                     return;
                 }
-                let pinned = self.shared.peer_state().pin(&username);
                 match self.shared.link(&username, pinned) {
                     Ok(link) => link.connect_now(),
                     Err(e) => {
@@ -416,7 +424,8 @@ async fn housekeep(shared: Arc<Shared>) {
 }
 
 /// Authenticates one incoming connection (or the accepting end of a relay) and hands it to
-/// the peer's link.
+/// the peer's link. Nothing about the peer is recorded (pinned, reported, held) before it has
+/// proved its key: `admit` only reads, and what it found is acted on after the handshake.
 async fn accept_one(shared: Arc<Shared>, conn: crate::transport::Connection, relayed: bool) {
     let (mut reader, mut writer) = handshake::frames(conn);
     let admit = |user: String, key| {
@@ -434,7 +443,7 @@ async fn accept_one(shared: Arc<Shared>, conn: crate::transport::Connection, rel
         ),
     )
     .await;
-    let (peer, key) = match result {
+    let (peer, key, admitted) = match result {
         Ok(Ok(peer)) => peer,
         Ok(Err(e)) => {
             tracing::debug!(error = %chain(&e), "inbound handshake failed");
@@ -445,6 +454,27 @@ async fn accept_one(shared: Arc<Shared>, conn: crate::transport::Connection, rel
             return;
         }
     };
+    match admitted {
+        Admitted::Pinned => {}
+        Admitted::FirstContact => {
+            // Pinned now that the key is proved (unless another connection pinned one
+            // meanwhile: then it is that key's rules).
+            let mut peers = shared.peer_state();
+            match peers.pin(&peer) {
+                None => {
+                    if let Err(e) = peers.set_pin(&peer, key) {
+                        tracing::warn!(%peer, error = %chain(&e), "cannot pin the key");
+                    }
+                }
+                Some(pinned) if pinned == key => {}
+                Some(pinned) => {
+                    drop(peers);
+                    key_changed(&shared, &peer, &pinned, &key);
+                }
+            }
+        }
+        Admitted::KeyChanged { pinned } => key_changed(&shared, &peer, &pinned, &key),
+    }
     let pinned = shared.peer_state().pin(&peer);
     let Ok(link) = shared.link(&peer, pinned.or(Some(key))) else {
         return;
@@ -457,13 +487,33 @@ async fn accept_one(shared: Arc<Shared>, conn: crate::transport::Connection, rel
     });
 }
 
+/// A peer proved a key the directory vouches for but the user has not trusted: talk, but
+/// hold what it sends (and what we send it) until the user trusts it.
+fn key_changed(shared: &Shared, peer: &str, pinned: &PublicKey, key: &PublicKey) {
+    shared.key_changed(peer, pinned, key);
+    if let Some(link) = shared.existing_link(peer) {
+        link.hold();
+    }
+}
+
+/// What `admit` found out about a dialer, to act on once it has proved its key.
+enum Admitted {
+    /// It presents the pinned key.
+    Pinned,
+    /// Nothing is pinned for it; the directory has this key for the name.
+    FirstContact,
+    /// The directory has this key for the name, but another one is pinned.
+    KeyChanged {
+        /// The pinned key.
+        pinned: PublicKey,
+    },
+}
+
 /// Whether to talk to `user` presenting `key`: not blocked, and the key is the pinned one
-/// (or, on first contact, the one the directory has for the name).
-async fn admit(
-    shared: &Shared,
-    user: &str,
-    key: crate::identity::PublicKey,
-) -> Result<(), Refusal> {
+/// (or, on first contact or a key change, the one the directory has for the name). Reads
+/// only: a dialer that has not proved its key yet changes nothing here, and costs at most
+/// one directory lookup, within the node's budget for strangers.
+async fn admit(shared: &Shared, user: &str, key: PublicKey) -> Result<Admitted, Refusal> {
     let refuse = |code, detail: &str| Refusal {
         code,
         detail: detail.to_owned(),
@@ -474,20 +524,18 @@ async fn admit(
             "not accepting connections from you",
         ));
     }
-    if shared.peer_state().pin(user) == Some(key) {
-        return Ok(());
+    let pinned = shared.peer_state().pin(user);
+    if pinned == Some(key) {
+        return Ok(Admitted::Pinned);
     }
-    match shared.resolve(user).await {
-        Ok((record, None)) if record.public_key == key => Ok(()),
-        Ok((record, Some(pinned))) if record.public_key == key => {
-            // The directory vouches for the new key: talk, but hold what it sends (and what
-            // we send it) until the user trusts it.
-            shared.key_changed(user, &pinned, &key);
-            if let Some(link) = shared.existing_link(user) {
-                link.hold();
-            }
-            Ok(())
-        }
+    if !shared.stranger_lookup_allowed() {
+        return Err(refuse(ErrorCode::Refused, "busy; try again later"));
+    }
+    match shared.lookup(user).await {
+        Ok(record) if record.public_key == key => Ok(match pinned {
+            None => Admitted::FirstContact,
+            Some(pinned) => Admitted::KeyChanged { pinned },
+        }),
         Ok(_) => Err(refuse(
             ErrorCode::AuthenticationFailed,
             "your key is not the one registered for your name",

@@ -358,6 +358,16 @@ impl ChatNodeBuilder {
             transport,
             session: Mutex::new(Some(Arc::from(session))),
             reachable: std::sync::atomic::AtomicU8::new(0),
+            stranger_lookups: governor::RateLimiter::direct(
+                governor::Quota::per_second(
+                    std::num::NonZeroU32::new(super::MAX_STRANGER_LOOKUPS_PER_SECOND)
+                        .unwrap_or(std::num::NonZeroU32::MIN),
+                )
+                .allow_burst(
+                    std::num::NonZeroU32::new(super::MAX_STRANGER_LOOKUPS_PER_SECOND * 2)
+                        .unwrap_or(std::num::NonZeroU32::MIN),
+                ),
+            ),
             halt: CancellationToken::new(),
             tasks: TaskTracker::new(),
             closing: Mutex::new(false),

@@ -118,17 +118,18 @@ pub(crate) async fn dial(
 }
 
 /// Runs the listener's side. `admit` sees the dialer's claimed name and key before we reveal
-/// anything and may refuse. Returns the authenticated peer's name and key.
-pub(crate) async fn accept<F, Fut>(
+/// anything and may refuse; what it says otherwise is handed back with the authenticated
+/// peer's name and key, for the caller to act on only now that the peer proved its key.
+pub(crate) async fn accept<F, Fut, A>(
     reader: &mut FrameReader,
     writer: &mut FrameWriter,
     identity: &Identity,
     me: &str,
     admit: F,
-) -> Result<(String, PublicKey), HandshakeError>
+) -> Result<(String, PublicKey, A), HandshakeError>
 where
     F: FnOnce(String, PublicKey) -> Fut,
-    Fut: std::future::Future<Output = Result<(), Refusal>>,
+    Fut: std::future::Future<Output = Result<A, Refusal>>,
 {
     let theirs = match next(reader).await? {
         PeerFrame::Hello(theirs) => *theirs,
@@ -140,34 +141,35 @@ where
         }
         _ => return Err(HandshakeError::Unexpected),
     };
-    let refusal = if validate_username(&theirs.username).is_err() {
-        Some(Refusal {
+    let admitted = if validate_username(&theirs.username).is_err() {
+        Err(Refusal {
             code: ErrorCode::AuthenticationFailed,
             detail: "invalid username".into(),
         })
     } else if theirs.peer != me {
-        Some(Refusal {
+        Err(Refusal {
             code: ErrorCode::WrongRecipient,
             detail: format!("this is {me}, not {}", theirs.peer),
         })
     } else {
-        admit(theirs.username.clone(), theirs.public_key)
-            .await
-            .err()
+        admit(theirs.username.clone(), theirs.public_key).await
     };
-    if let Some(refusal) = refusal {
-        let detail = refusal.detail.clone();
-        let _ = writer
-            .send(&PeerFrame::Error {
-                code: refusal.code,
-                detail: refusal.detail,
-            })
-            .await;
-        return Err(HandshakeError::Failed(format!(
-            "refused {}: {detail}",
-            theirs.username
-        )));
-    }
+    let admitted = match admitted {
+        Ok(admitted) => admitted,
+        Err(refusal) => {
+            let detail = refusal.detail.clone();
+            let _ = writer
+                .send(&PeerFrame::Error {
+                    code: refusal.code,
+                    detail: refusal.detail,
+                })
+                .await;
+            return Err(HandshakeError::Failed(format!(
+                "refused {}: {detail}",
+                theirs.username
+            )));
+        }
+    };
     let ours = hello(identity, me, &theirs.username);
     let signature = identity.sign(&handshake_transcript(Role::Listener, &theirs, &ours));
     writer
@@ -186,7 +188,7 @@ where
             theirs.username
         )));
     }
-    Ok((theirs.username, theirs.public_key))
+    Ok((theirs.username, theirs.public_key, admitted))
 }
 
 /// While the node registers (before it accepts peers): answers the directory's

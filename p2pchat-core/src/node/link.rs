@@ -371,10 +371,18 @@ impl LinkHandle {
     pub(crate) fn connect_now(&self) {
         let core = &self.core;
         let mut st = core.lock();
-        // The peer asks only when it has no connection to us: one we still hold is dead on
-        // its side.
-        if let Some(id) = st.conn.as_ref().map(|c| c.id) {
-            core.lost(&mut st, id, "the peer asked to be dialed back");
+        match st.conn.as_ref().map(|c| (c.id, c.relayed)) {
+            // The peer asks while it has a relayed connection to us: it wants a direct one
+            // beside it, which replaces the relay once it is up.
+            Some((_, true)) => {
+                drop(st);
+                core.start_upgrade_dial();
+                return;
+            }
+            // It asks only when it has no direct connection to us: one we still hold is
+            // dead on its side.
+            Some((id, false)) => core.lost(&mut st, id, "the peer asked to be dialed back"),
+            None => {}
         }
         core.handle(&mut st, Input::ConnectWanted);
         core.after(&mut st);
@@ -388,14 +396,7 @@ impl LinkHandle {
         if !core.lock().conn.as_ref().is_some_and(|c| c.relayed) {
             return;
         }
-        let mut upgrade = core.upgrade.lock();
-        if upgrade.as_ref().is_some_and(|h| !h.is_finished()) {
-            return;
-        }
-        let task = upgrade_task(core.clone());
-        *upgrade = Some(AbortOnDropHandle::new(tokio::spawn(
-            task.instrument(core.span.clone()),
-        )));
+        core.start_upgrade(upgrade_task(core.clone()));
     }
 
     /// The directory is back after an outage: what waits for a retry goes now (a dial, or
@@ -950,6 +951,10 @@ impl Core {
                 unknown: false,
                 key_changed: None,
             })?;
+            if core.lock().conn.is_some() {
+                // The peer connected to us meanwhile.
+                return Ok(Dialed::CameIn);
+            }
             if core.shared.dialable() == Some(true) {
                 match core.connect_back(&*session).await {
                     Ok(()) => return Ok(Dialed::CameIn),
@@ -966,6 +971,35 @@ impl Core {
             }
         };
         Some(AbortOnDropHandle::new(tokio::spawn(task.in_current_span())))
+    }
+
+    /// Starts `task` (an upgrade of a relayed connection) unless one is under way. It runs
+    /// among the node's tasks: stopped by a shutdown or a crash.
+    fn start_upgrade(&self, task: impl std::future::Future<Output = ()> + Send + 'static) {
+        let mut upgrade = self.upgrade.lock();
+        if upgrade.as_ref().is_some_and(|h| !h.is_finished()) {
+            return;
+        }
+        let task = self.shared.spawn(task.instrument(self.span.clone()));
+        *upgrade = Some(AbortOnDropHandle::new(task));
+    }
+
+    /// Dials the peer directly beside a relayed connection (it asked us to connect back).
+    fn start_upgrade_dial(self: &Arc<Self>) {
+        let core = self.clone();
+        self.start_upgrade(async move {
+            let Ok((record, key)) = core.resolve().await else {
+                return;
+            };
+            match direct(&core.shared, &core.peer, &key, &record.addrs).await {
+                Ok(est) => {
+                    let mut st = core.lock();
+                    core.adopt(&mut st, est, true);
+                    core.after(&mut st);
+                }
+                Err(reason) => tracing::debug!(%reason, "still relayed"),
+            }
+        });
     }
 
     /// The peer's directory record, online, and the key to expect (the pinned one).

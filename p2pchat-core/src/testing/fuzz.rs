@@ -236,7 +236,7 @@ pub fn handshake(data: &[u8]) {
                     };
                     handshake::accept(&mut reader, &mut writer, bob(), "bob", admit)
                         .await
-                        .map(|(name, key)| format!("{name} with {key}"))
+                        .map(|(name, key, ())| format!("{name} with {key}"))
                 }
                 _ => handshake::dial(
                     &mut reader,

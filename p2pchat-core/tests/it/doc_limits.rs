@@ -59,6 +59,10 @@ fn the_core_limits_table_matches_the_constants() {
             secs(node::CONNECT_BACK_TIMEOUT),
         ),
         (
+            "node::MAX_STRANGER_LOOKUPS_PER_SECOND",
+            count(node::MAX_STRANGER_LOOKUPS_PER_SECOND),
+        ),
+        (
             "protocol::discovery::RELAY_TOKEN_LEN",
             count(p2pchat_core::protocol::discovery::RELAY_TOKEN_LEN as u64),
         ),

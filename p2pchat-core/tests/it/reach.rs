@@ -198,3 +198,53 @@ fn registration(name: &str) -> Registration {
         dialable: false,
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relayed_chat_becomes_direct_when_the_sender_becomes_dialable_losing_nothing() {
+    const N: usize = 2_000;
+    let world = World::new();
+    let alice = undialable(&world, "alice").await;
+    let bob = undialable(&world, "bob").await;
+    let mut a = alice.events();
+    let mut b = bob.events();
+    delivered(&alice, &mut a, "bob", "first").await;
+    assert_eq!(alice.path("bob"), Some(PeerPath::Relayed));
+    receive_n(&mut b, 1).await;
+
+    let receiver = tokio::spawn(async move { receive_n(&mut b, N).await });
+    for i in 0..N {
+        alice.send("bob", &format!("m{i}")).await.expect("send");
+        if i == N / 4 {
+            // alice becomes dialable: she asks bob to dial her back beside the relay, and
+            // his direct connection replaces it.
+            assert!(world.directory.publish("alice", vec![alice.local_addr()]));
+        }
+    }
+    let got = receiver.await.expect("receiver");
+    let seen = tally(&got);
+    let lost = (0..N)
+        .filter(|i| !seen.contains_key(format!("m{i}").as_str()))
+        .count();
+    let duplicated = seen.values().filter(|&&n| n > 1).count();
+    eprintln!(
+        "relay→direct (connect-back) switch: sent {N}, shown {}, lost {lost}, duplicated {duplicated}",
+        got.len()
+    );
+    assert_eq!((lost, duplicated), (0, 0));
+    let mut done = 0;
+    while done < N {
+        match wait_for(&mut a, outcome).await {
+            Event::Delivered { .. } => done += 1,
+            other => panic!("a message did not end delivered: {other:?}"),
+        }
+    }
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while alice.path("bob") != Some(PeerPath::Direct)
+            || bob.path("alice") != Some(PeerPath::Direct)
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the connection became direct at both ends");
+}

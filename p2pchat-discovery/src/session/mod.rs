@@ -122,6 +122,8 @@ pub(super) struct Session {
     /// acknowledged yet, at most [`HANDED_OUT`], for nodes that acknowledge by id alone
     /// (`AckMail`); emptied by the first `AckMailFrom`.
     handed_out: Vec<p2pchat_core::store::MailKey>,
+    /// Its published addresses answered the reachability probe (not merely claimed).
+    probed: bool,
 }
 
 /// Most (sender, id) pairs a session remembers handing out: a few fetches' worth.

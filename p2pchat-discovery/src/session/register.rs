@@ -93,7 +93,10 @@ pub(super) async fn apply<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
         None => addrs,
         Some(false) => Vec::new(),
         Some(true) if config.probe_timeout.is_zero() => addrs,
-        Some(true) => probe(&addrs, &claim.public_key, config.probe_timeout).await,
+        Some(true) => {
+            let limit = config.probe_timeout;
+            probe(&directory.probes, &addrs, &claim.public_key, limit).await
+        }
     };
     let lease = Lease {
         username: claim.username.clone(),
@@ -126,6 +129,7 @@ pub(super) async fn apply<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
         push_rx,
         watching: HashSet::new(),
         handed_out: Vec::new(),
+        probed: reach == Some(true) && !config.probe_timeout.is_zero(),
     };
     let confirmation = ServerFrame::Registered(Box::new(Registered {
         observed: peer,
@@ -149,12 +153,25 @@ pub(super) async fn apply<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
 }
 
 /// The addresses among `addrs` where the node holding `key` answers the probe within
-/// `limit`, tried at once.
-async fn probe(addrs: &[SocketAddr], key: &PublicKey, limit: Duration) -> Vec<SocketAddr> {
-    let tries = addrs.iter().map(|&addr| async move {
-        let reached = tokio::time::timeout(limit, probe_one(addr, key))
-            .await
-            .unwrap_or(false);
+/// `limit`, tried at once (each holding one of the server's `probes` permits).
+async fn probe(
+    probes: &tokio::sync::Semaphore,
+    addrs: &[SocketAddr],
+    key: &PublicKey,
+    limit: Duration,
+) -> Vec<SocketAddr> {
+    let mut unique = addrs.to_vec();
+    unique.sort_unstable();
+    unique.dedup();
+    let tries = unique.into_iter().map(|addr| async move {
+        let reached = tokio::time::timeout(limit, async {
+            let Ok(_permit) = probes.acquire().await else {
+                return false;
+            };
+            probe_one(addr, key).await
+        })
+        .await
+        .unwrap_or(false);
         tracing::debug!(%addr, reached, "reachability probe");
         reached.then_some(addr)
     });

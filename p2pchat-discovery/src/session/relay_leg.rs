@@ -3,11 +3,14 @@
 
 use std::sync::Arc;
 
+use p2pchat_core::protocol::FrameCodec;
 use p2pchat_core::protocol::discovery::{RELAY_JOIN_TIMEOUT, ServerFrame, WireError};
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::oneshot;
+use tokio_util::codec::Encoder;
 use tokio_util::sync::CancellationToken;
 
+use super::WRITE_TIMEOUT;
 use super::connection::{Reader, Writer, refuse};
 use crate::directory::Directory;
 use crate::relay::{Handoff, Joined, Leg, Token, splice};
@@ -29,9 +32,8 @@ pub(super) async fn serve<R, W>(
             refuse(writer, reader, error).await;
         }
         Joined::Second(first, slot) => {
-            if writer.send(&ServerFrame::Relayed).await.is_err() {
-                return;
-            }
+            // `Relayed` is written by the first side once it has this leg, to both: nobody
+            // is told "relayed" unless the other side is there.
             let (done, ended) = oneshot::channel();
             let handoff = Handoff {
                 leg: leg(reader, writer),
@@ -64,14 +66,16 @@ pub(super) async fn serve<R, W>(
                     return;
                 }
             };
-            if writer.send(&ServerFrame::Relayed).await.is_err() {
-                return;
-            }
             let Handoff {
-                leg: other,
+                leg: mut other,
                 slot,
                 done,
             } = handoff;
+            if writer.send(&ServerFrame::Relayed).await.is_err()
+                || relayed_frame(&mut other).await.is_err()
+            {
+                return;
+            }
             let config = &directory.config;
             // Ends when a side closes, the relay idles, a newer relay of the pair replaces
             // it (`slot.stop`), or the server stops (the legs are dropped: closed).
@@ -90,6 +94,21 @@ pub(super) async fn serve<R, W>(
             drop(done);
         }
     }
+}
+
+/// Writes `Relayed` on a leg that is raw bytes already, within [`WRITE_TIMEOUT`].
+async fn relayed_frame(leg: &mut Leg) -> std::io::Result<()> {
+    let mut buf = bytes::BytesMut::new();
+    FrameCodec::<ServerFrame>::default()
+        .encode(&ServerFrame::Relayed, &mut buf)
+        .map_err(std::io::Error::other)?;
+    let write = async {
+        leg.writer.write_all(&buf).await?;
+        leg.writer.flush().await
+    };
+    tokio::time::timeout(WRITE_TIMEOUT, write)
+        .await
+        .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
 }
 
 /// The raw halves of a connection, the bytes read ahead of the frames first.

@@ -38,6 +38,10 @@ fn the_server_limits_table_matches_the_constants() {
         ),
         ("config::SHUTDOWN_GRACE", secs(config::SHUTDOWN_GRACE)),
         ("config::PROBE_TIMEOUT", secs(config::PROBE_TIMEOUT)),
+        (
+            "config::MAX_PROBES_IN_FLIGHT",
+            count(config::MAX_PROBES_IN_FLIGHT as u64),
+        ),
         ("config::MAX_RELAYS", count(config::MAX_RELAYS as u64)),
         (
             "config::MAX_RELAYS_PER_USER",

@@ -24,6 +24,13 @@ use tokio::task::JoinHandle;
 use super::counts::Book;
 use super::util::*;
 
+/// A free port on 127.0.0.1 (bound and released: nobody else takes it meanwhile in
+/// practice).
+fn free_addr() -> SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap()
+}
+
 /// The test servers' settings, with the reachability probe as in production.
 fn probing() -> Config {
     Config {
@@ -239,9 +246,15 @@ impl Drop for Recorder {
 async fn two_peers_behind_nats_chat_through_the_relay_which_sees_no_plaintext() {
     const N: usize = 200;
     let dir = tempfile::tempdir().unwrap();
-    let server = TestServer::start(probing(), redb(dir.path())).await;
-    // Every byte between the nodes and the server (sessions and relay legs) is recorded.
-    let recorder = Recorder::start(server.addr).await;
+    // Every byte between the nodes and the server (sessions and relay legs) is recorded: the
+    // recorder is the server's public address, where relays are joined too.
+    let server_addr = free_addr();
+    let recorder = Recorder::start(server_addr).await;
+    let config = Config {
+        relay_addr: Some(recorder.addr),
+        ..probing()
+    };
+    let server = TestServer::start_at(server_addr, config, redb(dir.path())).await;
     let (hole_a, hole_b) = (Dropping::start().await, Dropping::start().await);
     let alice = behind_nat("alice", client(recorder.addr), hole_a.addr).await;
     let bob = behind_nat("bob", client(recorder.addr), hole_b.addr).await;
@@ -543,16 +556,21 @@ async fn a_direct_path_that_goes_silent_is_replaced_by_a_connect_back_losing_not
     use super::proxy::{Mode, Proxy};
     const N: usize = 300;
     let dir = tempfile::tempdir().unwrap();
-    // No probe: bob is published at the proxy, which reaches his listener until it goes
-    // silent. alice can be dialed.
-    let server = TestServer::start(fast_config(), redb(dir.path())).await;
-    let proxy = Proxy::start(None).await;
+    // bob is published at a proxy to his listener (the probe passes through it) until it
+    // goes silent. alice can be dialed.
+    let server = TestServer::start(probing(), redb(dir.path())).await;
+    let bob_addr = free_addr();
+    let proxy = Proxy::start(Some(bob_addr)).await;
     let bob = builder("bob", server.client())
+        .listen(bob_addr)
         .announce(vec![proxy.addr()])
         .spawn()
         .await
         .unwrap();
-    proxy.set_upstream(bob.local_addr());
+    assert!(
+        reachability(&bob).await,
+        "bob is dialable through the proxy"
+    );
     let alice = builder("alice", server.client())
         .ack_timeout(Duration::from_secs(1))
         .spawn()
@@ -579,8 +597,8 @@ async fn a_direct_path_that_goes_silent_is_replaced_by_a_connect_back_losing_not
         .await;
     assert_eq!(
         proxy.stats().accepted,
-        1,
-        "the first half went through the proxy"
+        2,
+        "the probe and then the first half went through the proxy"
     );
     // The proxy goes silent both ways (bob's side of the connection stays open).
     proxy.set_mode(Mode::Blackhole);
@@ -736,4 +754,19 @@ async fn a_node_from_before_reachability_is_sent_no_new_push_and_gets_mail_inste
             other => panic!("pushed to an old node: {other:?}"),
         }
     }
+}
+
+#[tokio::test]
+async fn connect_back_is_refused_to_a_user_whose_addresses_the_probe_did_not_verify() {
+    use p2pchat_core::discovery::DiscoveryError;
+    let dir = tempfile::tempdir().unwrap();
+    // Probing off: every address is published as claimed, so none is verified.
+    let server = TestServer::start(fast_config(), redb(dir.path())).await;
+    let (bob, _b) = register_undialable(&server.client(), "bob").await;
+    let (alice, _a) = register(&server.client(), &Identity::generate(), "alice").await;
+    match alice.connect_back("bob").await {
+        Err(DiscoveryError::Refused(why)) => assert!(why.contains("probe"), "{why}"),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    drop(bob);
 }

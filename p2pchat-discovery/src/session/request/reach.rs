@@ -15,10 +15,17 @@ pub(in crate::session) async fn connect_back(session: &mut Session, username: &s
 async fn ask_connect_back(session: &Session, username: &str) -> Result<Reply, WireError> {
     let me = &session.lease.username;
     check(session, username)?;
-    if session.lease.addrs.is_empty() {
+    // Only a user whose addresses the probe verified: the peer dials what the directory
+    // publishes for us, and nobody may aim other people's nodes at addresses not their own.
+    if !session.probed || session.lease.addrs.is_empty() {
         return Err(WireError::Forbidden(
-            "connect-back is for users the server could dial; use a relay".into(),
+            "connect-back is for users the server could dial (verified by its probe); use a \
+             relay"
+                .into(),
         ));
+    }
+    if !session.directory.connect_backs.allow(&username.to_owned()) {
+        return Err(WireError::RateLimited);
     }
     let push = Push::ConnectBack {
         username: me.clone(),
@@ -40,36 +47,53 @@ async fn open_relay(session: &Session, username: &str) -> Result<Reply, WireErro
     if config.max_relays == 0 {
         return Err(WireError::Forbidden("this server relays nothing".into()));
     }
-    // The other side joins here: at this instance's relay address if its session is on
-    // another instance.
-    let addr = match directory.takes_pushes(username) {
-        Some(true) => None,
+    // Both sides join at this instance: at its relay address when it has one (so that
+    // joins behind a load balancer come back here), else where each side reaches it now.
+    let addr = directory.relay_addr();
+    match directory.takes_pushes(username) {
+        Some(true) => {}
         Some(false) => {
             return Err(WireError::Forbidden(format!(
                 "{username}'s node does not take relays (an older version)"
             )));
         }
-        None => Some(directory.relay_addr().ok_or_else(|| {
-            WireError::Forbidden(format!(
-                "{username} is registered with another instance, and this one has no relay \
-                 address for it (--relay-addr)"
-            ))
-        })?),
-    };
+        None => {
+            let online = directory
+                .storage
+                .online(username)
+                .await
+                .map_err(crate::mail::storage_error)?;
+            if online.is_none() {
+                return Err(WireError::Forbidden(format!("{username} is not online")));
+            }
+            if addr.is_none() {
+                return Err(WireError::Forbidden(format!(
+                    "{username} is registered with another instance, and this one has no \
+                     relay address for it (--relay-addr)"
+                )));
+            }
+        }
+    }
     let limits = RelayLimits {
         total: config.max_relays,
         per_user: config.max_relays_per_user,
     };
-    let token = directory.relays.open(me, username, limits)?;
+    let tokens = directory.relays.open(me, username, limits)?;
     let push = Push::RelayOffer {
         username: me.clone(),
-        ticket: WireRelayTicket { token, addr },
+        ticket: WireRelayTicket {
+            token: tokens.target,
+            addr,
+        },
     };
     if let Err(e) = directory.signal(username, push).await {
-        directory.relays.cancel(&token);
+        directory.relays.cancel(&tokens.opener);
         return Err(e);
     }
-    Ok(Reply::Relay(WireRelayTicket { token, addr: None }))
+    Ok(Reply::Relay(WireRelayTicket {
+        token: tokens.opener,
+        addr,
+    }))
 }
 
 /// The rules both requests share: a valid other user, within the request rate.
