@@ -66,7 +66,13 @@ impl Out {
 
 /// Starts the node described by `settings`. Failures are sentences for the user.
 async fn start(settings: &Settings) -> anyhow::Result<ChatNode> {
-    std::fs::create_dir_all(&settings.data_dir).with_context(|| {
+    // Private: it holds the identity key and the node database. Directories created here
+    // are 0700; an existing one keeps its mode.
+    let mut dirs = std::fs::DirBuilder::new();
+    dirs.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut dirs, 0o700);
+    dirs.create(&settings.data_dir).with_context(|| {
         format!(
             "Cannot create the data directory {}",
             settings.data_dir.display()

@@ -279,3 +279,41 @@ async fn two_users_who_cannot_be_dialed_chat_through_the_relay() {
         assert!(!said.iter().any(|l| l.contains("is offline")), "{said:?}");
     }
 }
+
+#[cfg(unix)]
+#[tokio::test]
+async fn the_data_directory_is_private_and_a_key_others_can_read_is_refused() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().mode() & 0o7777;
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("server")).await;
+
+    // A fresh --data-dir (and its missing parent) is created 0700, the key in it 0600.
+    let root = dir.path().join("clients");
+    let alice = Client::start(&root, "alice", &server).await;
+    assert_eq!(mode(&root), 0o700);
+    assert_eq!(mode(&root.join("alice")), 0o700);
+    assert_eq!(mode(&root.join("alice/identity.key")), 0o600);
+    alice.quit().await;
+
+    // A key file other users can read: the client says how to fix it and stops.
+    let key = root.join("alice/identity.key");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let refused = Client::spawn(&root, "alice", &server.addr, &[]);
+    let (status, stderr) = refused.exit_with_stderr().await;
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    let key = key.display();
+    assert!(
+        stderr.contains(&format!(
+            "Cannot use the identity key {key}: the key file {key} is readable by other users \
+             (mode 0644); run `chmod 600 {key}`"
+        )),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(
+        mode(&root.join("alice/identity.key")),
+        0o644,
+        "not repaired"
+    );
+}

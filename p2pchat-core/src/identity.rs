@@ -1,4 +1,5 @@
-//! Long-term identity keys: generation, storage (file mode 0600) and fingerprints.
+//! Long-term identity keys: generation, storage (file mode 0600, refused when other users
+//! can read or write it) and fingerprints.
 //!
 //! An [`Identity`] is one Ed25519 signing key. The X25519 key used for the pairwise
 //! agreement is derived from it (the standard Ed25519 → X25519 birational map, as
@@ -6,7 +7,7 @@
 //! to pin, publish and compare: [`PublicKey`].
 
 use std::fmt;
-use std::io::Write;
+use std::io::{Read, Write};
 use std::path::Path;
 
 use ed25519_dalek::{Signer, SigningKey, VerifyingKey};
@@ -41,6 +42,29 @@ pub enum IdentityError {
     /// 32 bytes that are not a valid Ed25519 public key.
     #[error("not a valid Ed25519 public key")]
     InvalidPublicKey,
+    /// The identity file can be read or written by users other than its owner (Unix: its
+    /// mode has group or other bits), so the secret key may be known to them. Refused on
+    /// load, not repaired: the user decides whether the key is still theirs alone.
+    #[error(
+        "the key file {path} is {} by other users (mode {mode:04o}); run `chmod 600 {path}`",
+        exposure(*.mode)
+    )]
+    Exposed {
+        /// The file involved.
+        path: String,
+        /// Its permission bits (`mode & 0o7777`).
+        mode: u32,
+    },
+}
+
+/// What the group and other bits of `mode` let other users do with a key file.
+fn exposure(mode: u32) -> &'static str {
+    match (mode & 0o044 != 0, mode & 0o022 != 0) {
+        (true, true) => "readable and writable",
+        (false, true) => "writable",
+        // Execute bits only: still not the owner's alone.
+        (true, false) | (false, false) => "readable",
+    }
 }
 
 /// A user's long-term identity: an Ed25519 key pair, from which the X25519 agreement key
@@ -67,8 +91,10 @@ impl Identity {
         }
     }
 
-    /// Loads the identity stored at `path`, or generates one and saves it there (mode 0600,
-    /// creating parent directories) when the file does not exist.
+    /// Loads the identity stored at `path`, or generates one and saves it there (as
+    /// [`Identity::save`] does: mode 0600, creating parent directories 0700) when the file
+    /// does not exist. A file that exists but cannot be used (malformed, or open to other
+    /// users: [`IdentityError::Exposed`]) is an error, never replaced.
     pub fn load_or_generate(path: impl AsRef<Path>) -> Result<Self, IdentityError> {
         let path = path.as_ref();
         match Self::load(path) {
@@ -85,13 +111,32 @@ impl Identity {
     }
 
     /// Loads an identity saved by [`Identity::save`].
+    ///
+    /// On Unix, a file that users other than its owner may read or write (mode
+    /// `& 0o077 != 0`, e.g. 0644) is refused with [`IdentityError::Exposed`], whose message
+    /// says how to fix it. The mode checked is that of the file opened (a symlink's target).
     pub fn load(path: impl AsRef<Path>) -> Result<Self, IdentityError> {
         let path = path.as_ref();
         let io = |source| IdentityError::Io {
             path: path.display().to_string(),
             source,
         };
-        let text = Zeroizing::new(std::fs::read_to_string(path).map_err(io)?);
+        let mut file = std::fs::File::open(path).map_err(io)?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let meta = file.metadata().map_err(io)?;
+            let mode = meta.permissions().mode() & 0o7777;
+            // A directory is left to the read below, which reports it as one.
+            if mode & 0o077 != 0 && !meta.is_dir() {
+                return Err(IdentityError::Exposed {
+                    path: path.display().to_string(),
+                    mode,
+                });
+            }
+        }
+        let mut text = Zeroizing::new(String::new());
+        file.read_to_string(&mut text).map_err(io)?;
         let malformed = || IdentityError::Malformed {
             path: path.display().to_string(),
         };
@@ -107,31 +152,68 @@ impl Identity {
 
     /// Saves the secret key to `path` with file mode 0600 (on Unix), atomically: a partial
     /// write never replaces a good file.
+    ///
+    /// The key is written to a new file of a random name in the same directory
+    /// (`.<file name>.<16 hex digits>.tmp`), created exclusively with mode 0600, synced, and
+    /// renamed over `path`; then the directory is synced (best effort). Nothing already at
+    /// the temporary name is reused or followed, so neither a leftover file's mode nor a
+    /// planted symlink carries over to the key. Missing parent directories are created, mode
+    /// 0700 on Unix; existing ones are left as they are.
     pub fn save(&self, path: impl AsRef<Path>) -> Result<(), IdentityError> {
         let path = path.as_ref();
         let io = |source| IdentityError::Io {
             path: path.display().to_string(),
             source,
         };
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(io)?;
+        let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
+        if let Some(dir) = dir {
+            let mut builder = std::fs::DirBuilder::new();
+            builder.recursive(true);
+            #[cfg(unix)]
+            std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+            builder.create(dir).map_err(io)?;
         }
+        let name = path.file_name().ok_or_else(|| {
+            io(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "not a file name",
+            ))
+        })?;
+        let tmp = path.with_file_name(format!(
+            ".{}.{}.tmp",
+            name.to_string_lossy(),
+            hex::encode(rand::random::<[u8; 8]>())
+        ));
         let contents = Zeroizing::new(format!(
             "{IDENTITY_FILE_HEADER}\n{}\n",
             hex::encode(self.signing.to_bytes())
         ));
-        let tmp = path.with_extension("tmp");
         let mut options = std::fs::OpenOptions::new();
-        options.write(true).create(true).truncate(true);
+        // `create_new` is O_CREAT | O_EXCL: it fails on anything already at `tmp`, a symlink
+        // (even a dangling one) included, so no O_NOFOLLOW is needed (and `libc` is not a
+        // dependency of this crate).
+        options.write(true).create_new(true);
         #[cfg(unix)]
-        {
-            use std::os::unix::fs::OpenOptionsExt;
-            options.mode(0o600);
-        }
+        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
         let mut file = options.open(&tmp).map_err(io)?;
-        file.write_all(contents.as_bytes()).map_err(io)?;
-        file.sync_all().map_err(io)?;
-        std::fs::rename(&tmp, path).map_err(io)
+        let written = file
+            .write_all(contents.as_bytes())
+            .and_then(|()| file.sync_all())
+            .and_then(|()| {
+                drop(file);
+                std::fs::rename(&tmp, path)
+            });
+        if let Err(e) = written {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(io(e));
+        }
+        // Make the rename itself durable. Best effort: the key is in place either way, and
+        // some file systems refuse to sync a directory.
+        #[cfg(unix)]
+        if let Ok(dir) = std::fs::File::open(dir.unwrap_or(Path::new("."))) {
+            let _ = dir.sync_all();
+        }
+        Ok(())
     }
 
     /// The public half, safe to publish.
@@ -298,9 +380,75 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("identity.key");
         std::fs::write(&path, "hello").unwrap();
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        }
         let err = Identity::load_or_generate(&path).unwrap_err();
         assert!(matches!(err, IdentityError::Malformed { .. }), "{err}");
         assert_eq!(std::fs::read_to_string(&path).unwrap(), "hello");
+    }
+
+    #[test]
+    fn save_replaces_the_key_and_leaves_no_temporary_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("identity.key");
+        for _ in 0..3 {
+            let identity = Identity::generate();
+            identity.save(&path).unwrap();
+            assert_eq!(
+                Identity::load(&path).unwrap().public_key(),
+                identity.public_key()
+            );
+        }
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["identity.key"]);
+    }
+
+    #[test]
+    fn save_to_a_path_without_a_file_name_fails_cleanly() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = Identity::generate()
+            .save(dir.path().join(".."))
+            .unwrap_err();
+        assert!(matches!(err, IdentityError::Io { .. }), "{err:?}");
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_key_file_open_to_other_users_is_refused_with_the_fix() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("identity.key");
+        Identity::generate().save(&path).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let err = Identity::load_or_generate(&path).unwrap_err();
+        assert!(
+            matches!(err, IdentityError::Exposed { mode: 0o644, .. }),
+            "{err:?}"
+        );
+        let shown = path.display();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "the key file {shown} is readable by other users (mode 0644); \
+                 run `chmod 600 {shown}`"
+            )
+        );
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        Identity::load(&path).unwrap();
+    }
+
+    #[test]
+    fn exposure_names_what_other_users_can_do() {
+        assert_eq!(exposure(0o644), "readable");
+        assert_eq!(exposure(0o620), "writable");
+        assert_eq!(exposure(0o666), "readable and writable");
+        assert_eq!(exposure(0o601), "readable");
     }
 
     #[test]

@@ -269,10 +269,16 @@ async fn run(args: ServeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Loads the operator key, creating it (and its directory) on first start.
+/// Loads the operator key, creating it (mode 0600) and its directory (0700, when missing) on
+/// first start. A key file other users can read or write is refused, with how to fix it.
 fn load_or_create_operator_key(path: &std::path::Path) -> anyhow::Result<Identity> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        let mut dirs = std::fs::DirBuilder::new();
+        dirs.recursive(true);
+        #[cfg(unix)]
+        std::os::unix::fs::DirBuilderExt::mode(&mut dirs, 0o700);
+        dirs.create(dir)
+            .with_context(|| format!("cannot create {}", dir.display()))?;
     }
     Identity::load_or_generate(path)
         .with_context(|| format!("cannot use the operator key {}", path.display()))

@@ -11,6 +11,7 @@ mod it {
     pub mod conformance;
     pub mod counts;
     pub mod doc_limits;
+    pub mod files;
     pub mod fuzz_regressions;
     pub mod hostile;
     pub mod kills;

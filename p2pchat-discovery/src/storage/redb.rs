@@ -95,6 +95,10 @@ impl RedbStorage {
     /// Opens (or creates) the directory in `data_dir`, creating the directory if needed, with
     /// mailboxes of [`DEFAULT_MAILBOX_QUOTA`] messages.
     ///
+    /// On Unix, directories it creates are mode 0700 (an existing `data_dir` keeps its mode),
+    /// and `directory.redb` is made 0600, when created and when opened (a file left 0644 by
+    /// an earlier version is tightened).
+    ///
     /// Fails if another process has the file open.
     pub fn open(data_dir: &Path) -> Result<Self, StorageError> {
         Self::open_with_quota(data_dir, DEFAULT_MAILBOX_QUOTA)
@@ -102,11 +106,33 @@ impl RedbStorage {
 
     /// As [`RedbStorage::open`], with mailboxes holding at most `quota` messages.
     pub fn open_with_quota(data_dir: &Path, quota: usize) -> Result<Self, StorageError> {
-        std::fs::create_dir_all(data_dir).map_err(|e| StorageError::Open {
+        let mut dirs = std::fs::DirBuilder::new();
+        dirs.recursive(true);
+        #[cfg(unix)]
+        std::os::unix::fs::DirBuilderExt::mode(&mut dirs, 0o700);
+        dirs.create(data_dir).map_err(|e| StorageError::Open {
             path: data_dir.to_owned(),
             source: Cause::new(e),
         })?;
         let path = data_dir.join(DIRECTORY_FILE);
+        let open_error = |e: std::io::Error| StorageError::Open {
+            path: path.clone(),
+            source: Cause::new(e),
+        };
+        // Created here 0600 rather than by redb (which would make it 0666 less the umask);
+        // redb initializes an empty file as a new database.
+        let mut options = std::fs::OpenOptions::new();
+        options.read(true).write(true).create(true).truncate(false);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+        let file = options.open(&path).map_err(open_error)?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            file.set_permissions(std::fs::Permissions::from_mode(0o600))
+                .map_err(open_error)?;
+        }
+        drop(file);
         let db = Database::create(&path).map_err(|e| StorageError::Open {
             path: path.clone(),
             source: Cause::new(e),
