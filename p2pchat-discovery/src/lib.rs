@@ -60,6 +60,6 @@ pub mod testing;
 pub use config::Config;
 pub use directory::Directory;
 pub use operator::{RelayError, relay_announcement};
-pub use server::serve;
+pub use server::{serve, serve_connection};
 pub use session::{MAX_IN_FLIGHT, WRITE_TIMEOUT};
 pub use storage::{RedbStorage, RedisStorage, Storage, StorageError};

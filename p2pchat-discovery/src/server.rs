@@ -16,6 +16,24 @@ use crate::session;
 /// Wait after a failed `accept` (out of descriptors, say) before trying again.
 const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
 
+/// Serves one connection over any byte stream (a TLS stream, a stream behind a proxy that
+/// tells the client's address, a test's pipe) as if `peer` had connected: registration,
+/// requests, pushes, or one side of a relay, under the same limits as [`serve`]'s. Returns
+/// when the connection ends or `stop` is cancelled. The dispatcher and sweeper run in
+/// [`serve`]; without it, presence pushes and expiry do not happen.
+pub async fn serve_connection<R, W>(
+    directory: Arc<Directory>,
+    read: R,
+    write: W,
+    peer: std::net::SocketAddr,
+    stop: CancellationToken,
+) where
+    R: tokio::io::AsyncRead + Send + Unpin + 'static,
+    W: tokio::io::AsyncWrite + Send + Unpin + 'static,
+{
+    session::serve_connection(directory, read, write, peer, stop).await;
+}
+
 /// Serves discovery sessions on `listener` until `shutdown` completes.
 ///
 /// On shutdown it stops accepting, tells every session the server is going away (each

@@ -1,7 +1,7 @@
 //! Registration: the challenge, the signed claim, the name's key, the presence lease.
 
 use std::collections::HashSet;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use futures::StreamExt;
@@ -87,6 +87,17 @@ pub(super) async fn apply<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     } else {
         claim.announce.clone()
     };
+    // Only addresses other nodes may be sent to dial (and the probe to try).
+    let addrs: Vec<SocketAddr> = addrs
+        .into_iter()
+        .filter(|a| {
+            let ok = publishable(*a, peer.ip());
+            if !ok {
+                tracing::debug!(addr = %a, observed = %peer.ip(), "not published");
+            }
+            ok
+        })
+        .collect();
     // A node that takes part in reachability is published only at the addresses where the
     // probe reached it (none if it says it cannot be dialed); an older node, as it says.
     let addrs = match reach {
@@ -201,5 +212,110 @@ async fn probe_one(addr: SocketAddr, key: &PublicKey) -> bool {
             key.verify(&probe_transcript(&nonce), &signature)
         }
         _ => false,
+    }
+}
+
+/// Whether `addr` may be published for a node the server sees connecting from `observed`:
+/// a real port on a unicast address; a loopback address only for a node connecting over
+/// loopback; a private or link-local one (IPv4 10/8, 172.16/12, 192.168/16, 169.254/16,
+/// 100.64/10; IPv6 fc00::/7, fe80::/10) only for a node the server sees on a loopback or
+/// private address itself. So a registration cannot offer remote peers targets inside
+/// their own networks (a database port, an SSH daemon) that are not where its node is.
+pub(crate) fn publishable(addr: SocketAddr, observed: IpAddr) -> bool {
+    let ip = addr.ip().to_canonical();
+    let observed = observed.to_canonical();
+    if addr.port() == 0 || ip.is_unspecified() || ip.is_multicast() {
+        return false;
+    }
+    if let IpAddr::V4(v4) = ip
+        && v4.is_broadcast()
+    {
+        return false;
+    }
+    if ip.is_loopback() {
+        return observed.is_loopback();
+    }
+    if is_local(ip) {
+        return observed.is_loopback() || is_local(observed);
+    }
+    true
+}
+
+/// A private, shared (CGNAT) or link-local address.
+fn is_local(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => {
+            let [a, b, ..] = v4.octets();
+            v4.is_private() || v4.is_link_local() || (a == 100 && (64..128).contains(&b))
+        }
+        IpAddr::V6(v6) => {
+            let first = v6.segments()[0];
+            (first & 0xfe00) == 0xfc00 || (first & 0xffc0) == 0xfe80
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ok(addr: &str, observed: &str) -> bool {
+        publishable(addr.parse().unwrap(), observed.parse().unwrap())
+    }
+
+    #[test]
+    fn public_addresses_are_published_from_anywhere() {
+        for observed in ["203.0.113.9", "10.1.2.3", "127.0.0.1", "2001:db8::1"] {
+            assert!(ok("198.51.100.7:6000", observed), "{observed}");
+            assert!(ok("[2001:db8::7]:6000", observed), "{observed}");
+        }
+    }
+
+    #[test]
+    fn loopback_only_for_a_node_on_loopback() {
+        assert!(ok("127.0.0.1:22", "127.0.0.1"));
+        assert!(ok("[::1]:22", "::1"));
+        assert!(ok("127.0.0.1:22", "::ffff:127.0.0.1"));
+        assert!(!ok("127.0.0.1:22", "203.0.113.9"));
+        assert!(!ok("127.0.0.1:22", "10.0.0.9"));
+        assert!(!ok("[::1]:22", "2001:db8::1"));
+        assert!(!ok("[::ffff:127.0.0.1]:22", "203.0.113.9"));
+    }
+
+    #[test]
+    fn private_and_link_local_only_for_a_node_on_a_local_network() {
+        for target in [
+            "10.0.0.5:6379",
+            "172.16.3.4:5432",
+            "192.168.1.1:80",
+            "169.254.169.254:80",
+            "100.64.0.1:80",
+            "[fd00::5]:6379",
+            "[fe80::1]:22",
+        ] {
+            assert!(!ok(target, "203.0.113.9"), "{target} from a public address");
+            assert!(!ok(target, "2001:db8::1"), "{target} from a public address");
+            assert!(ok(target, "10.9.9.9"), "{target} from a private address");
+            assert!(ok(target, "127.0.0.1"), "{target} from loopback");
+        }
+        assert!(ok("172.32.0.1:80", "203.0.113.9"), "just outside 172.16/12");
+        assert!(
+            ok("100.128.0.1:80", "203.0.113.9"),
+            "just outside 100.64/10"
+        );
+    }
+
+    #[test]
+    fn no_port_zero_unspecified_multicast_or_broadcast() {
+        for target in [
+            "198.51.100.7:0",
+            "0.0.0.0:6000",
+            "[::]:6000",
+            "224.0.0.1:6000",
+            "[ff02::1]:6000",
+            "255.255.255.255:6000",
+        ] {
+            assert!(!ok(target, "127.0.0.1"), "{target}");
+        }
     }
 }

@@ -770,3 +770,114 @@ async fn connect_back_is_refused_to_a_user_whose_addresses_the_probe_did_not_ver
     }
     drop(bob);
 }
+
+/// Registers `name` over a pipe as a client the server sees at `observed`, announcing
+/// `announce` the older way (no probe), and returns the published addresses.
+async fn published_for(
+    server: &TestServer,
+    name: &str,
+    observed: SocketAddr,
+    announce: Vec<SocketAddr>,
+) -> Vec<SocketAddr> {
+    use futures::{SinkExt, StreamExt};
+    use p2pchat_core::protocol::FrameCodec;
+    use p2pchat_core::protocol::discovery::{
+        Claim, ClientFrame, RegisterRequest, ServerFrame, register_transcript,
+    };
+    use tokio_util::codec::{FramedRead, FramedWrite};
+    let (client, server_end) = tokio::io::duplex(64 << 10);
+    let (read, write) = tokio::io::split(server_end);
+    let stop = tokio_util::sync::CancellationToken::new();
+    let serving = tokio::spawn(p2pchat_discovery::serve_connection(
+        server.server.clone(),
+        read,
+        write,
+        observed,
+        stop.clone(),
+    ));
+    let (r, w) = tokio::io::split(client);
+    let mut reader = FramedRead::new(r, FrameCodec::<ServerFrame>::default());
+    let mut writer = FramedWrite::new(w, FrameCodec::<ClientFrame>::default());
+    let Some(Ok(ServerFrame::Challenge { nonce })) = reader.next().await else {
+        panic!("a challenge first")
+    };
+    let identity = Identity::generate();
+    let claim = Claim {
+        username: name.into(),
+        public_key: identity.public_key(),
+        listen_port: 7000,
+        announce,
+    };
+    let signature = identity.sign(&register_transcript(&nonce, &claim));
+    writer
+        .send(ClientFrame::Register(Box::new(RegisterRequest {
+            claim,
+            signature,
+        })))
+        .await
+        .unwrap();
+    let Some(Ok(ServerFrame::Registered(registered))) = reader.next().await else {
+        panic!("registered")
+    };
+    stop.cancel();
+    let _ = serving.await;
+    registered.addrs
+}
+
+#[tokio::test]
+async fn a_node_cannot_publish_targets_inside_other_peoples_networks() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(fast_config(), redb(dir.path())).await;
+    let targets: Vec<SocketAddr> = [
+        "10.0.0.5:6379",
+        "127.0.0.1:22",
+        "192.168.1.1:80",
+        "[fe80::1]:22",
+        "0.0.0.0:7000",
+        "198.51.100.7:0",
+        "198.51.100.7:6000",
+    ]
+    .iter()
+    .map(|a| a.parse().unwrap())
+    .collect();
+    // Seen from a public address: only the public target with a real port is published.
+    let public = published_for(
+        &server,
+        "mallory",
+        "203.0.113.9:40000".parse().unwrap(),
+        targets.clone(),
+    )
+    .await;
+    assert_eq!(public, ["198.51.100.7:6000".parse::<SocketAddr>().unwrap()]);
+    // Seen on a private network: its private addresses may be where the node is; loopback
+    // may not.
+    let private = published_for(
+        &server,
+        "lan",
+        "10.1.2.3:40000".parse().unwrap(),
+        targets.clone(),
+    )
+    .await;
+    let expected: Vec<SocketAddr> = [
+        "10.0.0.5:6379",
+        "192.168.1.1:80",
+        "[fe80::1]:22",
+        "198.51.100.7:6000",
+    ]
+    .iter()
+    .map(|a| a.parse().unwrap())
+    .collect();
+    assert_eq!(private, expected);
+    // Nothing announced: the observed address with the listen port, public or not.
+    let observed = published_for(
+        &server,
+        "plain",
+        "203.0.113.9:40000".parse().unwrap(),
+        Vec::new(),
+    )
+    .await;
+    assert_eq!(
+        observed,
+        ["203.0.113.9:7000".parse::<SocketAddr>().unwrap()]
+    );
+}
