@@ -313,6 +313,7 @@ async fn main() -> anyhow::Result<()> {
     // default, 1,000 a second after a burst of 10,000, the three runs would exceed).
     let config = Config {
         deposits_per_second_per_user: 0,
+        new_claims_per_hour_per_ip: 0,
         ..Config::default()
     };
     let server = Directory::new(config, storage);

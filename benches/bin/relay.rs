@@ -112,6 +112,8 @@ impl Server {
         Self::with(Config {
             relay_bytes_per_second: 0,
             registrations_per_second_per_ip: 0,
+            new_claims_per_hour_per_ip: 0,
+            lookups_per_second_per_ip: 0,
             max_connections_per_ip: 100_000,
             ..Config::default()
         })
@@ -126,6 +128,8 @@ impl Server {
             probe_timeout: Duration::ZERO,
             max_relays: 0,
             registrations_per_second_per_ip: 0,
+            new_claims_per_hour_per_ip: 0,
+            lookups_per_second_per_ip: 0,
             max_connections_per_ip: 100_000,
             ..Config::default()
         })

@@ -235,7 +235,8 @@ pub trait DiscoverySession: Debug + Send + Sync + 'static {
         after: Option<String>,
         limit: usize,
     ) -> Result<Page, DiscoveryError>;
-    /// Asks for presence events about `username` from now on.
+    /// Asks for presence events about `username` from now on. Only a name somebody holds
+    /// can be watched ([`DiscoveryError::Refused`] otherwise).
     async fn watch(&self, username: &str) -> Result<(), DiscoveryError>;
     /// Goes offline now. Later calls fail with [`DiscoveryError::Closed`].
     async fn deregister(&self) -> Result<(), DiscoveryError>;

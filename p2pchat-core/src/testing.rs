@@ -250,12 +250,23 @@ where
         other => panic!("bad usernames must be refused, got {other:?}"),
     }
 
-    // Watching presence: pushed on register and on deregister.
+    // Watching presence: only names somebody holds; pushed on register and on deregister.
     let (watch_tx, mut watch_rx) = mpsc::channel(64);
     let watcher = dir
         .register(&mallory, registration("mallory", 4004), watch_tx)
         .await
         .expect("register watcher");
+    match watcher.watch("nobody-holds-this").await {
+        Err(DiscoveryError::Refused(_)) => {}
+        other => panic!("a watch on a name nobody holds must be refused, got {other:?}"),
+    }
+    let b = dir
+        .register(&bob, registration("bob", 4005), tx.clone())
+        .await
+        .expect("register bob");
+    b.deregister()
+        .await
+        .expect("bob goes away, keeping the name");
     watcher.watch("bob").await.expect("watch");
     let b = dir
         .register(&bob, registration("bob", 4005), tx.clone())

@@ -19,6 +19,21 @@ pub const MAX_CONNECTIONS_PER_IP: usize = 256;
 /// Default: 20.
 pub const REGISTRATIONS_PER_SECOND_PER_IP: u32 = 20;
 
+/// New names one IP address may claim per hour (bursts of as many); renewing one's own
+/// claim does not count. Default: 10.
+pub const NEW_CLAIMS_PER_HOUR_PER_IP: u32 = 10;
+
+/// Lookups and listing pages per second one session may ask for (bursts of twice as many).
+/// Default: 50.
+pub const LOOKUPS_PER_SECOND_PER_SESSION: u32 = 50;
+
+/// Lookups and listing pages per second from one IP address, all its sessions together
+/// (bursts of twice as many). Default: 1,000.
+pub const LOOKUPS_PER_SECOND_PER_IP: u32 = 1_000;
+
+/// Watches held on this instance, all sessions together. Default: 1,000,000.
+pub const MAX_TOTAL_WATCHES: usize = 1_000_000;
+
 /// Deposits per second allowed from one user into the mailboxes (bursts of
 /// [`DEPOSIT_BURST`]). Default: 1,000.
 pub const DEPOSITS_PER_SECOND_PER_USER: u32 = 1_000;
@@ -86,6 +101,14 @@ pub struct Config {
     pub registrations_per_second_per_ip: u32,
     /// 0 means unlimited. By default, [`DEPOSITS_PER_SECOND_PER_USER`].
     pub deposits_per_second_per_user: u32,
+    /// 0 means unlimited. By default, [`NEW_CLAIMS_PER_HOUR_PER_IP`].
+    pub new_claims_per_hour_per_ip: u32,
+    /// 0 means unlimited. By default, [`LOOKUPS_PER_SECOND_PER_SESSION`].
+    pub lookups_per_second_per_session: u32,
+    /// 0 means unlimited. By default, [`LOOKUPS_PER_SECOND_PER_IP`].
+    pub lookups_per_second_per_ip: u32,
+    /// By default, [`MAX_TOTAL_WATCHES`].
+    pub max_total_watches: usize,
     /// The key that signs announcements. Nodes learn its public half at registration and
     /// pin it. By default, none: the server relays no announcements.
     pub operator: Option<Identity>,
@@ -120,6 +143,10 @@ impl Default for Config {
             max_connections_per_ip: MAX_CONNECTIONS_PER_IP,
             registrations_per_second_per_ip: REGISTRATIONS_PER_SECOND_PER_IP,
             deposits_per_second_per_user: DEPOSITS_PER_SECOND_PER_USER,
+            new_claims_per_hour_per_ip: NEW_CLAIMS_PER_HOUR_PER_IP,
+            lookups_per_second_per_session: LOOKUPS_PER_SECOND_PER_SESSION,
+            lookups_per_second_per_ip: LOOKUPS_PER_SECOND_PER_IP,
+            max_total_watches: MAX_TOTAL_WATCHES,
             operator: None,
             probe_timeout: PROBE_TIMEOUT,
             max_relays: MAX_RELAYS,

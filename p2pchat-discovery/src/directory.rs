@@ -49,11 +49,19 @@ pub struct Directory {
     pub(crate) storage: Arc<dyn Storage>,
     pub(crate) connections: Arc<ConnectionLimits>,
     pub(crate) registrations: KeyedRate<IpAddr>,
+    /// New names claimed per address and hour.
+    pub(crate) new_claims: KeyedRate<IpAddr>,
+    /// Lookups and listing pages per address.
+    pub(crate) lookups: KeyedRate<IpAddr>,
+    /// Watch entries held here, all sessions together.
+    watch_count: std::sync::atomic::AtomicUsize,
     /// The mailboxes, with the deposit rules.
     pub(crate) mail: Mail,
     /// The operator key's public half, if the server has one.
     pub(crate) operator_key: Option<PublicKey>,
-    /// Announcements relayed recently (no replays through this server).
+    /// Announcements relayed recently (no replays through this server, whichever way they
+    /// come: an operator's connection or the Redis channel), seeded at start from the
+    /// storage's record, so a restart does not relay one again.
     announced: Mutex<AnnouncementGuard>,
     /// watched username → watching sessions here → their push queues.
     watchers: Mutex<HashMap<String, HashMap<SessionId, mpsc::Sender<Push>>>>,
@@ -89,6 +97,12 @@ impl Directory {
                 config.registrations_per_second_per_ip.saturating_mul(2),
             ),
             mail: Mail::new(storage.clone(), config.deposits_per_second_per_user),
+            new_claims: KeyedRate::per_hour(config.new_claims_per_hour_per_ip),
+            lookups: KeyedRate::new(
+                config.lookups_per_second_per_ip,
+                config.lookups_per_second_per_ip.saturating_mul(2),
+            ),
+            watch_count: std::sync::atomic::AtomicUsize::new(0),
             reach_requests: KeyedRate::new(
                 config.reach_requests_per_second_per_user,
                 config.reach_requests_per_second_per_user.saturating_mul(2),
@@ -227,18 +241,43 @@ impl Directory {
         }
     }
 
-    pub(crate) fn watch(&self, target: &str, id: SessionId, pushes: mpsc::Sender<Push>) {
-        self.watchers
+    /// Adds a watch of `target` by session `id`; `false` when the server holds
+    /// [`Config::max_total_watches`] already.
+    pub(crate) fn watch(&self, target: &str, id: SessionId, pushes: mpsc::Sender<Push>) -> bool {
+        use std::sync::atomic::Ordering;
+        let max = self.config.max_total_watches;
+        let taken = self
+            .watch_count
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            });
+        if taken.is_err() {
+            return false;
+        }
+        let replaced = self
+            .watchers
             .lock()
             .entry(target.to_owned())
             .or_default()
             .insert(id, pushes);
+        if replaced.is_some() {
+            self.watch_count.fetch_sub(1, Ordering::AcqRel);
+        }
+        true
+    }
+
+    /// Watches held on this instance now.
+    pub fn watches(&self) -> usize {
+        self.watch_count.load(std::sync::atomic::Ordering::Acquire)
     }
 
     pub(crate) fn unwatch(&self, target: &str, id: SessionId) {
         let mut watchers = self.watchers.lock();
         if let Some(w) = watchers.get_mut(target) {
-            w.remove(&id);
+            if w.remove(&id).is_some() {
+                self.watch_count
+                    .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+            }
             if w.is_empty() {
                 watchers.remove(target);
             }
@@ -278,7 +317,7 @@ impl Directory {
     }
 
     /// Checks an announcement submitted to this server: signed by its operator key, fresh,
-    /// not relayed before.
+    /// not relayed before (by this instance, before or since its last start).
     pub(crate) fn admit_announcement(&self, a: &Announcement) -> Result<(), WireError> {
         let Some(operator) = self.operator_key else {
             return Err(WireError::Forbidden(
@@ -291,8 +330,40 @@ impl Directory {
             .map_err(|e| WireError::Forbidden(format!("announcement refused: {e}")))
     }
 
+    /// Loads the announcements this server (or another instance sharing its storage)
+    /// relayed recently, so none of them is relayed again after a restart.
+    pub(crate) async fn load_announced(&self) {
+        let max_age = p2pchat_core::announce::ANNOUNCEMENT_MAX_AGE;
+        let since = crate::storage::unix_ms(SystemTime::now() - max_age);
+        match self.storage.recent_announcements(since).await {
+            Ok(recent) => {
+                let mut guard = self.announced.lock();
+                let seen: Vec<(String, u64)> = guard
+                    .seen()
+                    .map(|(id, at)| (id.clone(), *at))
+                    .chain(recent)
+                    .collect();
+                *guard = AnnouncementGuard::with_seen(seen);
+            }
+            Err(e) => {
+                tracing::warn!(error = %chain(&e), "cannot read the announcements relayed before")
+            }
+        }
+    }
+
+    /// Records a relayed announcement in the storage, for the next start.
+    pub(crate) async fn record_announced(&self, a: &Announcement) {
+        if let Err(e) = self
+            .storage
+            .record_announcement(&a.id, a.issued_at_ms)
+            .await
+        {
+            tracing::warn!(id = %a.id, error = %chain(&e), "cannot record a relayed announcement");
+        }
+    }
+
     /// Sends an announcement to every session registered here; returns how many.
-    fn relay(&self, a: &Announcement) -> u64 {
+    pub(crate) fn relay(&self, a: &Announcement) -> u64 {
         let sessions = self.sessions.lock();
         let mut sent = 0;
         for (user, session) in sessions.iter() {
@@ -307,14 +378,16 @@ impl Directory {
         sent
     }
 
-    /// Relays an announcement from the feed if the operator key signed it (on Redis anyone
-    /// can publish on the channel; nodes check again with the key they pinned).
-    fn relay_from_feed(&self, a: &Announcement) -> u64 {
-        match self.operator_key.map(|key| a.verify(&key)) {
-            Some(Ok(())) => self.relay(a),
-            _ => {
-                tracing::debug!(id = %a.id, "not relaying an announcement the operator did not sign");
-                0
+    /// Relays an announcement from the feed (another instance's, or anything published on
+    /// the Redis channel) under the same guard as a submitted one: signed by the operator
+    /// key, fresh, not relayed here before (this instance's own submissions come back on the
+    /// feed and are dropped here: they were relayed when submitted). `None`: dropped.
+    fn relay_from_feed(&self, a: &Announcement) -> Option<u64> {
+        match self.admit_announcement(a) {
+            Ok(()) => Some(self.relay(a)),
+            Err(e) => {
+                tracing::debug!(id = %a.id, reason = %e, "not relaying an announcement");
+                None
             }
         }
     }
@@ -338,8 +411,10 @@ impl Directory {
                 },
                 a = announcements.recv() => match a {
                     Ok(a) => {
-                        let sent = self.relay_from_feed(&a);
-                        tracing::info!(id = %a.id, sessions = sent, "announcement relayed");
+                        if let Some(sent) = self.relay_from_feed(&a) {
+                            tracing::info!(id = %a.id, sessions = sent, "announcement relayed");
+                            self.record_announced(&a).await;
+                        }
                     }
                     Err(broadcast::error::RecvError::Lagged(n)) => {
                         tracing::warn!(missed = n, "announcement feed lagged");
@@ -375,6 +450,8 @@ impl Directory {
                     self.registrations.forget_idle();
                     self.mail.forget_idle();
                     self.reach_requests.forget_idle();
+                    self.new_claims.forget_idle();
+                    self.lookups.forget_idle();
                     self.connect_backs.forget_idle();
                 }
             }

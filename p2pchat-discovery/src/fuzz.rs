@@ -80,6 +80,7 @@ fn harness() -> &'static Harness {
         drop(dir);
         let config = Config {
             registrations_per_second_per_ip: 0,
+            new_claims_per_hour_per_ip: 0,
             deposits_per_second_per_user: 0,
             operator: Some(Identity::from_secret_bytes(&OPERATOR_SECRET)),
             ..Config::default()

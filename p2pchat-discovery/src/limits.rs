@@ -29,6 +29,12 @@ impl<K: Hash + Eq + Clone> KeyedRate<K> {
         Self { limiter }
     }
 
+    /// `per_hour == 0` means unlimited; bursts of `per_hour`.
+    pub(crate) fn per_hour(per_hour: u32) -> Self {
+        let limiter = NonZeroU32::new(per_hour).map(|n| RateLimiter::keyed(Quota::per_hour(n)));
+        Self { limiter }
+    }
+
     /// Takes one from `key`'s allowance; `false` when it is spent.
     pub(crate) fn allow(&self, key: &K) -> bool {
         self.limiter

@@ -13,8 +13,10 @@ use p2pchat_core::protocol::discovery::DEFAULT_DISCOVERY_ADDR;
 use p2pchat_core::store::DEFAULT_ANNOUNCEMENT_CHANNEL;
 use p2pchat_core::{Announcement, Identity};
 use p2pchat_discovery::config::{
-    DEFAULT_LISTEN_ADDR, MAX_CONNECTIONS, MAX_CONNECTIONS_PER_IP, MAX_RELAYS, MAX_RELAYS_PER_USER,
-    PROBE_TIMEOUT, REGISTRATIONS_PER_SECOND_PER_IP, RELAY_BYTES_PER_SECOND, RELAY_IDLE_TIMEOUT,
+    DEFAULT_LISTEN_ADDR, LOOKUPS_PER_SECOND_PER_IP, LOOKUPS_PER_SECOND_PER_SESSION,
+    MAX_CONNECTIONS, MAX_CONNECTIONS_PER_IP, MAX_RELAYS, MAX_RELAYS_PER_USER, MAX_TOTAL_WATCHES,
+    NEW_CLAIMS_PER_HOUR_PER_IP, PROBE_TIMEOUT, REGISTRATIONS_PER_SECOND_PER_IP,
+    RELAY_BYTES_PER_SECOND, RELAY_IDLE_TIMEOUT,
 };
 use p2pchat_discovery::storage::RedisStorageConfig;
 use p2pchat_discovery::{
@@ -100,6 +102,20 @@ struct ServeArgs {
     /// Registrations per second from one IP address (0: unlimited).
     #[arg(long, default_value_t = REGISTRATIONS_PER_SECOND_PER_IP)]
     registrations_per_second: u32,
+    /// New names one IP address may claim per hour; renewals do not count (0: unlimited).
+    #[arg(long, default_value_t = NEW_CLAIMS_PER_HOUR_PER_IP)]
+    new_claims_per_hour: u32,
+    /// Lookups and listing pages per second from one IP address, bursts of twice that (0:
+    /// unlimited).
+    #[arg(long, default_value_t = LOOKUPS_PER_SECOND_PER_IP)]
+    lookups_per_second: u32,
+    /// Lookups and listing pages per second one session may ask for, bursts of twice that
+    /// (0: unlimited).
+    #[arg(long, default_value_t = LOOKUPS_PER_SECOND_PER_SESSION)]
+    lookups_per_second_per_session: u32,
+    /// Watches held at once, all sessions together.
+    #[arg(long, default_value_t = MAX_TOTAL_WATCHES)]
+    max_watches: usize,
     /// Milliseconds the reachability probe of a registering node may take (0: no probe;
     /// nodes are published as they say).
     #[arg(long, default_value_t = PROBE_TIMEOUT.as_millis() as u64)]
@@ -228,6 +244,10 @@ async fn run(args: ServeArgs) -> anyhow::Result<()> {
         registrations_per_second_per_ip: args.registrations_per_second,
         operator: Some(operator),
         probe_timeout: Duration::from_millis(args.probe_timeout_ms),
+        new_claims_per_hour_per_ip: args.new_claims_per_hour,
+        lookups_per_second_per_ip: args.lookups_per_second,
+        lookups_per_second_per_session: args.lookups_per_second_per_session,
+        max_total_watches: args.max_watches,
         max_relays: args.max_relays,
         max_relays_per_user: args.max_relays_per_user,
         relay_bytes_per_second: args.relay_bytes_per_second,

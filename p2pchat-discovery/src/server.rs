@@ -45,6 +45,8 @@ pub async fn serve(
 ) {
     let stop = CancellationToken::new();
     let tasks = TaskTracker::new();
+    // What was relayed before the last stop is not relayed again.
+    directory.load_announced().await;
     // Subscribe before the first session can register, so no change is missed.
     let feed = directory.storage.presence_changes();
     let announcements = directory.storage.announcements();

@@ -238,6 +238,15 @@ pub trait Storage: Debug + Send + Sync + 'static {
     /// instance; on Redis, anything on the announcement channel, still to be verified).
     fn announcements(&self) -> broadcast::Receiver<Announcement>;
 
+    /// Records that announcement `id` (issued at `issued_at_ms`) was relayed, durably, so a
+    /// restarted instance does not relay it again. Entries older than
+    /// `p2pchat_core::announce::ANNOUNCEMENT_MAX_AGE` may be forgotten.
+    async fn record_announcement(&self, id: &str, issued_at_ms: u64) -> Result<(), StorageError>;
+
+    /// The announcements recorded and issued at `since_ms` or later: id → issued-at ms.
+    async fn recent_announcements(&self, since_ms: u64)
+    -> Result<Vec<(String, u64)>, StorageError>;
+
     /// Hands a signal to every instance sharing the backend (for a user whose session is
     /// not on this one).
     async fn publish_signal(&self, signal: &Signal) -> Result<(), StorageError>;

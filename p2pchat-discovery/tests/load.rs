@@ -438,6 +438,8 @@ async fn a_thousand_nodes_with_churn_show_every_message_once_in_bounded_memory()
     let config = Config {
         max_connections_per_ip: 4 * NODES,
         registrations_per_second_per_ip: 0,
+        new_claims_per_hour_per_ip: 0,
+        lookups_per_second_per_ip: 0,
         ..Config::default()
     };
     let storage = RedbStorage::open(&dir.path().join("server")).unwrap();

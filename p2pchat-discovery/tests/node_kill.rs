@@ -407,6 +407,7 @@ async fn start_server(dir: &Path) -> (SocketAddr, tokio::sync::oneshot::Sender<(
     let config = Config {
         presence_ttl: Duration::from_secs(3),
         registrations_per_second_per_ip: 0,
+        new_claims_per_hour_per_ip: 0,
         ..Config::default()
     };
     let server = Directory::new(config, RedbStorage::open(dir).unwrap());

@@ -5,6 +5,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod it {
+    pub mod abuse;
     pub mod announce;
     pub mod bad_input;
     pub mod binary;

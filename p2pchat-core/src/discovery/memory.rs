@@ -381,6 +381,11 @@ impl DiscoverySession for MemorySession {
 
     async fn watch(&self, username: &str) -> Result<(), DiscoveryError> {
         self.check_open()?;
+        if !self.dir.lock().users.contains_key(username) {
+            return Err(DiscoveryError::Refused(format!(
+                "nobody has the name '{username}': there is nothing to watch"
+            )));
+        }
         if self.watching.lock().insert(username.to_owned()) {
             self.dir
                 .lock()

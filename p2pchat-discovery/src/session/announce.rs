@@ -13,20 +13,23 @@ use super::connection::Writer;
 use crate::directory::Directory;
 use crate::mail::storage_error;
 
-/// Relays `announcement` if this server's operator signed it, fresh and not seen before.
-/// `Err(None)`: the connection failed, say nothing.
+/// Relays `announcement` if this server's operator signed it, fresh and not seen before:
+/// to this instance's sessions at once, recorded (so a restart does not relay it again), and
+/// published through the storage for the other instances. `Err(None)`: the connection
+/// failed, say nothing.
 pub(super) async fn apply<W: AsyncWrite + Unpin>(
     directory: &Arc<Directory>,
     writer: &mut Writer<W>,
     announcement: &Announcement,
 ) -> Result<Opening, Option<WireError>> {
     directory.admit_announcement(announcement).map_err(Some)?;
+    let sessions = directory.relay(announcement);
+    directory.record_announced(announcement).await;
     directory
         .storage
         .publish_announcement(announcement)
         .await
         .map_err(|e| Some(storage_error(e)))?;
-    let sessions = directory.registered_sessions() as u64;
     tracing::info!(id = %announcement.id, sessions, "announcement accepted");
     writer
         .send(&ServerFrame::Announced { sessions })

@@ -124,6 +124,23 @@ pub(super) struct Session {
     handed_out: Vec<p2pchat_core::store::MailKey>,
     /// Its published addresses answered the reachability probe (not merely claimed).
     probed: bool,
+    /// The address it connected from, as the per-address limits key it.
+    peer: std::net::IpAddr,
+    /// Its lookups and listing pages (`None`: unlimited).
+    lookups: Option<governor::DefaultDirectRateLimiter>,
+}
+
+impl Session {
+    /// Takes one lookup or listing page from this session's allowance and its address's;
+    /// `RateLimited` when either is spent.
+    fn allow_lookup(&self) -> Result<(), WireError> {
+        let session = self.lookups.as_ref().is_none_or(|l| l.check().is_ok());
+        if session && self.directory.lookups.allow(&self.peer) {
+            Ok(())
+        } else {
+            Err(WireError::RateLimited)
+        }
+    }
 }
 
 /// Most (sender, id) pairs a session remembers handing out: a few fetches' worth.
@@ -315,11 +332,16 @@ impl Session {
         };
         match request {
             Request::KeepAlive => request::keep_alive::apply(self).await,
+            Request::Lookup { .. } | Request::ListOnline { .. }
+                if let Err(e) = self.allow_lookup() =>
+            {
+                (Err(e), Then::Continue)
+            }
             Request::Lookup { username } => request::lookup::apply(self, &username).await,
             Request::ListOnline { after, limit } => {
                 request::list_online::apply(self, after.as_deref(), limit).await
             }
-            Request::Watch { username } => request::watch::watch(self, username),
+            Request::Watch { username } => request::watch::watch(self, username).await,
             Request::Unwatch { username } => request::watch::unwatch(self, &username),
             Request::Deregister => request::deregister::apply(),
             Request::FetchMail { limit } => request::fetch_mail::apply(self, limit).await,

@@ -78,6 +78,21 @@ pub(super) async fn apply<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     }
     let storage = &directory.storage;
     let config = &directory.config;
+    // A name that is not this key's yet costs one of the address's new claims per hour;
+    // renewing one's own claim costs nothing.
+    if config.new_claims_per_hour_per_ip > 0 {
+        let current = storage
+            .claim_of(&claim.username)
+            .await
+            .map_err(|e| Some(storage_error(e)))?;
+        let renewal = current.is_some_and(|c| c.public_key == claim.public_key);
+        if !renewal && !directory.new_claims.allow(&limit_key(peer.ip())) {
+            return Err(Some(WireError::LimitExceeded(format!(
+                "at most {} new names per hour from one address",
+                config.new_claims_per_hour_per_ip
+            ))));
+        }
+    }
     storage
         .claim(&claim.username, &claim.public_key, config.claim_lapse)
         .await
@@ -141,6 +156,11 @@ pub(super) async fn apply<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
         watching: HashSet::new(),
         handed_out: Vec::new(),
         probed: reach == Some(true) && !config.probe_timeout.is_zero(),
+        peer: limit_key(peer.ip()),
+        lookups: std::num::NonZeroU32::new(config.lookups_per_second_per_session).map(|rate| {
+            let burst = rate.saturating_mul(std::num::NonZeroU32::new(2).unwrap_or(rate));
+            governor::RateLimiter::direct(governor::Quota::per_second(rate).allow_burst(burst))
+        }),
     };
     let confirmation = ServerFrame::Registered(Box::new(Registered {
         observed: peer,

@@ -24,6 +24,9 @@ use super::{
 /// The claims table: username → key bytes ‖ last-seen milliseconds.
 const CLAIMS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("claims");
 
+/// Announcements relayed recently: id → issued-at Unix ms (pruned as they age out).
+const ANNOUNCED: TableDefinition<'_, &str, u64> = TableDefinition::new("announced");
+
 /// The database file inside the data directory.
 pub const DIRECTORY_FILE: &str = "directory.redb";
 
@@ -139,6 +142,7 @@ impl RedbStorage {
         })?;
         let txn = db.begin_write().map_err(unavailable)?;
         txn.open_table(CLAIMS).map_err(unavailable)?;
+        txn.open_table(ANNOUNCED).map_err(unavailable)?;
         txn.commit().map_err(unavailable)?;
         let db = Arc::new(db);
         let mailbox = RedbMailbox::open(db.clone(), quota).map_err(unavailable)?;
@@ -312,6 +316,45 @@ impl Storage for RedbStorage {
 
     fn announcements(&self) -> broadcast::Receiver<Announcement> {
         self.announcements.subscribe()
+    }
+
+    async fn record_announcement(&self, id: &str, issued_at_ms: u64) -> Result<(), StorageError> {
+        let id = id.to_owned();
+        let max_age = p2pchat_core::announce::ANNOUNCEMENT_MAX_AGE.as_millis() as u64;
+        let oldest = unix_ms(SystemTime::now()).saturating_sub(max_age);
+        self.blocking(move |db| {
+            let txn = db.begin_write().map_err(unavailable)?;
+            {
+                let mut table = txn.open_table(ANNOUNCED).map_err(unavailable)?;
+                table
+                    .insert(id.as_str(), issued_at_ms)
+                    .map_err(unavailable)?;
+                table
+                    .retain(|_, issued| issued >= oldest)
+                    .map_err(unavailable)?;
+            }
+            txn.commit().map_err(unavailable)
+        })
+        .await
+    }
+
+    async fn recent_announcements(
+        &self,
+        since_ms: u64,
+    ) -> Result<Vec<(String, u64)>, StorageError> {
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(unavailable)?;
+            let table = txn.open_table(ANNOUNCED).map_err(unavailable)?;
+            let mut out = Vec::new();
+            for row in table.iter().map_err(unavailable)? {
+                let (id, issued) = row.map_err(unavailable)?;
+                if issued.value() >= since_ms {
+                    out.push((id.value().to_owned(), issued.value()));
+                }
+            }
+            Ok(out)
+        })
+        .await
     }
 
     async fn publish_signal(&self, signal: &Signal) -> Result<(), StorageError> {

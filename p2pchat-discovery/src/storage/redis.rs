@@ -60,7 +60,7 @@ use tokio_util::task::AbortOnDropHandle;
 
 use super::{
     ANNOUNCEMENT_FEED_CAPACITY, Lease, NameClaim, PRESENCE_FEED_CAPACITY, PresenceChange,
-    SIGNAL_FEED_CAPACITY, SessionId, Signal, Storage, StorageError, touch_interval,
+    SIGNAL_FEED_CAPACITY, SessionId, Signal, Storage, StorageError, touch_interval, unix_ms,
 };
 
 /// Prefix of every key and channel name, unless configured. Default: `p2pchat`.
@@ -244,6 +244,9 @@ impl Keys {
     }
     fn signal_channel(&self) -> String {
         format!("{}:signal", self.prefix)
+    }
+    fn announced(&self) -> String {
+        format!("{}:announced", self.prefix)
     }
 }
 
@@ -664,6 +667,39 @@ impl Storage for RedisStorage {
 
     fn announcements(&self) -> broadcast::Receiver<Announcement> {
         self.inner.announcements.subscribe()
+    }
+
+    async fn record_announcement(&self, id: &str, issued_at_ms: u64) -> Result<(), StorageError> {
+        let key = self.inner.keys.announced();
+        let max_age = p2pchat_core::announce::ANNOUNCEMENT_MAX_AGE.as_millis() as u64;
+        let oldest = unix_ms(SystemTime::now()).saturating_sub(max_age);
+        let _: () = redis::pipe()
+            .atomic()
+            .zadd(&key, id, issued_at_ms)
+            .ignore()
+            .zrembyscore(&key, "-inf", format!("({oldest}"))
+            .ignore()
+            .pexpire(&key, max_age as i64 * 2)
+            .ignore()
+            .query_async(&mut self.inner.conn())
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn recent_announcements(
+        &self,
+        since_ms: u64,
+    ) -> Result<Vec<(String, u64)>, StorageError> {
+        let recent: Vec<(String, u64)> = redis::cmd("ZRANGEBYSCORE")
+            .arg(self.inner.keys.announced())
+            .arg(since_ms)
+            .arg("+inf")
+            .arg("WITHSCORES")
+            .query_async(&mut self.inner.conn())
+            .await
+            .map_err(unavailable)?;
+        Ok(recent)
     }
 
     async fn publish_signal(&self, signal: &Signal) -> Result<(), StorageError> {

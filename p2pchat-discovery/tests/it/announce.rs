@@ -185,3 +185,96 @@ async fn nodes_listening_on_the_redis_channel_drop_forged_and_replayed_announcem
     bob.shutdown().await.unwrap();
     server.stop().await;
 }
+
+/// The announcements pushed to a session (not a node: the node's own guard would hide what
+/// the server let through), until `marker`.
+async fn pushed_until(
+    events: &mut tokio::sync::mpsc::Receiver<p2pchat_core::discovery::DiscoveryEvent>,
+    marker: &str,
+) -> Vec<String> {
+    use p2pchat_core::discovery::DiscoveryEvent;
+    tokio::time::timeout(WAIT, async {
+        let mut texts = Vec::new();
+        loop {
+            if let DiscoveryEvent::Announcement(a) = events.recv().await.expect("events open") {
+                if a.text == marker {
+                    return texts;
+                }
+                texts.push(a.text.clone());
+            }
+        }
+    })
+    .await
+    .expect("the marker in time")
+}
+
+#[tokio::test]
+async fn the_server_relays_nothing_stale_or_replayed_from_the_redis_channel() {
+    let redis = redis();
+    let operator = Identity::generate();
+    let prefix = format!("ann{:08x}", rand::random::<u32>());
+    let channel = format!("special-{prefix}");
+    let settings = p2pchat_discovery::storage::RedisStorageConfig {
+        prefix,
+        announcement_channel: channel.clone(),
+        ..Default::default()
+    };
+    let storage = RedisStorage::connect_with(&redis.url(), settings)
+        .await
+        .unwrap();
+    let server = TestServer::start(config_with(&operator), Arc::new(storage)).await;
+    let (_watcher, mut pushed) = register(&server.client(), &Identity::generate(), "watcher").await;
+    let publisher = redis::Client::open(redis.url()).unwrap();
+    let mut conn = publisher.get_multiplexed_async_connection().await.unwrap();
+    let mut publish = async |a: &Announcement| {
+        let _: i64 = redis::cmd("PUBLISH")
+            .arg(&channel)
+            .arg(a.to_json())
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    };
+    // A day old, properly signed: published three times.
+    let mut stale = Announcement::sign(&operator, "yesterday's news").unwrap();
+    stale.issued_at_ms -= 24 * 3600 * 1000;
+    stale.signature = hex::encode(operator.sign(&stale.transcript()));
+    stale
+        .verify(&operator.public_key())
+        .expect("properly signed");
+    let fresh = Announcement::sign(&operator, "once only").unwrap();
+    for _ in 0..3 {
+        publish(&stale).await;
+        publish(&fresh).await;
+    }
+    let marker = Announcement::sign(&operator, "marker").unwrap();
+    publish(&marker).await;
+    assert_eq!(pushed_until(&mut pushed, "marker").await, ["once only"]);
+}
+
+#[tokio::test]
+async fn a_restarted_server_does_not_relay_an_announcement_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let operator = Identity::generate();
+    let server = TestServer::start(config_with(&operator), redb(dir.path())).await;
+    let addr = server.addr;
+    let (_w, mut pushed) = register(&server.client(), &Identity::generate(), "watcher").await;
+    let a = Announcement::sign(&operator, "maintenance at noon").unwrap();
+    server.announce(&a).await.unwrap();
+    let first = Announcement::sign(&operator, "first marker").unwrap();
+    server.announce(&first).await.unwrap();
+    assert_eq!(
+        pushed_until(&mut pushed, "first marker").await,
+        ["maintenance at noon"]
+    );
+    server.stop().await;
+
+    let server = TestServer::start_at(addr, config_with(&operator), redb(dir.path())).await;
+    let (_w, mut pushed) = register(&server.client(), &Identity::generate(), "watcher2").await;
+    assert!(
+        matches!(server.announce(&a).await, Err(RelayError::Refused(_))),
+        "a replay after the restart"
+    );
+    let second = Announcement::sign(&operator, "second marker").unwrap();
+    server.announce(&second).await.unwrap();
+    assert!(pushed_until(&mut pushed, "second marker").await.is_empty());
+}

@@ -31,6 +31,22 @@ fn the_server_limits_table_matches_the_constants() {
             count(config::DEPOSITS_PER_SECOND_PER_USER),
         ),
         ("config::DEPOSIT_BURST", count(config::DEPOSIT_BURST)),
+        (
+            "config::NEW_CLAIMS_PER_HOUR_PER_IP",
+            count(config::NEW_CLAIMS_PER_HOUR_PER_IP),
+        ),
+        (
+            "config::LOOKUPS_PER_SECOND_PER_SESSION",
+            count(config::LOOKUPS_PER_SECOND_PER_SESSION),
+        ),
+        (
+            "config::LOOKUPS_PER_SECOND_PER_IP",
+            count(config::LOOKUPS_PER_SECOND_PER_IP),
+        ),
+        (
+            "config::MAX_TOTAL_WATCHES",
+            count(config::MAX_TOTAL_WATCHES as u64),
+        ),
         ("config::HANDSHAKE_TIMEOUT", secs(config::HANDSHAKE_TIMEOUT)),
         (
             "config::SESSION_PUSH_CAPACITY",

@@ -239,8 +239,11 @@ async fn an_oversized_frame_on_a_registered_session_ends_only_that_session() {
     let dir = tempfile::tempdir().unwrap();
     let server = TestServer::start(fast_config(), redb(dir.path())).await;
     let (watcher, mut pushes) = register(&server.client(), &Identity::generate(), "watcher").await;
-    watcher.watch("victim").await.unwrap();
     let victim = Identity::generate();
+    // The victim's name is held (only held names can be watched); it is away.
+    let (away, _v) = register(&server.client(), &victim, "victim").await;
+    away.deregister().await.unwrap();
+    watcher.watch("victim").await.unwrap();
     let mut raw = Raw::connect(server.addr).await;
     raw.register(&victim, "victim").await;
     expect_presence(&mut pushes, "victim", true).await;

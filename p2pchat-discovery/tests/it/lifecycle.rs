@@ -47,6 +47,9 @@ async fn registering_again_elsewhere_replaces_the_old_session() {
     let server = TestServer::start(fast_config(), redb(dir.path())).await;
     let alice = Identity::generate();
     let (watcher, mut pushes) = register(&server.client(), &Identity::generate(), "watcher").await;
+    // alice's name is held (only held names can be watched); she is away.
+    let (away, _w) = register(&server.client(), &alice, "alice").await;
+    away.deregister().await.unwrap();
     watcher.watch("alice").await.unwrap();
     let (old, mut old_events) = register(&server.client(), &alice, "alice").await;
     expect_presence(&mut pushes, "alice", true).await;
@@ -88,6 +91,10 @@ async fn a_client_re_registers_and_re_watches_after_the_server_restarts() {
     let addr = server.addr;
     let (alice, _a) = register(&server.client(), &Identity::generate(), "alice").await;
     let (bob, mut bob_pushes) = register(&server.client(), &Identity::generate(), "bob").await;
+    // carol's name is held (only held names can be watched); she is away.
+    let carol_id = Identity::generate();
+    let (carol, _c) = register(&server.client(), &carol_id, "carol").await;
+    carol.deregister().await.unwrap();
     bob.watch("carol").await.unwrap();
     server.stop().await;
     assert!(matches!(
@@ -103,7 +110,7 @@ async fn a_client_re_registers_and_re_watches_after_the_server_restarts() {
     // bob's watch came back with him.
     tokio::time::timeout(WAIT, async {
         loop {
-            let (carol, _c) = register(&server.client(), &Identity::generate(), "carol").await;
+            let (carol, _c) = register(&server.client(), &carol_id, "carol").await;
             let pushed = tokio::time::timeout(Duration::from_millis(500), async {
                 expect_presence(&mut bob_pushes, "carol", true).await
             })
@@ -249,10 +256,13 @@ async fn two_instances_sharing_redis_behave_as_one() {
     let two = TestServer::start(fast_config(), storage(prefix.clone()).await).await;
     let store = MemoryStore::new();
 
-    // bob (on instance two) watches alice before she registers on instance one.
+    // bob (on instance two) watches alice, whose name is held, before she comes online on
+    // instance one.
+    let alice_id = Identity::generate();
+    let (away, _w) = register(&one.client(), &alice_id, "alice").await;
+    away.deregister().await.unwrap();
     let (bob_dir, mut bob_pushes) = register(&two.client(), &Identity::generate(), "bob").await;
     bob_dir.watch("alice").await.unwrap();
-    let alice_id = Identity::generate();
     let alice = node_with("alice", alice_id.clone(), one.client(), &store).await;
     expect_presence(&mut bob_pushes, "alice", true).await;
     let record = bob_dir

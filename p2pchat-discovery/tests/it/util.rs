@@ -36,6 +36,9 @@ pub fn fast_config() -> Config {
         handshake_timeout: Duration::from_secs(2),
         max_connections_per_ip: 10_000,
         registrations_per_second_per_ip: 0,
+        new_claims_per_hour_per_ip: 0,
+        lookups_per_second_per_session: 0,
+        lookups_per_second_per_ip: 0,
         probe_timeout: Duration::ZERO,
         ..Config::default()
     }
