@@ -45,11 +45,20 @@ struct Args {
     /// The server binary [default: p2pchat-discovery beside this program].
     #[arg(long)]
     server_bin: Option<PathBuf>,
+    /// Clients say they can be dialed, so the server probes each registration's address
+    /// (port 7000 on 127.0.0.1, where nothing listens: refused at once). By default they say
+    /// they cannot (no probe), as before the probe existed.
+    #[arg(long)]
+    probed: bool,
 }
+
+/// `--probed`, for [`registration`].
+static PROBED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    PROBED.store(args.probed, std::sync::atomic::Ordering::Relaxed);
     let wanted = (args.idle as u64) * 2 + 4096;
     let (soft, hard) = rlimit::getrlimit(rlimit::Resource::NOFILE)?;
     if soft < wanted.min(hard) {
@@ -144,7 +153,7 @@ fn registration(name: &str) -> Registration {
         username: name.to_owned(),
         listen_port: 7000,
         announce: Vec::new(),
-        dialable: true,
+        dialable: PROBED.load(std::sync::atomic::Ordering::Relaxed),
     }
 }
 

@@ -90,8 +90,17 @@ pub(crate) async fn serve_connection<R, W>(
     match registered {
         Ok(Opening::Session(session, mail)) => session.serve(reader, writer, mail, stop).await,
         Ok(Opening::Announced) => close(writer, reader).await,
+        // Boxed: a relay's state (two legs, the splice) would otherwise be part of every
+        // session's task.
         Ok(Opening::Relay(token)) => {
-            relay_leg::serve(directory.clone(), token, reader, writer, stop).await;
+            Box::pin(relay_leg::serve(
+                directory.clone(),
+                token,
+                reader,
+                writer,
+                stop,
+            ))
+            .await;
         }
         Err(Some(error)) => refuse(writer, reader, error).await,
         Err(None) => {}
@@ -126,14 +135,24 @@ pub(super) struct Session {
     probed: bool,
     /// The address it connected from, as the per-address limits key it.
     peer: std::net::IpAddr,
-    /// Its lookups and listing pages (`None`: unlimited).
-    lookups: Option<governor::DefaultDirectRateLimiter>,
+    /// Its lookups and listing pages: made at the first one (most sessions never look
+    /// anything up, and a limiter with its clock costs about a kilobyte).
+    lookups: Option<Box<governor::DefaultDirectRateLimiter>>,
 }
 
 impl Session {
     /// Takes one lookup or listing page from this session's allowance and its address's;
     /// `RateLimited` when either is spent.
-    fn allow_lookup(&self) -> Result<(), WireError> {
+    fn allow_lookup(&mut self) -> Result<(), WireError> {
+        let per_session = self.directory.config.lookups_per_second_per_session;
+        if self.lookups.is_none()
+            && let Some(rate) = std::num::NonZeroU32::new(per_session)
+        {
+            let burst = rate.saturating_mul(std::num::NonZeroU32::MIN.saturating_add(1));
+            self.lookups = Some(Box::new(governor::RateLimiter::direct(
+                governor::Quota::per_second(rate).allow_burst(burst),
+            )));
+        }
         let session = self.lookups.as_ref().is_none_or(|l| l.check().is_ok());
         if session && self.directory.lookups.allow(&self.peer) {
             Ok(())

@@ -157,10 +157,7 @@ pub(super) async fn apply<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
         handed_out: Vec::new(),
         probed: reach == Some(true) && !config.probe_timeout.is_zero(),
         peer: limit_key(peer.ip()),
-        lookups: std::num::NonZeroU32::new(config.lookups_per_second_per_session).map(|rate| {
-            let burst = rate.saturating_mul(std::num::NonZeroU32::new(2).unwrap_or(rate));
-            governor::RateLimiter::direct(governor::Quota::per_second(rate).allow_burst(burst))
-        }),
+        lookups: None,
     };
     let confirmation = ServerFrame::Registered(Box::new(Registered {
         observed: peer,
