@@ -491,10 +491,10 @@ fn every_server_frame_reply_push_and_error_kind_has_these_bytes() {
             "Push::RelayOffer",
             frame(&ServerFrame::Push(Push::RelayOffer {
                 username: "alice".into(),
-                ticket: WireRelayTicket {
+                ticket: Box::new(WireRelayTicket {
                     token: [8; 16],
                     addr: Some(addr("192.0.2.7:5001")),
-                },
+                }),
             })),
             "0000002201030705616c69636510080808080808080808080808080808080100c00002078927",
         ),

@@ -81,10 +81,10 @@ async fn open_relay(session: &Session, username: &str) -> Result<Reply, WireErro
     let tokens = directory.relays.open(me, username, limits)?;
     let push = Push::RelayOffer {
         username: me.clone(),
-        ticket: WireRelayTicket {
+        ticket: Box::new(WireRelayTicket {
             token: tokens.target,
             addr,
-        },
+        }),
     };
     if let Err(e) = directory.signal(username, push).await {
         directory.relays.cancel(&tokens.opener);
