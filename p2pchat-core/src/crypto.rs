@@ -19,6 +19,8 @@ use crate::protocol::MessageId;
 mod fernet;
 
 use self::fernet::FernetKey;
+#[cfg(feature = "test-utils")]
+pub(crate) use self::fernet::hooks as fernet_hooks;
 
 /// The protocol label mixed into every derived key: a new protocol version derives new keys.
 pub const KEY_DERIVATION_LABEL: &str = "p2pchat/1";

@@ -39,6 +39,7 @@ use crate::store::{MailKey, OfflineStore, Put, StoreError, StoredMessage};
 use crate::transport::{Connection, Listener, Transport, TransportError};
 
 pub mod doc_limits;
+pub mod fernet;
 pub mod fuzz;
 pub mod layers;
 mod redis;

@@ -6,6 +6,7 @@ mod it {
     pub mod drain_crash;
     pub mod durable;
     pub mod faults;
+    pub mod fernet_vectors;
     pub mod files;
     pub mod fuzz_regressions;
     pub mod golden;

@@ -120,11 +120,15 @@ impl FernetKey {
     }
 
     fn open_into<'a>(&self, token: &str, raw: &'a mut Vec<u8>) -> Result<&'a [u8], Invalid> {
-        // SIMD for the tokens Fernet writes (padded); the general engine for the rest (a
-        // token without its padding), which the specification's decoders accept too.
+        // SIMD for the tokens Fernet writes (padded); the general engine for the rest: a
+        // token without its padding, or with more `=` than it needs, which the specification's
+        // decoders accept too (the `fernet` crate trims every trailing `=`; the
+        // `fernet_differential` fuzz target checks that we agree with it). Either way the data
+        // must be canonical base64url.
         if base64_simd::URL_SAFE.decode_append(token, raw).is_err() {
             raw.clear();
-            B64.decode_vec(token, raw).map_err(|_| Invalid)?;
+            B64.decode_vec(token.trim_end_matches('='), raw)
+                .map_err(|_| Invalid)?;
         }
         let len = raw.len();
         let body_len = len
@@ -145,6 +149,37 @@ impl FernetKey {
             .decrypt_padded_mut::<Pkcs7>(body)
             .map(|plain| plain as &[u8])
             .map_err(|_| Invalid)
+    }
+}
+
+/// What [`crate::testing::fernet`] needs from this module, which is private to `crate::crypto`
+/// (re-exported there as `crypto::fernet_hooks`). Test support only (feature `test-utils`):
+/// the production paths above do not go through here.
+#[cfg(feature = "test-utils")]
+pub(crate) mod hooks {
+    use super::{BLOCK, FernetKey};
+
+    /// Seals `plaintext` under the 32-byte `key` (signing key, then encryption key), stamped
+    /// `unix_secs`, with the given IV instead of a random one.
+    pub(crate) fn seal(
+        key: &[u8; 32],
+        unix_secs: u64,
+        iv: [u8; BLOCK],
+        plaintext: &[u8],
+    ) -> String {
+        FernetKey::new(key).seal_with_iv(unix_secs, iv, |buf| buf.extend_from_slice(plaintext))
+    }
+
+    /// Authenticates and decrypts `token` under `key`, without looking at its timestamp.
+    pub(crate) fn open(key: &[u8; 32], token: &str) -> Option<Vec<u8>> {
+        FernetKey::new(key).open_with(token, <[u8]>::to_vec).ok()
+    }
+
+    /// The token's timestamp, read without authenticating it (as [`PairKey::open`] reads it).
+    ///
+    /// [`PairKey::open`]: crate::crypto::PairKey::open
+    pub(crate) fn timestamp(token: &str) -> Option<u64> {
+        super::timestamp(token)
     }
 }
 
@@ -254,5 +289,35 @@ mod tests {
         assert_eq!(open(&other, &token), Err(Invalid));
         assert_eq!(open(&key, "not base64 at all!"), Err(Invalid));
         assert_eq!(timestamp("junk"), None);
+    }
+
+    #[test]
+    fn padding_may_be_missing_or_excess_but_the_data_must_be_canonical() {
+        let (raw, reference) = keys();
+        let key = FernetKey::new(&raw);
+        // 20 plaintext bytes: 25 + 32 + 32 = 89 token bytes, which need one `=`.
+        let plain = b"a twenty-byte secret";
+        let token = seal(&key, plain, 1);
+        assert!(token.ends_with('=') && !token.ends_with("=="), "{token}");
+        let data = token.trim_end_matches('=');
+        for padding in ["", "=", "==", "===", "========"] {
+            let variant = format!("{data}{padding}");
+            assert_eq!(open(&key, &variant).as_deref(), Ok(&plain[..]), "{variant}");
+            assert!(
+                reference.decrypt_at_time(&variant, None, 1).is_ok(),
+                "{variant}"
+            );
+        }
+        // The last character carries 2 unused bits; setting them is not the same token.
+        let last = data.chars().last().unwrap();
+        let alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+        let index = alphabet.find(last).unwrap();
+        let altered_char = alphabet.as_bytes()[index ^ 1] as char;
+        let altered = format!("{}{altered_char}=", &data[..data.len() - 1]);
+        assert_eq!(open(&key, &altered), Err(Invalid));
+        assert!(reference.decrypt_at_time(&altered, None, 1).is_err());
+        // `=` anywhere but at the end is not base64url.
+        let inside = format!("{}={}", &data[..20], &data[20..]);
+        assert_eq!(open(&key, &inside), Err(Invalid));
     }
 }
