@@ -25,8 +25,10 @@ use anyhow::Context;
 use clap::Parser;
 use futures::StreamExt;
 use p2pchat_core::discovery::Registration;
-use p2pchat_core::store::{MAX_FETCH_BATCH, MailKey, OfflineStore, RedisStore, RedisStoreConfig};
-use p2pchat_core::testing::RedisServer;
+use p2pchat_core::store::{
+    MAX_FETCH_BATCH, MailKey, OfflineStore, Quotas, RedisStore, RedisStoreConfig,
+};
+use p2pchat_core::testing::{RedisServer, shaped_token};
 use p2pchat_core::{
     ChatNode, Discovery, DiscoveryClient, DiscoverySession, Event, Identity, MemoryDiscovery,
     MessageId, TcpTransport,
@@ -57,7 +59,8 @@ fn message(i: usize) -> p2pchat_core::StoredMessage {
         id: MessageId::random(),
         from: "alice".into(),
         to: "bob".into(),
-        token: format!("{i:0>200}"),
+        // Shaped like a Fernet token (the server checks), about 200 bytes.
+        token: shaped_token(format!("{i:0>120}").as_bytes()),
         expires_at: SystemTime::now() + Duration::from_secs(3600),
     }
 }
@@ -261,7 +264,8 @@ async fn register(
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let quota = RedisStoreConfig {
-        quota: args.messages,
+        // This measures the stores, not their limits.
+        quotas: Quotas::unlimited(),
         ..RedisStoreConfig::default()
     };
 
@@ -308,7 +312,7 @@ async fn main() -> anyhow::Result<()> {
 
     // The discovery server's redb mailbox, over real sessions.
     let dir = tempfile::tempdir()?;
-    let storage = RedbStorage::open_with_quota(dir.path(), args.messages)?;
+    let storage = RedbStorage::open_with_quotas(dir.path(), Quotas::unlimited())?;
     // Unlimited deposits per user: this measures the store, not the rate limiter (whose
     // default, 1,000 a second after a burst of 10,000, the three runs would exceed).
     let config = Config {

@@ -348,6 +348,38 @@ impl PairKey {
     }
 }
 
+/// Checks what a store can check of a token without any key, as the discovery server does
+/// at deposit: that it is shaped like a Fernet token (base64url, version `0x80`, at least one
+/// AES block, the tag: [`CryptoError::Malformed`] otherwise), that its clear-text timestamp
+/// is at most [`MAX_CLOCK_SKEW`] ahead of `now` ([`CryptoError::FromTheFuture`]) and at most
+/// `max_age` behind it ([`CryptoError::Expired`]). Returns the timestamp.
+///
+/// Nothing is authenticated: a token that passes may still be junk under every key. What
+/// this buys is that a store keeps only what could be a message, no older than a message may
+/// be.
+pub fn check_token_shape(
+    token: &str,
+    now: SystemTime,
+    max_age: Duration,
+) -> Result<SystemTime, CryptoError> {
+    let stamped = fernet::shape(token).ok_or(CryptoError::Malformed)?;
+    let now_secs = now.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
+    if stamped > now_secs.saturating_add(MAX_CLOCK_SKEW.as_secs()) {
+        return Err(CryptoError::FromTheFuture {
+            ahead_secs: stamped - now_secs,
+        });
+    }
+    let age_secs = now_secs.saturating_sub(stamped);
+    // One second more, for the truncation of token timestamps (as `open` allows).
+    if age_secs > max_age.as_secs().saturating_add(1) {
+        return Err(CryptoError::Expired {
+            age_secs,
+            ttl_secs: max_age.as_secs(),
+        });
+    }
+    Ok(UNIX_EPOCH + Duration::from_secs(stamped))
+}
+
 fn unix_secs_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -360,6 +392,42 @@ mod tests {
     use super::*;
 
     const TTL: Duration = Duration::from_secs(3600);
+
+    #[test]
+    fn the_shape_check_takes_tokens_and_refuses_junk_without_a_key() {
+        let (alice, bob) = (Identity::generate(), Identity::generate());
+        let key = PairKey::derive(&alice, &bob.public_key()).unwrap();
+        let at = SystemTime::now();
+        let token = key.seal(&payload("alice", "bob"));
+        let stamped = check_token_shape(&token, at, TTL).unwrap();
+        assert!(at.duration_since(stamped).unwrap() < Duration::from_secs(2));
+        assert!(check_token_shape(token.trim_end_matches('='), at, TTL).is_ok());
+        for junk in [
+            String::new(),
+            "token-1".to_owned(),
+            "x".repeat(300),
+            // The header alone, or the header and tag without a block.
+            token[..40].to_owned(),
+            token.replacen('g', "h", 1),
+            format!("{}*", &token[..token.len() - 1]),
+        ] {
+            assert_eq!(
+                check_token_shape(&junk, at, TTL),
+                Err(CryptoError::Malformed),
+                "{junk:?}"
+            );
+        }
+        let old = key.seal_at(&payload("alice", "bob"), now() - 7200);
+        assert!(matches!(
+            check_token_shape(&old, at, TTL),
+            Err(CryptoError::Expired { .. })
+        ));
+        let ahead = key.seal_at(&payload("alice", "bob"), now() + 600);
+        assert!(matches!(
+            check_token_shape(&ahead, at, TTL),
+            Err(CryptoError::FromTheFuture { .. })
+        ));
+    }
 
     fn payload(from: &str, to: &str) -> Payload {
         Payload {

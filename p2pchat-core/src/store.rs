@@ -18,7 +18,7 @@ use futures::stream::BoxStream;
 
 use crate::error::Cause;
 use crate::protocol::MessageId;
-use crate::protocol::discovery::{WireExpired, WireMailKey, WireMessage};
+use crate::protocol::discovery::{WireExpired, WireMailKey, WireMessage, WireQuota};
 
 pub use memory::MemoryStore;
 #[cfg(feature = "redis")]
@@ -26,6 +26,31 @@ pub use redis::{DEFAULT_ANNOUNCEMENT_CHANNEL, DEFAULT_REDIS_PREFIX, RedisStore, 
 
 /// Most messages waiting for one recipient. Default: 10,000.
 pub const DEFAULT_MAILBOX_QUOTA: usize = 10_000;
+
+/// Most bytes (as [`StoredMessage::charged_bytes`] counts them) waiting for one recipient.
+/// Default: 64 MiB.
+pub const DEFAULT_MAILBOX_BYTES: u64 = 64 << 20;
+
+/// Most messages one sender may have waiting, in all mailboxes together. Default: 10,000.
+pub const DEFAULT_SENDER_QUOTA: u64 = 10_000;
+
+/// Most bytes one sender may have waiting, in all mailboxes together. Default: 64 MiB.
+pub const DEFAULT_SENDER_BYTES: u64 = 64 << 20;
+
+/// Most messages one sender may have waiting for one recipient: what keeps a single sender
+/// from filling someone's mailbox. Default: 1,000.
+pub const DEFAULT_PAIR_QUOTA: u64 = 1_000;
+
+/// Most bytes one sender may have waiting for one recipient. Default: 16 MiB.
+pub const DEFAULT_PAIR_BYTES: u64 = 16 << 20;
+
+/// Most bytes waiting in the whole store, all mailboxes together: what keeps the disk (or
+/// Redis's memory) from filling. Default: 2 GiB.
+pub const DEFAULT_TOTAL_BYTES: u64 = 2 << 30;
+
+/// What a stored message costs beyond its token, sender and recipient: the id, the expiry
+/// and the indexes a backend keeps beside it. Part of [`StoredMessage::charged_bytes`].
+pub const MESSAGE_OVERHEAD_BYTES: u64 = 64;
 
 /// How long a message waits for its recipient before it expires undelivered. Default: 7 days.
 pub const DEFAULT_MESSAGE_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
@@ -54,6 +79,215 @@ pub struct StoredMessage {
     pub token: String,
     /// When the message expires undelivered.
     pub expires_at: SystemTime,
+}
+
+impl StoredMessage {
+    /// The bytes this message counts for against the byte quotas: its token, sender and
+    /// recipient, plus [`MESSAGE_OVERHEAD_BYTES`]. Every backend counts the same way.
+    pub fn charged_bytes(&self) -> u64 {
+        (self.token.len() + self.from.len() + self.to.len()) as u64 + MESSAGE_OVERHEAD_BYTES
+    }
+}
+
+/// One of the limits of [`Quotas`]: what a [`StoreError::QuotaExceeded`] names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Quota {
+    /// Messages waiting for the recipient.
+    MailboxMessages,
+    /// Bytes waiting for the recipient.
+    MailboxBytes,
+    /// Messages the sender has waiting anywhere.
+    SenderMessages,
+    /// Bytes the sender has waiting anywhere.
+    SenderBytes,
+    /// Messages the sender has waiting for this recipient.
+    PairMessages,
+    /// Bytes the sender has waiting for this recipient.
+    PairBytes,
+    /// Bytes waiting in the whole store.
+    TotalBytes,
+}
+
+impl Quota {
+    /// The sentence a refusal under this limit reads as: `recipient` is whose mailbox,
+    /// `limit` the limit's value.
+    pub fn sentence(self, recipient: &str, limit: u64) -> String {
+        match self {
+            Self::MailboxMessages => {
+                format!("{recipient}'s mailbox is full ({limit} messages waiting)")
+            }
+            Self::MailboxBytes => format!("{recipient}'s mailbox is full ({limit} bytes waiting)"),
+            Self::SenderMessages => format!(
+                "you already have {limit} messages waiting in mailboxes, the most one sender may"
+            ),
+            Self::SenderBytes => format!(
+                "you already have {limit} bytes waiting in mailboxes, the most one sender may"
+            ),
+            Self::PairMessages => format!(
+                "you already have {limit} messages waiting for {recipient}, the most one sender \
+                 may leave one recipient"
+            ),
+            Self::PairBytes => format!(
+                "you already have {limit} bytes waiting for {recipient}, the most one sender \
+                 may leave one recipient"
+            ),
+            Self::TotalBytes => {
+                format!("the server's mail store is full ({limit} bytes waiting)")
+            }
+        }
+    }
+}
+
+/// What one party has waiting in a store: messages and bytes (as
+/// [`StoredMessage::charged_bytes`] counts them).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// Messages waiting.
+    pub messages: u64,
+    /// Bytes waiting.
+    pub bytes: u64,
+}
+
+impl Usage {
+    /// `self` with `message` added.
+    pub fn plus(self, message: &StoredMessage) -> Self {
+        Self {
+            messages: self.messages.saturating_add(1),
+            bytes: self.bytes.saturating_add(message.charged_bytes()),
+        }
+    }
+
+    /// `self` with `message` taken away (never below zero: counters from before the
+    /// accounting existed may be short).
+    pub fn minus(self, message: &StoredMessage) -> Self {
+        Self {
+            messages: self.messages.saturating_sub(1),
+            bytes: self.bytes.saturating_sub(message.charged_bytes()),
+        }
+    }
+}
+
+/// The limits a store puts on what waits in it, each bounding a different party: the
+/// recipient's mailbox, the sender (all its mail anywhere), the sender→recipient pair, and
+/// the whole store. A put that would take any of them past its limit is refused with
+/// [`StoreError::QuotaExceeded`] naming it, and changes nothing. Defaults: the `DEFAULT_*`
+/// constants of this module.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Quotas {
+    /// Most messages waiting for one recipient. Default: [`DEFAULT_MAILBOX_QUOTA`].
+    pub mailbox_messages: u64,
+    /// Most bytes waiting for one recipient. Default: [`DEFAULT_MAILBOX_BYTES`].
+    pub mailbox_bytes: u64,
+    /// Most messages one sender has waiting. Default: [`DEFAULT_SENDER_QUOTA`].
+    pub sender_messages: u64,
+    /// Most bytes one sender has waiting. Default: [`DEFAULT_SENDER_BYTES`].
+    pub sender_bytes: u64,
+    /// Most messages one sender has waiting for one recipient. Default:
+    /// [`DEFAULT_PAIR_QUOTA`].
+    pub pair_messages: u64,
+    /// Most bytes one sender has waiting for one recipient. Default: [`DEFAULT_PAIR_BYTES`].
+    pub pair_bytes: u64,
+    /// Most bytes waiting in the whole store. Default: [`DEFAULT_TOTAL_BYTES`].
+    pub total_bytes: u64,
+}
+
+impl Default for Quotas {
+    fn default() -> Self {
+        Self {
+            mailbox_messages: DEFAULT_MAILBOX_QUOTA as u64,
+            mailbox_bytes: DEFAULT_MAILBOX_BYTES,
+            sender_messages: DEFAULT_SENDER_QUOTA,
+            sender_bytes: DEFAULT_SENDER_BYTES,
+            pair_messages: DEFAULT_PAIR_QUOTA,
+            pair_bytes: DEFAULT_PAIR_BYTES,
+            total_bytes: DEFAULT_TOTAL_BYTES,
+        }
+    }
+}
+
+impl Quotas {
+    /// No limit at all (every field `u64::MAX`): for tests and benchmarks that fill stores.
+    pub fn unlimited() -> Self {
+        Self {
+            mailbox_messages: u64::MAX,
+            mailbox_bytes: u64::MAX,
+            sender_messages: u64::MAX,
+            sender_bytes: u64::MAX,
+            pair_messages: u64::MAX,
+            pair_bytes: u64::MAX,
+            total_bytes: u64::MAX,
+        }
+    }
+
+    /// The defaults with `quota` messages per mailbox (what `with_quota` constructors take).
+    pub fn mailbox(quota: usize) -> Self {
+        Self {
+            mailbox_messages: quota as u64,
+            ..Self::default()
+        }
+    }
+
+    /// Whether `message` may join what is waiting: `mailbox` for its recipient, `sender`
+    /// for its sender, `pair` for the two, `total` in the store. The first limit it would
+    /// pass is the refusal.
+    pub fn admit(
+        &self,
+        message: &StoredMessage,
+        mailbox: Usage,
+        sender: Usage,
+        pair: Usage,
+        total: Usage,
+    ) -> Result<(), StoreError> {
+        let bytes = message.charged_bytes();
+        let over = |used: u64, add: u64, limit: u64| used.saturating_add(add) > limit;
+        let checks = [
+            (
+                Quota::MailboxMessages,
+                over(mailbox.messages, 1, self.mailbox_messages),
+                self.mailbox_messages,
+            ),
+            (
+                Quota::MailboxBytes,
+                over(mailbox.bytes, bytes, self.mailbox_bytes),
+                self.mailbox_bytes,
+            ),
+            (
+                Quota::PairMessages,
+                over(pair.messages, 1, self.pair_messages),
+                self.pair_messages,
+            ),
+            (
+                Quota::PairBytes,
+                over(pair.bytes, bytes, self.pair_bytes),
+                self.pair_bytes,
+            ),
+            (
+                Quota::SenderMessages,
+                over(sender.messages, 1, self.sender_messages),
+                self.sender_messages,
+            ),
+            (
+                Quota::SenderBytes,
+                over(sender.bytes, bytes, self.sender_bytes),
+                self.sender_bytes,
+            ),
+            (
+                Quota::TotalBytes,
+                over(total.bytes, bytes, self.total_bytes),
+                self.total_bytes,
+            ),
+        ];
+        match checks.into_iter().find(|(_, over, _)| *over) {
+            Some((limit, _, quota)) => Err(StoreError::QuotaExceeded {
+                recipient: message.to.clone(),
+                limit,
+                quota,
+            }),
+            None => Ok(()),
+        }
+    }
 }
 
 /// What names one message in a mailbox: its sender and its id. Ids are chosen by senders
@@ -114,6 +348,34 @@ impl From<WireMessage> for StoredMessage {
     }
 }
 
+impl From<Quota> for WireQuota {
+    fn from(q: Quota) -> Self {
+        match q {
+            Quota::MailboxMessages => Self::MailboxMessages,
+            Quota::MailboxBytes => Self::MailboxBytes,
+            Quota::SenderMessages => Self::SenderMessages,
+            Quota::SenderBytes => Self::SenderBytes,
+            Quota::PairMessages => Self::PairMessages,
+            Quota::PairBytes => Self::PairBytes,
+            Quota::TotalBytes => Self::TotalBytes,
+        }
+    }
+}
+
+impl From<WireQuota> for Quota {
+    fn from(q: WireQuota) -> Self {
+        match q {
+            WireQuota::MailboxMessages => Self::MailboxMessages,
+            WireQuota::MailboxBytes => Self::MailboxBytes,
+            WireQuota::SenderMessages => Self::SenderMessages,
+            WireQuota::SenderBytes => Self::SenderBytes,
+            WireQuota::PairMessages => Self::PairMessages,
+            WireQuota::PairBytes => Self::PairBytes,
+            WireQuota::TotalBytes => Self::TotalBytes,
+        }
+    }
+}
+
 impl From<ExpiredMessage> for WireExpired {
     fn from(n: ExpiredMessage) -> Self {
         Self { id: n.id, to: n.to }
@@ -159,13 +421,15 @@ pub enum Put {
 #[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
 pub enum StoreError {
-    /// The recipient's mailbox is full.
-    #[error("{recipient}'s mailbox is full ({quota} messages waiting)")]
+    /// Storing the message would pass one of the store's [`Quotas`]: nothing was stored.
+    #[error("{}", limit.sentence(recipient, *quota))]
     QuotaExceeded {
-        /// Whose mailbox.
+        /// Whose mailbox the message was for.
         recipient: String,
-        /// The quota.
-        quota: usize,
+        /// Which limit.
+        limit: Quota,
+        /// The limit's value.
+        quota: u64,
     },
     /// The store cannot be reached now; the operation may succeed later.
     #[error("the offline store is unavailable")]
@@ -204,8 +468,9 @@ impl StoreError {
 /// # Contract
 /// - [`put`](OfflineStore::put) appends to `message.to`'s mailbox. It is idempotent by
 ///   `(to, from, id)`: putting the same message twice stores it once, while another
-///   sender's message with the same id is a different message, stored beside it. A full
-///   mailbox refuses with [`StoreError::QuotaExceeded`].
+///   sender's message with the same id is a different message, stored beside it. A message
+///   that would pass one of the store's [`Quotas`] is refused with
+///   [`StoreError::QuotaExceeded`] naming the limit, and nothing is stored.
 /// - [`fetch`](OfflineStore::fetch) returns the oldest unacknowledged messages, in the
 ///   order they were put, without removing them: a message is returned by every fetch until
 ///   it is [`ack`](OfflineStore::ack)ed by its [`MailKey`] (sender and id). Expired

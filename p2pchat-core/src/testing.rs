@@ -35,7 +35,7 @@ use crate::error::Cause;
 use crate::identity::{Identity, PublicKey};
 use crate::node::handshake::{self, FrameReader, FrameWriter};
 use crate::protocol::{MessageId, PeerFrame, ProtocolError};
-use crate::store::{MailKey, OfflineStore, Put, StoreError, StoredMessage};
+use crate::store::{MailKey, OfflineStore, Put, Quota, Quotas, StoreError, StoredMessage};
 use crate::transport::{Connection, Listener, Transport, TransportError};
 
 pub mod doc_limits;
@@ -360,9 +360,21 @@ fn stored(from: &str, to: &str, n: u32) -> StoredMessage {
         id: MessageId::random(),
         from: from.to_owned(),
         to: to.to_owned(),
-        token: format!("token-{n}"),
+        token: shaped_token(format!("message {n}").as_bytes()),
         expires_at: SystemTime::now() + Duration::from_secs(3600),
     }
+}
+
+/// A token shaped like a Fernet token, holding `plaintext` under a throwaway key, stamped
+/// now: what a server that checks the shape of deposits accepts (see
+/// [`crate::crypto::check_token_shape`]), for tests that store tokens without opening them.
+/// Tokens of the same plaintext length have the same length.
+pub fn shaped_token(plaintext: &[u8]) -> String {
+    let now = SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs();
+    fernet::seal(&[7; fernet::KEY_LEN], now, [9; fernet::IV_LEN], plaintext)
 }
 
 /// Every user a [`store_conformance`] run acts as (a backend that needs users set up, such
@@ -399,15 +411,16 @@ impl StoreAccess for SharedStore {
     }
 }
 
-/// Checks the [`OfflineStore`] contract. `make(quota)` returns access to fresh, empty
-/// mailboxes holding at most `quota` messages each.
+/// Checks the [`OfflineStore`] contract. `make(quotas)` returns access to fresh, empty
+/// mailboxes under `quotas`.
 pub async fn store_conformance<A, F, Fut>(make: F)
 where
     A: StoreAccess,
-    F: Fn(usize) -> Fut,
+    F: Fn(Quotas) -> Fut,
     Fut: Future<Output = A>,
 {
-    let access = make(50).await;
+    quota_conformance(&make).await;
+    let access = make(Quotas::mailbox(50)).await;
     let alice = access.store_for("alice").await;
     let bob = access.store_for("bob").await;
     let mut notices = bob.subscribe("bob").await.expect("subscribe");
@@ -566,6 +579,142 @@ where
             .expect("take_expired")
             .is_empty(),
         "each expiry is reported once"
+    );
+}
+
+/// The [`Quotas`] part of [`store_conformance`]: each limit refuses the put that would pass
+/// it, naming it, and stores nothing; the other parties are still served; what leaves
+/// (acknowledged or expired) is counted out.
+async fn quota_conformance<A, F, Fut>(make: &F)
+where
+    A: StoreAccess,
+    F: Fn(Quotas) -> Fut,
+    Fut: Future<Output = A>,
+{
+    async fn refused_by(store: &Arc<dyn OfflineStore>, message: StoredMessage) -> Option<Quota> {
+        match store.put(message).await {
+            Ok(()) => None,
+            Err(StoreError::QuotaExceeded { limit, .. }) => Some(limit),
+            Err(e) => panic!("a put failed with {e:?}, not a quota"),
+        }
+    }
+    // Every message of the suite is the same size (same names' lengths, same plaintext
+    // length): the byte limits are in messages of that size.
+    let size = stored("alice", "erin", 0).charged_bytes();
+
+    // Messages: per pair 3, per sender 5, per mailbox 4.
+    let mut quotas = Quotas::unlimited();
+    quotas.pair_messages = 3;
+    quotas.sender_messages = 5;
+    quotas.mailbox_messages = 4;
+    let access = make(quotas).await;
+    let [alice, frank, grace, erin] = [
+        access.store_for("alice").await,
+        access.store_for("frank").await,
+        access.store_for("grace").await,
+        access.store_for("erin").await,
+    ];
+    for n in 0..3 {
+        assert_eq!(refused_by(&alice, stored("alice", "erin", n)).await, None);
+    }
+    assert_eq!(
+        refused_by(&alice, stored("alice", "erin", 3)).await,
+        Some(Quota::PairMessages),
+        "a fourth message from one sender to one recipient"
+    );
+    for n in 0..2 {
+        assert_eq!(refused_by(&alice, stored("alice", "grace", n)).await, None);
+    }
+    assert_eq!(
+        refused_by(&alice, stored("alice", "grace", 2)).await,
+        Some(Quota::SenderMessages),
+        "a sixth message from one sender"
+    );
+    assert_eq!(refused_by(&frank, stored("frank", "erin", 0)).await, None);
+    assert_eq!(
+        refused_by(&grace, stored("grace", "erin", 0)).await,
+        Some(Quota::MailboxMessages),
+        "a fifth message for one recipient"
+    );
+    assert_eq!(
+        erin.fetch("erin", 10).await.expect("fetch").len(),
+        4,
+        "refused puts stored nothing"
+    );
+    // An acknowledged message is counted out of the mailbox, the pair and the sender.
+    let first = erin.fetch("erin", 1).await.expect("fetch");
+    erin.ack("erin", &[MailKey::of(&first[0])])
+        .await
+        .expect("ack");
+    assert_eq!(refused_by(&alice, stored("alice", "erin", 4)).await, None);
+    // An expired message is counted out too.
+    let mut brief = stored("frank", "grace", 0);
+    brief.expires_at = SystemTime::now() + Duration::from_millis(300);
+    assert_eq!(refused_by(&frank, brief).await, None);
+    assert_eq!(
+        refused_by(&grace, stored("grace", "frank", 0)).await,
+        None,
+        "other senders and recipients are served meanwhile"
+    );
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let expired = frank.take_expired("frank").await.expect("take_expired");
+    assert_eq!(expired.len(), 1, "{expired:?}");
+    // grace holds alice's 2 and nothing else now: 2 more fit her 4, a third does not.
+    assert_eq!(refused_by(&frank, stored("frank", "grace", 1)).await, None);
+    assert_eq!(
+        refused_by(&erin, stored("erin", "grace", 0)).await,
+        None,
+        "the expired message was counted out of grace's mailbox"
+    );
+    assert_eq!(
+        refused_by(&erin, stored("erin", "grace", 1)).await,
+        Some(Quota::MailboxMessages)
+    );
+
+    // Bytes: per pair 2 messages' worth, per sender 3, per mailbox 3, in all 5.
+    let mut quotas = Quotas::unlimited();
+    quotas.pair_bytes = 2 * size;
+    quotas.sender_bytes = 3 * size;
+    quotas.mailbox_bytes = 3 * size;
+    quotas.total_bytes = 5 * size;
+    let access = make(quotas).await;
+    let [alice, frank, grace, dave] = [
+        access.store_for("alice").await,
+        access.store_for("frank").await,
+        access.store_for("grace").await,
+        access.store_for("dave").await,
+    ];
+    for n in 0..2 {
+        assert_eq!(refused_by(&alice, stored("alice", "erin", n)).await, None);
+    }
+    assert_eq!(
+        refused_by(&alice, stored("alice", "erin", 2)).await,
+        Some(Quota::PairBytes)
+    );
+    assert_eq!(refused_by(&alice, stored("alice", "dave", 0)).await, None);
+    assert_eq!(
+        refused_by(&alice, stored("alice", "dave", 1)).await,
+        Some(Quota::SenderBytes)
+    );
+    assert_eq!(refused_by(&frank, stored("frank", "erin", 0)).await, None);
+    assert_eq!(
+        refused_by(&grace, stored("grace", "erin", 0)).await,
+        Some(Quota::MailboxBytes)
+    );
+    assert_eq!(refused_by(&grace, stored("grace", "dave", 0)).await, None);
+    assert_eq!(
+        refused_by(&dave, stored("dave", "carol", 0)).await,
+        Some(Quota::TotalBytes),
+        "a sixth message's bytes in the store"
+    );
+    let waiting = dave.fetch("dave", 10).await.expect("fetch");
+    dave.ack("dave", &waiting.iter().map(MailKey::of).collect::<Vec<_>>())
+        .await
+        .expect("ack");
+    assert_eq!(
+        refused_by(&dave, stored("dave", "carol", 0)).await,
+        None,
+        "acknowledged bytes are counted out of the store's total"
     );
 }
 

@@ -103,6 +103,13 @@ pub struct Config {
     pub deposits_per_second_per_user: u32,
     /// 0 means unlimited. By default, [`NEW_CLAIMS_PER_HOUR_PER_IP`].
     pub new_claims_per_hour_per_ip: u32,
+    /// The longest a deposited message may wait, counted from its token's timestamp: a
+    /// deposit whose token is older is refused, and a later expiry is cut to this. At most
+    /// [`MAX_MESSAGE_TTL`]. By default, [`DEFAULT_MESSAGE_TTL`] (7 days).
+    ///
+    /// [`MAX_MESSAGE_TTL`]: p2pchat_core::store::MAX_MESSAGE_TTL
+    /// [`DEFAULT_MESSAGE_TTL`]: p2pchat_core::store::DEFAULT_MESSAGE_TTL
+    pub message_ttl: Duration,
     /// 0 means unlimited. By default, [`LOOKUPS_PER_SECOND_PER_SESSION`].
     pub lookups_per_second_per_session: u32,
     /// 0 means unlimited. By default, [`LOOKUPS_PER_SECOND_PER_IP`].
@@ -144,6 +151,7 @@ impl Default for Config {
             registrations_per_second_per_ip: REGISTRATIONS_PER_SECOND_PER_IP,
             deposits_per_second_per_user: DEPOSITS_PER_SECOND_PER_USER,
             new_claims_per_hour_per_ip: NEW_CLAIMS_PER_HOUR_PER_IP,
+            message_ttl: p2pchat_core::store::DEFAULT_MESSAGE_TTL,
             lookups_per_second_per_session: LOOKUPS_PER_SECOND_PER_SESSION,
             lookups_per_second_per_ip: LOOKUPS_PER_SECOND_PER_IP,
             max_total_watches: MAX_TOTAL_WATCHES,

@@ -12,6 +12,7 @@ use p2pchat_core::announce::AnnouncementGuard;
 use p2pchat_core::error::chain;
 use p2pchat_core::limits::ConnectionLimits;
 use p2pchat_core::protocol::discovery::{Push, WireError};
+use p2pchat_core::store::MAX_MESSAGE_TTL;
 use p2pchat_core::{Announcement, Identity, PublicKey};
 use tokio::sync::{Notify, broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
@@ -96,7 +97,11 @@ impl Directory {
                 config.registrations_per_second_per_ip,
                 config.registrations_per_second_per_ip.saturating_mul(2),
             ),
-            mail: Mail::new(storage.clone(), config.deposits_per_second_per_user),
+            mail: Mail::new(
+                storage.clone(),
+                config.deposits_per_second_per_user,
+                config.message_ttl.min(MAX_MESSAGE_TTL),
+            ),
             new_claims: KeyedRate::per_hour(config.new_claims_per_hour_per_ip),
             lookups: KeyedRate::new(
                 config.lookups_per_second_per_ip,

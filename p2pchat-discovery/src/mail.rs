@@ -1,23 +1,24 @@
 //! The mailboxes as sessions use them: the storage's mailbox ([`Storage::mailbox`]) with
 //! the rules a deposit must follow beside it. A session acts for its own user only: it
 //! deposits in that user's name, into the mailbox of a name someone holds, within the
-//! user's deposit rate, a token no longer than [`MAX_TOKEN_LEN`] and an expiry no later than
-//! [`MAX_MESSAGE_TTL`] from now; it reads, acknowledges and takes expiry notices of its own
+//! user's deposit rate, a token no longer than [`MAX_TOKEN_LEN`] and shaped like a Fernet
+//! token no older than the message TTL, an expiry no later than the token's timestamp plus
+//! that TTL; within the store's quotas (per mailbox, sender, pair and in all, which the
+//! storage's mailbox enforces); it reads, acknowledges and takes expiry notices of its own
 //! mailbox only.
 
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use futures::stream::BoxStream;
+use p2pchat_core::crypto::check_token_shape;
 use p2pchat_core::error::chain;
 use p2pchat_core::protocol::discovery::{
     DepositOutcome, MAX_DEPOSIT_BATCH, WireError, WireExpired, WireMailKey, WireMessage,
 };
 use p2pchat_core::protocol::{MAX_ACK_BATCH, MAX_TOKEN_LEN, validate_username};
-use p2pchat_core::store::{
-    MAX_FETCH_BATCH, MAX_MESSAGE_TTL, MailKey, Put, StoreError, StoredMessage,
-};
+use p2pchat_core::store::{MAX_FETCH_BATCH, MailKey, Put, StoreError, StoredMessage};
 
 use crate::config::DEPOSIT_BURST;
 use crate::limits::KeyedRate;
@@ -32,6 +33,8 @@ pub(crate) struct Mail {
     storage: Arc<dyn Storage>,
     /// Deposits per user.
     deposits: KeyedRate<String>,
+    /// The longest a message may wait, from its token's timestamp.
+    message_ttl: Duration,
 }
 
 /// The wire error a storage failure earns (logged: the client sees only a summary).
@@ -47,9 +50,14 @@ pub(crate) fn storage_error(e: StorageError) -> WireError {
 
 fn store_error(e: StoreError) -> WireError {
     match e {
-        StoreError::QuotaExceeded { recipient, quota } => WireError::QuotaExceeded {
+        StoreError::QuotaExceeded {
             recipient,
-            quota: quota as u64,
+            limit,
+            quota,
+        } => WireError::QuotaExceeded {
+            recipient,
+            limit: limit.into(),
+            quota,
         },
         StoreError::Forbidden(what) => WireError::Forbidden(what),
         e => {
@@ -60,10 +68,15 @@ fn store_error(e: StoreError) -> WireError {
 }
 
 impl Mail {
-    pub(crate) fn new(storage: Arc<dyn Storage>, deposits_per_second_per_user: u32) -> Self {
+    pub(crate) fn new(
+        storage: Arc<dyn Storage>,
+        deposits_per_second_per_user: u32,
+        message_ttl: Duration,
+    ) -> Self {
         Self {
             storage,
             deposits: KeyedRate::new(deposits_per_second_per_user, DEPOSIT_BURST),
+            message_ttl,
         }
     }
 
@@ -95,6 +108,14 @@ impl Mail {
         if validate_username(&message.to).is_err() {
             return Err(WireError::InvalidUsername(message.to));
         }
+        // Only what could be a message, no older than a message may wait.
+        let stamped = check_token_shape(&message.token, SystemTime::now(), self.message_ttl)
+            .map_err(|e| {
+                WireError::Forbidden(format!(
+                    "a stored message must be a Fernet token at most {} s old: {e}",
+                    self.message_ttl.as_secs()
+                ))
+            })?;
         if !self.deposits.allow(&me.to_owned()) {
             return Err(WireError::RateLimited);
         }
@@ -113,8 +134,8 @@ impl Mail {
             }
             claimed.insert(message.to.clone());
         }
-        // Nobody's mail waits longer than the longest TTL, whatever the sender asked.
-        let latest = SystemTime::now() + MAX_MESSAGE_TTL;
+        // Nobody's mail waits longer than the TTL from its sealing, whatever the sender asked.
+        let latest = stamped + self.message_ttl;
         let mut stored = StoredMessage::from(message);
         stored.expires_at = stored.expires_at.min(latest);
         Ok(stored)

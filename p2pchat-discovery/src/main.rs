@@ -10,7 +10,11 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 use p2pchat_core::protocol::discovery::DEFAULT_DISCOVERY_ADDR;
-use p2pchat_core::store::DEFAULT_ANNOUNCEMENT_CHANNEL;
+use p2pchat_core::store::{
+    DEFAULT_ANNOUNCEMENT_CHANNEL, DEFAULT_MAILBOX_BYTES, DEFAULT_MAILBOX_QUOTA,
+    DEFAULT_MESSAGE_TTL, DEFAULT_PAIR_BYTES, DEFAULT_PAIR_QUOTA, DEFAULT_SENDER_BYTES,
+    DEFAULT_SENDER_QUOTA, DEFAULT_TOTAL_BYTES, MAX_MESSAGE_TTL, Quotas,
+};
 use p2pchat_core::{Announcement, Identity};
 use p2pchat_discovery::config::{
     DEFAULT_LISTEN_ADDR, LOOKUPS_PER_SECOND_PER_IP, LOOKUPS_PER_SECOND_PER_SESSION,
@@ -137,6 +141,47 @@ struct ServeArgs {
     /// instance holds [default: --listen, unless it is 0.0.0.0 or [::]].
     #[arg(long, value_name = "IP:PORT")]
     relay_addr: Option<SocketAddr>,
+    /// Days an offline message may wait, counted from when it was sealed: older deposits
+    /// are refused, later expiries cut to this.
+    #[arg(long, default_value_t = DEFAULT_MESSAGE_TTL.as_secs() / 86_400,
+          value_parser = clap::value_parser!(u64).range(1..=MAX_MESSAGE_TTL.as_secs() / 86_400))]
+    message_ttl_days: u64,
+    /// Most messages waiting for one recipient.
+    #[arg(long, default_value_t = DEFAULT_MAILBOX_QUOTA as u64)]
+    mailbox_messages: u64,
+    /// Most bytes waiting for one recipient.
+    #[arg(long, default_value_t = DEFAULT_MAILBOX_BYTES)]
+    mailbox_bytes: u64,
+    /// Most messages one sender may have waiting, in all mailboxes together.
+    #[arg(long, default_value_t = DEFAULT_SENDER_QUOTA)]
+    sender_messages: u64,
+    /// Most bytes one sender may have waiting, in all mailboxes together.
+    #[arg(long, default_value_t = DEFAULT_SENDER_BYTES)]
+    sender_bytes: u64,
+    /// Most messages one sender may have waiting for one recipient.
+    #[arg(long, default_value_t = DEFAULT_PAIR_QUOTA)]
+    pair_messages: u64,
+    /// Most bytes one sender may have waiting for one recipient.
+    #[arg(long, default_value_t = DEFAULT_PAIR_BYTES)]
+    pair_bytes: u64,
+    /// Most bytes of mail waiting on the server, all mailboxes together.
+    #[arg(long, default_value_t = DEFAULT_TOTAL_BYTES)]
+    mail_bytes: u64,
+}
+
+impl ServeArgs {
+    /// The mail quotas the flags set.
+    fn quotas(&self) -> Quotas {
+        let mut quotas = Quotas::default();
+        quotas.mailbox_messages = self.mailbox_messages;
+        quotas.mailbox_bytes = self.mailbox_bytes;
+        quotas.sender_messages = self.sender_messages;
+        quotas.sender_bytes = self.sender_bytes;
+        quotas.pair_messages = self.pair_messages;
+        quotas.pair_bytes = self.pair_bytes;
+        quotas.total_bytes = self.mail_bytes;
+        quotas
+    }
 }
 
 #[tokio::main]
@@ -253,12 +298,14 @@ async fn run(args: ServeArgs) -> anyhow::Result<()> {
         relay_bytes_per_second: args.relay_bytes_per_second,
         relay_idle_timeout: Duration::from_secs(args.relay_idle_timeout),
         relay_addr: args.relay_addr,
+        message_ttl: Duration::from_secs(args.message_ttl_days.saturating_mul(86_400)),
         ..Config::default()
     };
     let storage: Arc<dyn Storage> = match &args.redis_url {
         Some(url) => {
             let settings = RedisStorageConfig {
                 announcement_channel: args.announcement_channel.clone(),
+                quotas: args.quotas(),
                 ..RedisStorageConfig::default()
             };
             Arc::new(
@@ -269,7 +316,7 @@ async fn run(args: ServeArgs) -> anyhow::Result<()> {
         }
         None => {
             let dir = args.data_dir.clone().unwrap_or_else(default_data_dir);
-            let storage = RedbStorage::open(&dir)
+            let storage = RedbStorage::open_with_quotas(&dir, args.quotas())
                 .with_context(|| format!("cannot use the data directory {}", dir.display()))?;
             tracing::info!(dir = %dir.display(), "embedded store");
             Arc::new(storage)

@@ -125,9 +125,14 @@ impl MailboxStore {
 impl From<WireError> for StoreError {
     fn from(e: WireError) -> Self {
         match e {
-            WireError::QuotaExceeded { recipient, quota } => StoreError::QuotaExceeded {
+            WireError::QuotaExceeded {
                 recipient,
-                quota: usize::try_from(quota).unwrap_or(usize::MAX),
+                limit,
+                quota,
+            } => StoreError::QuotaExceeded {
+                recipient,
+                limit: limit.into(),
+                quota,
             },
             WireError::Forbidden(what) => StoreError::Forbidden(what),
             other => StoreError::unavailable(other),

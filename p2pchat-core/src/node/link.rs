@@ -831,9 +831,10 @@ impl Core {
                 .unwrap_or_else(|| Err(StoreError::unavailable("the store gave no answer")))
             {
                 Ok(()) => stored.push(id),
-                Err(e @ (StoreError::Unavailable(_) | StoreError::QuotaExceeded { .. })) => {
-                    retry.push((id, e))
-                }
+                Err(e @ StoreError::Unavailable(_)) => retry.push((id, e)),
+                // Anything else is final, a quota refusal too: the sender is told which
+                // limit (`Failed` with the sentence) instead of the message waiting forever
+                // on a mailbox someone may keep full.
                 Err(e) => refused.push((id, e)),
             }
         }

@@ -439,6 +439,41 @@ pub enum Push {
 // a larger `Push` is memory every idle session pays (40 bytes more was 1.3 KiB each).
 const _: () = assert!(std::mem::size_of::<Push>() <= 32);
 
+/// Which mail quota a [`WireError::QuotaExceeded`] names (the store's `Quota`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum WireQuota {
+    /// Messages waiting for the recipient.
+    MailboxMessages,
+    /// Bytes waiting for the recipient.
+    MailboxBytes,
+    /// Messages the sender has waiting anywhere.
+    SenderMessages,
+    /// Bytes the sender has waiting anywhere.
+    SenderBytes,
+    /// Messages the sender has waiting for this recipient.
+    PairMessages,
+    /// Bytes the sender has waiting for this recipient.
+    PairBytes,
+    /// Bytes waiting on the whole server.
+    TotalBytes,
+}
+
+impl WireQuota {
+    /// The limit's name, as logs and flags spell it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::MailboxMessages => "mailbox messages",
+            Self::MailboxBytes => "mailbox bytes",
+            Self::SenderMessages => "sender messages",
+            Self::SenderBytes => "sender bytes",
+            Self::PairMessages => "pair messages",
+            Self::PairBytes => "pair bytes",
+            Self::TotalBytes => "total bytes",
+        }
+    }
+}
+
 /// Errors carried on the wire.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
 #[non_exhaustive]
@@ -474,12 +509,14 @@ pub enum WireError {
     /// The server is shutting down.
     #[error("the server is shutting down")]
     ShuttingDown,
-    /// The recipient's mailbox is full.
-    #[error("{recipient}'s mailbox is full ({quota} messages waiting)")]
+    /// Storing the message would pass one of the server's mail quotas: nothing was stored.
+    #[error("{} quota reached for mail to {recipient} (limit {quota})", limit.name())]
     QuotaExceeded {
-        /// Whose mailbox.
+        /// Whose mailbox the message was for.
         recipient: String,
-        /// The quota.
+        /// Which limit.
+        limit: WireQuota,
+        /// The limit's value.
         quota: u64,
     },
     /// The session may not do this (another user's mailbox, a deposit in someone else's

@@ -11,9 +11,7 @@ use futures::stream::BoxStream;
 use tokio::sync::broadcast;
 use tokio_stream::wrappers::BroadcastStream;
 
-use super::{
-    DEFAULT_MAILBOX_QUOTA, ExpiredMessage, MailKey, OfflineStore, Put, StoreError, StoredMessage,
-};
+use super::{ExpiredMessage, MailKey, OfflineStore, Put, Quotas, StoreError, StoredMessage, Usage};
 
 /// Capacity of the new-mail notice channel; a lagging subscriber still gets a notice.
 const NOTICE_CAPACITY: usize = 64;
@@ -29,7 +27,59 @@ pub struct MemoryStore {
 struct Mailboxes {
     boxes: HashMap<String, VecDeque<StoredMessage>>,
     expired: HashMap<String, Vec<ExpiredMessage>>,
-    quota: usize,
+    quotas: Quotas,
+    /// What is waiting per recipient, per sender, per (sender, recipient) and in all.
+    usage: Accounts,
+}
+
+#[derive(Debug, Default)]
+struct Accounts {
+    mailbox: HashMap<String, Usage>,
+    sender: HashMap<String, Usage>,
+    pair: HashMap<(String, String), Usage>,
+    total: Usage,
+}
+
+impl Accounts {
+    fn get<K: std::hash::Hash + Eq>(map: &HashMap<K, Usage>, key: &K) -> Usage {
+        map.get(key).copied().unwrap_or_default()
+    }
+
+    fn admit(&self, quotas: &Quotas, m: &StoredMessage) -> Result<(), StoreError> {
+        quotas.admit(
+            m,
+            Self::get(&self.mailbox, &m.to),
+            Self::get(&self.sender, &m.from),
+            Self::get(&self.pair, &(m.from.clone(), m.to.clone())),
+            self.total,
+        )
+    }
+
+    fn add(&mut self, m: &StoredMessage) {
+        for usage in [
+            self.mailbox.entry(m.to.clone()).or_default(),
+            self.sender.entry(m.from.clone()).or_default(),
+            self.pair.entry((m.from.clone(), m.to.clone())).or_default(),
+        ] {
+            *usage = usage.plus(m);
+        }
+        self.total = self.total.plus(m);
+    }
+
+    fn remove(&mut self, m: &StoredMessage) {
+        fn take<K: std::hash::Hash + Eq>(map: &mut HashMap<K, Usage>, key: K, m: &StoredMessage) {
+            if let Some(usage) = map.get_mut(&key) {
+                *usage = usage.minus(m);
+                if usage.messages == 0 {
+                    map.remove(&key);
+                }
+            }
+        }
+        take(&mut self.mailbox, m.to.clone(), m);
+        take(&mut self.sender, m.from.clone(), m);
+        take(&mut self.pair, (m.from.clone(), m.to.clone()), m);
+        self.total = self.total.minus(m);
+    }
 }
 
 impl Default for MemoryStore {
@@ -39,18 +89,25 @@ impl Default for MemoryStore {
 }
 
 impl MemoryStore {
-    /// Empty mailboxes with the default quota ([`DEFAULT_MAILBOX_QUOTA`]).
+    /// Empty mailboxes with the default [`Quotas`].
     pub fn new() -> Self {
-        Self::with_quota(DEFAULT_MAILBOX_QUOTA)
+        Self::with_quotas(Quotas::default())
     }
 
-    /// Empty mailboxes holding at most `quota` messages per recipient.
+    /// Empty mailboxes holding at most `quota` messages per recipient (the other
+    /// [`Quotas`] at their defaults).
     pub fn with_quota(quota: usize) -> Self {
+        Self::with_quotas(Quotas::mailbox(quota))
+    }
+
+    /// Empty mailboxes under `quotas`.
+    pub fn with_quotas(quotas: Quotas) -> Self {
         Self {
             inner: Arc::new(Mutex::new(Mailboxes {
                 boxes: HashMap::new(),
                 expired: HashMap::new(),
-                quota,
+                quotas,
+                usage: Accounts::default(),
             })),
             notices: broadcast::channel(NOTICE_CAPACITY).0,
         }
@@ -63,11 +120,17 @@ impl MemoryStore {
 
 impl Mailboxes {
     fn expire(&mut self, now: SystemTime) {
-        let Self { boxes, expired, .. } = self;
+        let Self {
+            boxes,
+            expired,
+            usage,
+            ..
+        } = self;
         for queue in boxes.values_mut() {
             queue.retain(|m| {
                 let keep = m.expires_at > now;
                 if !keep {
+                    usage.remove(m);
                     expired
                         .entry(m.from.clone())
                         .or_default()
@@ -90,20 +153,21 @@ impl MemoryStore {
         {
             let mut boxes = self.lock();
             boxes.expire(SystemTime::now());
-            let quota = boxes.quota;
-            let queue = boxes.boxes.entry(to.clone()).or_default();
+            let Mailboxes {
+                boxes,
+                quotas,
+                usage,
+                ..
+            } = &mut *boxes;
+            let queue = boxes.entry(to.clone()).or_default();
             if queue
                 .iter()
                 .any(|m| m.id == message.id && m.from == message.from)
             {
                 return Ok(Put::Duplicate);
             }
-            if queue.len() >= quota {
-                return Err(StoreError::QuotaExceeded {
-                    recipient: to,
-                    quota,
-                });
-            }
+            usage.admit(quotas, &message)?;
+            usage.add(&message);
             queue.push_back(message);
         }
         let _ = self.notices.send(to);
@@ -133,11 +197,18 @@ impl OfflineStore for MemoryStore {
 
     async fn ack(&self, recipient: &str, acked: &[MailKey]) -> Result<(), StoreError> {
         let mut boxes = self.lock();
-        if let Some(queue) = boxes.boxes.get_mut(recipient) {
+        let Mailboxes { boxes, usage, .. } = &mut *boxes;
+        if let Some(queue) = boxes.get_mut(recipient) {
             let acked: std::collections::HashSet<&MailKey> = acked.iter().collect();
-            queue.retain(|m| !acked.contains(&MailKey::of(m)));
+            queue.retain(|m| {
+                let keep = !acked.contains(&MailKey::of(m));
+                if !keep {
+                    usage.remove(m);
+                }
+                keep
+            });
             if queue.is_empty() {
-                boxes.boxes.remove(recipient);
+                boxes.remove(recipient);
             }
         }
         Ok(())

@@ -16,6 +16,11 @@
 //!   `{user}\n{from}\n{id}`, score its `exp`: what the sweep scans for expired messages.
 //! - `{prefix}:expired:{sender}`: list of expiry notices `{id}\n{recipient}` for `sender`,
 //!   emptied by [`take_expired`](OfflineStore::take_expired).
+//! - `{prefix}:mbox-usage`: hash of what is waiting, for the [`Quotas`]: messages (`…m`)
+//!   and bytes (`…b`) per recipient (`to\n{user}\n`), sender (`from\n{user}\n`) and pair
+//!   (`pair\n{from}\n{to}\n`), and the store's bytes (`total\nb`); charged by `put`,
+//!   uncharged by `ack` and the sweep, each field deleted when it reaches zero. Mail stored
+//!   before this hash existed is not in it (it never goes below zero).
 //! - `{prefix}:mail:{user}`: the pub/sub channel on which every `put` for `user` publishes
 //!   (the message id), feeding [`subscribe`](OfflineStore::subscribe).
 //!
@@ -46,15 +51,16 @@
 //! # Transitions
 //! Every transition touching several keys is one Lua script, so it is atomic across processes:
 //! - put: the sender's id already in the ids hash (or an entry of the old layout with this
-//!   id from this sender) → done (idempotent); `XLEN` at the quota →
-//!   [`StoreError::QuotaExceeded`]; else `XADD`, `HSET` the id, `ZADD` the expiry and
-//!   `PUBLISH` the new-mail notice.
+//!   id from this sender) → done (idempotent); a message that would pass one of the
+//!   [`Quotas`] (messages in the mailbox by `XLEN`, the rest from the usage hash
+//!   `{prefix}:mbox-usage`) → [`StoreError::QuotaExceeded`] naming it; else `XADD`, `HSET`
+//!   the id, `ZADD` the expiry, charge the usage hash and `PUBLISH` the new-mail notice.
 //! - ack: per (sender, id), the entry found through the ids hash is `XDEL`ed, its field
-//!   `HDEL`ed and its expiry member `ZREM`ed. Unknown keys are ignored.
+//!   `HDEL`ed, its expiry member `ZREM`ed and its usage uncharged. Unknown keys are ignored.
 //! - sweep (run by `fetch` and `take_expired`, and by `put` only when the mailbox looks full,
 //!   since expired entries count against the quota until swept; at most [`SWEEP_BATCH`]
 //!   messages per call): lists the expiry members whose score is not after "now", then per member a script
-//!   re-checks the score and removes the member, the id and the entry, pushing the notice to
+//!   re-checks the score and removes the member, the id and the entry (uncharging its usage), pushing the notice to
 //!   the sender's list (the sender is read from the entry). Whoever removes the member
 //!   reports the expiry, so each is reported exactly once even with many processes sweeping.
 //!
@@ -81,8 +87,8 @@
 //! removes, so the layout assumes one Redis, not a Redis Cluster.
 //!
 //! # Defaults
-//! Key prefix [`DEFAULT_REDIS_PREFIX`] (`p2pchat`), quota [`DEFAULT_MAILBOX_QUOTA`] (10,000
-//! messages per mailbox), operator announcements on [`DEFAULT_ANNOUNCEMENT_CHANNEL`]
+//! Key prefix [`DEFAULT_REDIS_PREFIX`] (`p2pchat`), the default [`Quotas`] (10,000
+//! messages per mailbox, and the rest), operator announcements on [`DEFAULT_ANNOUNCEMENT_CHANNEL`]
 //! (`special`). Each connection attempt gives up after 3 s, a request without a reply after
 //! 5 s; a reconnection makes 5 attempts, 100 ms to 1 s apart, before the waiting requests
 //! fail.
@@ -103,9 +109,7 @@ use tokio::sync::mpsc;
 use tokio_util::task::AbortOnDropHandle;
 
 use super::redis_conn::{PushHandler, connection, script_with_now, spawn_push_feed};
-use super::{
-    DEFAULT_MAILBOX_QUOTA, ExpiredMessage, MailKey, OfflineStore, Put, StoreError, StoredMessage,
-};
+use super::{ExpiredMessage, MailKey, OfflineStore, Put, Quota, Quotas, StoreError, StoredMessage};
 use crate::error::Cause;
 use crate::protocol::MessageId;
 
@@ -120,9 +124,42 @@ const SWEEP_BATCH: usize = 256;
 /// Announcements buffered for a slow reader before newer ones are dropped.
 const ANNOUNCEMENT_BUFFER: usize = 256;
 
-/// KEYS: mailbox, ids, expiry. ARGV: id, from, to, token, exp ms, exp ns, quota, expiry
-/// member, channel. 0: stored, 1: already there, 2: mailbox full. An entry from before mail
-/// was keyed by sender (field `{id}`) is the same message when its sender is this one.
+/// Lua shared by the scripts that add and remove messages: the usage hash (`KEYS[4]` of
+/// each) holds, per recipient (`to\n{user}\n…`), sender (`from\n{user}\n…`) and pair
+/// (`pair\n{from}\n{to}\n…`), the messages (`…m`) and bytes (`…b`) waiting, and the
+/// store's bytes (`total\nb`). A message's bytes are its token, sender and recipient plus
+/// `MESSAGE_OVERHEAD_BYTES`, as [`StoredMessage::charged_bytes`] counts them.
+const USAGE_LUA: &str = "
+local function usage_fields(from, to)
+  return { 'to\\n' .. to .. '\\n', 'from\\n' .. from .. '\\n',
+    'pair\\n' .. from .. '\\n' .. to .. '\\n' }
+end
+local function charge(u, from, to, size, sign)
+  for _, f in ipairs(usage_fields(from, to)) do
+    if redis.call('HINCRBY', u, f .. 'm', sign) <= 0 then redis.call('HDEL', u, f .. 'm') end
+    if redis.call('HINCRBY', u, f .. 'b', sign * size) <= 0 then redis.call('HDEL', u, f .. 'b') end
+  end
+  if redis.call('HINCRBY', u, 'total\\nb', sign * size) <= 0 then redis.call('HDEL', u, 'total\\nb') end
+end
+local function uncharge_entry(u, fields)
+  local from, to, token = nil, nil, nil
+  for j = 1, #fields - 1, 2 do
+    local k, v = fields[j], fields[j + 1]
+    if k == 'from' then from = v elseif k == 'to' then to = v elseif k == 'token' then token = v end
+  end
+  if from and to and token then
+    charge(u, from, to, #token + #from + #to + OVERHEAD, -1)
+  end
+end
+";
+
+/// KEYS: mailbox, ids, expiry, usage. ARGV: id, from, to, token, exp ms, exp ns, (unused),
+/// expiry member, channel, then the limits in the order [`Quotas::admit`] checks them
+/// (mailbox messages, mailbox bytes, pair messages, pair bytes, sender messages, sender
+/// bytes, total bytes). 0: stored, 1: already there, 2 + k: the k-th limit refused it. An
+/// entry from before mail was keyed by sender (field `{id}`) is the same message when its
+/// sender is this one. The mailbox's messages are counted by `XLEN`, so mail stored before
+/// the usage hash existed counts; the other limits count from the usage hash.
 const PUT: &str = "
 local field = ARGV[2] .. '\\n' .. ARGV[1]
 if redis.call('HEXISTS', KEYS[2], field) == 1 then return 1 end
@@ -135,16 +172,28 @@ if legacy then
     end
   end
 end
-if redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[7]) then return 2 end
+local size = #ARGV[4] + #ARGV[2] + #ARGV[3] + OVERHEAD
+local f = usage_fields(ARGV[2], ARGV[3])
+local function used(name) return tonumber(redis.call('HGET', KEYS[4], name) or '0') end
+local checks = {
+  { redis.call('XLEN', KEYS[1]), 1 }, { used(f[1] .. 'b'), size },
+  { used(f[3] .. 'm'), 1 }, { used(f[3] .. 'b'), size },
+  { used(f[2] .. 'm'), 1 }, { used(f[2] .. 'b'), size },
+  { used('total\\nb'), size },
+}
+for k, c in ipairs(checks) do
+  if c[1] + c[2] > tonumber(ARGV[9 + k]) then return 1 + k end
+end
 local entry = redis.call('XADD', KEYS[1], '*', 'id', ARGV[1], 'from', ARGV[2], 'to', ARGV[3],
   'token', ARGV[4], 'exp', ARGV[5], 'exp_ns', ARGV[6])
 redis.call('HSET', KEYS[2], field, entry)
 redis.call('ZADD', KEYS[3], ARGV[5], ARGV[8])
+charge(KEYS[4], ARGV[2], ARGV[3], size, 1)
 redis.call('PUBLISH', ARGV[9], ARGV[1])
 return 0
 ";
 
-/// KEYS: mailbox, ids, expiry. ARGV: user, then (from, id) pairs. Returns how many were
+/// KEYS: mailbox, ids, expiry, usage. ARGV: user, then (from, id) pairs. Returns how many were
 /// removed. An entry from before mail was keyed by sender (field `{id}`) is removed only
 /// when its sender is the one named.
 const ACK: &str = "
@@ -170,6 +219,8 @@ for i = 2, #ARGV - 1, 2 do
     end
   end
   if entry then
+    local found = redis.call('XRANGE', KEYS[1], entry, entry)[1]
+    if found then uncharge_entry(KEYS[4], found[2]) end
     redis.call('XDEL', KEYS[1], entry)
     redis.call('HDEL', KEYS[2], field)
     redis.call('ZREM', KEYS[3], member)
@@ -185,7 +236,7 @@ const SWEEP_LIST: &str = "
 return { now, redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[1])) }
 ";
 
-/// KEYS: expiry, mailbox, ids. ARGV: member, ids-hash field, recipient, expired-list key
+/// KEYS: expiry, mailbox, ids, usage. ARGV: member, ids-hash field, recipient, expired-list key
 /// prefix, id.
 /// 1: expired and reported, 0: nothing to do (not expired, or another process did it).
 const SWEEP_ONE: &str = "
@@ -201,6 +252,7 @@ if redis.call('XLEN', KEYS[2]) == 0 then redis.call('DEL', KEYS[2]) end
 local item = found[1]
 if not item then return 0 end
 local fields = item[2]
+uncharge_entry(KEYS[4], fields)
 local from = nil
 for i = 1, #fields - 1, 2 do
   if fields[i] == 'from' then from = fields[i + 1] end
@@ -224,15 +276,15 @@ pub struct RedisStoreConfig {
     /// Prefix of every key and mail channel; everything sharing mailboxes must use the same.
     /// Default: [`DEFAULT_REDIS_PREFIX`].
     pub prefix: String,
-    /// Most messages waiting in one mailbox. Default: [`DEFAULT_MAILBOX_QUOTA`].
-    pub quota: usize,
+    /// What may wait: per mailbox, sender, pair and in all. Default: [`Quotas::default`].
+    pub quotas: Quotas,
 }
 
 impl Default for RedisStoreConfig {
     fn default() -> Self {
         Self {
             prefix: DEFAULT_REDIS_PREFIX.to_owned(),
-            quota: DEFAULT_MAILBOX_QUOTA,
+            quotas: Quotas::default(),
         }
     }
 }
@@ -261,7 +313,7 @@ pub struct RedisStore {
 struct Inner {
     conn: ConnectionManager,
     keys: Keys,
-    quota: usize,
+    quotas: Quotas,
     scripts: Scripts,
     /// Who listens to which channel (read by the feed task for every push).
     listeners: Mutex<Listeners>,
@@ -284,11 +336,15 @@ struct Scripts {
 impl Scripts {
     fn new() -> Self {
         let with_now = script_with_now;
+        let with_usage = |body: &str| {
+            format!("{USAGE_LUA}{body}")
+                .replace("OVERHEAD", &super::MESSAGE_OVERHEAD_BYTES.to_string())
+        };
         Self {
-            put: Script::new(PUT),
-            ack: Script::new(ACK),
+            put: Script::new(&with_usage(PUT)),
+            ack: Script::new(&with_usage(ACK)),
             sweep_list: with_now(SWEEP_LIST),
-            sweep_one: with_now(SWEEP_ONE),
+            sweep_one: with_now(&with_usage(SWEEP_ONE)),
             take_expired: Script::new(TAKE_EXPIRED),
         }
     }
@@ -309,6 +365,9 @@ impl Keys {
     }
     fn expiry(&self) -> String {
         format!("{}:mbox-expiry", self.prefix)
+    }
+    fn usage(&self) -> String {
+        format!("{}:mbox-usage", self.prefix)
     }
     fn expired_prefix(&self) -> String {
         format!("{}:expired:", self.prefix)
@@ -521,7 +580,7 @@ impl RedisStore {
                 keys: Keys {
                     prefix: config.prefix,
                 },
-                quota: config.quota,
+                quotas: config.quotas,
                 scripts: Scripts::new(),
                 listeners: Mutex::default(),
                 subscribed: tokio::sync::Mutex::default(),
@@ -601,6 +660,7 @@ impl RedisStore {
                 .key(keys.expiry())
                 .key(keys.mailbox(user))
                 .key(keys.ids(user))
+                .key(keys.usage())
                 .arg(&member)
                 .arg(field)
                 .arg(user)
@@ -681,9 +741,21 @@ fn parse_notice(sender: &str, notice: &str) -> Result<ExpiredMessage, StoreError
 enum PutOutcome {
     /// Stored now, or already there.
     Done(Put),
-    /// The mailbox holds its quota.
-    Full,
+    /// Refused by this limit, of this value.
+    Full(Quota, u64),
 }
+
+/// The limits in the order the put script checks them (that of [`Quotas::admit`]).
+type LimitOf = fn(&Quotas) -> u64;
+const ORDERED_LIMITS: [(Quota, LimitOf); 7] = [
+    (Quota::MailboxMessages, |q| q.mailbox_messages),
+    (Quota::MailboxBytes, |q| q.mailbox_bytes),
+    (Quota::PairMessages, |q| q.pair_messages),
+    (Quota::PairBytes, |q| q.pair_bytes),
+    (Quota::SenderMessages, |q| q.sender_messages),
+    (Quota::SenderBytes, |q| q.sender_bytes),
+    (Quota::TotalBytes, |q| q.total_bytes),
+];
 
 impl RedisStore {
     async fn put_once(&self, message: &StoredMessage) -> Result<PutOutcome, StoreError> {
@@ -698,38 +770,47 @@ impl RedisStore {
             .key(keys.mailbox(to))
             .key(keys.ids(to))
             .key(keys.expiry())
+            .key(keys.usage())
             .arg(&id)
             .arg(&message.from)
             .arg(to)
             .arg(&message.token)
             .arg(exp_ms)
             .arg(exp_ns)
-            .arg(self.inner.quota)
+            .arg(0)
             .arg(expiry_member(to, &message.from, &message.id))
             .arg(keys.mail_channel(to))
+            .arg(&ORDERED_LIMITS.map(|(_, limit)| limit(&self.inner.quotas)))
             .invoke_async(&mut self.inner.conn())
             .await
             .map_err(unavailable)?;
         Ok(match outcome {
             0 => PutOutcome::Done(Put::Stored),
             1 => PutOutcome::Done(Put::Duplicate),
-            _ => PutOutcome::Full,
+            k => {
+                let (limit, quota) = usize::try_from(k - 2)
+                    .ok()
+                    .and_then(|k| ORDERED_LIMITS.get(k))
+                    .ok_or_else(|| StoreError::corrupt(format!("a put script answered {k}")))?;
+                PutOutcome::Full(*limit, quota(&self.inner.quotas))
+            }
         })
     }
 
     /// [`OfflineStore::put`], saying whether the message was there already.
     async fn put_one(&self, message: StoredMessage) -> Result<Put, StoreError> {
-        // Expired messages count against the quota until swept: sweep only when the mailbox
-        // looks full (a sweep per put would double the round trips of every put).
+        // Expired messages count against the quotas until swept: sweep only when a limit
+        // refuses (a sweep per put would double the round trips of every put).
         match self.put_once(&message).await? {
             PutOutcome::Done(put) => Ok(put),
-            PutOutcome::Full => {
+            PutOutcome::Full(..) => {
                 self.sweep().await?;
                 match self.put_once(&message).await? {
                     PutOutcome::Done(put) => Ok(put),
-                    PutOutcome::Full => Err(StoreError::QuotaExceeded {
+                    PutOutcome::Full(limit, quota) => Err(StoreError::QuotaExceeded {
                         recipient: message.to.clone(),
-                        quota: self.inner.quota,
+                        limit,
+                        quota,
                     }),
                 }
             }
@@ -790,6 +871,7 @@ impl OfflineStore for RedisStore {
         invocation
             .key(keys.ids(recipient))
             .key(keys.expiry())
+            .key(keys.usage())
             .arg(recipient);
         for key in acked {
             invocation.arg(&key.from).arg(key.id.to_string());

@@ -29,6 +29,6 @@ async fn memory_discovery_conforms() {
 
 #[tokio::test]
 async fn memory_store_conforms() {
-    store_conformance(|quota| async move { SharedStore::new(MemoryStore::with_quota(quota)) })
+    store_conformance(|quotas| async move { SharedStore::new(MemoryStore::with_quotas(quotas)) })
         .await;
 }

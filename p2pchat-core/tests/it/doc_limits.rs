@@ -123,6 +123,34 @@ fn the_core_limits_table_matches_the_constants() {
             count(store::DEFAULT_MAILBOX_QUOTA as u64),
         ),
         (
+            "store::DEFAULT_MAILBOX_BYTES",
+            kib(store::DEFAULT_MAILBOX_BYTES as usize),
+        ),
+        (
+            "store::DEFAULT_SENDER_QUOTA",
+            count(store::DEFAULT_SENDER_QUOTA),
+        ),
+        (
+            "store::DEFAULT_SENDER_BYTES",
+            kib(store::DEFAULT_SENDER_BYTES as usize),
+        ),
+        (
+            "store::DEFAULT_PAIR_QUOTA",
+            count(store::DEFAULT_PAIR_QUOTA),
+        ),
+        (
+            "store::DEFAULT_PAIR_BYTES",
+            kib(store::DEFAULT_PAIR_BYTES as usize),
+        ),
+        (
+            "store::DEFAULT_TOTAL_BYTES",
+            kib(store::DEFAULT_TOTAL_BYTES as usize),
+        ),
+        (
+            "store::MESSAGE_OVERHEAD_BYTES",
+            count(store::MESSAGE_OVERHEAD_BYTES),
+        ),
+        (
             "store::DEFAULT_MESSAGE_TTL",
             days(store::DEFAULT_MESSAGE_TTL),
         ),

@@ -12,7 +12,7 @@ use p2pchat_core::crypto::Payload;
 use p2pchat_core::protocol::discovery::{
     Claim, ClientFrame, DepositOutcome, Push, RegisterReachableRequest, RegisterRequest,
     Registered, Reply, Request, ServerFrame, WireError, WireExpired, WireMailKey, WireMessage,
-    WirePage, WirePeer, WireRelayTicket,
+    WirePage, WirePeer, WireQuota, WireRelayTicket,
 };
 use p2pchat_core::protocol::{ErrorCode, FrameCodec, Hello, MessageId, PeerFrame};
 use p2pchat_core::{Announcement, PublicKey};
@@ -457,9 +457,10 @@ fn every_server_frame_reply_push_and_error_kind_has_these_bytes() {
             "QuotaExceeded",
             error(WireError::QuotaExceeded {
                 recipient: "bob".into(),
+                limit: WireQuota::PairMessages,
                 quota: 1000,
             }),
-            "0000000901040903626f62e807",
+            "0000000a01040903626f6204e807",
         ),
         (
             "Forbidden",

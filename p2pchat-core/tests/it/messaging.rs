@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use p2pchat_core::node::NodeError;
 use p2pchat_core::protocol::MAX_BODY_LEN;
-use p2pchat_core::{ChatNode, Event, Identity, MessageId, TcpTransport};
+use p2pchat_core::store::Quotas;
+use p2pchat_core::{ChatNode, Event, Identity, MemoryStore, MessageId, TcpTransport};
 
 use super::util::{World, buffered, outcome, receive_n, wait_for};
 
@@ -147,6 +148,58 @@ async fn message_to_an_offline_user_is_stored_and_shown_marked_offline_when_they
     let mut bob_events = bob.events();
     let got = receive_n(&mut bob_events, 1).await;
     assert_eq!(got, vec![("while you were out".to_owned(), true)]);
+    alice.shutdown().await.expect("shutdown");
+    bob.shutdown().await.expect("shutdown");
+}
+
+/// A message the offline store refuses under one of its quotas is `SendFailed` at once, with
+/// the sentence naming the limit: not retried forever against a mailbox someone keeps full.
+/// The messages before it were stored and reach bob when he returns.
+#[tokio::test]
+async fn a_message_over_a_store_quota_fails_with_a_sentence_naming_it() {
+    let mut world = World::new();
+    let mut quotas = Quotas::default();
+    quotas.pair_messages = 2;
+    world.store = MemoryStore::with_quotas(quotas);
+    let bob_identity = Identity::generate();
+    let bob = world
+        .node_with("bob", bob_identity.clone(), None, TcpTransport::new())
+        .await;
+    bob.shutdown().await.expect("bob leaves");
+    let alice = world.tcp_node("alice").await;
+    let mut alice_events = alice.events();
+    let mut outcomes = Vec::new();
+    for text in ["one", "two", "three"] {
+        let id = alice.send("bob", text).await.expect("send");
+        outcomes.push((id, wait_for(&mut alice_events, outcome).await));
+    }
+    assert!(
+        matches!(outcomes[0].1, Event::StoredOffline { .. }),
+        "{outcomes:?}"
+    );
+    assert!(
+        matches!(outcomes[1].1, Event::StoredOffline { .. }),
+        "{outcomes:?}"
+    );
+    match &outcomes[2].1 {
+        Event::SendFailed { id, to, reason } => {
+            assert_eq!((id, to.as_str()), (&outcomes[2].0, "bob"));
+            assert!(
+                reason.contains("you already have 2 messages waiting for bob"),
+                "{reason}"
+            );
+        }
+        other => panic!("expected SendFailed, got {other:?}"),
+    }
+    let bob = world
+        .node_with("bob", bob_identity, None, TcpTransport::new())
+        .await;
+    let mut bob_events = bob.events();
+    let got = receive_n(&mut bob_events, 2).await;
+    assert_eq!(
+        got,
+        vec![("one".to_owned(), true), ("two".to_owned(), true)]
+    );
     alice.shutdown().await.expect("shutdown");
     bob.shutdown().await.expect("shutdown");
 }

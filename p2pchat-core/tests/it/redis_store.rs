@@ -7,7 +7,7 @@ use std::collections::HashSet;
 use std::time::{Duration, Instant, SystemTime};
 
 use futures::{FutureExt, StreamExt};
-use p2pchat_core::store::MailKey;
+use p2pchat_core::store::{MailKey, Quotas};
 use p2pchat_core::testing::{RedisServer, SharedStore, TestRedis, store_conformance};
 use p2pchat_core::{
     ChatNode, Event, Identity, MemoryDiscovery, MessageId, OfflineStore, RedisStore,
@@ -48,10 +48,13 @@ async fn redis_store_passes_the_store_suite() {
     let redis = TestRedis::from_env_or_start();
     let url = redis.url();
     let prefix = redis.unique_prefix("store-suite");
-    store_conformance(|quota| {
-        let (url, prefix) = (url.clone(), prefix.clone());
+    store_conformance(|quotas| {
+        let (url, prefix) = (
+            url.clone(),
+            format!("{prefix}{:08x}", rand::random::<u32>()),
+        );
         async move {
-            let config = RedisStoreConfig { prefix, quota };
+            let config = RedisStoreConfig { prefix, quotas };
             SharedStore::new(RedisStore::connect_with(&url, config).await.unwrap())
         }
     })
@@ -138,7 +141,7 @@ async fn two_clients_sweeping_at_once_report_each_expiry_once() {
     let redis = TestRedis::from_env_or_start();
     let config = RedisStoreConfig {
         prefix: redis.unique_prefix("sweep-race"),
-        quota: 10_000,
+        quotas: Quotas::default(),
     };
     // Two connections, as two processes would have.
     let first = RedisStore::connect_with(&redis.url(), config.clone())
@@ -461,7 +464,7 @@ async fn mail_written_keyed_by_id_alone_is_still_acknowledged_and_expired() {
         &redis.url(),
         RedisStoreConfig {
             prefix: prefix.clone(),
-            quota: 100,
+            quotas: Quotas::mailbox(100),
         },
     )
     .await

@@ -30,7 +30,7 @@ use p2pchat_core::crypto::{PairKey, Payload};
 use p2pchat_core::protocol::discovery::{
     Claim, ClientFrame, DepositOutcome, MAX_ANNOUNCED_ADDRS, Push, RegisterRequest, Registered,
     Reply, Request, ServerFrame, WireError, WireExpired, WireMailKey, WireMessage, WirePage,
-    WirePeer,
+    WirePeer, WireQuota,
 };
 use p2pchat_core::protocol::{
     ErrorCode, FrameCodec, Hello, MessageId, NONCE_LEN, PROTOCOL_VERSION, PeerFrame, ProtocolError,
@@ -225,6 +225,18 @@ fn request() -> impl Strategy<Value = Request> {
     ]
 }
 
+fn wire_quota() -> impl Strategy<Value = WireQuota> {
+    prop_oneof![
+        Just(WireQuota::MailboxMessages),
+        Just(WireQuota::MailboxBytes),
+        Just(WireQuota::SenderMessages),
+        Just(WireQuota::SenderBytes),
+        Just(WireQuota::PairMessages),
+        Just(WireQuota::PairBytes),
+        Just(WireQuota::TotalBytes),
+    ]
+}
+
 fn wire_error() -> impl Strategy<Value = WireError> {
     prop_oneof![
         text(40).prop_map(|username| WireError::NameTaken { username }),
@@ -236,8 +248,13 @@ fn wire_error() -> impl Strategy<Value = WireError> {
         text(60).prop_map(WireError::UnsupportedVersion),
         text(60).prop_map(WireError::Backend),
         Just(WireError::ShuttingDown),
-        (text(40), any::<u64>())
-            .prop_map(|(recipient, quota)| WireError::QuotaExceeded { recipient, quota }),
+        (text(40), wire_quota(), any::<u64>()).prop_map(|(recipient, limit, quota)| {
+            WireError::QuotaExceeded {
+                recipient,
+                limit,
+                quota,
+            }
+        }),
         text(60).prop_map(WireError::Forbidden),
     ]
 }

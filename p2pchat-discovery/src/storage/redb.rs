@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime};
 
 use ::redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use async_trait::async_trait;
-use p2pchat_core::store::{DEFAULT_MAILBOX_QUOTA, OfflineStore};
+use p2pchat_core::store::{OfflineStore, Quotas};
 use p2pchat_core::{Announcement, Cause, PublicKey};
 use tokio::sync::broadcast;
 
@@ -96,7 +96,7 @@ fn claimed_fresh(
 
 impl RedbStorage {
     /// Opens (or creates) the directory in `data_dir`, creating the directory if needed, with
-    /// mailboxes of [`DEFAULT_MAILBOX_QUOTA`] messages.
+    /// mailboxes under the default [`Quotas`].
     ///
     /// On Unix, directories it creates are mode 0700 (an existing `data_dir` keeps its mode),
     /// and `directory.redb` is made 0600, when created and when opened (a file left 0644 by
@@ -104,11 +104,17 @@ impl RedbStorage {
     ///
     /// Fails if another process has the file open.
     pub fn open(data_dir: &Path) -> Result<Self, StorageError> {
-        Self::open_with_quota(data_dir, DEFAULT_MAILBOX_QUOTA)
+        Self::open_with_quotas(data_dir, Quotas::default())
     }
 
-    /// As [`RedbStorage::open`], with mailboxes holding at most `quota` messages.
+    /// As [`RedbStorage::open`], with mailboxes holding at most `quota` messages (the other
+    /// [`Quotas`] at their defaults).
     pub fn open_with_quota(data_dir: &Path, quota: usize) -> Result<Self, StorageError> {
+        Self::open_with_quotas(data_dir, Quotas::mailbox(quota))
+    }
+
+    /// As [`RedbStorage::open`], with the mailboxes under `quotas`.
+    pub fn open_with_quotas(data_dir: &Path, quotas: Quotas) -> Result<Self, StorageError> {
         let mut dirs = std::fs::DirBuilder::new();
         dirs.recursive(true);
         #[cfg(unix)]
@@ -145,7 +151,7 @@ impl RedbStorage {
         txn.open_table(ANNOUNCED).map_err(unavailable)?;
         txn.commit().map_err(unavailable)?;
         let db = Arc::new(db);
-        let mailbox = RedbMailbox::open(db.clone(), quota).map_err(unavailable)?;
+        let mailbox = RedbMailbox::open(db.clone(), quotas).map_err(unavailable)?;
         Ok(Self {
             db,
             presence: Arc::new(LocalPresence::new()),

@@ -11,8 +11,11 @@
 //! - `mail_expiry`: (expires-at ms, seq) → recipient, so expiry is found without a scan;
 //! - `mail_expired`: (sender, seq) → the expiry notice (an `ExpiredRecordV1`) waiting for
 //!   the sender;
-//! - `mail_count`: recipient → messages waiting (the quota check);
-//! - `mail_meta`: the next sequence number.
+//! - `mail_usage`: what is waiting, for the [`Quotas`]: (messages, bytes) per recipient
+//!   (`to\n{user}`), sender (`from\n{user}`) and pair (`pair\n{from}\n{to}`), and in all
+//!   (`total`); rows at zero are deleted. Files written before it (with a `mail_count` of
+//!   messages per recipient) get it computed from `mail` when opened;
+//! - `mail_meta`: the next sequence number, and `usage` once `mail_usage` is complete.
 //!
 //! Every change is committed durably before it is answered: a deposit the server confirmed
 //! survives a crash. Deposits go through one writer thread that commits whatever deposits
@@ -33,7 +36,8 @@ use futures::StreamExt;
 use futures::stream::BoxStream;
 use p2pchat_core::MessageId;
 use p2pchat_core::store::{
-    ExpiredMessage, MAX_EXPIRED_BATCH, MailKey, OfflineStore, Put, StoreError, StoredMessage,
+    ExpiredMessage, MAX_EXPIRED_BATCH, MailKey, OfflineStore, Put, Quotas, StoreError,
+    StoredMessage, Usage,
 };
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio_stream::wrappers::BroadcastStream;
@@ -47,7 +51,9 @@ const MAIL_KEYS: TableDefinition<'_, (&str, &str, u128), u64> = TableDefinition:
 const MAIL_IDS_V1: TableDefinition<'_, (&str, u128), u64> = TableDefinition::new("mail_ids");
 const MAIL_EXPIRY: TableDefinition<'_, (u64, u64), &str> = TableDefinition::new("mail_expiry");
 const MAIL_EXPIRED: TableDefinition<'_, (&str, u64), &[u8]> = TableDefinition::new("mail_expired");
-const MAIL_COUNT: TableDefinition<'_, &str, u64> = TableDefinition::new("mail_count");
+/// Messages per recipient, before `mail_usage`: replaced by it on open.
+const MAIL_COUNT_V1: TableDefinition<'_, &str, u64> = TableDefinition::new("mail_count");
+const MAIL_USAGE: TableDefinition<'_, &str, (u64, u64)> = TableDefinition::new("mail_usage");
 const MAIL_META: TableDefinition<'_, &str, u64> = TableDefinition::new("mail_meta");
 
 /// Expired messages moved per sweep transaction.
@@ -60,7 +66,6 @@ const NOTICE_CAPACITY: usize = 8;
 #[derive(Debug, Clone)]
 pub struct RedbMailbox {
     db: Arc<Database>,
-    quota: usize,
     /// recipient → its notice channel, created by the first subscriber.
     notices: Arc<Mutex<HashMap<String, broadcast::Sender<()>>>>,
     /// To the writer thread, which commits concurrent deposits together.
@@ -80,26 +85,25 @@ fn corrupt(what: &str) -> StoreError {
 }
 
 impl RedbMailbox {
-    /// The mailboxes in `db`, each holding at most `quota` messages.
-    pub(crate) fn open(db: Arc<Database>, quota: usize) -> Result<Self, StoreError> {
+    /// The mailboxes in `db`, under `quotas`.
+    pub(crate) fn open(db: Arc<Database>, quotas: Quotas) -> Result<Self, StoreError> {
         let txn = db.begin_write().map_err(unavailable)?;
         txn.open_table(MAIL).map_err(unavailable)?;
         txn.open_table(MAIL_KEYS).map_err(unavailable)?;
         migrate_ids_v1(&txn)?;
         txn.open_table(MAIL_EXPIRY).map_err(unavailable)?;
         txn.open_table(MAIL_EXPIRED).map_err(unavailable)?;
-        txn.open_table(MAIL_COUNT).map_err(unavailable)?;
         txn.open_table(MAIL_META).map_err(unavailable)?;
+        account_v1(&txn)?;
         txn.commit().map_err(unavailable)?;
         let (deposits, queue) = mpsc::channel(DEPOSIT_QUEUE);
         let writer_db = Arc::downgrade(&db);
         std::thread::Builder::new()
             .name("mailbox-writer".into())
-            .spawn(move || write_deposits(writer_db, quota, queue))
+            .spawn(move || write_deposits(writer_db, quotas, queue))
             .map_err(unavailable)?;
         Ok(Self {
             db,
-            quota,
             notices: Arc::new(Mutex::new(HashMap::new())),
             deposits,
         })
@@ -107,10 +111,10 @@ impl RedbMailbox {
 
     async fn blocking<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&Database, usize) -> Result<T, StoreError> + Send + 'static,
+        f: impl FnOnce(&Database) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
-        let (db, quota) = (self.db.clone(), self.quota);
-        tokio::task::spawn_blocking(move || f(&db, quota))
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || f(&db))
             .await
             .map_err(unavailable)?
     }
@@ -175,7 +179,7 @@ const DEPOSIT_BATCH: usize = 256;
 /// outcome; nobody is answered before the commit that holds their message. Ends when every
 /// mailbox handle is gone. It holds the database weakly, so closing the storage closes the
 /// file at once.
-fn write_deposits(db: Weak<Database>, quota: usize, mut queue: mpsc::Receiver<Deposit>) {
+fn write_deposits(db: Weak<Database>, quotas: Quotas, mut queue: mpsc::Receiver<Deposit>) {
     while let Some(first) = queue.blocking_recv() {
         let Some(db) = db.upgrade() else { return };
         let mut taken = first.messages.len();
@@ -195,10 +199,10 @@ fn write_deposits(db: Weak<Database>, quota: usize, mut queue: mpsc::Receiver<De
             let mut tables = MailTables::open(&txn)?;
             let outcomes: Vec<Vec<Result<bool, StoreError>>> = batch
                 .iter()
-                .map(|d| d.messages.iter().map(|m| tables.put(m, quota)).collect())
+                .map(|d| d.messages.iter().map(|m| tables.put(m, &quotas)).collect())
                 .collect();
             tables.finish()?;
-            // A full mailbox refuses one message and changes nothing; any other failure may
+            // A quota refuses one message and changes nothing; any other failure may
             // have left a message half written, so nothing in the batch is committed.
             if let Some(Err(e)) = outcomes
                 .iter()
@@ -236,7 +240,7 @@ struct MailTables<'txn> {
     mail: ::redb::Table<'txn, (&'static str, u64), &'static [u8]>,
     keys: ::redb::Table<'txn, (&'static str, &'static str, u128), u64>,
     expiry: ::redb::Table<'txn, (u64, u64), &'static str>,
-    counts: ::redb::Table<'txn, &'static str, u64>,
+    usage: ::redb::Table<'txn, &'static str, (u64, u64)>,
     meta: ::redb::Table<'txn, &'static str, u64>,
     next: u64,
 }
@@ -249,7 +253,7 @@ impl<'txn> MailTables<'txn> {
             mail: txn.open_table(MAIL).map_err(unavailable)?,
             keys: txn.open_table(MAIL_KEYS).map_err(unavailable)?,
             expiry: txn.open_table(MAIL_EXPIRY).map_err(unavailable)?,
-            counts: txn.open_table(MAIL_COUNT).map_err(unavailable)?,
+            usage: txn.open_table(MAIL_USAGE).map_err(unavailable)?,
             meta,
             next: next.unwrap_or(0),
         })
@@ -257,20 +261,19 @@ impl<'txn> MailTables<'txn> {
 
     /// Adds one message: `Ok(false)` if the same sender's message with its id is there
     /// already.
-    fn put(&mut self, message: &StoredMessage, quota: usize) -> Result<bool, StoreError> {
+    fn put(&mut self, message: &StoredMessage, quotas: &Quotas) -> Result<bool, StoreError> {
         let to = message.to.as_str();
         let key = (to, message.from.as_str(), id_key(&message.id));
         if self.keys.get(key).map_err(unavailable)?.is_some() {
             return Ok(false);
         }
-        let waiting = self.counts.get(to).map_err(unavailable)?.map(|v| v.value());
-        let waiting = waiting.unwrap_or(0);
-        if waiting >= quota as u64 {
-            return Err(StoreError::QuotaExceeded {
-                recipient: to.to_owned(),
-                quota,
-            });
+        let accounts = accounts(message);
+        let mut used = [Usage::default(); 4];
+        for (usage, account) in used.iter_mut().zip(&accounts) {
+            *usage = read_usage(&self.usage, account)?;
         }
+        let [mailbox, sender, pair, total] = used;
+        quotas.admit(message, mailbox, sender, pair, total)?;
         let seq = self.next;
         self.next += 1;
         let bytes = MailRecordV1::encode(message);
@@ -281,7 +284,9 @@ impl<'txn> MailTables<'txn> {
         self.expiry
             .insert((unix_ms(message.expires_at), seq), to)
             .map_err(unavailable)?;
-        self.counts.insert(to, waiting + 1).map_err(unavailable)?;
+        for (usage, account) in used.iter().zip(&accounts) {
+            write_usage(&mut self.usage, account, usage.plus(message))?;
+        }
         Ok(true)
     }
 
@@ -309,7 +314,7 @@ fn sweep(txn: &WriteTransaction, now_ms: u64) -> Result<(), StoreError> {
     }
     let mut mail = txn.open_table(MAIL).map_err(unavailable)?;
     let mut keys = txn.open_table(MAIL_KEYS).map_err(unavailable)?;
-    let mut counts = txn.open_table(MAIL_COUNT).map_err(unavailable)?;
+    let mut usage = txn.open_table(MAIL_USAGE).map_err(unavailable)?;
     let mut expired = txn.open_table(MAIL_EXPIRED).map_err(unavailable)?;
     for ((at, seq), recipient) in due {
         expiry.remove((at, seq)).map_err(unavailable)?;
@@ -327,7 +332,7 @@ fn sweep(txn: &WriteTransaction, now_ms: u64) -> Result<(), StoreError> {
             id_key(&message.id),
         ))
         .map_err(unavailable)?;
-        decrement(&mut counts, &recipient)?;
+        uncharge(&mut usage, &message)?;
         let notice = ExpiredMessage {
             id: message.id,
             to: message.to,
@@ -379,16 +384,85 @@ fn migrate_ids_v1(txn: &WriteTransaction) -> Result<(), StoreError> {
     Ok(())
 }
 
-fn decrement(counts: &mut ::redb::Table<'_, &str, u64>, recipient: &str) -> Result<(), StoreError> {
-    let n = counts
-        .get(recipient)
+/// The `mail_usage` rows `message` counts in: its recipient's, its sender's, the pair's and
+/// the total, in the order [`Quotas::admit`] takes them.
+fn accounts(message: &StoredMessage) -> [String; 4] {
+    [
+        format!("to\n{}", message.to),
+        format!("from\n{}", message.from),
+        format!("pair\n{}\n{}", message.from, message.to),
+        "total".to_owned(),
+    ]
+}
+
+type UsageTable<'txn> = ::redb::Table<'txn, &'static str, (u64, u64)>;
+
+fn read_usage(table: &UsageTable<'_>, account: &str) -> Result<Usage, StoreError> {
+    Ok(table
+        .get(account)
         .map_err(unavailable)?
-        .map(|v| v.value())
-        .unwrap_or(0);
-    if n <= 1 {
-        counts.remove(recipient).map_err(unavailable)?;
+        .map(|v| {
+            let (messages, bytes) = v.value();
+            Usage { messages, bytes }
+        })
+        .unwrap_or_default())
+}
+
+fn write_usage(table: &mut UsageTable<'_>, account: &str, usage: Usage) -> Result<(), StoreError> {
+    if usage.messages == 0 {
+        table.remove(account).map_err(unavailable)?;
     } else {
-        counts.insert(recipient, n - 1).map_err(unavailable)?;
+        table
+            .insert(account, (usage.messages, usage.bytes))
+            .map_err(unavailable)?;
+    }
+    Ok(())
+}
+
+/// Takes `message` out of the usage it was counted in (it left: acknowledged or expired).
+fn uncharge(table: &mut UsageTable<'_>, message: &StoredMessage) -> Result<(), StoreError> {
+    for account in accounts(message) {
+        let usage = read_usage(table, &account)?;
+        write_usage(table, &account, usage.minus(message))?;
+    }
+    Ok(())
+}
+
+/// Computes `mail_usage` from `mail` in a file written before it (or one where it was never
+/// completed), and deletes the old `mail_count`. Nothing to do once `usage` is in the meta
+/// table.
+fn account_v1(txn: &WriteTransaction) -> Result<(), StoreError> {
+    let mut meta = txn.open_table(MAIL_META).map_err(unavailable)?;
+    if meta.get("usage").map_err(unavailable)?.is_some() {
+        return Ok(());
+    }
+    let mail = txn.open_table(MAIL).map_err(unavailable)?;
+    let mut usage = txn.open_table(MAIL_USAGE).map_err(unavailable)?;
+    usage.retain(|_, _| false).map_err(unavailable)?;
+    let mut counted = 0usize;
+    for row in mail.iter().map_err(unavailable)? {
+        let (_, bytes) = row.map_err(unavailable)?;
+        // An unreadable message is reported by the fetch that meets it; it counts for nothing.
+        let Some(message) = MailRecordV1::decode(bytes.value()) else {
+            continue;
+        };
+        for account in accounts(&message) {
+            let used = read_usage(&usage, &account)?;
+            write_usage(&mut usage, &account, used.plus(&message))?;
+        }
+        counted += 1;
+    }
+    meta.insert("usage", 1).map_err(unavailable)?;
+    let old = txn
+        .list_tables()
+        .map_err(unavailable)?
+        .any(|t| t.name() == MAIL_COUNT_V1.name());
+    drop((mail, usage, meta));
+    if old {
+        txn.delete_table(MAIL_COUNT_V1).map_err(unavailable)?;
+    }
+    if counted > 0 {
+        tracing::info!(counted, "mailbox usage computed");
     }
     Ok(())
 }
@@ -436,7 +510,7 @@ impl OfflineStore for RedbMailbox {
 
     async fn fetch(&self, recipient: &str, limit: usize) -> Result<Vec<StoredMessage>, StoreError> {
         let recipient = recipient.to_owned();
-        self.blocking(move |db, _| {
+        self.blocking(move |db| {
             sweep_if_due(db)?;
             let now = SystemTime::now();
             let txn = db.begin_read().map_err(unavailable)?;
@@ -464,14 +538,14 @@ impl OfflineStore for RedbMailbox {
     async fn ack(&self, recipient: &str, acked: &[MailKey]) -> Result<(), StoreError> {
         let recipient = recipient.to_owned();
         let acked = acked.to_vec();
-        self.blocking(move |db, _| {
+        self.blocking(move |db| {
             let txn = db.begin_write().map_err(unavailable)?;
             {
                 let to = recipient.as_str();
                 let mut keys = txn.open_table(MAIL_KEYS).map_err(unavailable)?;
                 let mut mail = txn.open_table(MAIL).map_err(unavailable)?;
                 let mut expiry = txn.open_table(MAIL_EXPIRY).map_err(unavailable)?;
-                let mut counts = txn.open_table(MAIL_COUNT).map_err(unavailable)?;
+                let mut usage = txn.open_table(MAIL_USAGE).map_err(unavailable)?;
                 for key in &acked {
                     let Some(seq) = keys
                         .remove((to, key.from.as_str(), id_key(&key.id)))
@@ -490,7 +564,7 @@ impl OfflineStore for RedbMailbox {
                         expiry
                             .remove((unix_ms(message.expires_at), seq))
                             .map_err(unavailable)?;
-                        decrement(&mut counts, to)?;
+                        uncharge(&mut usage, &message)?;
                     }
                 }
             }
@@ -501,7 +575,7 @@ impl OfflineStore for RedbMailbox {
 
     async fn take_expired(&self, sender: &str) -> Result<Vec<ExpiredMessage>, StoreError> {
         let sender = sender.to_owned();
-        self.blocking(move |db, _| {
+        self.blocking(move |db| {
             let txn = db.begin_write().map_err(unavailable)?;
             sweep(&txn, now_ms())?;
             let mut out = Vec::new();
@@ -577,7 +651,7 @@ mod tests {
             expiry
                 .insert((unix_ms(message.expires_at), seq), to)
                 .unwrap();
-            let mut counts = txn.open_table(MAIL_COUNT).unwrap();
+            let mut counts = txn.open_table(MAIL_COUNT_V1).unwrap();
             let n = counts.get(to).unwrap().map_or(0, |v| v.value());
             counts.insert(to, n + 1).unwrap();
             let mut meta = txn.open_table(MAIL_META).unwrap();
@@ -616,7 +690,7 @@ mod tests {
             txn.commit().unwrap();
         }
         let db = Arc::new(Database::create(&path).unwrap());
-        let mailbox = RedbMailbox::open(db.clone(), 100).unwrap();
+        let mailbox = RedbMailbox::open(db.clone(), Quotas::mailbox(100)).unwrap();
         {
             let txn = db.begin_read().unwrap();
             assert!(
@@ -667,7 +741,7 @@ mod tests {
         drop(mailbox);
 
         // Opening again finds nothing to move and keeps what is there.
-        let mailbox = RedbMailbox::open(db, 100).unwrap();
+        let mailbox = RedbMailbox::open(db, Quotas::mailbox(100)).unwrap();
         assert_eq!(mailbox.fetch("bob", 10).await.unwrap(), left);
     }
 }

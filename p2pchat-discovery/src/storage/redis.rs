@@ -50,7 +50,7 @@ use std::time::{Duration, SystemTime};
 use async_trait::async_trait;
 use p2pchat_core::store::redis_conn::{PushHandler, connection, script_with_now, spawn_push_feed};
 use p2pchat_core::store::{
-    DEFAULT_ANNOUNCEMENT_CHANNEL, DEFAULT_MAILBOX_QUOTA, OfflineStore, RedisStore, RedisStoreConfig,
+    DEFAULT_ANNOUNCEMENT_CHANNEL, OfflineStore, Quotas, RedisStore, RedisStoreConfig,
 };
 use p2pchat_core::{Announcement, PublicKey};
 use redis::aio::ConnectionManager;
@@ -75,8 +75,9 @@ pub struct RedisStorageConfig {
     /// The channel announcements are published on, for the other instances and for nodes
     /// that listen to Redis directly. By default, `special` (as the original).
     pub announcement_channel: String,
-    /// Most messages waiting per recipient. By default, [`DEFAULT_MAILBOX_QUOTA`].
-    pub quota: usize,
+    /// What may wait in the mailboxes: per recipient, sender, pair and in all. By default,
+    /// [`Quotas::default`].
+    pub quotas: Quotas,
 }
 
 impl Default for RedisStorageConfig {
@@ -84,7 +85,7 @@ impl Default for RedisStorageConfig {
         Self {
             prefix: DEFAULT_KEY_PREFIX.to_owned(),
             announcement_channel: DEFAULT_ANNOUNCEMENT_CHANNEL.to_owned(),
-            quota: DEFAULT_MAILBOX_QUOTA,
+            quotas: Quotas::default(),
         }
     }
 }
@@ -299,7 +300,7 @@ impl RedisStorage {
             url,
             RedisStoreConfig {
                 prefix: prefix.to_owned(),
-                quota: settings.quota,
+                quotas: settings.quotas,
             },
         )
         .await

@@ -14,6 +14,7 @@ use p2pchat_core::protocol::discovery::{
     ServerFrame, WireError, WireMailKey, WireMessage, register_transcript,
 };
 use p2pchat_core::protocol::{FrameCodec, MAX_FRAME_LEN};
+use p2pchat_core::testing::shaped_token;
 use p2pchat_core::{
     Announcement, ChatNode, Discovery, DiscoveryError, Event, Identity, MessageId, OfflineStore,
     StoredMessage,
@@ -158,7 +159,7 @@ fn message(id: MessageId, from: &str, to: &str) -> WireMessage {
         id,
         from: from.to_owned(),
         to: to.to_owned(),
-        token: "gAAAAA-sealed".to_owned(),
+        token: shaped_token(b"sealed"),
         expires_at_ns: expires_at.duration_since(UNIX_EPOCH).unwrap().as_nanos() as u64,
     }
 }
@@ -722,7 +723,7 @@ async fn another_senders_id_neither_hides_nor_removes_a_message(
 
     let genuine = message(MessageId::random(), "alice", "bob");
     let mut junk = message(genuine.id, "mallory", "bob");
-    junk.token = "gAAAAA-junk".to_owned();
+    junk.token = shaped_token(b"junk");
     assert_eq!(
         mallory
             .request(Request::Deposit(Box::new(junk.clone())))
@@ -764,7 +765,7 @@ async fn another_senders_id_neither_hides_nor_removes_a_message(
 
     // A node from before `AckMailFrom` acknowledges by id alone: that means the messages
     // with the id that it was handed, never another one behind them with the same id.
-    junk.token = "gAAAAA-junk-again".to_owned();
+    junk.token = shaped_token(b"junk-again");
     assert_eq!(
         mallory
             .request(Request::Deposit(Box::new(junk.clone())))

@@ -10,7 +10,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use futures::stream::BoxStream;
 use p2pchat_core::store::{ExpiredMessage, MailKey, OfflineStore, StoreError, StoredMessage};
-use p2pchat_core::testing::{STORE_SUITE_USERS, SharedStore, StoreAccess, store_conformance};
+use p2pchat_core::testing::{
+    STORE_SUITE_USERS, SharedStore, StoreAccess, shaped_token, store_conformance,
+};
 use p2pchat_core::{
     ChatNode, DiscoveryClient, DiscoverySession, Event, Events, Identity, MessageId, TcpTransport,
 };
@@ -66,9 +68,9 @@ impl<A: StoreAccess> StoreAccess for InDir<A> {
 
 #[tokio::test]
 async fn the_server_mailbox_passes_the_store_suite_on_redb() {
-    store_conformance(|quota| async move {
+    store_conformance(|quotas| async move {
         let dir = tempfile::tempdir().unwrap();
-        let storage = RedbStorage::open_with_quota(dir.path(), quota).unwrap();
+        let storage = RedbStorage::open_with_quotas(dir.path(), quotas).unwrap();
         let mut access = mailboxes(Arc::new(storage)).await;
         access._dir = Some(dir);
         access
@@ -80,13 +82,13 @@ async fn the_server_mailbox_passes_the_store_suite_on_redb() {
 async fn the_server_mailbox_passes_the_store_suite_on_redis() {
     let redis = redis();
     let url = redis.url();
-    store_conformance(|quota| {
+    store_conformance(|quotas| {
         let url = url.clone();
         async move {
             let prefix = format!("mbox{:08x}", rand::random::<u32>());
             let settings = p2pchat_discovery::storage::RedisStorageConfig {
                 prefix,
-                quota,
+                quotas,
                 ..Default::default()
             };
             let storage = p2pchat_discovery::RedisStorage::connect_with(&url, settings)
@@ -100,9 +102,9 @@ async fn the_server_mailbox_passes_the_store_suite_on_redis() {
 
 #[tokio::test]
 async fn the_redb_mailbox_itself_passes_the_store_suite() {
-    store_conformance(|quota| async move {
+    store_conformance(|quotas| async move {
         let dir = tempfile::tempdir().unwrap();
-        let storage = RedbStorage::open_with_quota(dir.path(), quota).unwrap();
+        let storage = RedbStorage::open_with_quotas(dir.path(), quotas).unwrap();
         InDir {
             access: SharedStore(storage.mailbox()),
             _dir: dir,
@@ -111,12 +113,14 @@ async fn the_redb_mailbox_itself_passes_the_store_suite() {
     .await;
 }
 
-fn message(from: &str, to: &str, token: &str) -> StoredMessage {
+/// A message from `from` to `to` whose token (shaped like a Fernet token, as the server
+/// checks) holds `text`.
+fn message(from: &str, to: &str, text: &str) -> StoredMessage {
     StoredMessage {
         id: MessageId::random(),
         from: from.to_owned(),
         to: to.to_owned(),
-        token: token.to_owned(),
+        token: shaped_token(text.as_bytes()),
         expires_at: std::time::SystemTime::now() + Duration::from_secs(3600),
     }
 }
@@ -507,13 +511,19 @@ async fn big_mail_comes_in_replies_that_fit_a_frame_and_oversized_tokens_are_ref
     let (alice, _a) = register(&server.client(), &Identity::generate(), "alice").await;
     let (bob, _b) = register(&server.client(), &Identity::generate(), "bob").await;
     let (alice_box, bob_box) = (alice.mailbox().unwrap(), bob.mailbox().unwrap());
-    // Five messages of the largest size: together far more than one frame holds.
-    let big = "t".repeat(MAX_TOKEN_LEN);
+    // Five messages of (within a block of) the largest size: together far more than one
+    // frame holds. A token of k AES blocks is 57 + 16k bytes before base64.
+    let blocks = (MAX_TOKEN_LEN / 4 * 3 - 57) / 16;
+    let big = shaped_token(&vec![b't'; blocks * 16 - 1]);
+    assert!(big.len() <= MAX_TOKEN_LEN && big.len() > MAX_TOKEN_LEN - 32);
     for _ in 0..5 {
-        alice_box.put(message("alice", "bob", &big)).await.unwrap();
+        let mut m = message("alice", "bob", "");
+        m.token = big.clone();
+        alice_box.put(m).await.unwrap();
     }
-    let too_big = "t".repeat(MAX_TOKEN_LEN + 1);
-    match alice_box.put(message("alice", "bob", &too_big)).await {
+    let mut too_big = message("alice", "bob", "");
+    too_big.token = "t".repeat(MAX_TOKEN_LEN + 1);
+    match alice_box.put(too_big).await {
         Err(StoreError::Unavailable(why)) => assert!(why.to_string().contains("at most"), "{why}"),
         other => panic!("an oversized token must be refused, got {other:?}"),
     }
