@@ -37,6 +37,8 @@ pub struct Settings {
     pub announce: Vec<std::net::SocketAddr>,
     /// `false`: nobody can dial this client; peers use connect-back or the relay.
     pub dialable: bool,
+    /// Contacts-only mode (`--contacts-only`).
+    pub contacts_only: bool,
     /// Use the line editor (stdin is a terminal).
     pub terminal: bool,
 }
@@ -87,6 +89,7 @@ async fn start(settings: &Settings) -> anyhow::Result<ChatNode> {
         .listen(([0, 0, 0, 0], settings.port).into())
         .announce(settings.announce.clone())
         .dialable(settings.dialable)
+        .contacts_only(settings.contacts_only)
         .discovery(DiscoveryClient::new(settings.discovery.clone()))
         .data_dir(&settings.data_dir);
     if let Some(url) = &settings.redis_url {
@@ -240,6 +243,35 @@ fn terminate_signal() -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> 
     Box::pin(std::future::pending())
 }
 
+/// `blocked`: shows, exports or imports the block list.
+async fn block_list(
+    node: &ChatNode,
+    list: commands::BlockList,
+) -> Result<Option<String>, p2pchat_core::node::NodeError> {
+    use commands::BlockList;
+    Ok(Some(match list {
+        BlockList::Show => {
+            let blocked = node.blocked();
+            if blocked.is_empty() {
+                "Nobody is blocked.".to_owned()
+            } else {
+                format!("Blocked: {}", blocked.join(", "))
+            }
+        }
+        BlockList::Export(file) => match std::fs::write(&file, node.export_blocked()) {
+            Ok(()) => format!("Wrote {} blocked users to {file}.", node.blocked().len()),
+            Err(e) => format!("Cannot write {file}: {e}."),
+        },
+        BlockList::Import(file) => match std::fs::read_to_string(&file) {
+            Ok(text) => {
+                let added = node.import_blocked(&text).await?;
+                format!("Blocked {added} more users from {file}.")
+            }
+            Err(e) => format!("Cannot read {file}: {e}."),
+        },
+    }))
+}
+
 /// Runs one typed line. `false` means quit.
 async fn handle(node: &ChatNode, settings: &Settings, line: &str, out: &mut Out) -> bool {
     let command = match commands::parse(line) {
@@ -295,6 +327,30 @@ async fn handle(node: &ChatNode, settings: &Settings, line: &str, out: &mut Out)
                 "Trusted {user}'s new key; messages held for {user} are being sent."
             ))
         }),
+        Command::Requests => {
+            let requests = node.requests();
+            Ok(Some(if requests.is_empty() {
+                "No message requests.".to_owned()
+            } else {
+                let lines: Vec<String> = requests
+                    .iter()
+                    .map(|r| {
+                        let s = if r.messages == 1 { "" } else { "s" };
+                        format!("  {} ({} message{s})", r.from, r.messages)
+                    })
+                    .collect();
+                format!(
+                    "Message requests ('accept <user>' to read, 'block <user>' to refuse):\n{}",
+                    lines.join("\n")
+                )
+            }))
+        }
+        Command::Accept(user) => node.accept(&user).await.map(|()| {
+            Some(format!(
+                "Accepted {user}: their messages are shown from now on."
+            ))
+        }),
+        Command::Blocked(list) => block_list(node, list).await,
     };
     match said {
         Ok(Some(text)) => out.say(&text),

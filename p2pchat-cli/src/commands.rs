@@ -28,10 +28,27 @@ pub enum Command {
     Fingerprint(Option<String>),
     /// `trust <user>`
     Trust(String),
+    /// `requests`
+    Requests,
+    /// `accept <user>`
+    Accept(String),
+    /// `blocked`, `blocked export <file>`, `blocked import <file>`
+    Blocked(BlockList),
     /// `quit`
     Quit,
     /// An empty line.
     Nothing,
+}
+
+/// What `blocked` does with the block list.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BlockList {
+    /// Shows it.
+    Show,
+    /// Writes it to a file, one name per line.
+    Export(String),
+    /// Blocks every name in a file.
+    Import(String),
 }
 
 /// The help text, one command per line.
@@ -46,6 +63,11 @@ Commands:
   unmute <user>              show a muted user's messages again
   fingerprint [user]         show your safety code, or a user's, to compare out of band
   trust <user>               accept a user's new key after checking their safety code
+  requests                   list who wrote to you without being a contact (--contacts-only)
+  accept <user>              show a user's messages and let them write to you
+  blocked                    list blocked users
+  blocked export <file>      write the block list to a file, one name per line
+  blocked import <file>      block every name in a file
   quit                       leave (Ctrl-D and Ctrl-C too)";
 
 /// Parses one typed line. Errors are sentences for the user.
@@ -84,6 +106,22 @@ pub fn parse(line: &str) -> Result<Command, String> {
         "unblock" => one_user("unblock <user>").map(Command::Unblock),
         "unmute" => one_user("unmute <user>").map(Command::Unmute),
         "trust" => one_user("trust <user>").map(Command::Trust),
+        "accept" => one_user("accept <user>").map(Command::Accept),
+        "requests" if rest.is_empty() => Ok(Command::Requests),
+        "requests" => Err("Usage: requests".into()),
+        "blocked" => {
+            let mut parts = rest.split_whitespace();
+            match (parts.next(), parts.next(), parts.next()) {
+                (None, _, _) => Ok(Command::Blocked(BlockList::Show)),
+                (Some("export"), Some(file), None) => {
+                    Ok(Command::Blocked(BlockList::Export(file.to_owned())))
+                }
+                (Some("import"), Some(file), None) => {
+                    Ok(Command::Blocked(BlockList::Import(file.to_owned())))
+                }
+                _ => Err("Usage: blocked [export <file> | import <file>]".into()),
+            }
+        }
         "fingerprint" => {
             let mut parts = rest.split_whitespace();
             match (parts.next(), parts.next()) {
@@ -126,6 +164,19 @@ mod tests {
             })
         );
         assert_eq!(parse("block mallory"), Ok(Command::Block("mallory".into())));
+        assert_eq!(parse("accept carol"), Ok(Command::Accept("carol".into())));
+        assert_eq!(parse("requests"), Ok(Command::Requests));
+        assert_eq!(parse("blocked"), Ok(Command::Blocked(BlockList::Show)));
+        assert_eq!(
+            parse("blocked export /tmp/b.txt"),
+            Ok(Command::Blocked(BlockList::Export("/tmp/b.txt".into())))
+        );
+        assert_eq!(
+            parse("blocked import b.txt"),
+            Ok(Command::Blocked(BlockList::Import("b.txt".into())))
+        );
+        assert!(parse("blocked delete x").is_err());
+        assert!(parse("requests now").is_err());
         assert_eq!(
             parse("unblock mallory"),
             Ok(Command::Unblock("mallory".into()))

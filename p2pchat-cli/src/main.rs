@@ -49,6 +49,10 @@ struct Args {
     /// server checks whether it can dial you and says so.
     #[arg(long)]
     not_dialable: bool,
+    /// Show messages only from people you wrote to or accepted: anyone else's wait as
+    /// requests ('requests', 'accept <user>', 'block <user>').
+    #[arg(long)]
+    contacts_only: bool,
 }
 
 fn main() -> ExitCode {
@@ -119,6 +123,7 @@ fn settings(args: Args, terminal: bool) -> Result<app::Settings, String> {
         announcement_channel: args.announcement_channel,
         announce: args.announce,
         dialable: !args.not_dialable,
+        contacts_only: args.contacts_only,
         terminal,
     })
 }

@@ -57,6 +57,9 @@ pub fn event(event: &Event) -> Option<String> {
              !! Messages to {username} are held. Compare safety codes with {username} out of band \
              ('fingerprint {username}'), then accept the new key with 'trust {username}'."
         ),
+        Event::MessageRequest { from } => format!(
+            "({from} wants to message you: 'accept {from}' to read, 'block {from}' to refuse)"
+        ),
         Event::Error { message } => format!("(error: {})", printable(message)),
         Event::Reachability { direct: false } => {
             "(you are not reachable directly; messages go through the server relay)".into()

@@ -317,3 +317,71 @@ async fn the_data_directory_is_private_and_a_key_others_can_read_is_refused() {
         "not repaired"
     );
 }
+
+/// `--contacts-only`, live and offline: a stranger's messages wait as requests (bob is told
+/// once, `requests` lists them) until `accept` shows them; `block` discards them; a contact
+/// (someone bob wrote to) is shown at once. The block list goes out to a file and into
+/// another client.
+#[tokio::test]
+async fn contacts_only_keeps_strangers_as_requests_until_accepted() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("server")).await;
+    let mut alice = Client::start(dir.path(), "alice", &server).await;
+    let mut carol = Client::start(dir.path(), "carol", &server).await;
+    let mut bob = Client::start_with(dir.path(), "bob", &server.addr, &["--contacts-only"]).await;
+    bob.say("send alice hi alice").await;
+    alice.expect("[bob] hi alice").await;
+
+    // Live: carol is a stranger to bob.
+    carol.say("send bob hi bob, it's carol").await;
+    bob.expect("(carol wants to message you: 'accept carol' to read, 'block carol' to refuse)")
+        .await;
+    alice.say("send bob hello bob").await;
+    bob.expect("[alice] hello bob").await;
+    bob.say("requests").await;
+    bob.expect("  carol (1 message)").await;
+    bob.say("accept carol").await;
+    bob.expect("Accepted carol: their messages are shown from now on.")
+        .await;
+    bob.expect("[carol] hi bob, it's carol").await;
+    bob.say("requests").await;
+    bob.expect("No message requests.").await;
+
+    // Offline: dave writes while bob is away, and is blocked after.
+    bob.quit().await;
+    let mut dave = Client::start(dir.path(), "dave", &server).await;
+    dave.say("send bob cheap watches").await;
+    dave.expect(&offline_line("bob")).await;
+    carol.say("send bob are you back?").await;
+    carol.expect(&offline_line("bob")).await;
+    let mut bob = Client::start_with(dir.path(), "bob", &server.addr, &["--contacts-only"]).await;
+    bob.expect("[Offline][carol] are you back?").await;
+    bob.expect("(dave wants to message you: 'accept dave' to read, 'block dave' to refuse)")
+        .await;
+    bob.say("block dave").await;
+    bob.expect("Blocked dave: nothing from them will be shown.")
+        .await;
+    bob.say("requests").await;
+    bob.expect("No message requests.").await;
+    let list = dir.path().join("blocked.txt");
+    bob.say(&format!("blocked export {}", list.display())).await;
+    bob.expect(&format!("Wrote 1 blocked users to {}.", list.display()))
+        .await;
+    assert_eq!(std::fs::read_to_string(&list).unwrap(), "dave\n");
+    let said = bob.quit().await;
+    assert!(
+        !said.iter().any(|l| l.contains("cheap watches")),
+        "a request was shown: {said:?}"
+    );
+    alice
+        .say(&format!("blocked import {}", list.display()))
+        .await;
+    alice
+        .expect(&format!("Blocked 1 more users from {}.", list.display()))
+        .await;
+    alice.say("blocked").await;
+    alice.expect("Blocked: dave").await;
+    for client in [alice, carol, dave] {
+        client.quit().await;
+    }
+}

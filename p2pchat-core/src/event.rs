@@ -82,6 +82,13 @@ pub enum Event {
         /// Why, as a sentence.
         reason: String,
     },
+    /// Someone who is not a contact wrote while contacts-only mode is on: their messages
+    /// are kept, unshown, until [`crate::ChatNode::accept`] (or discarded by
+    /// [`crate::ChatNode::block`]). Reported once per sender per run until then.
+    MessageRequest {
+        /// Who wrote.
+        from: String,
+    },
     /// A watched user came online.
     PeerOnline {
         /// Who.

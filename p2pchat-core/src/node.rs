@@ -25,7 +25,7 @@ mod records;
 mod state;
 
 use parking_lot::{Mutex, MutexGuard};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -218,6 +218,17 @@ pub enum NodeError {
     NotCancellable(MessageId),
 }
 
+/// Message requests from one sender, waiting in contacts-only mode (see
+/// [`ChatNode::requests`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct MessageRequest {
+    /// Who wrote.
+    pub from: String,
+    /// How many of their messages wait.
+    pub messages: usize,
+}
+
 /// Settings fixed at spawn time.
 #[derive(Debug, Clone)]
 pub(crate) struct Config {
@@ -259,6 +270,10 @@ pub(crate) struct Shared {
     session: Mutex<Option<Arc<dyn DiscoverySession>>>,
     /// Whether peers can dial us, as the directory last said: 0 not known yet, 1 yes, 2 no.
     reachable: std::sync::atomic::AtomicU8,
+    /// Contacts-only mode (see [`ChatNodeBuilder::contacts_only`]).
+    pub(crate) contacts_only: std::sync::atomic::AtomicBool,
+    /// Senders whose requests were reported ([`Event::MessageRequest`]) in this run.
+    requested: Mutex<HashSet<String>>,
     /// Directory lookups that dialers presenting an unpinned key may cause.
     pub(crate) stranger_lookups: governor::DefaultDirectRateLimiter,
     /// Stops every task at once, without flushing: the end of a graceful shutdown, or a
@@ -506,18 +521,26 @@ impl Shared {
                 Err(e) => received.refuse.push((id, e)),
             }
         }
-        let keep = {
+        let (keep, request) = {
             let peers = self.peer_state();
             if peers.is_blocked(from) || peers.is_muted(from) {
-                Keep::Hide
+                (Keep::Hide, false)
             } else if hold {
-                Keep::Hold
+                (Keep::Hold, false)
+            } else if self.contacts_only.load(Ordering::Relaxed) && !peers.is_contact(from) {
+                // A request: kept like a message under an untrusted key, until accepted.
+                (Keep::Hold, true)
             } else {
-                Keep::Show
+                (Keep::Show, false)
             }
         };
         if !opened.is_empty() {
             self.inbox.accept(from, opened, offline, keep).await?;
+            if request && self.requested.lock().insert(from.to_owned()) {
+                self.emit(Event::MessageRequest {
+                    from: from.to_owned(),
+                });
+            }
         }
         Ok(received)
     }
@@ -809,8 +832,15 @@ impl ChatNode {
         if to == shared.me() {
             return Err(NodeError::SendToSelf);
         }
-        if shared.peer_state().is_blocked(to) {
-            return Err(NodeError::Blocked(to.to_owned()));
+        {
+            let mut peers = shared.peer_state();
+            if peers.is_blocked(to) {
+                return Err(NodeError::Blocked(to.to_owned()));
+            }
+            // Whom we write to may write to us (contacts-only mode).
+            if !peers.is_contact(to) {
+                peers.add_contact(to)?;
+            }
         }
         if shared.outbox_len.load(Ordering::Relaxed) >= MAX_OUTBOX {
             return Err(NodeError::OutboxFull { max: MAX_OUTBOX });
@@ -904,6 +934,100 @@ impl ChatNode {
         if let Some(link) = self.shared.existing_link(user) {
             link.disconnect();
         }
+        // Their requests, and anything held for them, go too.
+        self.shared.inbox.discard_held(user)?;
+        self.shared.requested.lock().remove(user);
+        Ok(())
+    }
+
+    /// The block list as text, one name per line (what [`ChatNode::import_blocked`] reads).
+    pub fn export_blocked(&self) -> String {
+        let mut text = String::new();
+        for user in self.blocked() {
+            text.push_str(&user);
+            text.push('\n');
+        }
+        text
+    }
+
+    /// Blocks every name in `list`, one per line (blank lines and lines starting with `#`
+    /// are skipped; surrounding spaces ignored), as [`ChatNode::block`] does. Checks every
+    /// name first: an invalid one fails the import before anything is blocked. Returns how
+    /// many were not blocked before.
+    pub async fn import_blocked(&self, list: &str) -> Result<usize, NodeError> {
+        let names: Vec<&str> = list
+            .lines()
+            .map(str::trim)
+            .filter(|line| !line.is_empty() && !line.starts_with('#'))
+            .collect();
+        for name in &names {
+            validate_username(name)?;
+        }
+        let mut added = 0;
+        for name in names {
+            if !self.shared.peer_state().is_blocked(name) {
+                added += 1;
+            }
+            self.block(name).await?;
+        }
+        Ok(added)
+    }
+
+    /// Whether contacts-only mode is on (see [`ChatNodeBuilder::contacts_only`]).
+    pub fn contacts_only(&self) -> bool {
+        self.shared.contacts_only.load(Ordering::Relaxed)
+    }
+
+    /// Turns contacts-only mode on or off (see [`ChatNodeBuilder::contacts_only`]). Turning
+    /// it off does not show the requests already kept: [`ChatNode::accept`] does.
+    pub fn set_contacts_only(&self, on: bool) {
+        self.shared.contacts_only.store(on, Ordering::Relaxed);
+    }
+
+    /// The people written to or accepted, in name order.
+    pub fn contacts(&self) -> Vec<String> {
+        self.shared.peer_state().contacts()
+    }
+
+    /// The message requests waiting: senders who are not contacts and whose messages were
+    /// kept unshown in contacts-only mode, with how many, in name order. (Messages held for
+    /// a changed key, [`Event::KeyChanged`], are not requests.)
+    pub fn requests(&self) -> Vec<MessageRequest> {
+        let peers = self.shared.peer_state();
+        self.shared
+            .inbox
+            .held_senders()
+            .into_iter()
+            .filter(|(from, _)| !peers.is_contact(from))
+            .map(|(from, messages)| MessageRequest { from, messages })
+            .collect()
+    }
+
+    /// Accepts `user` as a contact: their kept requests are shown now, in order, and their
+    /// messages from now on. If their key changed ([`Event::KeyChanged`]), what came under
+    /// the new key still waits for [`ChatNode::trust`]. Fails if the directory cannot say
+    /// whether their key changed (they are a contact anyway; accept again to show what
+    /// waits).
+    pub async fn accept(&self, user: &str) -> Result<(), NodeError> {
+        validate_username(user)?;
+        if user == self.shared.me() {
+            return Err(NodeError::SendToSelf);
+        }
+        self.shared.peer_state().add_contact(user)?;
+        self.shared.requested.lock().remove(user);
+        let held = self
+            .shared
+            .inbox
+            .held_senders()
+            .into_iter()
+            .any(|(from, _)| from == user);
+        if !held {
+            return Ok(());
+        }
+        let (_, changed) = self.shared.resolve(user).await?;
+        if changed.is_none() {
+            self.shared.inbox.release(user)?;
+        }
         Ok(())
     }
 
@@ -983,7 +1107,10 @@ impl ChatNode {
         if let Some(link) = self.shared.existing_link(user) {
             link.trusted(record.public_key);
         }
-        self.shared.inbox.release(user)?;
+        // In contacts-only mode a stranger's messages stay requests until accepted.
+        if !self.contacts_only() || self.shared.peer_state().is_contact(user) {
+            self.shared.inbox.release(user)?;
+        }
         Ok(())
     }
 

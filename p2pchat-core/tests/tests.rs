@@ -2,6 +2,7 @@
 
 mod it {
     pub mod conformance;
+    pub mod consent;
     pub mod doc_limits;
     pub mod drain_crash;
     pub mod durable;

@@ -53,6 +53,7 @@ pub struct ChatNodeBuilder {
     event_capacity: Option<usize>,
     durability: Durability,
     confirm: Confirm,
+    contacts_only: bool,
     announcements: Option<BoxStream<'static, String>>,
 }
 
@@ -192,6 +193,18 @@ impl ChatNodeBuilder {
     /// By default, [`Confirm::OnRead`]: when an [`crate::Events`] stream hands it out.
     pub fn confirm(mut self, confirm: Confirm) -> Self {
         self.confirm = confirm;
+        self
+    }
+
+    /// Contacts-only mode: messages from people this node never wrote to nor accepted, live
+    /// or offline, are not shown but kept as requests ([`crate::ChatNode::requests`]) until
+    /// [`crate::ChatNode::accept`] shows them or [`crate::ChatNode::block`] discards them;
+    /// the first of each sender's is reported as [`crate::Event::MessageRequest`]. Can be
+    /// changed later with [`crate::ChatNode::set_contacts_only`].
+    ///
+    /// By default, off: anyone who knows the name can message this node.
+    pub fn contacts_only(mut self, on: bool) -> Self {
+        self.contacts_only = on;
         self
     }
 
@@ -358,6 +371,8 @@ impl ChatNodeBuilder {
             transport,
             session: Mutex::new(Some(Arc::from(session))),
             reachable: std::sync::atomic::AtomicU8::new(0),
+            contacts_only: std::sync::atomic::AtomicBool::new(self.contacts_only),
+            requested: Mutex::default(),
             stranger_lookups: governor::RateLimiter::direct(
                 governor::Quota::per_second(
                     std::num::NonZeroU32::new(super::MAX_STRANGER_LOOKUPS_PER_SECOND)

@@ -397,6 +397,43 @@ impl Inbox {
         }
     }
 
+    /// The senders of held messages, with how many each, in name order.
+    pub(crate) fn held_senders(&self) -> Vec<(String, usize)> {
+        let state = self.state();
+        let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+        for entry in state.held.values() {
+            *counts.entry(&entry.from).or_default() += 1;
+        }
+        counts
+            .into_iter()
+            .map(|(from, n)| (from.to_owned(), n))
+            .collect()
+    }
+
+    /// Forgets `from`'s held messages (the user blocked them). Their ids stay in the dedup
+    /// window: they are not taken again.
+    pub(crate) fn discard_held(&self, from: &str) -> Result<(), DbError> {
+        let mut state = self.state();
+        let held: Vec<u64> = state
+            .held
+            .iter()
+            .filter(|(_, e)| *e.from == *from)
+            .map(|(&seq, _)| seq)
+            .collect();
+        if held.is_empty() {
+            return Ok(());
+        }
+        self.db.write_with(|batch| {
+            for seq in &held {
+                batch.delete(Table::Held, &seq_key(*seq));
+            }
+        })?;
+        for seq in held {
+            state.held.remove(&seq);
+        }
+        Ok(())
+    }
+
     /// The user trusts `from`'s new key: its held messages join the inbox, in order.
     pub(crate) fn release(&self, from: &str) -> Result<(), DbError> {
         let mut state = self.state();

@@ -67,6 +67,18 @@ pub(crate) enum PeersRecord {
         /// Announcement id → when it was issued, Unix milliseconds.
         announcements: BTreeMap<String, u64>,
     },
+    /// V1 and the contacts: the users written to or accepted (what contacts-only mode lets
+    /// through).
+    V2 {
+        blocked: BTreeSet<String>,
+        /// Username → end of the mute, Unix milliseconds.
+        muted: BTreeMap<String, u64>,
+        pins: BTreeMap<String, [u8; 32]>,
+        operator: Option<[u8; 32]>,
+        /// Announcement id → when it was issued, Unix milliseconds.
+        announcements: BTreeMap<String, u64>,
+        contacts: BTreeSet<String>,
+    },
 }
 
 /// Key in table `Meta` of the node's sequence number reservation (u64 big-endian): every
@@ -179,6 +191,15 @@ mod tests {
             announcements: BTreeMap::new(),
         };
         assert_eq!(encode(&peers), [1, 1, 1, b'm', 0, 0, 0, 0]);
+        let peers = PeersRecord::V2 {
+            blocked: ["m".to_owned()].into(),
+            muted: BTreeMap::new(),
+            pins: BTreeMap::new(),
+            operator: None,
+            announcements: BTreeMap::new(),
+            contacts: ["c".to_owned()].into(),
+        };
+        assert_eq!(encode(&peers), [2, 1, 1, b'm', 0, 0, 0, 0, 1, 1, b'c']);
         assert_eq!(decode::<OutboxRecord>(&encode(&outbox)), Some(outbox));
     }
 

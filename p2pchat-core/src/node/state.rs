@@ -30,6 +30,31 @@ struct PeersFile {
     /// Announcement ids shown recently (id → issued-at ms), so replays are dropped across
     /// restarts too.
     announcements: BTreeMap<String, u64>,
+    /// The users written to or accepted: whom contacts-only mode lets through.
+    contacts: BTreeSet<String>,
+}
+
+impl PeersFile {
+    fn from_parts(
+        blocked: BTreeSet<String>,
+        muted: BTreeMap<String, u64>,
+        pins: BTreeMap<String, [u8; 32]>,
+        operator: Option<[u8; 32]>,
+        announcements: BTreeMap<String, u64>,
+        contacts: BTreeSet<String>,
+    ) -> Self {
+        Self {
+            blocked,
+            muted,
+            pins: pins
+                .into_iter()
+                .filter_map(|(user, key)| Some((user, PublicKey::from_bytes(&key).ok()?)))
+                .collect(),
+            operator: operator.and_then(|key| PublicKey::from_bytes(&key).ok()),
+            announcements,
+            contacts,
+        }
+    }
 }
 
 /// Block list, mutes and pinned keys.
@@ -66,16 +91,22 @@ impl PeerState {
                 pins,
                 operator,
                 announcements,
-            } => PeersFile {
+            } => PeersFile::from_parts(
                 blocked,
                 muted,
-                pins: pins
-                    .into_iter()
-                    .filter_map(|(user, key)| Some((user, PublicKey::from_bytes(&key).ok()?)))
-                    .collect(),
-                operator: operator.and_then(|key| PublicKey::from_bytes(&key).ok()),
+                pins,
+                operator,
                 announcements,
-            },
+                BTreeSet::new(),
+            ),
+            PeersRecord::V2 {
+                blocked,
+                muted,
+                pins,
+                operator,
+                announcements,
+                contacts,
+            } => PeersFile::from_parts(blocked, muted, pins, operator, announcements, contacts),
         };
         let now_wall = unix_ms(SystemTime::now());
         let now = Instant::now();
@@ -93,7 +124,8 @@ impl PeerState {
     }
 
     fn save(&self) -> Result<(), DbError> {
-        let record = PeersRecord::V1 {
+        let record = PeersRecord::V2 {
+            contacts: self.file.contacts.clone(),
             blocked: self.file.blocked.clone(),
             muted: self.file.muted.clone(),
             pins: self
@@ -113,6 +145,24 @@ impl PeerState {
 
     pub(crate) fn is_blocked(&self, user: &str) -> bool {
         self.file.blocked.contains(user)
+    }
+
+    /// Whether `user` was written to or accepted.
+    pub(crate) fn is_contact(&self, user: &str) -> bool {
+        self.file.contacts.contains(user)
+    }
+
+    /// Makes `user` a contact (saved only when they were not one).
+    pub(crate) fn add_contact(&mut self, user: &str) -> Result<(), DbError> {
+        if self.file.contacts.insert(user.to_owned()) {
+            self.save()?;
+        }
+        Ok(())
+    }
+
+    /// The contacts, in name order.
+    pub(crate) fn contacts(&self) -> Vec<String> {
+        self.file.contacts.iter().cloned().collect()
     }
 
     pub(crate) fn is_muted(&self, user: &str) -> bool {
