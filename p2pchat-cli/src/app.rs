@@ -39,6 +39,8 @@ pub struct Settings {
     pub dialable: bool,
     /// Contacts-only mode (`--contacts-only`).
     pub contacts_only: bool,
+    /// Messages per second per sender (`--sender-rate`; 0: no limit).
+    pub sender_rate: u32,
     /// Use the line editor (stdin is a terminal).
     pub terminal: bool,
 }
@@ -90,6 +92,7 @@ async fn start(settings: &Settings) -> anyhow::Result<ChatNode> {
         .announce(settings.announce.clone())
         .dialable(settings.dialable)
         .contacts_only(settings.contacts_only)
+        .messages_per_second_per_sender(settings.sender_rate)
         .discovery(DiscoveryClient::new(settings.discovery.clone()))
         .data_dir(&settings.data_dir);
     if let Some(url) = &settings.redis_url {

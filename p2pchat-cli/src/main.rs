@@ -53,6 +53,10 @@ struct Args {
     /// requests ('requests', 'accept <user>', 'block <user>').
     #[arg(long)]
     contacts_only: bool,
+    /// Messages per second one sender may show you, after a burst of 10,000; faster
+    /// senders are read more slowly, nothing is lost (0: no limit).
+    #[arg(long, default_value_t = p2pchat_core::node::MESSAGES_PER_SECOND_PER_SENDER)]
+    sender_rate: u32,
 }
 
 fn main() -> ExitCode {
@@ -124,6 +128,7 @@ fn settings(args: Args, terminal: bool) -> Result<app::Settings, String> {
         announce: args.announce,
         dialable: !args.not_dialable,
         contacts_only: args.contacts_only,
+        sender_rate: args.sender_rate,
         terminal,
     })
 }

@@ -86,6 +86,18 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// any lookup. Default: 20.
 pub const MAX_STRANGER_LOOKUPS_PER_SECOND: u32 = 20;
 
+/// A per-sender rate for a node a person reads (the CLI's default): messages per second one
+/// sender's messages are taken in at, live and from the mailbox together, after a burst of
+/// [`MESSAGE_BURST_PER_SENDER`]; beyond it the node reads more slowly from that sender (its
+/// connection's flow control, or the next drain, holds the rest; nothing is refused or
+/// lost). A library node has no such limit unless
+/// [`ChatNodeBuilder::messages_per_second_per_sender`] sets one. Default: 100.
+pub const MESSAGES_PER_SECOND_PER_SENDER: u32 = 100;
+
+/// Messages one sender may send at once before [`MESSAGES_PER_SECOND_PER_SENDER`] applies:
+/// a peer's whole queue after a while offline goes through at once. Default: 10,000.
+pub const MESSAGE_BURST_PER_SENDER: u32 = 10_000;
+
 /// Incoming handshakes in progress at once; a connection beyond this is closed at once.
 /// Default: 64.
 pub const MAX_PENDING_HANDSHAKES: usize = 64;
@@ -274,6 +286,9 @@ pub(crate) struct Shared {
     pub(crate) contacts_only: std::sync::atomic::AtomicBool,
     /// Senders whose requests were reported ([`Event::MessageRequest`]) in this run.
     requested: Mutex<HashSet<String>>,
+    /// Messages taken in per sender (see [`MESSAGES_PER_SECOND_PER_SENDER`]); `None`: no
+    /// limit.
+    pub(crate) sender_rate: Option<governor::DefaultKeyedRateLimiter<String>>,
     /// Directory lookups that dialers presenting an unpinned key may cause.
     pub(crate) stranger_lookups: governor::DefaultDirectRateLimiter,
     /// Stops every task at once, without flushing: the end of a graceful shutdown, or a
@@ -361,6 +376,35 @@ pub(crate) struct Received {
 }
 
 impl Shared {
+    /// How many of `n` messages from `from` may be taken in now (see
+    /// [`MESSAGES_PER_SECOND_PER_SENDER`]): all of them without a limit; otherwise waits
+    /// until one may, then takes as many more as the rate allows at once. The caller has
+    /// not acknowledged them: waiting here, and leaving the rest for later, is the
+    /// backpressure.
+    pub(crate) async fn throttle(&self, from: &str, n: usize) -> usize {
+        let Some(limiter) = &self.sender_rate else {
+            return n;
+        };
+        if n == 0 {
+            return 0;
+        }
+        let key = from.to_owned();
+        limiter.until_key_ready(&key).await;
+        let mut taken = 1;
+        while taken < n && limiter.check_key(&key).is_ok() {
+            taken += 1;
+        }
+        taken
+    }
+
+    /// [`Shared::throttle`] until all `n` are taken: for a batch that must be taken whole.
+    pub(crate) async fn throttle_all(&self, from: &str, n: usize) {
+        let mut left = n;
+        while left > 0 {
+            left -= self.throttle(from, left).await.max(1).min(left);
+        }
+    }
+
     pub(crate) fn me(&self) -> &str {
         &self.config.username
     }

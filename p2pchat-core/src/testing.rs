@@ -9,7 +9,7 @@
 //!
 //! # async fn demo() {
 //! // In a `#[tokio::test]`, with your store in place of `MemoryStore`:
-//! store_conformance(|quota| async move { SharedStore::new(MemoryStore::with_quota(quota)) })
+//! store_conformance(|quotas| async move { SharedStore::new(MemoryStore::with_quotas(quotas)) })
 //!     .await;
 //! # }
 //! ```

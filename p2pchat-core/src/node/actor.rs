@@ -338,6 +338,7 @@ async fn drain_run(
         source,
     })?;
     let by_id: std::collections::HashMap<MessageId, String> = tokens.iter().cloned().collect();
+    shared.throttle_all(from, tokens.len()).await;
     let received = shared
         .receive_batch(&pair, from, tokens, true, false)
         .await?;

@@ -54,6 +54,8 @@ pub struct ChatNodeBuilder {
     durability: Durability,
     confirm: Confirm,
     contacts_only: bool,
+    messages_per_second_per_sender: u32,
+    message_burst_per_sender: Option<u32>,
     announcements: Option<BoxStream<'static, String>>,
 }
 
@@ -205,6 +207,26 @@ impl ChatNodeBuilder {
     /// By default, off: anyone who knows the name can message this node.
     pub fn contacts_only(mut self, on: bool) -> Self {
         self.contacts_only = on;
+        self
+    }
+
+    /// Messages per second one sender's messages are taken in at, live and offline, after a
+    /// burst of [`super::MESSAGE_BURST_PER_SENDER`]; beyond it the node reads that sender
+    /// more slowly (nothing is refused or lost: the sender's node waits). 0: no limit.
+    ///
+    /// By default, no limit: an embedding application decides (bots and bulk transfers
+    /// want none); [`super::MESSAGES_PER_SECOND_PER_SENDER`] (100) is the CLI's.
+    pub fn messages_per_second_per_sender(mut self, rate: u32) -> Self {
+        self.messages_per_second_per_sender = rate;
+        self
+    }
+
+    /// Messages one sender may send at once before
+    /// [`ChatNodeBuilder::messages_per_second_per_sender`] applies (at least 1).
+    ///
+    /// By default, [`super::MESSAGE_BURST_PER_SENDER`] (10,000).
+    pub fn message_burst_per_sender(mut self, burst: u32) -> Self {
+        self.message_burst_per_sender = Some(burst.max(1));
         self
     }
 
@@ -373,6 +395,17 @@ impl ChatNodeBuilder {
             reachable: std::sync::atomic::AtomicU8::new(0),
             contacts_only: std::sync::atomic::AtomicBool::new(self.contacts_only),
             requested: Mutex::default(),
+            sender_rate: std::num::NonZeroU32::new(self.messages_per_second_per_sender).map(
+                |rate| {
+                    let burst = self
+                        .message_burst_per_sender
+                        .unwrap_or(super::MESSAGE_BURST_PER_SENDER)
+                        .max(1);
+                    let quota = governor::Quota::per_second(rate)
+                        .allow_burst(std::num::NonZeroU32::new(burst).unwrap_or(rate));
+                    governor::RateLimiter::keyed(quota)
+                },
+            ),
             stranger_lookups: governor::RateLimiter::direct(
                 governor::Quota::per_second(
                     std::num::NonZeroU32::new(super::MAX_STRANGER_LOOKUPS_PER_SECOND)

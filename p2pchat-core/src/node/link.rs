@@ -1351,14 +1351,21 @@ async fn read_loop(core: Arc<Core>, conn: u64, pair: PairKey, hold: bool, mut re
     let reason = loop {
         // The application is far behind: stop reading (the peer's acknowledgements wait).
         shared.inbox.wait_for_room().await;
-        let first = tokio::select! {
-            _ = halt.cancelled() => return,
-            next = reader.next() => next,
+        // Messages left over by the sender's rate (below) are taken first, without waiting
+        // for the peer to send more.
+        let first = if messages.is_empty() {
+            Some(tokio::select! {
+                _ = halt.cancelled() => return,
+                next = reader.next() => next,
+            })
+        } else {
+            reader.next().now_or_never()
         };
         let mut end = match first {
-            None => Some("the peer closed the connection".to_owned()),
-            Some(Err(e)) => Some(format!("bad frame: {}", chain(&e))),
-            Some(Ok(frame)) => {
+            None => None,
+            Some(None) => Some("the peer closed the connection".to_owned()),
+            Some(Some(Err(e))) => Some(format!("bad frame: {}", chain(&e))),
+            Some(Some(Ok(frame))) => {
                 batch.push(frame);
                 None
             }
@@ -1425,8 +1432,12 @@ async fn read_loop(core: Arc<Core>, conn: u64, pair: PairKey, hold: bool, mut re
         batch.clear();
         let mut ack = Vec::new();
         if !messages.is_empty() {
+            // Past the sender's rate this waits, and so does reading from it: the
+            // connection's flow control slows the sender down. What the rate does not let
+            // in now stays for the next round.
+            let take = shared.throttle(peer, messages.len()).await;
             let received = shared
-                .receive_batch(&pair, peer, messages.drain(..), false, hold)
+                .receive_batch(&pair, peer, messages.drain(..take), false, hold)
                 .await;
             match received {
                 Ok(received) => {

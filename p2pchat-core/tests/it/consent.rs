@@ -227,3 +227,113 @@ async fn the_block_list_exports_and_imports() {
     first.shutdown().await.expect("shutdown");
     second.shutdown().await.expect("shutdown");
 }
+
+/// The per-sender rate at the recipient (20 a second after a burst of 20 here): a flood from
+/// alice is taken in no faster than that, live and from the mailbox, and loses nothing (every
+/// message shown once, in order, each `Delivered` or `StoredOffline`); carol, meanwhile, is
+/// shown at once. A lower bound on the time taken is what shows the throttle (a slow machine
+/// only makes it longer).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fast_sender_is_read_at_the_recipients_rate_and_loses_nothing() {
+    const FLOOD: usize = 100;
+    let world = World::new();
+    let bob_id = Identity::generate();
+    let limited = |world: &World, id: Identity| {
+        world
+            .builder("bob", id, None, TcpTransport::new())
+            .messages_per_second_per_sender(20)
+            .message_burst_per_sender(20)
+            .spawn()
+    };
+    let bob = limited(&world, bob_id.clone()).await.expect("bob");
+    let alice = world.tcp_node("alice").await;
+    let carol = world.tcp_node("carol").await;
+    let mut bob_events = bob.events();
+    let mut alice_events = alice.events();
+
+    let started = std::time::Instant::now();
+    for i in 0..FLOOD {
+        alice.send("bob", &format!("live {i}")).await.expect("send");
+    }
+    // Once the burst is shown, carol's message overtakes alice's backlog.
+    let mut got = Vec::new();
+    while got.len() < 20 {
+        if let Event::MessageReceived { text, .. } = wait_for(&mut bob_events, |e| {
+            matches!(e, Event::MessageReceived { .. })
+        })
+        .await
+        {
+            got.push(text);
+        }
+    }
+    carol.send("bob", "carol here").await.expect("send");
+    let mut carol_at = None;
+    while got.len() < FLOOD + 1 {
+        if let Event::MessageReceived { from, text, .. } = wait_for(&mut bob_events, |e| {
+            matches!(e, Event::MessageReceived { .. })
+        })
+        .await
+        {
+            if from == "carol" {
+                carol_at = Some(got.len());
+            }
+            got.push(text);
+        }
+    }
+    let live_took = started.elapsed();
+    let carol_at = carol_at.expect("carol's message shown");
+    assert!(
+        carol_at < FLOOD / 2,
+        "carol waited behind alice: at {carol_at}"
+    );
+    got.retain(|t| t != "carol here");
+    let expected: Vec<String> = (0..FLOOD).map(|i| format!("live {i}")).collect();
+    assert_eq!(got, expected, "every message once, in order");
+    assert!(
+        live_took >= std::time::Duration::from_secs(3),
+        "80 messages past the burst at 20/s took only {live_took:?}"
+    );
+    let mut delivered = 0;
+    while delivered < FLOOD {
+        if let Event::Delivered { .. } = wait_for(&mut alice_events, outcome).await {
+            delivered += 1;
+        }
+    }
+
+    // Offline: the same flood waits in the mailbox and is drained at the same rate.
+    bob.shutdown().await.expect("bob leaves");
+    for i in 0..FLOOD {
+        alice
+            .send("bob", &format!("offline {i}"))
+            .await
+            .expect("send");
+    }
+    let mut stored = 0;
+    while stored < FLOOD {
+        match wait_for(&mut alice_events, outcome).await {
+            Event::StoredOffline { .. } => stored += 1,
+            other => panic!("{other:?}"),
+        }
+    }
+    let started = std::time::Instant::now();
+    let bob = limited(&world, bob_id).await.expect("bob returns");
+    let mut bob_events = bob.events();
+    let got: Vec<String> = receive_n(&mut bob_events, FLOOD)
+        .await
+        .into_iter()
+        .map(|(text, offline)| {
+            assert!(offline);
+            text
+        })
+        .collect();
+    let expected: Vec<String> = (0..FLOOD).map(|i| format!("offline {i}")).collect();
+    assert_eq!(got, expected, "every message once, in order");
+    assert!(
+        started.elapsed() >= std::time::Duration::from_secs(3),
+        "the drain was not throttled: {:?}",
+        started.elapsed()
+    );
+    for node in [alice, bob, carol] {
+        node.shutdown().await.expect("shutdown");
+    }
+}

@@ -59,6 +59,14 @@ fn the_core_limits_table_matches_the_constants() {
             secs(node::CONNECT_BACK_TIMEOUT),
         ),
         (
+            "node::MESSAGES_PER_SECOND_PER_SENDER",
+            count(node::MESSAGES_PER_SECOND_PER_SENDER),
+        ),
+        (
+            "node::MESSAGE_BURST_PER_SENDER",
+            count(node::MESSAGE_BURST_PER_SENDER),
+        ),
+        (
             "node::MAX_STRANGER_LOOKUPS_PER_SECOND",
             count(node::MAX_STRANGER_LOOKUPS_PER_SECOND),
         ),
