@@ -351,8 +351,9 @@ impl PairKey {
 /// Checks what a store can check of a token without any key, as the discovery server does
 /// at deposit: that it is shaped like a Fernet token (base64url, version `0x80`, at least one
 /// AES block, the tag: [`CryptoError::Malformed`] otherwise), that its clear-text timestamp
-/// is at most [`MAX_CLOCK_SKEW`] ahead of `now` ([`CryptoError::FromTheFuture`]) and at most
-/// `max_age` behind it ([`CryptoError::Expired`]). Returns the timestamp.
+/// is at most `max_ahead` ahead of `now` ([`CryptoError::FromTheFuture`]; offline mail uses
+/// `store::MAX_TOKEN_AHEAD`, as recipients keep such mail) and at most `max_age` behind it
+/// ([`CryptoError::Expired`]). Returns the timestamp.
 ///
 /// Nothing is authenticated: a token that passes may still be junk under every key. What
 /// this buys is that a store keeps only what could be a message, no older than a message may
@@ -361,10 +362,11 @@ pub fn check_token_shape(
     token: &str,
     now: SystemTime,
     max_age: Duration,
+    max_ahead: Duration,
 ) -> Result<SystemTime, CryptoError> {
     let stamped = fernet::shape(token).ok_or(CryptoError::Malformed)?;
     let now_secs = now.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
-    if stamped > now_secs.saturating_add(MAX_CLOCK_SKEW.as_secs()) {
+    if stamped > now_secs.saturating_add(max_ahead.as_secs()) {
         return Err(CryptoError::FromTheFuture {
             ahead_secs: stamped - now_secs,
         });
@@ -399,9 +401,9 @@ mod tests {
         let key = PairKey::derive(&alice, &bob.public_key()).unwrap();
         let at = SystemTime::now();
         let token = key.seal(&payload("alice", "bob"));
-        let stamped = check_token_shape(&token, at, TTL).unwrap();
+        let stamped = check_token_shape(&token, at, TTL, MAX_CLOCK_SKEW).unwrap();
         assert!(at.duration_since(stamped).unwrap() < Duration::from_secs(2));
-        assert!(check_token_shape(token.trim_end_matches('='), at, TTL).is_ok());
+        assert!(check_token_shape(token.trim_end_matches('='), at, TTL, MAX_CLOCK_SKEW).is_ok());
         for junk in [
             String::new(),
             "token-1".to_owned(),
@@ -412,19 +414,19 @@ mod tests {
             format!("{}*", &token[..token.len() - 1]),
         ] {
             assert_eq!(
-                check_token_shape(&junk, at, TTL),
+                check_token_shape(&junk, at, TTL, MAX_CLOCK_SKEW),
                 Err(CryptoError::Malformed),
                 "{junk:?}"
             );
         }
         let old = key.seal_at(&payload("alice", "bob"), now() - 7200);
         assert!(matches!(
-            check_token_shape(&old, at, TTL),
+            check_token_shape(&old, at, TTL, MAX_CLOCK_SKEW),
             Err(CryptoError::Expired { .. })
         ));
         let ahead = key.seal_at(&payload("alice", "bob"), now() + 600);
         assert!(matches!(
-            check_token_shape(&ahead, at, TTL),
+            check_token_shape(&ahead, at, TTL, MAX_CLOCK_SKEW),
             Err(CryptoError::FromTheFuture { .. })
         ));
     }

@@ -66,6 +66,12 @@ pub const MAX_EXPIRED_BATCH: usize = 1024;
 /// times are cut to this. Default: 30 days.
 pub const MAX_MESSAGE_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
 
+/// How far ahead of a clock an offline message's token may be stamped: the sender's clock
+/// may run ahead. A server takes such a deposit, and a recipient keeps it in the mailbox
+/// until its clock catches up; further ahead, it is refused (it would sit at the front of
+/// the mailbox). Default: 1 hour.
+pub const MAX_TOKEN_AHEAD: Duration = Duration::from_secs(3600);
+
 /// A sealed message waiting in a mailbox. Only routing metadata is in the clear.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredMessage {

@@ -2,7 +2,7 @@
 //! the rules a deposit must follow beside it. A session acts for its own user only: it
 //! deposits in that user's name, into the mailbox of a name someone holds, within the
 //! user's deposit rate, a token no longer than [`MAX_TOKEN_LEN`] and shaped like a Fernet
-//! token no older than the message TTL, an expiry no later than the token's timestamp plus
+//! token no older than the message TTL and stamped at most [`MAX_TOKEN_AHEAD`] ahead, an expiry no later than the token's timestamp plus
 //! that TTL; within the store's quotas (per mailbox, sender, pair and in all, which the
 //! storage's mailbox enforces); it reads, acknowledges and takes expiry notices of its own
 //! mailbox only.
@@ -12,13 +12,15 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use futures::stream::BoxStream;
-use p2pchat_core::crypto::check_token_shape;
+use p2pchat_core::crypto::{CryptoError, check_token_shape};
 use p2pchat_core::error::chain;
 use p2pchat_core::protocol::discovery::{
     DepositOutcome, MAX_DEPOSIT_BATCH, WireError, WireExpired, WireMailKey, WireMessage,
 };
 use p2pchat_core::protocol::{MAX_ACK_BATCH, MAX_TOKEN_LEN, validate_username};
-use p2pchat_core::store::{MAX_FETCH_BATCH, MailKey, Put, StoreError, StoredMessage};
+use p2pchat_core::store::{
+    MAX_FETCH_BATCH, MAX_TOKEN_AHEAD, MailKey, Put, StoreError, StoredMessage,
+};
 
 use crate::config::DEPOSIT_BURST;
 use crate::limits::KeyedRate;
@@ -109,13 +111,27 @@ impl Mail {
             return Err(WireError::InvalidUsername(message.to));
         }
         // Only what could be a message, no older than a message may wait.
-        let stamped = check_token_shape(&message.token, SystemTime::now(), self.message_ttl)
-            .map_err(|e| {
-                WireError::Forbidden(format!(
-                    "a stored message must be a Fernet token at most {} s old: {e}",
+        let stamped = check_token_shape(
+            &message.token,
+            SystemTime::now(),
+            self.message_ttl,
+            MAX_TOKEN_AHEAD,
+        )
+        .map_err(|e| {
+            WireError::Forbidden(match e {
+                CryptoError::FromTheFuture { ahead_secs } => format!(
+                    "the message is stamped {ahead_secs} s ahead of the server's clock (at \
+                     most {} s allowed): check the sender's clock",
+                    MAX_TOKEN_AHEAD.as_secs()
+                ),
+                CryptoError::Expired { age_secs, .. } => format!(
+                    "the message was sealed {age_secs} s ago, more than the server keeps mail \
+                     ({} s)",
                     self.message_ttl.as_secs()
-                ))
-            })?;
+                ),
+                _ => "a stored message must be a Fernet token".to_owned(),
+            })
+        })?;
         if !self.deposits.allow(&me.to_owned()) {
             return Err(WireError::RateLimited);
         }

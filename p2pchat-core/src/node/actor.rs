@@ -24,13 +24,14 @@ use crate::event::Event;
 use crate::identity::PublicKey;
 use crate::limits::ConnectionLimits;
 use crate::protocol::{ErrorCode, MessageId};
-use crate::store::{MAX_FETCH_BATCH, MailKey};
+use crate::store::{MAX_FETCH_BATCH, MAX_TOKEN_AHEAD, MailKey};
 use crate::transport::Listener;
 
 /// An authentic offline message stamped at most this far ahead of our clock waits in the
 /// mailbox for a later drain; further ahead, it is rejected (and removed) so that such
-/// messages cannot pile up at the front of the mailbox. Default: 1 hour.
-const MAX_HELD_AHEAD: std::time::Duration = std::time::Duration::from_secs(3600);
+/// messages cannot pile up at the front of the mailbox: [`MAX_TOKEN_AHEAD`], as servers
+/// accept them.
+const MAX_HELD_AHEAD: std::time::Duration = MAX_TOKEN_AHEAD;
 
 /// Commands the handle sends the actor. Capacity of its channel: 16.
 pub(crate) const ACTOR_QUEUE_CAPACITY: usize = 16;

@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use p2pchat_core::testing::doc_limits::{assert_table, count, days, kib, mins, secs};
+use p2pchat_core::testing::doc_limits::{assert_table, count, days, hours, kib, mins, secs};
 use p2pchat_core::{announce, crypto, discovery, node, protocol, store, transport};
 
 #[test]
@@ -130,6 +130,7 @@ fn the_core_limits_table_matches_the_constants() {
             "store::DEFAULT_MAILBOX_QUOTA",
             count(store::DEFAULT_MAILBOX_QUOTA as u64),
         ),
+        ("store::MAX_TOKEN_AHEAD", hours(store::MAX_TOKEN_AHEAD)),
         (
             "store::DEFAULT_MAILBOX_BYTES",
             kib(store::DEFAULT_MAILBOX_BYTES as usize),

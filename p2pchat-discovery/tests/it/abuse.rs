@@ -290,6 +290,18 @@ async fn one_sender_cannot_fill_a_mailbox(storage: Arc<dyn p2pchat_discovery::St
         junk_store.put(old).await,
         Err(StoreError::Forbidden(_))
     ));
+    // A sender's clock may run ahead: 10 minutes is taken, 2 hours is not.
+    for (ahead, taken) in [(600, true), (7200, false)] {
+        let mut m = mail("mallory", "alice", "");
+        let stamp = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+            + ahead;
+        m.token = fernet::seal(&[1; fernet::KEY_LEN], stamp, [2; fernet::IV_LEN], b"soon");
+        let result = junk_store.put(m).await;
+        assert_eq!(result.is_ok(), taken, "{ahead} s ahead: {result:?}");
+    }
     // An expiry 30 days out is cut to 7 days from the token's timestamp.
     let mut far = mail("alice", "carol", "see you in a month");
     far.expires_at = SystemTime::now() + Duration::from_secs(30 * 24 * 3600);
