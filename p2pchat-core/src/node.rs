@@ -90,7 +90,8 @@ pub const MAX_STRANGER_LOOKUPS_PER_SECOND: u32 = 20;
 /// sender's messages are taken in at, live and from the mailbox together, after a burst of
 /// [`MESSAGE_BURST_PER_SENDER`]; beyond it the node reads more slowly from that sender (its
 /// connection's flow control, or the next drain, holds the rest; nothing is refused or
-/// lost). A library node has no such limit unless
+/// lost). A sender held up longer than its acknowledgement timeout drops the connection and
+/// sends again; the copies are dropped by id. A library node has no such limit unless
 /// [`ChatNodeBuilder::messages_per_second_per_sender`] sets one. Default: 100.
 pub const MESSAGES_PER_SECOND_PER_SENDER: u32 = 100;
 
@@ -580,10 +581,21 @@ impl Shared {
         };
         if !opened.is_empty() {
             self.inbox.accept(from, opened, offline, keep).await?;
-            if request && self.requested.lock().insert(from.to_owned()) {
-                self.emit(Event::MessageRequest {
-                    from: from.to_owned(),
-                });
+            if request {
+                // The user may have accepted or blocked them while this was written.
+                let (contact, blocked) = {
+                    let peers = self.peer_state();
+                    (peers.is_contact(from), peers.is_blocked(from))
+                };
+                if blocked {
+                    self.inbox.discard_held(from)?;
+                } else if contact {
+                    self.inbox.release(from)?;
+                } else if self.requested.lock().insert(from.to_owned()) {
+                    self.emit(Event::MessageRequest {
+                        from: from.to_owned(),
+                    });
+                }
             }
         }
         Ok(received)
@@ -876,15 +888,22 @@ impl ChatNode {
         if to == shared.me() {
             return Err(NodeError::SendToSelf);
         }
-        {
+        let new_contact = {
             let mut peers = shared.peer_state();
             if peers.is_blocked(to) {
                 return Err(NodeError::Blocked(to.to_owned()));
             }
             // Whom we write to may write to us (contacts-only mode).
-            if !peers.is_contact(to) {
-                peers.add_contact(to)?;
-            }
+            !peers.is_contact(to) && peers.add_contact(to)?
+        };
+        if new_contact && shared.inbox.holds_from(to) {
+            // Writing to someone whose requests wait is accepting them: show those too.
+            let (node, peer) = (self.clone(), to.to_owned());
+            shared.spawn(async move {
+                if let Err(e) = node.accept(&peer).await {
+                    tracing::debug!(%peer, error = %chain(&e), "requests not shown yet");
+                }
+            });
         }
         if shared.outbox_len.load(Ordering::Relaxed) >= MAX_OUTBOX {
             return Err(NodeError::OutboxFull { max: MAX_OUTBOX });
@@ -1034,8 +1053,9 @@ impl ChatNode {
     }
 
     /// The message requests waiting: senders who are not contacts and whose messages were
-    /// kept unshown in contacts-only mode, with how many, in name order. (Messages held for
-    /// a changed key, [`Event::KeyChanged`], are not requests.)
+    /// kept unshown in contacts-only mode, with how many, in name order. (A non-contact's
+    /// messages held for a changed key, [`Event::KeyChanged`], are counted too: they wait
+    /// for [`ChatNode::trust`] as well.)
     pub fn requests(&self) -> Vec<MessageRequest> {
         let peers = self.shared.peer_state();
         self.shared

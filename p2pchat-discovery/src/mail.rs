@@ -56,7 +56,7 @@ fn store_error(e: StoreError) -> WireError {
             recipient,
             limit,
             quota,
-        } => WireError::QuotaExceeded {
+        } => WireError::MailQuota {
             recipient,
             limit: limit.into(),
             quota,

@@ -345,7 +345,8 @@ impl From<WireError> for DiscoveryError {
             WireError::Forbidden(why) => DiscoveryError::Refused(why),
             e @ (WireError::BadFrame(_)
             | WireError::UnsupportedVersion(_)
-            | WireError::QuotaExceeded { .. }) => DiscoveryError::Protocol(e.to_string()),
+            | WireError::QuotaExceeded { .. }
+            | WireError::MailQuota { .. }) => DiscoveryError::Protocol(e.to_string()),
         }
     }
 }

@@ -125,13 +125,18 @@ impl MailboxStore {
 impl From<WireError> for StoreError {
     fn from(e: WireError) -> Self {
         match e {
-            WireError::QuotaExceeded {
+            WireError::MailQuota {
                 recipient,
                 limit,
                 quota,
             } => StoreError::QuotaExceeded {
                 recipient,
                 limit: limit.into(),
+                quota,
+            },
+            WireError::QuotaExceeded { recipient, quota } => StoreError::QuotaExceeded {
+                recipient,
+                limit: crate::store::Quota::MailboxMessages,
                 quota,
             },
             WireError::Forbidden(what) => StoreError::Forbidden(what),

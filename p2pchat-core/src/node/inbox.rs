@@ -410,6 +410,11 @@ impl Inbox {
             .collect()
     }
 
+    /// Whether any message from `from` is held.
+    pub(crate) fn holds_from(&self, from: &str) -> bool {
+        self.state().held.values().any(|e| *e.from == *from)
+    }
+
     /// Forgets `from`'s held messages (the user blocked them). Their ids stay in the dedup
     /// window: they are not taken again.
     pub(crate) fn discard_held(&self, from: &str) -> Result<(), DbError> {

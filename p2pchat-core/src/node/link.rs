@@ -1353,13 +1353,17 @@ async fn read_loop(core: Arc<Core>, conn: u64, pair: PairKey, hold: bool, mut re
         shared.inbox.wait_for_room().await;
         // Messages left over by the sender's rate (below) are taken first, without waiting
         // for the peer to send more.
+        // Nothing more is read while a round's worth waits: the socket backs up and TCP flow
+        // control holds the sender (memory stays bounded whatever the peer sends).
         let first = if messages.is_empty() {
             Some(tokio::select! {
                 _ = halt.cancelled() => return,
                 next = reader.next() => next,
             })
-        } else {
+        } else if messages.len() < READ_BATCH {
             reader.next().now_or_never()
+        } else {
+            None
         };
         let mut end = match first {
             None => None,
@@ -1370,7 +1374,7 @@ async fn read_loop(core: Arc<Core>, conn: u64, pair: PairKey, hold: bool, mut re
                 None
             }
         };
-        while end.is_none() && batch.len() < READ_BATCH {
+        while end.is_none() && batch.len() + messages.len() < READ_BATCH {
             match reader.next().now_or_never() {
                 Some(Some(Ok(frame))) => batch.push(frame),
                 Some(Some(Err(e))) => end = Some(format!("bad frame: {}", chain(&e))),
@@ -1432,9 +1436,8 @@ async fn read_loop(core: Arc<Core>, conn: u64, pair: PairKey, hold: bool, mut re
         batch.clear();
         let mut ack = Vec::new();
         if !messages.is_empty() {
-            // Past the sender's rate this waits, and so does reading from it: the
-            // connection's flow control slows the sender down. What the rate does not let
-            // in now stays for the next round.
+            // Past the sender's rate this waits, and so does reading from it (see above).
+            // What the rate does not let in now stays for the next round.
             let take = shared.throttle(peer, messages.len()).await;
             let received = shared
                 .receive_batch(&pair, peer, messages.drain(..take), false, hold)

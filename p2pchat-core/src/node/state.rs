@@ -91,14 +91,12 @@ impl PeerState {
                 pins,
                 operator,
                 announcements,
-            } => PeersFile::from_parts(
-                blocked,
-                muted,
-                pins,
-                operator,
-                announcements,
-                BTreeSet::new(),
-            ),
+            } => {
+                // Written before contacts existed: everyone with a pinned key has talked
+                // with this node, and was let through then.
+                let contacts = pins.keys().cloned().collect();
+                PeersFile::from_parts(blocked, muted, pins, operator, announcements, contacts)
+            }
             PeersRecord::V2 {
                 blocked,
                 muted,
@@ -152,12 +150,13 @@ impl PeerState {
         self.file.contacts.contains(user)
     }
 
-    /// Makes `user` a contact (saved only when they were not one).
-    pub(crate) fn add_contact(&mut self, user: &str) -> Result<(), DbError> {
-        if self.file.contacts.insert(user.to_owned()) {
+    /// Makes `user` a contact (saved only when they were not one): whether they are new.
+    pub(crate) fn add_contact(&mut self, user: &str) -> Result<bool, DbError> {
+        let new = self.file.contacts.insert(user.to_owned());
+        if new {
             self.save()?;
         }
-        Ok(())
+        Ok(new)
     }
 
     /// The contacts, in name order.

@@ -439,7 +439,7 @@ pub enum Push {
 // a larger `Push` is memory every idle session pays (40 bytes more was 1.3 KiB each).
 const _: () = assert!(std::mem::size_of::<Push>() <= 32);
 
-/// Which mail quota a [`WireError::QuotaExceeded`] names (the store's `Quota`).
+/// Which mail quota a [`WireError::MailQuota`] names (the store's `Quota`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub enum WireQuota {
@@ -509,9 +509,23 @@ pub enum WireError {
     /// The server is shutting down.
     #[error("the server is shutting down")]
     ShuttingDown,
-    /// Storing the message would pass one of the server's mail quotas: nothing was stored.
-    #[error("{} quota reached for mail to {recipient} (limit {quota})", limit.name())]
+    /// The recipient's mailbox is full (what servers before [`WireError::MailQuota`] sent;
+    /// kept, with its encoding, so that old and new peers still understand each other).
+    #[error("{recipient}'s mailbox is full ({quota} messages waiting)")]
     QuotaExceeded {
+        /// Whose mailbox.
+        recipient: String,
+        /// The quota.
+        quota: u64,
+    },
+    /// The session may not do this (another user's mailbox, a deposit in someone else's
+    /// name, an announcement not signed by the operator).
+    #[error("not allowed: {0}")]
+    Forbidden(String),
+    /// Storing the message would pass one of the server's mail quotas, named: nothing was
+    /// stored. (Appended last, so the earlier variants keep their encoding.)
+    #[error("{} quota reached for mail to {recipient} (limit {quota})", limit.name())]
+    MailQuota {
         /// Whose mailbox the message was for.
         recipient: String,
         /// Which limit.
@@ -519,10 +533,6 @@ pub enum WireError {
         /// The limit's value.
         quota: u64,
     },
-    /// The session may not do this (another user's mailbox, a deposit in someone else's
-    /// name, an announcement not signed by the operator).
-    #[error("not allowed: {0}")]
-    Forbidden(String),
 }
 
 #[cfg(test)]

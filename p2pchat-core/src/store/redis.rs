@@ -19,8 +19,9 @@
 //! - `{prefix}:mbox-usage`: hash of what is waiting, for the [`Quotas`]: messages (`…m`)
 //!   and bytes (`…b`) per recipient (`to\n{user}\n`), sender (`from\n{user}\n`) and pair
 //!   (`pair\n{from}\n{to}\n`), and the store's bytes (`total\nb`); charged by `put`,
-//!   uncharged by `ack` and the sweep, each field deleted when it reaches zero. Mail stored
-//!   before this hash existed is not in it (it never goes below zero).
+//!   uncharged by `ack` and the sweep, each field deleted when it reaches zero. Entries
+//!   charged there carry the field `q`; mail stored before the hash existed has none, is
+//!   not counted, and is not uncharged when it leaves (so it cannot cancel newer charges).
 //! - `{prefix}:mail:{user}`: the pub/sub channel on which every `put` for `user` publishes
 //!   (the message id), feeding [`subscribe`](OfflineStore::subscribe).
 //!
@@ -142,12 +143,13 @@ local function charge(u, from, to, size, sign)
   if redis.call('HINCRBY', u, 'total\\nb', sign * size) <= 0 then redis.call('HDEL', u, 'total\\nb') end
 end
 local function uncharge_entry(u, fields)
-  local from, to, token = nil, nil, nil
+  local from, to, token, charged = nil, nil, nil, false
   for j = 1, #fields - 1, 2 do
     local k, v = fields[j], fields[j + 1]
-    if k == 'from' then from = v elseif k == 'to' then to = v elseif k == 'token' then token = v end
+    if k == 'from' then from = v elseif k == 'to' then to = v elseif k == 'token' then token = v
+    elseif k == 'q' then charged = true end
   end
-  if from and to and token then
+  if charged and from and to and token then
     charge(u, from, to, #token + #from + #to + OVERHEAD, -1)
   end
 end
@@ -185,7 +187,7 @@ for k, c in ipairs(checks) do
   if c[1] + c[2] > tonumber(ARGV[9 + k]) then return 1 + k end
 end
 local entry = redis.call('XADD', KEYS[1], '*', 'id', ARGV[1], 'from', ARGV[2], 'to', ARGV[3],
-  'token', ARGV[4], 'exp', ARGV[5], 'exp_ns', ARGV[6])
+  'token', ARGV[4], 'exp', ARGV[5], 'exp_ns', ARGV[6], 'q', '1')
 redis.call('HSET', KEYS[2], field, entry)
 redis.call('ZADD', KEYS[3], ARGV[5], ARGV[8])
 charge(KEYS[4], ARGV[2], ARGV[3], size, 1)

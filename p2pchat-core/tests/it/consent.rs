@@ -99,7 +99,19 @@ async fn a_strangers_live_messages_wait_as_a_request_until_accepted() {
     assert!(bob.requests().is_empty());
     carol.send("bob", "thanks").await.expect("send");
     assert_eq!(receive_n(&mut bob_events, 1).await[0].0, "thanks");
-    for node in [alice, bob, carol] {
+
+    // Writing back to a stranger accepts them: what they sent is shown.
+    let dave = world.tcp_node("dave").await;
+    dave.send("bob", "hey, dave here").await.expect("send");
+    wait_for(
+        &mut bob_events,
+        |e| matches!(e, Event::MessageRequest { from } if from == "dave"),
+    )
+    .await;
+    bob.send("dave", "hi dave").await.expect("send");
+    assert_eq!(receive_n(&mut bob_events, 1).await[0].0, "hey, dave here");
+    assert!(bob.requests().is_empty());
+    for node in [alice, bob, carol, dave] {
         node.shutdown().await.expect("shutdown");
     }
 }

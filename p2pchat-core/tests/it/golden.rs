@@ -457,10 +457,18 @@ fn every_server_frame_reply_push_and_error_kind_has_these_bytes() {
             "QuotaExceeded",
             error(WireError::QuotaExceeded {
                 recipient: "bob".into(),
+                quota: 1000,
+            }),
+            "0000000901040903626f62e807",
+        ),
+        (
+            "MailQuota",
+            error(WireError::MailQuota {
+                recipient: "bob".into(),
                 limit: WireQuota::PairMessages,
                 quota: 1000,
             }),
-            "0000000a01040903626f6204e807",
+            "0000000a01040b03626f6204e807",
         ),
         (
             "Forbidden",

@@ -248,8 +248,10 @@ fn wire_error() -> impl Strategy<Value = WireError> {
         text(60).prop_map(WireError::UnsupportedVersion),
         text(60).prop_map(WireError::Backend),
         Just(WireError::ShuttingDown),
+        (text(40), any::<u64>())
+            .prop_map(|(recipient, quota)| WireError::QuotaExceeded { recipient, quota }),
         (text(40), wire_quota(), any::<u64>()).prop_map(|(recipient, limit, quota)| {
-            WireError::QuotaExceeded {
+            WireError::MailQuota {
                 recipient,
                 limit,
                 quota,

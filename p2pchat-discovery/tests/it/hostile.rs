@@ -527,7 +527,7 @@ async fn a_deposit_batch_over_the_quota_stores_up_to_it_and_refuses_the_rest() {
     assert!(
         outcomes[QUOTA..].iter().all(|o| matches!(
             o,
-            DepositOutcome::Refused(WireError::QuotaExceeded { quota, .. }) if *quota == QUOTA as u64
+            DepositOutcome::Refused(WireError::MailQuota { quota, .. }) if *quota == QUOTA as u64
         )),
         "{outcomes:?}"
     );
