@@ -831,10 +831,13 @@ impl Core {
                 .unwrap_or_else(|| Err(StoreError::unavailable("the store gave no answer")))
             {
                 Ok(()) => stored.push(id),
-                Err(e @ StoreError::Unavailable(_)) => retry.push((id, e)),
-                // Anything else is final, a quota refusal too: the sender is told which
-                // limit (`Failed` with the sentence) instead of the message waiting forever
-                // on a mailbox someone may keep full.
+                // A quota refusal is not final: the message waits in our outbox (on our
+                // disk, not the server's), the sender is told which limit (`Queued` with
+                // the sentence), and it goes when the recipient has drained or comes
+                // online, or expires. Nothing is lost to a full mailbox.
+                Err(e @ (StoreError::Unavailable(_) | StoreError::QuotaExceeded { .. })) => {
+                    retry.push((id, e))
+                }
                 Err(e) => refused.push((id, e)),
             }
         }

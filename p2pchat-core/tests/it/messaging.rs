@@ -152,11 +152,11 @@ async fn message_to_an_offline_user_is_stored_and_shown_marked_offline_when_they
     bob.shutdown().await.expect("shutdown");
 }
 
-/// A message the offline store refuses under one of its quotas is `SendFailed` at once, with
-/// the sentence naming the limit: not retried forever against a mailbox someone keeps full.
-/// The messages before it were stored and reach bob when he returns.
+/// A message the offline store refuses under one of its quotas is not lost: it waits in the
+/// sender's outbox, reported `Queued` with the sentence naming the limit, and reaches bob
+/// when he comes back, after the two the store took, each shown once.
 #[tokio::test]
-async fn a_message_over_a_store_quota_fails_with_a_sentence_naming_it() {
+async fn a_message_over_a_store_quota_waits_with_a_sentence_naming_it() {
     let mut world = World::new();
     let mut quotas = Quotas::default();
     quotas.pair_messages = 2;
@@ -168,38 +168,47 @@ async fn a_message_over_a_store_quota_fails_with_a_sentence_naming_it() {
     bob.shutdown().await.expect("bob leaves");
     let alice = world.tcp_node("alice").await;
     let mut alice_events = alice.events();
-    let mut outcomes = Vec::new();
-    for text in ["one", "two", "three"] {
-        let id = alice.send("bob", text).await.expect("send");
-        outcomes.push((id, wait_for(&mut alice_events, outcome).await));
+    for text in ["one", "two"] {
+        alice.send("bob", text).await.expect("send");
+        assert!(matches!(
+            wait_for(&mut alice_events, outcome).await,
+            Event::StoredOffline { .. }
+        ));
     }
-    assert!(
-        matches!(outcomes[0].1, Event::StoredOffline { .. }),
-        "{outcomes:?}"
-    );
-    assert!(
-        matches!(outcomes[1].1, Event::StoredOffline { .. }),
-        "{outcomes:?}"
-    );
-    match &outcomes[2].1 {
-        Event::SendFailed { id, to, reason } => {
-            assert_eq!((id, to.as_str()), (&outcomes[2].0, "bob"));
+    let third = alice.send("bob", "three").await.expect("send");
+    match wait_for(&mut alice_events, |e| {
+        matches!(e, Event::Queued { retry: Some(_), .. })
+    })
+    .await
+    {
+        Event::Queued { id, retry, .. } => {
+            assert_eq!(id, third);
+            let reason = retry.unwrap_or_default();
             assert!(
                 reason.contains("you already have 2 messages waiting for bob"),
                 "{reason}"
             );
         }
-        other => panic!("expected SendFailed, got {other:?}"),
+        other => panic!("{other:?}"),
     }
     let bob = world
         .node_with("bob", bob_identity, None, TcpTransport::new())
         .await;
     let mut bob_events = bob.events();
-    let got = receive_n(&mut bob_events, 2).await;
+    let mut got = receive_n(&mut bob_events, 3).await;
+    got.sort();
     assert_eq!(
-        got,
-        vec![("one".to_owned(), true), ("two".to_owned(), true)]
+        got.iter().map(|(t, _)| t.as_str()).collect::<Vec<_>>(),
+        ["one", "three", "two"]
     );
+    let outcome = wait_for(&mut alice_events, |e| {
+        matches!(e, Event::Delivered { id, .. } | Event::StoredOffline { id, .. } if *id == third)
+    })
+    .await;
+    assert!(matches!(
+        outcome,
+        Event::Delivered { .. } | Event::StoredOffline { .. }
+    ));
     alice.shutdown().await.expect("shutdown");
     bob.shutdown().await.expect("shutdown");
 }
