@@ -205,8 +205,9 @@ fn bob() -> &'static Identity {
 /// Checks: no panic, no hang; the handshake never succeeds (the hostile side cannot sign
 /// over our fresh nonce); what our side wrote is well-formed frames, and reveals no more
 /// than it should: a listener that refuses shows neither its `Hello` nor an `Auth`, a
-/// listener that admits sends its `Hello` and `Auth` together or nothing of them, and a
-/// dialer never sends its `Auth`.
+/// listener that admits sends its `Hello` and `Auth` together or nothing of them, a
+/// listener answers a reachability `Probe` with `ProbeOk` alone, and a dialer never sends
+/// its `Auth`.
 pub fn handshake(data: &[u8]) {
     let Some((&mode, hostile)) = data.split_first() else {
         return;
@@ -276,12 +277,15 @@ pub fn handshake(data: &[u8]) {
             PeerFrame::Hello(_) => "hello",
             PeerFrame::Auth { .. } => "auth",
             PeerFrame::Error { .. } => "error",
+            PeerFrame::ProbeOk { .. } => "probe-ok",
             _ => "other",
         })
         .collect();
+    // A listener answers a reachability probe (a `Probe` as the first frame) whoever sends
+    // it, and closes: that is not a handshake.
     let allowed: &[&[&str]] = match mode % 3 {
-        0 => &[&[], &["error"], &["hello", "auth"]],
-        1 => &[&[], &["error"]],
+        0 => &[&[], &["error"], &["hello", "auth"], &["probe-ok"]],
+        1 => &[&[], &["error"], &["probe-ok"]],
         _ => &[&["hello"], &["hello", "error"]],
     };
     assert!(
