@@ -235,6 +235,20 @@ impl Quotas {
         }
     }
 
+    /// Every limit with its value, in the order [`Quotas::admit`] checks them (and the
+    /// Redis store's put script, which takes them in this order).
+    pub fn in_order(&self) -> [(Quota, u64); 7] {
+        [
+            (Quota::MailboxMessages, self.mailbox_messages),
+            (Quota::MailboxBytes, self.mailbox_bytes),
+            (Quota::PairMessages, self.pair_messages),
+            (Quota::PairBytes, self.pair_bytes),
+            (Quota::SenderMessages, self.sender_messages),
+            (Quota::SenderBytes, self.sender_bytes),
+            (Quota::TotalBytes, self.total_bytes),
+        ]
+    }
+
     /// Whether `message` may join what is waiting: `mailbox` for its recipient, `sender`
     /// for its sender, `pair` for the two, `total` in the store. The first limit it would
     /// pass is the refusal.
@@ -247,44 +261,20 @@ impl Quotas {
         total: Usage,
     ) -> Result<(), StoreError> {
         let bytes = message.charged_bytes();
-        let over = |used: u64, add: u64, limit: u64| used.saturating_add(add) > limit;
-        let checks = [
-            (
-                Quota::MailboxMessages,
-                over(mailbox.messages, 1, self.mailbox_messages),
-                self.mailbox_messages,
-            ),
-            (
-                Quota::MailboxBytes,
-                over(mailbox.bytes, bytes, self.mailbox_bytes),
-                self.mailbox_bytes,
-            ),
-            (
-                Quota::PairMessages,
-                over(pair.messages, 1, self.pair_messages),
-                self.pair_messages,
-            ),
-            (
-                Quota::PairBytes,
-                over(pair.bytes, bytes, self.pair_bytes),
-                self.pair_bytes,
-            ),
-            (
-                Quota::SenderMessages,
-                over(sender.messages, 1, self.sender_messages),
-                self.sender_messages,
-            ),
-            (
-                Quota::SenderBytes,
-                over(sender.bytes, bytes, self.sender_bytes),
-                self.sender_bytes,
-            ),
-            (
-                Quota::TotalBytes,
-                over(total.bytes, bytes, self.total_bytes),
-                self.total_bytes,
-            ),
+        let used = [
+            (mailbox.messages, 1),
+            (mailbox.bytes, bytes),
+            (pair.messages, 1),
+            (pair.bytes, bytes),
+            (sender.messages, 1),
+            (sender.bytes, bytes),
+            (total.bytes, bytes),
         ];
+        let checks = self
+            .in_order()
+            .into_iter()
+            .zip(used)
+            .map(|((limit, quota), (used, add))| (limit, used.saturating_add(add) > quota, quota));
         match checks.into_iter().find(|(_, over, _)| *over) {
             Some((limit, _, quota)) => Err(StoreError::QuotaExceeded {
                 recipient: message.to.clone(),

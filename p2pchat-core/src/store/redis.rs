@@ -158,7 +158,7 @@ end
 /// KEYS: mailbox, ids, expiry, usage. ARGV: id, from, to, token, exp ms, exp ns, (unused),
 /// expiry member, channel, then the limits in the order [`Quotas::admit`] checks them
 /// (mailbox messages, mailbox bytes, pair messages, pair bytes, sender messages, sender
-/// bytes, total bytes). 0: stored, 1: already there, 2 + k: the k-th limit refused it. An
+/// bytes, total bytes: [`Quotas::in_order`]). 0: stored, 1: already there, 2 + k: the k-th limit refused it. An
 /// entry from before mail was keyed by sender (field `{id}`) is the same message when its
 /// sender is this one. The mailbox's messages are counted by `XLEN`, so mail stored before
 /// the usage hash existed counts; the other limits count from the usage hash.
@@ -747,18 +747,6 @@ enum PutOutcome {
     Full(Quota, u64),
 }
 
-/// The limits in the order the put script checks them (that of [`Quotas::admit`]).
-type LimitOf = fn(&Quotas) -> u64;
-const ORDERED_LIMITS: [(Quota, LimitOf); 7] = [
-    (Quota::MailboxMessages, |q| q.mailbox_messages),
-    (Quota::MailboxBytes, |q| q.mailbox_bytes),
-    (Quota::PairMessages, |q| q.pair_messages),
-    (Quota::PairBytes, |q| q.pair_bytes),
-    (Quota::SenderMessages, |q| q.sender_messages),
-    (Quota::SenderBytes, |q| q.sender_bytes),
-    (Quota::TotalBytes, |q| q.total_bytes),
-];
-
 impl RedisStore {
     async fn put_once(&self, message: &StoredMessage) -> Result<PutOutcome, StoreError> {
         let keys = &self.inner.keys;
@@ -782,7 +770,7 @@ impl RedisStore {
             .arg(0)
             .arg(expiry_member(to, &message.from, &message.id))
             .arg(keys.mail_channel(to))
-            .arg(&ORDERED_LIMITS.map(|(_, limit)| limit(&self.inner.quotas)))
+            .arg(&self.inner.quotas.in_order().map(|(_, limit)| limit))
             .invoke_async(&mut self.inner.conn())
             .await
             .map_err(unavailable)?;
@@ -792,9 +780,9 @@ impl RedisStore {
             k => {
                 let (limit, quota) = usize::try_from(k - 2)
                     .ok()
-                    .and_then(|k| ORDERED_LIMITS.get(k))
+                    .and_then(|k| self.inner.quotas.in_order().get(k).copied())
                     .ok_or_else(|| StoreError::corrupt(format!("a put script answered {k}")))?;
-                PutOutcome::Full(*limit, quota(&self.inner.quotas))
+                PutOutcome::Full(limit, quota)
             }
         })
     }
