@@ -171,6 +171,16 @@ impl Client {
         self.expect_line(|l| l == line).await;
     }
 
+    /// Waits until every one of `lines` has been printed, in any order (for lines that come
+    /// from independent sources, such as a mailbox drain and a request notice).
+    pub async fn expect_all(&mut self, lines: &[&str]) {
+        let mut missing: Vec<String> = lines.iter().map(|l| (*l).to_owned()).collect();
+        while !missing.is_empty() {
+            let got = self.expect_line(|l| missing.iter().any(|m| m == l)).await;
+            missing.retain(|m| *m != got);
+        }
+    }
+
     /// Closes stdin (end of input) and waits for a clean exit; returns everything printed.
     pub async fn quit_by_eof(mut self) -> Vec<String> {
         drop(self.stdin.take());
