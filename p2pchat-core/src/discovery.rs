@@ -112,6 +112,12 @@ pub enum DiscoveryEvent {
     /// An operator announcement, as received: the node checks it against the operator key
     /// it pinned before showing it.
     Announcement(Box<Announcement>),
+    /// The connection to the directory was lost; the session reconnects by itself
+    /// ([`DiscoveryEvent::Reconnected`] when it is back).
+    Lost {
+        /// What broke, as a sentence.
+        reason: String,
+    },
     /// The session was lost and is back (registered again): calls that failed meanwhile
     /// are worth trying again now.
     Reconnected,

@@ -120,6 +120,22 @@ pub enum Event {
         /// What happened, as a sentence.
         message: String,
     },
+    /// The connection to the discovery server was lost. The node keeps its peer connections
+    /// and reconnects by itself; lookups, and the server mailbox, wait until then.
+    DirectoryLost {
+        /// What broke, as a sentence.
+        reason: String,
+    },
+    /// The connection to the discovery server is back (registered again) after
+    /// [`Event::DirectoryLost`].
+    DirectoryBack,
+    /// The directory ended this node's session for good: the same user registered again
+    /// elsewhere with the same key, or the server no longer accepts the registration. The
+    /// node is no longer listed and will not reconnect; an interactive client should stop.
+    DirectoryEnded {
+        /// Why, as a sentence.
+        reason: String,
+    },
     /// Whether peers can dial this node directly, as the directory found when the node
     /// registered (again after every reconnection). When they cannot, peers reach it by
     /// connect-back or through the directory's relay.

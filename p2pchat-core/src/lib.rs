@@ -97,8 +97,8 @@ pub use event::Event;
 pub use identity::{Fingerprint, Identity, PublicKey};
 #[cfg(feature = "node")]
 pub use node::{
-    ChatNode, ChatNodeBuilder, Confirm, DbError, Durability, Events, MessageRequest, NodeError,
-    OutboxEntry, OutboxState, PeerPath, SpawnError,
+    ChatNode, ChatNodeBuilder, Confirm, DbError, Durability, Events, HistoryEntry, MessageRequest,
+    NodeError, OutboxEntry, OutboxState, PeerPath, SafetyCodes, SpawnError,
 };
 pub use protocol::MessageId;
 #[cfg(feature = "redis")]

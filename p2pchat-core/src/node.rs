@@ -18,6 +18,7 @@ mod builder;
 pub(crate) mod db;
 mod events;
 pub(crate) mod handshake;
+mod history;
 mod inbox;
 mod link;
 pub(crate) mod outbox;
@@ -41,6 +42,7 @@ pub use db::{DbError, Durability};
 pub(crate) use events::EventHub;
 pub use events::Events;
 use events::Subscription;
+pub use history::{HISTORY_PER_PEER, HistoryEntry};
 pub(crate) use inbox::InboxStream;
 pub use inbox::{Confirm, DEDUP_WINDOW, MAX_UNCONFIRMED};
 pub use link::{CONNECT_BACK_TIMEOUT, LINK_QUEUE_CAPACITY, MAX_IN_FLIGHT};
@@ -231,6 +233,24 @@ pub enum NodeError {
     NotCancellable(MessageId),
 }
 
+/// A user's safety codes, from [`ChatNode::safety_codes`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct SafetyCodes {
+    /// The code of the key pinned for the user (the one messages go to).
+    pub pinned: Option<Fingerprint>,
+    /// The code of the key the directory has for the name now.
+    pub current: Fingerprint,
+}
+
+impl SafetyCodes {
+    /// Whether the user presents another key than the pinned one (trust it with
+    /// [`ChatNode::trust`] after comparing [`SafetyCodes::current`]).
+    pub fn changed(&self) -> bool {
+        self.pinned.is_some_and(|pinned| pinned != self.current)
+    }
+}
+
 /// Message requests from one sender, waiting in contacts-only mode (see
 /// [`ChatNode::requests`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -272,6 +292,8 @@ pub(crate) struct Shared {
     pub(crate) peers: Mutex<PeerState>,
     pub(crate) db: Arc<Db>,
     pub(crate) inbox: Arc<Inbox>,
+    /// The conversation history, when kept.
+    pub(crate) history: Option<Arc<history::History>>,
     /// The sequence numbers of our messages (and their order in the outbox).
     pub(crate) seq: Mutex<SeqClock>,
     /// Messages in the outbox now.
@@ -935,14 +957,20 @@ impl ChatNode {
                 queued_at_ms: now,
                 expires_at_ms,
             };
+            let mut recorded = None;
             let written = shared.db.write_with(|batch| {
                 batch.put_record(Table::Outbox, id.as_bytes(), &record);
                 if let Some(reserved) = reserve {
                     batch.put(Table::Meta, records::SEQ_KEY, &reserved.to_be_bytes());
                 }
+                if let Some(history) = &shared.history {
+                    recorded = Some(history.record(batch, to, id, true, text, now));
+                }
             });
             if written.is_err() {
                 clock.undo(seq, reserve);
+            } else if let (Some(history), Some(recorded)) = (&shared.history, recorded) {
+                history.keep([recorded]);
             }
             (seq, written?)
         };
@@ -963,6 +991,24 @@ impl ChatNode {
         })
         .await;
         Ok(id)
+    }
+
+    /// The last `limit` messages of the conversation with `peer`, oldest first: what this
+    /// node sent them and what it showed from them. Empty unless the node keeps history
+    /// ([`ChatNodeBuilder::history`]).
+    pub fn history(&self, peer: &str, limit: usize) -> Vec<HistoryEntry> {
+        self.shared
+            .history
+            .as_ref()
+            .map_or_else(Vec::new, |h| h.with(peer, limit))
+    }
+
+    /// The peers this node has history with, in name order.
+    pub fn history_peers(&self) -> Vec<String> {
+        self.shared
+            .history
+            .as_ref()
+            .map_or_else(Vec::new, |h| h.peers())
     }
 
     /// The messages waiting in the outbox, to every peer, oldest first per peer.
@@ -1124,6 +1170,28 @@ impl ChatNode {
         self.shared.peer_state().is_muted(user)
     }
 
+    /// The users muted now, with the time each mute has left, in name order.
+    pub fn muted(&self) -> Vec<(String, Duration)> {
+        self.shared.peer_state().muted()
+    }
+
+    /// Whether `user` is a name this node can reach: pinned, a contact, or registered with
+    /// the directory now. Asks the directory only for a name it does not know.
+    pub async fn user_exists(&self, user: &str) -> Result<bool, NodeError> {
+        validate_username(user)?;
+        {
+            let peers = self.shared.peer_state();
+            if peers.pin(user).is_some() || peers.is_contact(user) {
+                return Ok(true);
+            }
+        }
+        match self.shared.lookup(user).await {
+            Ok(_) => Ok(true),
+            Err(NodeError::UnknownUser(_)) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Online users, all pages.
     pub async fn peers(&self) -> Result<Vec<PeerRecord>, NodeError> {
         let session = self.shared.session()?;
@@ -1151,6 +1219,27 @@ impl ChatNode {
         }
         let (record, _) = self.shared.resolve(user).await?;
         Ok(record.public_key.fingerprint())
+    }
+
+    /// Both safety codes of `user`: the one of the key pinned for them (if any) and the
+    /// one of the key the directory has for the name now. They differ after a key change
+    /// ([`Event::KeyChanged`]): compare [`SafetyCodes::current`] with the user out of band,
+    /// then [`ChatNode::trust`] it. Pins on first sight, as a send would.
+    pub async fn safety_codes(&self, user: &str) -> Result<SafetyCodes, NodeError> {
+        validate_username(user)?;
+        if user == self.username() {
+            let own = self.public_key().fingerprint();
+            return Ok(SafetyCodes {
+                pinned: Some(own.clone()),
+                current: own,
+            });
+        }
+        let (record, changed) = self.shared.resolve(user).await?;
+        let current = record.public_key.fingerprint();
+        Ok(SafetyCodes {
+            pinned: Some(changed.map_or_else(|| current.clone(), |old| old.fingerprint())),
+            current,
+        })
     }
 
     /// The key pinned for `user` (trusted on first contact, or by [`ChatNode::trust`]), if

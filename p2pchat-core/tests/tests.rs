@@ -11,6 +11,7 @@ mod it {
     pub mod files;
     pub mod fuzz_regressions;
     pub mod golden;
+    pub mod history;
     pub mod hostile;
     pub mod layers;
     pub mod messaging;

@@ -600,6 +600,9 @@ impl SessionTask {
                 Ended::Finished => break,
                 Ended::Lost(reason) => {
                     tracing::info!(server = %self.client.addr, reason = %chain(&reason), "lost the discovery server; reconnecting");
+                    let _ = self.events.try_send(DiscoveryEvent::Lost {
+                        reason: chain(&reason).to_string(),
+                    });
                     for p in self.pending.drain(..) {
                         if let Some(reply) = p.reply {
                             let _ = reply.send(Err(Failure::Session(

@@ -142,16 +142,20 @@ impl Actor {
                 self.shared.emit(Event::PeerOffline { username });
             }
             DiscoveryEvent::Announcement(announcement) => self.on_announcement(&announcement),
+            DiscoveryEvent::Lost { reason } => {
+                self.shared.emit(Event::DirectoryLost { reason });
+            }
             DiscoveryEvent::Reconnected => {
+                self.shared.emit(Event::DirectoryBack);
                 // Lookups and the store were unreachable meanwhile: what waits for a retry
                 // goes now, not at the end of its backoff.
                 for link in self.shared.all_links() {
                     link.retry_now();
                 }
             }
-            DiscoveryEvent::SessionEnded { reason } => self.shared.emit(Event::Error {
-                message: format!("lost the directory: {reason}"),
-            }),
+            DiscoveryEvent::SessionEnded { reason } => {
+                self.shared.emit(Event::DirectoryEnded { reason });
+            }
             DiscoveryEvent::Reachability { dialable } => {
                 if self.shared.set_dialable(dialable) != Some(dialable) {
                     tracing::info!(dialable, "reachability");

@@ -18,6 +18,7 @@ use std::sync::atomic::AtomicUsize;
 use super::EventHub;
 use super::actor::{ACTOR_QUEUE_CAPACITY, Actor};
 use super::db::{Db, Durability, Table};
+use super::history::History;
 use super::inbox::{Confirm, Inbox};
 use super::link::Outgoing;
 use super::records::{self, OutboxRecord, PEERS_KEY};
@@ -54,6 +55,7 @@ pub struct ChatNodeBuilder {
     durability: Durability,
     confirm: Confirm,
     contacts_only: bool,
+    history: Option<Duration>,
     messages_per_second_per_sender: u32,
     message_burst_per_sender: Option<u32>,
     announcements: Option<BoxStream<'static, String>>,
@@ -190,6 +192,18 @@ impl ChatNodeBuilder {
         self
     }
 
+    /// Keeps the conversation history ([`crate::ChatNode::history`]) in the node database
+    /// for `retention`: what this node sent and what it showed, up to
+    /// [`crate::node::HISTORY_PER_PEER`] entries per peer. The text is stored as sent, in the
+    /// data directory (0700, files 0600).
+    ///
+    /// By default, no history is kept (and what an earlier run kept is deleted at start):
+    /// an application usually keeps its own.
+    pub fn history(mut self, retention: Duration) -> Self {
+        self.history = (!retention.is_zero()).then_some(retention);
+        self
+    }
+
     /// When a received message counts as taken by the application and leaves the inbox.
     ///
     /// By default, [`Confirm::OnRead`]: when an [`crate::Events`] stream hands it out.
@@ -308,9 +322,11 @@ impl ChatNodeBuilder {
         };
         let meta = snapshot.take(Table::Meta);
         let mut peers = PeerState::load(db.clone(), meta.get(PEERS_KEY).map(Vec::as_slice))?;
+        let history = History::load(&db, self.history, snapshot.take(Table::History))?;
         let inbox = Arc::new(Inbox::load(
             db.clone(),
             config.confirm,
+            history.clone(),
             snapshot.take(Table::Inbox),
             snapshot.take(Table::Held),
             snapshot.take(Table::Seen),
@@ -385,6 +401,7 @@ impl ChatNodeBuilder {
             peers: Mutex::new(peers),
             db,
             inbox,
+            history,
             seq: Mutex::new(seq),
             outbox_len: AtomicUsize::new(pending.len()),
             links: Mutex::default(),

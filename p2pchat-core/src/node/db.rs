@@ -89,6 +89,8 @@ pub(crate) enum Table {
     Seen = 4,
     /// Small records: block/mute/pins, operator pin, announcement ids; sequence counters.
     Meta = 5,
+    /// Conversation history, when kept: key = peer, 0, sequence number.
+    History = 6,
 }
 
 impl Table {
@@ -97,7 +99,10 @@ impl Table {
     /// being compacted is dropped rather than applied ([`Changes`]). Every writer of these
     /// tables must keep to it.
     fn write_once(self) -> bool {
-        matches!(self, Table::Outbox | Table::Inbox | Table::Held)
+        matches!(
+            self,
+            Table::Outbox | Table::Inbox | Table::Held | Table::History
+        )
     }
 
     /// Whether the table's rows are packed in redb, those whose keys differ in their last
@@ -107,12 +112,13 @@ impl Table {
     }
 
     /// Every table.
-    const ALL: [Table; 5] = [
+    const ALL: [Table; 6] = [
         Table::Outbox,
         Table::Inbox,
         Table::Held,
         Table::Seen,
         Table::Meta,
+        Table::History,
     ];
 
     /// The table's redb table.
@@ -123,6 +129,7 @@ impl Table {
             Table::Held => "held",
             Table::Seen => "seen_packed",
             Table::Meta => "meta",
+            Table::History => "history",
         })
     }
 }

@@ -20,6 +20,7 @@ use std::time::{Duration, UNIX_EPOCH};
 use tokio::sync::Notify;
 
 use super::db::{Db, DbError, Table};
+use super::history::{History, Pending};
 use super::records::{self, InboxRecord, InboxRecordRef, SeenRecord};
 use crate::error::chain;
 use crate::event::Event;
@@ -173,6 +174,8 @@ struct State {
 pub(crate) struct Inbox {
     db: Arc<Db>,
     confirm: Confirm,
+    /// Where shown messages are recorded, when history is kept.
+    history: Option<Arc<History>>,
     state: Mutex<State>,
     room: Notify,
     /// Bumped (under the state lock) whenever messages join the inbox, and whenever the
@@ -192,6 +195,7 @@ impl Inbox {
     pub(crate) fn load(
         db: Arc<Db>,
         confirm: Confirm,
+        history: Option<Arc<History>>,
         inbox: BTreeMap<Vec<u8>, Vec<u8>>,
         held: BTreeMap<Vec<u8>, Vec<u8>>,
         seen: BTreeMap<Vec<u8>, Vec<u8>>,
@@ -237,6 +241,7 @@ impl Inbox {
         Self {
             db,
             confirm,
+            history,
             state: Mutex::new(state),
             room: Notify::new(),
             added: AtomicU64::new(0),
@@ -295,6 +300,7 @@ impl Inbox {
                 Some(window) => window,
                 None => windows.entry(from.to_owned()).or_default(),
             };
+            let mut recorded: Vec<Pending> = Vec::new();
             let written = self.db.write_with(|batch| {
                 for message in messages {
                     if message.seq < window.floor {
@@ -350,6 +356,18 @@ impl Inbox {
                             offline,
                         },
                     );
+                    if keep == Keep::Show
+                        && let Some(history) = &self.history
+                    {
+                        recorded.push(history.record(
+                            batch,
+                            from,
+                            message.id,
+                            false,
+                            &message.body,
+                            message.sent_at_ms,
+                        ));
+                    }
                     let entry = Entry {
                         from: sender.clone(),
                         id: message.id,
@@ -371,6 +389,9 @@ impl Inbox {
                 return Ok(());
             }
             let written = written?;
+            if let Some(history) = &self.history {
+                history.keep(recorded);
+            }
             if added {
                 state.wake_pending = true;
                 self.added.fetch_add(1, Ordering::Release);
@@ -460,12 +481,28 @@ impl Inbox {
             state.next_seq += 1;
             moved.push((old, seq, entry));
         }
+        let mut recorded = Vec::new();
         let written = self.db.write_with(|batch| {
             for (old, seq, entry) in &moved {
                 batch.delete(Table::Held, &seq_key(*old));
                 batch.put_record(Table::Inbox, &seq_key(*seq), &entry.record());
+                if let Some(history) = &self.history {
+                    recorded.push(history.record(
+                        batch,
+                        from,
+                        entry.id,
+                        false,
+                        &entry.text,
+                        entry.sent_at_ms,
+                    ));
+                }
             }
         });
+        if written.is_ok()
+            && let Some(history) = &self.history
+        {
+            history.keep(recorded);
+        }
         if let Err(e) = written {
             // Still held, as before.
             for (old, _, entry) in moved {
@@ -649,6 +686,7 @@ mod tests {
         let inbox = Arc::new(Inbox::load(
             db,
             Confirm::OnRead,
+            None,
             BTreeMap::new(),
             BTreeMap::new(),
             BTreeMap::new(),

@@ -34,6 +34,31 @@ pub(crate) enum InboxRecord {
     },
 }
 
+/// One message of a conversation (table `History`, key: the peer, 0, a sequence number,
+/// big-endian).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) enum HistoryRecord {
+    V1 {
+        peer: String,
+        id: [u8; 16],
+        outgoing: bool,
+        text: String,
+        sent_at_ms: u64,
+    },
+}
+
+/// [`HistoryRecord`] encoded from borrowed fields: the same bytes (tested).
+#[derive(Debug, Serialize)]
+pub(crate) enum HistoryRecordRef<'a> {
+    V1 {
+        peer: &'a str,
+        id: [u8; 16],
+        outgoing: bool,
+        text: &'a str,
+        sent_at_ms: u64,
+    },
+}
+
 /// One id received from a sender (table `Seen`, key: [`seen_key`]). A sender's ids are kept
 /// in a ring of [`crate::node::DEDUP_WINDOW`] slots: the `n`-th id received from a sender
 /// goes to slot `n % DEDUP_WINDOW`, so recording an id overwrites the one it pushes out of
@@ -205,6 +230,26 @@ mod tests {
 
     #[test]
     fn borrowed_records_encode_as_the_owned_ones() {
+        let history = HistoryRecordRef::V1 {
+            peer: "bob",
+            id: [3; 16],
+            outgoing: true,
+            text: "hi",
+            sent_at_ms: 9,
+        };
+        let owned = HistoryRecord::V1 {
+            peer: "bob".into(),
+            id: [3; 16],
+            outgoing: true,
+            text: "hi".into(),
+            sent_at_ms: 9,
+        };
+        assert_eq!(encode(&history), encode(&owned));
+        let mut golden = vec![0, 3, b'b', b'o', b'b'];
+        golden.extend([3; 16]);
+        golden.extend([1, 2, b'h', b'i', 9]);
+        assert_eq!(encode(&owned), golden);
+        assert_eq!(decode::<HistoryRecord>(&golden), Some(owned));
         let outbox = OutboxRecordRef::V1 {
             seq: 1,
             to: "bob",

@@ -164,6 +164,19 @@ impl PeerState {
         self.file.contacts.iter().cloned().collect()
     }
 
+    /// The users muted now and how long each mute has left, in name order.
+    pub(crate) fn muted(&self) -> Vec<(String, Duration)> {
+        let now = Instant::now();
+        let mut muted: Vec<(String, Duration)> = self
+            .mute_until
+            .iter()
+            .filter(|&(_, &until)| until > now)
+            .map(|(user, &until)| (user.clone(), until - now))
+            .collect();
+        muted.sort();
+        muted
+    }
+
     pub(crate) fn is_muted(&self, user: &str) -> bool {
         self.mute_until
             .get(user)

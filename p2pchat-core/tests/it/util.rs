@@ -101,7 +101,7 @@ pub async fn wait_for(events: &mut Events, mut pred: impl FnMut(&Event) -> bool)
 
 /// Whether `event` says how a send went rather than a step on the way: not
 /// [`Event::Queued`] (first queued or waiting for a retry), not [`Event::Sent`] (written to a
-/// connection), not presence. For `wait_for(&mut events, outcome)` right after a `send`.
+/// connection), not presence or the directory connection. For `wait_for(&mut events, outcome)` right after a `send`.
 pub fn outcome(event: &Event) -> bool {
     !matches!(
         event,
@@ -110,6 +110,8 @@ pub fn outcome(event: &Event) -> bool {
             | Event::PeerOnline { .. }
             | Event::PeerOffline { .. }
             | Event::Reachability { .. }
+            | Event::DirectoryLost { .. }
+            | Event::DirectoryBack
     )
 }
 

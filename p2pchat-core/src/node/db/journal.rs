@@ -463,6 +463,7 @@ impl Table {
             3 => Table::Held,
             4 => Table::Seen,
             5 => Table::Meta,
+            6 => Table::History,
             _ => return None,
         })
     }
