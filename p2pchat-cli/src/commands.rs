@@ -1,6 +1,19 @@
 //! The chat commands: parsing a typed line into a [`Command`], and the help text.
+//!
+//! Every command may be typed with a leading `/` (`/msg bob hi`, `/quit`), as in IRC
+//! clients; in a conversation (`query <user>`) only those lines are commands, the others
+//! are messages.
 
 use std::time::Duration;
+
+/// The longest mute: beyond it, `block` is the tool.
+pub const MAX_MUTE: Duration = Duration::from_secs(365 * 86_400);
+
+/// How many history lines `history <user>` shows without a count.
+pub const HISTORY_LINES: usize = 20;
+
+/// The most history lines one `history` shows.
+pub const MAX_HISTORY_LINES: usize = 10_000;
 
 /// What the user can type.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -9,21 +22,27 @@ pub enum Command {
     Help,
     /// `list`
     List,
-    /// `send <user> <message>`
+    /// `send <user> <message>` (also `msg`)
     Send {
         /// Recipient.
         to: String,
         /// The rest of the line, as typed.
         text: String,
     },
+    /// `reply <message>`: to whoever wrote last.
+    Reply(String),
+    /// `query <user>` starts a conversation, `query` alone ends it.
+    Query(Option<String>),
     /// `block <user>`
     Block(String),
     /// `unblock <user>`
     Unblock(String),
-    /// `mute <user> <seconds>`
+    /// `mute <user> <duration>`
     Mute(String, Duration),
     /// `unmute <user>`
     Unmute(String),
+    /// `muted`
+    Muted,
     /// `fingerprint [user]`
     Fingerprint(Option<String>),
     /// `trust <user>`
@@ -34,7 +53,11 @@ pub enum Command {
     Accept(String),
     /// `blocked`, `blocked export <file>`, `blocked import <file>`
     Blocked(BlockList),
-    /// `quit`
+    /// `history <user> [n]`
+    History(String, usize),
+    /// `status`
+    Status,
+    /// `quit` (also `exit`)
     Quit,
     /// An empty line.
     Nothing,
@@ -51,24 +74,88 @@ pub enum BlockList {
     Import(String),
 }
 
+/// The command words, for completion (each also with a leading `/`).
+pub const WORDS: &[&str] = &[
+    "accept",
+    "block",
+    "blocked",
+    "exit",
+    "fingerprint",
+    "help",
+    "history",
+    "list",
+    "msg",
+    "mute",
+    "muted",
+    "query",
+    "quit",
+    "reply",
+    "requests",
+    "send",
+    "status",
+    "trust",
+    "unblock",
+    "unmute",
+];
+
+/// The commands whose first argument is a username, for completion.
+pub const TAKES_USER: &[&str] = &[
+    "accept",
+    "block",
+    "fingerprint",
+    "history",
+    "msg",
+    "mute",
+    "query",
+    "send",
+    "trust",
+    "unblock",
+    "unmute",
+];
+
 /// The help text, one command per line.
 pub const HELP: &str = "\
-Commands:
+Commands (each may start with '/', as in /msg bob hi):
   help                       show this list
   list                       list online users
-  send <user> <message>      send a message
+  send <user> <message>      send a message (also: msg)
+  reply <message>            answer whoever wrote to you last
+  query <user>               talk to one user: plain lines go to them ('query' alone ends it;
+                             commands then need their '/')
+  history <user> [n]         the last n messages with a user (20 without n)
   block <user>               block a user (nothing from them is shown)
   unblock <user>             unblock a user
-  mute <user> <seconds>      hide a user's messages for a while
+  blocked                    list blocked users
+  blocked export <file>      write the block list to a file, one name per line
+  blocked import <file>      block every name in a file
+  mute <user> <duration>     hide a user's messages for a while (60, 90s, 10m, 2h, 1d)
   unmute <user>              show a muted user's messages again
+  muted                      list muted users and the time left
   fingerprint [user]         show your safety code, or a user's, to compare out of band
   trust <user>               accept a user's new key after checking their safety code
   requests                   list who wrote to you without being a contact (--contacts-only)
   accept <user>              show a user's messages and let them write to you
-  blocked                    list blocked users
-  blocked export <file>      write the block list to a file, one name per line
-  blocked import <file>      block every name in a file
-  quit                       leave (Ctrl-D and Ctrl-C too)";
+  status                     the server connection, your reachability, who is online
+  quit                       leave (also: exit, Ctrl-D, Ctrl-C)";
+
+/// Parses a mute duration: plain seconds, or with a unit (`90s`, `10m`, `2h`, `1d`).
+fn duration(text: &str) -> Result<Duration, String> {
+    const USAGE: &str = "Usage: mute <user> <duration>";
+    let parsed = match text.parse::<u64>() {
+        Ok(secs) => Duration::from_secs(secs),
+        Err(_) => humantime::parse_duration(text)
+            .map_err(|_| format!("'{text}' is not a duration (60, 90s, 10m, 2h, 1d). {USAGE}"))?,
+    };
+    if parsed < Duration::from_secs(1) {
+        return Err(format!("Mute for at least a second. {USAGE}"));
+    }
+    if parsed > MAX_MUTE {
+        return Err(
+            "A mute lasts at most 365 days; to hide someone for good, 'block <user>'.".into(),
+        );
+    }
+    Ok(parsed)
+}
 
 /// Parses one typed line. Errors are sentences for the user.
 pub fn parse(line: &str) -> Result<Command, String> {
@@ -77,6 +164,7 @@ pub fn parse(line: &str) -> Result<Command, String> {
         Some((word, rest)) => (word, rest.trim_start()),
         None => (line, ""),
     };
+    let word = word.strip_prefix('/').unwrap_or(word).to_ascii_lowercase();
     let one_user = |usage: &str| -> Result<String, String> {
         let mut parts = rest.split_whitespace();
         match (parts.next(), parts.next()) {
@@ -84,31 +172,49 @@ pub fn parse(line: &str) -> Result<Command, String> {
             _ => Err(format!("Usage: {usage}")),
         }
     };
-    match word.to_ascii_lowercase().as_str() {
+    let alone = |command: Command, usage: &str| {
+        if rest.is_empty() {
+            Ok(command)
+        } else {
+            Err(format!("'{usage}' takes nothing after it. Usage: {usage}"))
+        }
+    };
+    match word.as_str() {
         "" => Ok(Command::Nothing),
-        "help" => Ok(Command::Help),
-        "list" => Ok(Command::List),
-        "quit" | "exit" => Ok(Command::Quit),
-        "send" => {
+        "help" => alone(Command::Help, "help"),
+        "list" => alone(Command::List, "list"),
+        "quit" | "exit" => alone(Command::Quit, "quit"),
+        "status" => alone(Command::Status, "status"),
+        "muted" => alone(Command::Muted, "muted"),
+        "requests" => alone(Command::Requests, "requests"),
+        "send" | "msg" => {
+            let usage = || format!("Usage: {word} <user> <message>");
             let Some((to, text)) = rest.split_once(char::is_whitespace) else {
-                return Err("Usage: send <user> <message>".into());
+                return Err(usage());
             };
             let text = text.trim_start();
             if text.is_empty() {
-                return Err("Usage: send <user> <message>".into());
+                return Err(usage());
             }
             Ok(Command::Send {
                 to: to.to_owned(),
                 text: text.to_owned(),
             })
         }
+        "reply" if rest.is_empty() => Err("Usage: reply <message>".into()),
+        "reply" => Ok(Command::Reply(rest.to_owned())),
+        "query" => {
+            let mut parts = rest.split_whitespace();
+            match (parts.next(), parts.next()) {
+                (user, None) => Ok(Command::Query(user.map(str::to_owned))),
+                _ => Err("Usage: query <user> (or 'query' alone to end the conversation)".into()),
+            }
+        }
         "block" => one_user("block <user>").map(Command::Block),
         "unblock" => one_user("unblock <user>").map(Command::Unblock),
         "unmute" => one_user("unmute <user>").map(Command::Unmute),
         "trust" => one_user("trust <user>").map(Command::Trust),
         "accept" => one_user("accept <user>").map(Command::Accept),
-        "requests" if rest.is_empty() => Ok(Command::Requests),
-        "requests" => Err("Usage: requests".into()),
         "blocked" => {
             let mut parts = rest.split_whitespace();
             match (parts.next(), parts.next(), parts.next()) {
@@ -129,18 +235,28 @@ pub fn parse(line: &str) -> Result<Command, String> {
                 _ => Err("Usage: fingerprint [user]".into()),
             }
         }
+        "history" => {
+            const USAGE: &str = "Usage: history <user> [n]";
+            let mut parts = rest.split_whitespace();
+            match (parts.next(), parts.next(), parts.next()) {
+                (Some(user), None, None) => Ok(Command::History(user.to_owned(), HISTORY_LINES)),
+                (Some(user), Some(n), None) => match n.parse::<usize>() {
+                    Ok(n) if (1..=MAX_HISTORY_LINES).contains(&n) => {
+                        Ok(Command::History(user.to_owned(), n))
+                    }
+                    _ => Err(format!(
+                        "'{n}' is not a number of lines (1 to {MAX_HISTORY_LINES}). {USAGE}"
+                    )),
+                },
+                _ => Err(USAGE.into()),
+            }
+        }
         "mute" => {
             let mut parts = rest.split_whitespace();
-            let (Some(user), Some(seconds), None) = (parts.next(), parts.next(), parts.next())
-            else {
-                return Err("Usage: mute <user> <seconds>".into());
+            let (Some(user), Some(time), None) = (parts.next(), parts.next(), parts.next()) else {
+                return Err("Usage: mute <user> <duration>".into());
             };
-            match seconds.parse::<u64>() {
-                Ok(secs) => Ok(Command::Mute(user.to_owned(), Duration::from_secs(secs))),
-                Err(_) => Err(format!(
-                    "'{seconds}' is not a number of seconds. Usage: mute <user> <seconds>"
-                )),
-            }
+            Ok(Command::Mute(user.to_owned(), duration(time)?))
         }
         other => Err(format!(
             "Unknown command '{other}'. Type 'help' for commands."
@@ -185,6 +301,10 @@ mod tests {
             parse("mute carol 60"),
             Ok(Command::Mute("carol".into(), Duration::from_secs(60)))
         );
+        assert_eq!(
+            parse("mute carol 10m"),
+            Ok(Command::Mute("carol".into(), Duration::from_secs(600)))
+        );
         assert_eq!(parse("unmute carol"), Ok(Command::Unmute("carol".into())));
         assert_eq!(parse("fingerprint"), Ok(Command::Fingerprint(None)));
         assert_eq!(
@@ -193,19 +313,54 @@ mod tests {
         );
         assert_eq!(parse("trust bob"), Ok(Command::Trust("bob".into())));
         assert_eq!(parse("quit"), Ok(Command::Quit));
+        assert_eq!(parse("exit"), Ok(Command::Quit));
         assert_eq!(parse(""), Ok(Command::Nothing));
         assert_eq!(parse("SEND bob hi").map(|_| ()), Ok(()));
+    }
+
+    #[test]
+    fn slash_forms_and_conversations() {
+        assert_eq!(
+            parse("/msg bob hi there"),
+            Ok(Command::Send {
+                to: "bob".into(),
+                text: "hi there".into()
+            })
+        );
+        assert_eq!(parse("/quit"), Ok(Command::Quit));
+        assert_eq!(parse("/query bob"), Ok(Command::Query(Some("bob".into()))));
+        assert_eq!(parse("query"), Ok(Command::Query(None)));
+        assert_eq!(parse("reply sure"), Ok(Command::Reply("sure".into())));
+        assert_eq!(parse("history bob"), Ok(Command::History("bob".into(), 20)));
+        assert_eq!(
+            parse("history bob 5"),
+            Ok(Command::History("bob".into(), 5))
+        );
+        assert_eq!(parse("muted"), Ok(Command::Muted));
+        assert_eq!(parse("status"), Ok(Command::Status));
     }
 
     #[test]
     fn mistakes_get_a_sentence() {
         assert_eq!(
             parse("mute carol soon"),
-            Err("'soon' is not a number of seconds. Usage: mute <user> <seconds>".into())
+            Err(
+                "'soon' is not a duration (60, 90s, 10m, 2h, 1d). Usage: mute <user> <duration>"
+                    .into()
+            )
         );
         assert_eq!(
             parse("mute carol"),
-            Err("Usage: mute <user> <seconds>".into())
+            Err("Usage: mute <user> <duration>".into())
+        );
+        assert_eq!(
+            parse("mute bob 0"),
+            Err("Mute for at least a second. Usage: mute <user> <duration>".into())
+        );
+        assert!(
+            parse("mute bob 18446744073709551615")
+                .unwrap_err()
+                .contains("at most 365 days")
         );
         assert_eq!(
             parse("send bob"),
@@ -214,6 +369,14 @@ mod tests {
         assert_eq!(parse("send"), Err("Usage: send <user> <message>".into()));
         assert_eq!(parse("block"), Err("Usage: block <user>".into()));
         assert_eq!(parse("block a b"), Err("Usage: block <user>".into()));
+        assert_eq!(
+            parse("exit now"),
+            Err("'quit' takes nothing after it. Usage: quit".into())
+        );
+        assert!(parse("help me").is_err());
+        assert!(parse("history bob 0").is_err());
+        assert!(parse("history bob lots").is_err());
+        assert_eq!(parse("reply"), Err("Usage: reply <message>".into()));
         assert_eq!(
             parse("dance"),
             Err("Unknown command 'dance'. Type 'help' for commands.".into())

@@ -3,6 +3,7 @@
 
 mod app;
 mod commands;
+mod editor;
 mod render;
 
 use std::io::{BufRead, IsTerminal, Write};
@@ -57,6 +58,14 @@ struct Args {
     /// senders are read more slowly, nothing is lost (0: no limit).
     #[arg(long, default_value_t = p2pchat_core::node::MESSAGES_PER_SECOND_PER_SENDER)]
     sender_rate: u32,
+    /// Days of conversation history to keep in the data directory ('history <user>'); 0
+    /// keeps none and deletes what was kept.
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u32).range(0..=3650))]
+    history_days: u32,
+    /// For scripts and bots: read commands as lines, print one JSON object per event and per
+    /// answer (no prompts, no colours).
+    #[arg(long)]
+    json: bool,
 }
 
 fn main() -> ExitCode {
@@ -67,7 +76,7 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
-    let terminal = std::io::stdin().is_terminal();
+    let terminal = std::io::stdin().is_terminal() && !args.json;
     let settings = match settings(args, terminal) {
         Ok(settings) => settings,
         Err(e) => {
@@ -129,7 +138,18 @@ fn settings(args: Args, terminal: bool) -> Result<app::Settings, String> {
         dialable: !args.not_dialable,
         contacts_only: args.contacts_only,
         sender_rate: args.sender_rate,
-        terminal,
+        history: std::time::Duration::from_secs(u64::from(args.history_days) * 86_400),
+        mode: if args.json {
+            app::Mode::Json
+        } else if terminal {
+            app::Mode::Terminal
+        } else {
+            app::Mode::Plain
+        },
+        // A terminal on both ends, and NO_COLOR (https://no-color.org) unset or empty.
+        color: terminal
+            && std::io::stdout().is_terminal()
+            && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()),
     })
 }
 

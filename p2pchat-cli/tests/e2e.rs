@@ -7,11 +7,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Client, Server, WAIT, discovery_binary};
-
-fn offline_line(to: &str) -> String {
-    format!("({to} is offline: the message is stored and will be delivered later)")
-}
+use common::{Client, Server, WAIT, discovery_binary, untimed};
 
 #[tokio::test]
 async fn two_users_chat() {
@@ -40,7 +36,7 @@ async fn a_message_to_a_user_who_quit_arrives_marked_offline_when_they_return() 
     let bob = Client::start(dir.path(), "bob", &server).await;
     bob.quit().await;
     alice.say("send bob are you there?").await;
-    alice.expect(&offline_line("bob")).await;
+    alice.expect_stored("bob").await;
     let mut bob = Client::start(dir.path(), "bob", &server).await;
     bob.expect("[Offline][alice] are you there?").await;
     alice.quit().await;
@@ -66,9 +62,9 @@ async fn block_persists_and_unblock_lets_messages_through() {
 
     // While bob is away: alice's message, then carol's, wait in his mailbox in that order.
     alice.say("send bob you should not see this").await;
-    alice.expect(&offline_line("bob")).await;
+    alice.expect_stored("bob").await;
     carol.say("send bob marker").await;
-    carol.expect(&offline_line("bob")).await;
+    carol.expect_stored("bob").await;
     // bob comes back still blocking alice (the list persisted): carol's shows, alice's not.
     let mut bob = Client::start(dir.path(), "bob", &server).await;
     bob.expect("[Offline][carol] marker").await;
@@ -104,15 +100,35 @@ async fn mute_hides_messages_until_it_expires_or_is_lifted() {
     bob.expect("[alice] after the mute").await;
 
     bob.say("mute alice 3600").await;
-    bob.expect("Muted alice for 3600 seconds.").await;
+    bob.expect("Muted alice for 1 h.").await;
     bob.say("unmute alice").await;
     bob.expect("Unmuted alice.").await;
     alice.say("send bob after the unmute").await;
     bob.expect("[alice] after the unmute").await;
 
     bob.say("mute alice soon").await;
-    bob.expect("'soon' is not a number of seconds. Usage: mute <user> <seconds>")
+    bob.expect("'soon' is not a duration (60, 90s, 10m, 2h, 1d). Usage: mute <user> <duration>")
         .await;
+    bob.say("unmute alice").await;
+    bob.expect("alice is not muted.").await;
+    bob.say("mute alice 0").await;
+    bob.expect("Mute for at least a second. Usage: mute <user> <duration>")
+        .await;
+    bob.say("mute alice 18446744073709551615").await;
+    bob.expect("A mute lasts at most 365 days; to hide someone for good, 'block <user>'.")
+        .await;
+    bob.say("mute nosuchuser 10").await;
+    bob.expect("There is no user named 'nosuchuser'.").await;
+    bob.say("muted").await;
+    bob.expect("Nobody is muted.").await;
+    bob.say("/mute alice 90m").await;
+    bob.expect("Muted alice for 1 h 30 min.").await;
+    bob.say("muted").await;
+    bob.expect_line(|l| {
+        l.starts_with("Muted: alice (1 h 29 min left)")
+            || l.starts_with("Muted: alice (1 h 30 min left)")
+    })
+    .await;
     let said = bob.quit().await;
     assert!(
         !said.iter().any(|l| l.contains("muted one")),
@@ -254,7 +270,7 @@ async fn a_user_who_cannot_be_dialed_chats_both_ways_with_one_who_can() {
     assert!(
         !alice_said
             .iter()
-            .any(|l| l == NOT_REACHABLE || l.contains("is offline")),
+            .any(|l| l == NOT_REACHABLE || l.contains("cannot be reached now")),
         "alice is reachable, and nothing went through the mailbox: {alice_said:?}"
     );
 }
@@ -276,7 +292,10 @@ async fn two_users_who_cannot_be_dialed_chat_through_the_relay() {
             1,
             "{said:?}"
         );
-        assert!(!said.iter().any(|l| l.contains("is offline")), "{said:?}");
+        assert!(
+            !said.iter().any(|l| l.contains("cannot be reached now")),
+            "{said:?}"
+        );
     }
 }
 
@@ -351,9 +370,9 @@ async fn contacts_only_keeps_strangers_as_requests_until_accepted() {
     bob.quit().await;
     let mut dave = Client::start(dir.path(), "dave", &server).await;
     dave.say("send bob cheap watches").await;
-    dave.expect(&offline_line("bob")).await;
+    dave.expect_stored("bob").await;
     carol.say("send bob are you back?").await;
-    carol.expect(&offline_line("bob")).await;
+    carol.expect_stored("bob").await;
     let mut bob = Client::start_with(dir.path(), "bob", &server.addr, &["--contacts-only"]).await;
     // The mailbox holds both; which the node reaches first is not fixed.
     bob.expect_all(&[
@@ -387,4 +406,216 @@ async fn contacts_only_keeps_strangers_as_requests_until_accepted() {
     for client in [alice, carol, dave] {
         client.quit().await;
     }
+}
+
+/// The client's second generation through the real binaries: times on message lines,
+/// delivery shown to the sender, `reply`, `/msg`, `query` conversations, presence lines,
+/// history after a restart, and the mistakes of the old client answered with sentences.
+#[tokio::test]
+async fn a_conversation_shows_times_delivery_and_history_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("server")).await;
+    let mut alice = Client::start(dir.path(), "alice", &server).await;
+    let mut bob = Client::start(dir.path(), "bob", &server).await;
+
+    alice.say("send bob hi bob").await;
+    let line = alice
+        .expect_line(|l| untimed(l) == "[alice -> bob] hi bob")
+        .await;
+    assert_ne!(untimed(&line), line, "the sender's line has a time: {line}");
+    alice.expect("(\"hi bob\" was delivered to bob)").await;
+    let line = bob.expect_line(|l| untimed(l) == "[alice] hi bob").await;
+    assert_ne!(untimed(&line), line, "a received line has a time: {line}");
+
+    bob.say("reply hello alice").await;
+    alice.expect("[bob] hello alice").await;
+    alice.say("/msg bob slash form").await;
+    bob.expect("[alice] slash form").await;
+    alice.say("query bob").await;
+    alice
+        .expect("Talking to bob: plain lines go to bob; commands start with '/' ('/query' alone ends it).")
+        .await;
+    alice.say("just a line").await;
+    bob.expect("[alice] just a line").await;
+    alice.say("/query").await;
+    alice.expect("No longer talking to bob.").await;
+    alice.say("just a line").await;
+    alice
+        .expect("Unknown command 'just'. Type 'help' for commands.")
+        .await;
+
+    // Mistakes of the first client, now answered.
+    alice.say("exit now").await;
+    alice
+        .expect("'quit' takes nothing after it. Usage: quit")
+        .await;
+    alice.say("block nosuchuser").await;
+    alice.expect("There is no user named 'nosuchuser'.").await;
+    alice.say("unblock bob").await;
+    alice.expect("bob is not blocked.").await;
+    alice.say("reply x").await;
+    alice.expect("[alice -> bob] x").await;
+    alice.say("help").await;
+    alice
+        .expect_line(|l| l.contains("quit") && l.contains("exit"))
+        .await;
+
+    // Presence: bob leaves; alice, who talks to him, is told.
+    bob.quit().await;
+    alice.expect("(bob went offline)").await;
+    alice.quit().await;
+
+    let mut alice = Client::start(dir.path(), "alice", &server).await;
+    alice.say("history bob 4").await;
+    for want in [
+        "[bob] hello alice",
+        "[alice -> bob] slash form",
+        "[alice -> bob] just a line",
+        "[alice -> bob] x",
+    ] {
+        let line = alice.expect_line(|l| untimed(l) == want).await;
+        assert_ne!(untimed(&line), line, "history lines have times: {line}");
+    }
+    alice.say("history carol").await;
+    alice.expect("No history with carol.").await;
+    alice.quit().await;
+}
+
+/// After carol's key changes, `fingerprint carol` shows the code carol's own client shows
+/// (the new one), so the check the warning asks for can succeed; `trust carol` then sends
+/// what was held.
+#[tokio::test]
+async fn after_a_key_change_fingerprint_shows_the_new_code() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_with(&dir.path().join("server"), &["--claim-lapse-days", "0"]).await;
+    let mut alice = Client::start(dir.path(), "alice", &server).await;
+    let mut carol = Client::start(dir.path(), "carol", &server).await;
+    alice.say("send carol first contact").await;
+    carol.expect("[alice] first contact").await;
+    carol.say("fingerprint").await;
+    let old = carol
+        .expect_line(|l| l.starts_with("Your safety code: "))
+        .await;
+    carol.quit().await;
+    alice.expect("(carol went offline)").await;
+
+    // A new carol: another data directory, another key, the same name.
+    let second = dir.path().join("second");
+    let mut carol = Client::start(&second, "carol", &server).await;
+    carol.say("fingerprint").await;
+    let new = carol
+        .expect_line(|l| l.starts_with("Your safety code: "))
+        .await;
+    assert_ne!(old, new);
+    let new = new.trim_start_matches("Your safety code: ").to_owned();
+    let old = old.trim_start_matches("Your safety code: ").to_owned();
+
+    alice.say("send carol are you new?").await;
+    alice
+        .expect_line(|l| l.starts_with("!! WARNING: carol's key has changed."))
+        .await;
+    alice.say("fingerprint carol").await;
+    alice
+        .expect(&format!(
+            "carol's safety code is now {new} (a new key, not trusted yet). The key you trusted \
+             had {old}. Compare the new code with carol out of band, then 'trust carol'."
+        ))
+        .await;
+    alice.say("trust carol").await;
+    alice
+        .expect("Trusted carol's new key; messages held for carol are being sent.")
+        .await;
+    carol.expect("[alice] are you new?").await;
+    alice.say("fingerprint carol").await;
+    alice.expect(&format!("carol's safety code: {new}")).await;
+    for client in [alice, carol] {
+        client.quit().await;
+    }
+}
+
+/// The server connection: lost and back is said; when the same key signs in elsewhere the
+/// old client says so and stops (failing), instead of staying up and useless.
+#[tokio::test]
+async fn the_client_says_when_the_server_goes_and_comes_back_and_stops_when_replaced() {
+    let dir = tempfile::tempdir().unwrap();
+    let server_dir = dir.path().join("server");
+    let server = Server::start(&server_dir).await;
+    let addr = server.addr.clone();
+    let mut alice = Client::start(dir.path(), "alice", &server).await;
+    server.kill().await;
+    alice
+        .expect_line(|l| l.starts_with("(lost the connection to the discovery server: "))
+        .await;
+    let server = Server::start_with(&server_dir, &["--listen", &addr]).await;
+    alice
+        .expect("(connected to the discovery server again)")
+        .await;
+
+    // Alice's key, copied to another data directory, signs in there.
+    let second = dir.path().join("second");
+    std::fs::create_dir_all(second.join("alice")).unwrap();
+    let key = second.join("alice").join("identity.key");
+    std::fs::copy(dir.path().join("alice").join("identity.key"), &key).unwrap();
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(second.join("alice"), std::fs::Permissions::from_mode(0o700))
+            .unwrap();
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    let elsewhere = Client::start(&second, "alice", &server).await;
+    alice
+        .expect_line(|l| l.starts_with("(the discovery server ended this session: "))
+        .await;
+    let (status, stderr) = alice.exit_with_stderr().await;
+    assert!(!status.success(), "the replaced client fails");
+    assert!(
+        stderr.contains("signed in elsewhere with the same key"),
+        "{stderr}"
+    );
+    elsewhere.quit().await;
+}
+
+/// `--json`: one JSON object per line for every event and every answer.
+#[tokio::test]
+async fn json_mode_prints_one_object_per_event() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("server")).await;
+    let mut bob = Client::start(dir.path(), "bob", &server).await;
+    let mut bot = Client::spawn(dir.path(), "bot", &server.addr, &["--json"]);
+    let parse = |l: &str| serde_json::from_str::<serde_json::Value>(l);
+    bot.expect_line(|l| parse(l).is_ok_and(|v| v["event"] == "started" && v["user"] == "bot"))
+        .await;
+    bot.say("send bob beep").await;
+    let sent = bot
+        .expect_line(|l| parse(l).is_ok_and(|v| v["to"] == "bob" && v["sent"].is_string()))
+        .await;
+    let id = parse(&sent).unwrap()["sent"].as_str().unwrap().to_owned();
+    bot.expect_line(|l| {
+        parse(l).is_ok_and(|v| v["event"] == "delivered" && v["id"] == id.as_str())
+    })
+    .await;
+    bob.expect("[bot] beep").await;
+    bob.say("send bot boop").await;
+    bot.expect_line(|l| {
+        parse(l).is_ok_and(|v| v["event"] == "message" && v["from"] == "bob" && v["text"] == "boop")
+    })
+    .await;
+    bot.say("dance").await;
+    bot.expect_line(|l| {
+        parse(l).is_ok_and(|v| {
+            v["error"]
+                .as_str()
+                .is_some_and(|e| e.starts_with("Unknown command"))
+        })
+    })
+    .await;
+    bot.say("list").await;
+    bot.expect_line(|l| parse(l).is_ok_and(|v| v["reply"] == "Online users: bob"))
+        .await;
+    let said = bot.quit().await;
+    for line in &said {
+        assert!(parse(line).is_ok(), "not JSON: {line}");
+    }
+    bob.quit().await;
 }

@@ -1230,14 +1230,14 @@ impl ChatNode {
         if user == self.username() {
             let own = self.public_key().fingerprint();
             return Ok(SafetyCodes {
-                pinned: Some(own.clone()),
+                pinned: Some(own),
                 current: own,
             });
         }
         let (record, changed) = self.shared.resolve(user).await?;
         let current = record.public_key.fingerprint();
         Ok(SafetyCodes {
-            pinned: Some(changed.map_or_else(|| current.clone(), |old| old.fingerprint())),
+            pinned: Some(changed.map_or(current, |old| old.fingerprint())),
             current,
         })
     }

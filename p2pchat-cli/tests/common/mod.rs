@@ -68,6 +68,29 @@ impl Server {
         }
     }
 
+    /// Starts one with more flags (`--listen` given here picks the address).
+    pub async fn start_with(data_dir: &Path, extra: &[&str]) -> Self {
+        let mut args = vec!["--listen", "127.0.0.1:0"];
+        if let Some(at) = extra.iter().position(|a| *a == "--listen") {
+            args.clear();
+            args.extend_from_slice(&extra[at..at + 2]);
+        }
+        args.extend(
+            extra
+                .iter()
+                .enumerate()
+                .filter(|(i, a)| **a != "--listen" && (*i == 0 || extra[i - 1] != "--listen"))
+                .map(|(_, a)| *a),
+        );
+        let process = DiscoveryProcess::start(&discovery_binary(), data_dir, &args)
+            .await
+            .expect("p2pchat-discovery starts");
+        Self {
+            addr: process.addr.to_string(),
+            process,
+        }
+    }
+
     /// Stops the server (SIGKILL).
     pub async fn kill(self) {
         self.process.kill().await;
@@ -166,9 +189,16 @@ impl Client {
         })
     }
 
-    /// Waits for exactly `line`.
+    /// Waits for exactly `line`, after the time a message line starts with.
     pub async fn expect(&mut self, line: &str) {
-        self.expect_line(|l| l == line).await;
+        self.expect_line(|l| untimed(l) == line).await;
+    }
+
+    /// Waits for the notice that a message to `to` is stored for later.
+    pub async fn expect_stored(&mut self, to: &str) {
+        let start = format!("({to} cannot be reached now: ");
+        self.expect_line(|l| l.starts_with(&start) && l.ends_with(" can receive it)"))
+            .await;
     }
 
     /// Waits until every one of `lines` has been printed, in any order (for lines that come
@@ -176,8 +206,10 @@ impl Client {
     pub async fn expect_all(&mut self, lines: &[&str]) {
         let mut missing: Vec<String> = lines.iter().map(|l| (*l).to_owned()).collect();
         while !missing.is_empty() {
-            let got = self.expect_line(|l| missing.iter().any(|m| m == l)).await;
-            missing.retain(|m| *m != got);
+            let got = self
+                .expect_line(|l| missing.iter().any(|m| m == untimed(l)))
+                .await;
+            missing.retain(|m| m != untimed(&got));
         }
     }
 
@@ -217,4 +249,29 @@ impl Client {
             String::from_utf8_lossy(&out.stderr).into_owned(),
         )
     }
+}
+
+/// `line` without the time a message line starts with (`14:05 ` today, `2026-12-01 14:05 `
+/// on another day).
+pub fn untimed(line: &str) -> &str {
+    let b = line.as_bytes();
+    let time_at = |at: usize| {
+        b.len() > at + 5
+            && b[at..at + 2].iter().all(u8::is_ascii_digit)
+            && b[at + 2] == b':'
+            && b[at + 3..at + 5].iter().all(u8::is_ascii_digit)
+            && b[at + 5] == b' '
+    };
+    if time_at(0) {
+        return &line[6..];
+    }
+    let dated = b.len() > 11
+        && b[..4].iter().all(u8::is_ascii_digit)
+        && b[4] == b'-'
+        && b[7] == b'-'
+        && b[10] == b' ';
+    if dated && time_at(11) {
+        return &line[17..];
+    }
+    line
 }
