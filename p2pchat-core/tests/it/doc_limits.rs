@@ -50,6 +50,10 @@ fn the_core_limits_table_matches_the_constants() {
         ("node::SHUTDOWN_GRACE", secs(node::SHUTDOWN_GRACE)),
         ("node::DEDUP_WINDOW", count(node::DEDUP_WINDOW as u64)),
         (
+            "node::HISTORY_PER_PEER",
+            count(node::HISTORY_PER_PEER as u64),
+        ),
+        (
             "node::LINK_QUEUE_CAPACITY",
             count(node::LINK_QUEUE_CAPACITY as u64),
         ),
