@@ -58,6 +58,15 @@ async fn block_persists_and_unblock_lets_messages_through() {
     bob.say("block alice").await;
     bob.expect("Blocked alice: nothing from them will be shown.")
         .await;
+    // Bob is online and blocks alice: she is not told she is blocked, nor anything false
+    // (such as that bob is offline).
+    alice.say("send bob are you there?").await;
+    alice.expect_stored("bob").await;
+    assert!(
+        !alice.seen.iter().any(|l| l.contains("offline")),
+        "alice was told something false: {:?}",
+        alice.seen
+    );
     bob.quit().await;
 
     // While bob is away: alice's message, then carol's, wait in his mailbox in that order.

@@ -287,7 +287,13 @@ async fn tab_completes_commands_and_names() {
     bob.expect("[alice] in a conversation").await;
     alice.type_keys("/query\r");
     alice.wait_for("No longer talking to bob.").await;
+    alice.quit().await;
 
+    // The input history survives a restart: Up brings back what was typed last time.
+    let mut alice = started(root.path(), "alice", &server, &[]).await;
+    alice.type_keys("\x1b[A\x1b[A");
+    alice.wait_for("alice> /query").await;
+    alice.type_keys("\x15");
     alice.quit().await;
     bob.quit().await;
 }
