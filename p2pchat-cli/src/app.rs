@@ -509,18 +509,19 @@ async fn handle(session: &Session, line: &str) -> bool {
             return true;
         }
     };
-    // Commands naming a user who does not exist get a sentence, not silence.
+    // Commands naming a user who does not exist get a sentence, not silence. When the
+    // directory cannot tell (unreachable), a block or mute still goes through.
     if let Command::Block(user) | Command::Mute(user, _) = &command {
         match node.user_exists(user).await {
-            Ok(true) => {}
             Ok(false) => {
                 out.fail(&format!("There is no user named '{user}'."));
                 return true;
             }
-            Err(e) => {
-                out.fail(&render::error(&e, &session.settings.discovery));
+            Err(p2pchat_core::NodeError::InvalidUsername(e)) => {
+                out.fail(&format!("That is not a valid username: {e}."));
                 return true;
             }
+            Ok(true) | Err(_) => {}
         }
     }
     let said = match command {

@@ -957,20 +957,20 @@ impl ChatNode {
                 queued_at_ms: now,
                 expires_at_ms,
             };
-            let mut recorded = None;
+            let mut recorded = Vec::new();
             let written = shared.db.write_with(|batch| {
                 batch.put_record(Table::Outbox, id.as_bytes(), &record);
                 if let Some(reserved) = reserve {
                     batch.put(Table::Meta, records::SEQ_KEY, &reserved.to_be_bytes());
                 }
                 if let Some(history) = &shared.history {
-                    recorded = Some(history.record(batch, to, id, true, text, now));
+                    history.record(batch, &mut recorded, to, id, true, text, now);
                 }
             });
             if written.is_err() {
                 clock.undo(seq, reserve);
-            } else if let (Some(history), Some(recorded)) = (&shared.history, recorded) {
-                history.keep([recorded]);
+            } else if let Some(history) = &shared.history {
+                history.keep(recorded);
             }
             (seq, written?)
         };

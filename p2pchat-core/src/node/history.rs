@@ -148,17 +148,20 @@ impl History {
         }))
     }
 
-    /// Adds an entry to `batch` (and, once the batch is written, to memory: call
-    /// [`History::keep`] with what this returns).
+    /// Adds an entry to `batch`, and to `pending` (kept in memory by [`History::keep`] once
+    /// the batch is written). An entry that pushes the peer's history past
+    /// [`HISTORY_PER_PEER`] deletes the oldest in the same batch.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn record(
         &self,
         batch: &mut Batch,
+        pending: &mut Vec<Pending>,
         peer: &str,
         id: MessageId,
         outgoing: bool,
         text: &str,
         sent_at_ms: u64,
-    ) -> Pending {
+    ) {
         let mut state = self.state.lock();
         let seq = state.next_seq;
         state.next_seq += 1;
@@ -174,17 +177,25 @@ impl History {
                 sent_at_ms,
             },
         );
-        // The entry pushed out by this one goes in the same batch.
-        let evicted = state
-            .peers
-            .get(peer)
-            .filter(|kept| kept.len() >= HISTORY_PER_PEER)
-            .and_then(|kept| kept.front())
-            .map(|old| old.key.clone());
+        // Entries of this peer already added to the batch, and how many of them evict.
+        let (earlier, evicting) = pending
+            .iter()
+            .filter(|p| p.kept.entry.peer == peer)
+            .fold((0, 0), |(n, e), p| (n + 1, e + usize::from(p.evicted)));
+        let kept = state.peers.get(peer).map_or(0, VecDeque::len);
+        let evicted = if kept + earlier >= HISTORY_PER_PEER {
+            state
+                .peers
+                .get(peer)
+                .and_then(|k| k.get(evicting))
+                .map(|old| old.key.clone())
+        } else {
+            None
+        };
         if let Some(old) = &evicted {
             batch.delete(Table::History, old);
         }
-        Pending {
+        pending.push(Pending {
             kept: Kept {
                 key,
                 entry: HistoryEntry {
@@ -196,7 +207,7 @@ impl History {
                 },
             },
             evicted: evicted.is_some(),
-        }
+        });
     }
 
     /// Keeps in memory entries whose batch was written.
@@ -254,4 +265,63 @@ impl History {
 pub(crate) struct Pending {
     kept: Kept,
     evicted: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::node::db::Durability;
+
+    const DAY: Duration = Duration::from_secs(86_400);
+
+    #[test]
+    fn the_oldest_go_in_the_batch_that_adds_past_the_bound() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (db, mut snapshot) = Db::open(Some(dir.path()), Durability::Process).expect("open");
+        let history = History::load(&db, Some(DAY), snapshot.take(Table::History))
+            .expect("load")
+            .expect("on");
+        let now = unix_ms(SystemTime::now());
+        let total = HISTORY_PER_PEER + 300;
+        let mut n = 0;
+        while n < total {
+            let mut pending = Vec::new();
+            db.write_with(|batch| {
+                for _ in 0..100 {
+                    history.record(
+                        batch,
+                        &mut pending,
+                        "bob",
+                        MessageId::random(),
+                        false,
+                        &n.to_string(),
+                        now,
+                    );
+                    n += 1;
+                }
+                history.record(
+                    batch,
+                    &mut pending,
+                    "carol",
+                    MessageId::random(),
+                    true,
+                    "hi",
+                    now,
+                );
+            })
+            .expect("write");
+            history.keep(pending);
+        }
+        let bob = history.with("bob", usize::MAX);
+        assert_eq!(bob.len(), HISTORY_PER_PEER);
+        assert_eq!(bob[0].text, (total - HISTORY_PER_PEER).to_string());
+        assert_eq!(bob.last().map(|e| e.text.as_str()), Some("10299"));
+        assert_eq!(history.with("carol", usize::MAX).len(), total / 100);
+        db.close();
+        drop(db);
+        // On disk too: the rows pushed out were deleted, not left for the next start.
+        let (_db, mut snapshot) = Db::open(Some(dir.path()), Durability::Process).expect("open");
+        let rows = snapshot.take(Table::History);
+        assert_eq!(rows.len(), HISTORY_PER_PEER + total / 100);
+    }
 }

@@ -359,14 +359,15 @@ impl Inbox {
                     if keep == Keep::Show
                         && let Some(history) = &self.history
                     {
-                        recorded.push(history.record(
+                        history.record(
                             batch,
+                            &mut recorded,
                             from,
                             message.id,
                             false,
                             &message.body,
                             message.sent_at_ms,
-                        ));
+                        );
                     }
                     let entry = Entry {
                         from: sender.clone(),
@@ -487,14 +488,15 @@ impl Inbox {
                 batch.delete(Table::Held, &seq_key(*old));
                 batch.put_record(Table::Inbox, &seq_key(*seq), &entry.record());
                 if let Some(history) = &self.history {
-                    recorded.push(history.record(
+                    history.record(
                         batch,
+                        &mut recorded,
                         from,
                         entry.id,
                         false,
                         &entry.text,
                         entry.sent_at_ms,
-                    ));
+                    );
                 }
             }
         });
