@@ -187,6 +187,8 @@ async fn child(role: &str) {
         .ack_timeout(ACK_TIMEOUT)
         .event_capacity(1 << 16)
         .dialable(std::env::var_os(NOT_DIALABLE_ENV).is_none())
+        // As the CLI runs: history recorded in the same batches as the outbox and inbox.
+        .history(Duration::from_secs(86_400))
         .spawn()
         .await
         .unwrap();
@@ -238,6 +240,11 @@ async fn child(role: &str) {
     let _ = tokio::io::stdin().read_to_end(&mut Vec::new()).await;
     node.shutdown().await.unwrap();
     reporter.await.unwrap();
+    // The conversation history, kept across the kill in the same batches as the outbox
+    // and inbox.
+    for entry in node.history(peer, usize::MAX) {
+        println!("history {} {}", entry.id, entry.outgoing);
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -253,6 +260,8 @@ struct Life {
     failed: HashSet<MessageId>,
     extra_outcomes: usize,
     shown: Vec<(MessageId, bool)>,
+    /// The history at a clean stop: id, whether outgoing.
+    history: Vec<(MessageId, bool)>,
     lagged: bool,
     ready: bool,
     done: bool,
@@ -277,6 +286,9 @@ impl Life {
             (Some("stored"), Some(Ok(id))) => outcome(|l| &mut l.stored, id),
             (Some("failed"), Some(Ok(id))) => outcome(|l| &mut l.failed, id),
             (Some("shown"), Some(Ok(id))) => self.shown.push((id, words.next() == Some("true"))),
+            (Some("history"), Some(Ok(id))) => {
+                self.history.push((id, words.next() == Some("true")))
+            }
             (Some("lagged"), _) => self.lagged = true,
             (Some("done"), _) => self.done = true,
             (Some("ready"), _) => self.ready = true,
@@ -637,6 +649,23 @@ async fn sender_killed(relayed: bool) {
     assert_eq!(lost, 0, "every message whose send returned is shown");
     assert_eq!(duplicated, 0, "nothing shown twice");
     assert_eq!(phantom, 0, "nothing shown that was not sent");
+    // The sender's history, over both lives: every message `send` returned for, once (and
+    // perhaps the one the kill cut off before its `sent` line).
+    let history: Vec<MessageId> = second.history.iter().map(|(id, _)| *id).collect();
+    let distinct: HashSet<MessageId> = history.iter().copied().collect();
+    assert_eq!(
+        distinct.len(),
+        history.len(),
+        "no message twice in the history"
+    );
+    assert!(second.history.iter().all(|(_, outgoing)| *outgoing));
+    assert!(
+        returned.is_subset(&distinct) && distinct.len() <= returned.len() + 1,
+        "the history holds what was sent: {} of {} returned, {} entries",
+        returned.intersection(&distinct).count(),
+        returned.len(),
+        distinct.len()
+    );
 }
 
 /// bob is registered but cannot be reached: the address the directory has for him accepts
@@ -926,6 +955,19 @@ async fn receiver_killed(kill: Kill) {
     assert_eq!(
         lost, 0,
         "every message shown, over the receiver's two lives"
+    );
+    // The receiver's history, over both lives: every message shown, once.
+    let history: Vec<MessageId> = second.history.iter().map(|(id, _)| *id).collect();
+    let distinct: HashSet<MessageId> = history.iter().copied().collect();
+    let shown_ids: HashSet<MessageId> = shown.keys().copied().collect();
+    assert_eq!(
+        distinct.len(),
+        history.len(),
+        "no message twice in the history"
+    );
+    assert_eq!(
+        distinct, shown_ids,
+        "the history holds exactly what was shown"
     );
     assert_eq!(
         rehanded,
