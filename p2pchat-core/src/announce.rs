@@ -46,6 +46,9 @@ pub enum AnnouncementError {
     /// Already shown.
     #[error("announcement already seen")]
     Replayed,
+    /// Nothing to say: empty, or only blanks.
+    #[error("an announcement needs some text")]
+    Empty,
 }
 
 fn unix_ms(t: SystemTime) -> u64 {
@@ -61,6 +64,9 @@ impl Announcement {
     pub fn sign(operator: &Identity, text: &str) -> Result<Self, AnnouncementError> {
         if text.len() > MAX_ANNOUNCEMENT_LEN {
             return Err(AnnouncementError::TooLong);
+        }
+        if text.trim().is_empty() {
+            return Err(AnnouncementError::Empty);
         }
         let mut announcement = Self {
             id: hex::encode(rand::random::<[u8; 16]>()),
@@ -87,6 +93,9 @@ impl Announcement {
     pub fn verify(&self, operator: &PublicKey) -> Result<(), AnnouncementError> {
         if self.text.len() > MAX_ANNOUNCEMENT_LEN {
             return Err(AnnouncementError::TooLong);
+        }
+        if self.text.trim().is_empty() {
+            return Err(AnnouncementError::Empty);
         }
         let mut id = [0u8; 16];
         let mut signature = [0u8; 64];
@@ -174,6 +183,25 @@ mod tests {
         assert_eq!(
             guard.admit(&parsed, &operator.public_key(), now),
             Err(AnnouncementError::Replayed)
+        );
+    }
+
+    #[test]
+    fn a_blank_announcement_is_neither_signed_nor_shown() {
+        let operator = Identity::generate();
+        for blank in ["", "   ", "\n\t"] {
+            assert_eq!(
+                Announcement::sign(&operator, blank),
+                Err(AnnouncementError::Empty)
+            );
+        }
+        // One an older tool signed is dropped by whoever checks it.
+        let mut blank = Announcement::sign(&operator, "x").unwrap();
+        blank.text = " ".into();
+        blank.signature = hex::encode(operator.sign(&blank.transcript()));
+        assert_eq!(
+            blank.verify(&operator.public_key()),
+            Err(AnnouncementError::Empty)
         );
     }
 
