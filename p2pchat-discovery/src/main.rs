@@ -56,11 +56,12 @@ struct AnnounceArgs {
     /// The running server to relay it.
     #[arg(long, default_value = DEFAULT_DISCOVERY_ADDR)]
     server: String,
-    /// The server's data directory (where its operator key is)
-    /// [default: the platform's data directory].
+    /// The data directory the server was started with (`--data-dir`): its operator key is
+    /// DATA_DIR/operator.key [default: the platform's data directory, as for the server].
     #[arg(long)]
     data_dir: Option<PathBuf>,
-    /// The operator key file [default: DATA_DIR/operator.key].
+    /// The operator key file the server was started with (`--operator-key`)
+    /// [default: DATA_DIR/operator.key].
     #[arg(long)]
     operator_key: Option<PathBuf>,
     /// Also publish on this Redis, for nodes that listen to Redis directly.
@@ -194,7 +195,13 @@ async fn main() -> ExitCode {
         .init();
     let args = Args::parse();
     let outcome = match args.command {
-        Some(Command::Announce(announce)) => send_announcement(announce).await,
+        Some(Command::Announce(mut announce)) => {
+            // `p2pchat-discovery --data-dir DIR announce …` means the same as `announce
+            // --data-dir DIR`: the server's flags, written before the subcommand.
+            announce.data_dir = announce.data_dir.or(args.serve.data_dir);
+            announce.operator_key = announce.operator_key.or(args.serve.operator_key);
+            send_announcement(announce).await
+        }
         None => run(args.serve).await,
     };
     match outcome {
@@ -216,10 +223,18 @@ fn operator_key_path(given: Option<PathBuf>, data_dir: Option<PathBuf>) -> PathB
 }
 
 async fn send_announcement(args: AnnounceArgs) -> anyhow::Result<()> {
+    let looked_in = match (&args.operator_key, &args.data_dir) {
+        (Some(_), _) => "the file --operator-key names",
+        (None, Some(_)) => "the --data-dir given",
+        (None, None) => "the default data directory",
+    };
     let path = operator_key_path(args.operator_key, args.data_dir);
     if !path.exists() {
         anyhow::bail!(
-            "no operator key at {}: start the server once (it creates one) or pass --operator-key",
+            "no operator key at {} ({looked_in}). A server keeps its key in its data directory, \
+             created at its first start: a server started with `--data-dir DIR` needs \
+             `announce --data-dir DIR`, and one started with `--operator-key PATH` needs \
+             `announce --operator-key PATH`",
             path.display()
         );
     }

@@ -1,12 +1,13 @@
 //! The checks behind the `cargo fuzz` targets in `fuzz/`, in one place: the targets call
 //! them with the fuzzer's bytes, and the regression tests replay every input kept under
-//! `fuzz/regressions/<target>/` through them ([`replay_regressions`]) in the normal suite.
+//! `fuzz/regressions/<target>/` (in the repository, not in the published crate) through them
+//! ([`replay_regressions`]) in the normal suite.
 //!
 //! Each check takes arbitrary bytes and returns when the code under test handled them; it
 //! panics, naming the broken property, when that code panicked or misbehaved. The async
 //! checks run on one current-thread runtime per process.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::Duration;
 
@@ -54,19 +55,17 @@ fn runtime() -> &'static tokio::runtime::Runtime {
     })
 }
 
-/// The directory holding the kept inputs of fuzz target `target`: `fuzz/regressions/<target>/`
-/// at the root of the workspace.
-pub fn regressions_dir(target: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../fuzz/regressions")
-        .join(target)
-}
-
-/// Runs `check` on every file in [`regressions_dir`]`(target)`, in name order. Panics if the
-/// directory is missing or empty, or on the first input `check` rejects.
-pub fn replay_regressions(target: &str, check: fn(&[u8])) {
-    let dir = regressions_dir(target);
-    let mut inputs: Vec<PathBuf> = std::fs::read_dir(&dir)
+/// Runs `check` on every file in `dir`, in name order: the inputs kept for one fuzz target.
+///
+/// The caller names the directory, since the kept inputs are not part of this crate: in the
+/// p2pchat repository they are `fuzz/regressions/<target>/` at the root of the workspace,
+/// which a test of a workspace crate reaches as
+/// `Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/regressions/<target>")`; a backend
+/// or a fork keeps its own. Panics if the directory is missing or empty, or on the first
+/// input `check` rejects.
+pub fn replay_regressions(dir: impl AsRef<Path>, check: fn(&[u8])) {
+    let dir = dir.as_ref();
+    let mut inputs: Vec<PathBuf> = std::fs::read_dir(dir)
         .unwrap_or_else(|e| panic!("cannot read {}: {e}", dir.display()))
         .map(|entry| entry.expect("a directory entry").path())
         .filter(|path| path.is_file())

@@ -10,6 +10,8 @@ use p2pchat_core::testing::fernet::{
 use p2pchat_core::testing::fuzz;
 use serde::Deserialize;
 
+use super::fuzz_regressions::kept_inputs;
+
 const GENERATE: &str = include_str!("../data/fernet/generate.json");
 const VERIFY: &str = include_str!("../data/fernet/verify.json");
 const INVALID: &str = include_str!("../data/fernet/invalid.json");
@@ -252,7 +254,7 @@ fn differential(data: &[u8]) {
 
 #[test]
 fn fernet_differential_regressions_pass() {
-    fuzz::replay_regressions("fernet_differential", differential);
+    fuzz::replay_regressions(kept_inputs("fernet_differential"), differential);
 }
 
 #[test]

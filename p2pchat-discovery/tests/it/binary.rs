@@ -138,3 +138,55 @@ async fn announce_signs_with_the_servers_operator_key_and_every_online_node_show
     assert!(stderr.contains("no operator key"), "{stderr}");
     node.shutdown().await.unwrap();
 }
+
+/// Runs the binary with the platform's data directory in `home` (empty in these tests).
+async fn run_with_home(home: &std::path::Path, args: &[&str]) -> std::process::Output {
+    let mut cmd = binary();
+    cmd.env("HOME", home)
+        .env("XDG_DATA_HOME", home.join("data"))
+        .args(args);
+    tokio::time::timeout(Duration::from_secs(30), cmd.output())
+        .await
+        .expect("it ends in time")
+        .unwrap()
+}
+
+#[tokio::test]
+async fn announce_needs_the_data_dir_its_server_was_started_with_and_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().to_str().unwrap();
+    let server = discovery_process(dir.path(), &["--listen", "127.0.0.1:0"]).await;
+    let addr = server.addr.to_string();
+    let home = tempfile::tempdir().unwrap();
+
+    // `--data-dir DIR` after the subcommand, or before it as for the server: its key.
+    for args in [
+        &["announce", "one", "--server", &addr, "--data-dir", data][..],
+        &["--data-dir", data, "announce", "two", "--server", &addr][..],
+    ] {
+        let out = run_with_home(home.path(), args).await;
+        assert!(out.status.success(), "{args:?}: {out:?}");
+        let said = String::from_utf8_lossy(&out.stdout);
+        assert!(said.contains("relayed by the server"), "{args:?}: {said}");
+    }
+
+    // Without it, `announce` looks in the platform's data directory, finds no key, and says
+    // where it looked and what to pass.
+    let out = run_with_home(home.path(), &["announce", "three", "--server", &addr]).await;
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let looked = home.path().join("data/p2pchat-discovery/operator.key");
+    assert!(
+        stderr.contains(&format!(
+            "no operator key at {} (the default data directory)",
+            looked.display()
+        )),
+        "stderr: {stderr}"
+    );
+    assert!(
+        stderr.contains("a server started with `--data-dir DIR` needs `announce --data-dir DIR`"),
+        "stderr: {stderr}"
+    );
+    assert!(!looked.exists(), "announce creates no key");
+    server.kill().await;
+}
