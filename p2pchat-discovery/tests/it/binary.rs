@@ -188,5 +188,18 @@ async fn announce_needs_the_data_dir_its_server_was_started_with_and_says_so() {
         "stderr: {stderr}"
     );
     assert!(!looked.exists(), "announce creates no key");
+
+    // An announcement with nothing to say is refused with a sentence, not shown blank.
+    let out = run_with_home(
+        home.path(),
+        &["announce", "  ", "--server", &addr, "--data-dir", data],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("an announcement needs some text"),
+        "stderr: {stderr}"
+    );
     server.kill().await;
 }
