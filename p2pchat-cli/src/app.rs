@@ -74,16 +74,29 @@ pub struct Settings {
 #[derive(Clone)]
 struct Out {
     mode: Mode,
-    printer: Option<Arc<Mutex<Box<dyn ExternalPrinter + Send>>>>,
+    /// In a terminal: lines for the printer thread ([`printer_thread`]).
+    printer: Option<std::sync::mpsc::Sender<String>>,
+}
+
+/// Prints lines above the editor's prompt, keeping what is being typed. rustyline's printer
+/// may wait (until the editor reads again), so it has a thread of its own: nothing else
+/// ever waits on it, with or without a lock held. Ends when every sender is gone, saying so
+/// on `done`.
+fn printer_thread(
+    mut printer: Box<dyn ExternalPrinter + Send>,
+    lines: std::sync::mpsc::Receiver<String>,
+    done: tokio::sync::oneshot::Sender<()>,
+) {
+    while let Ok(line) = lines.recv() {
+        let _ = printer.print(format!("{line}\n"));
+    }
+    let _ = done.send(());
 }
 
 impl Out {
     fn write(&self, text: &str) {
-        if let Some(printer) = &self.printer
-            && let Ok(mut printer) = printer.lock()
-        {
-            // Printed above the prompt, keeping what is being typed.
-            let _ = printer.print(format!("{text}\n"));
+        if let Some(printer) = &self.printer {
+            let _ = printer.send(text.to_owned());
             return;
         }
         let mut stdout = std::io::stdout().lock();
@@ -124,6 +137,9 @@ struct Session {
     connected: AtomicBool,
     /// Our messages in flight: their first words, to name them in notices.
     sending: Mutex<Sending>,
+    /// Held across `send` and the echo of the message: the event printer takes it before
+    /// an outcome, so a quick "delivered" never comes before the message's own line.
+    send_gate: tokio::sync::Mutex<()>,
     /// Set when the directory ended the session: the client stops.
     ended: Notify,
 }
@@ -243,6 +259,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     };
     // In a terminal: the editor, and the terminal's settings to put back at the end.
     let mut saved = None;
+    let mut printed = None;
     let (out, mut terminal) = if settings.mode == Mode::Terminal {
         saved = Some(editor::SavedTerminal::save());
         let prompt = format!("{}> ", settings.user);
@@ -252,10 +269,17 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
             prompt,
         )
         .context("Cannot use the terminal")?;
-        let printer = Arc::new(Mutex::new(terminal.printer));
+        let (lines_tx, lines_rx) = std::sync::mpsc::channel();
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+        let printer = terminal.printer;
+        std::thread::Builder::new()
+            .name("p2pchat-printer".into())
+            .spawn(move || printer_thread(printer, lines_rx, done_tx))
+            .context("Cannot use the terminal")?;
+        printed = Some(done_rx);
         let out = Out {
             mode: Mode::Terminal,
-            printer: Some(printer),
+            printer: Some(lines_tx),
         };
         (out, Some((terminal.lines, terminal.prompts)))
     } else {
@@ -275,6 +299,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         query: Mutex::new(None),
         connected: AtomicBool::new(true),
         sending: Mutex::default(),
+        send_gate: tokio::sync::Mutex::new(()),
         ended: Notify::new(),
     });
     if session.settings.mode == Mode::Json {
@@ -303,6 +328,12 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     }
     let _ = printer.await;
     drop(terminal);
+    // The last lines reach the screen (bounded: the printer may wait for an editor that
+    // has stopped reading).
+    drop(session);
+    if let Some(done) = printed {
+        let _ = tokio::time::timeout(Duration::from_millis(500), done).await;
+    }
     drop(saved);
     result
 }
@@ -337,6 +368,8 @@ async fn print_events(mut events: p2pchat_core::Events, session: Arc<Session>) {
             | Event::SendFailed { id, .. }
             | Event::Expired { id, .. }
             | Event::Cancelled { id, .. } => {
+                // A send whose echo is still to come finishes first.
+                drop(session.send_gate.lock().await);
                 let mut sending = session.sending.lock().unwrap_or_else(|e| e.into_inner());
                 sending.retried.remove(id);
                 snippet = sending.snippets.get(id).cloned();
@@ -368,20 +401,31 @@ async fn terminal_loop(
     prompts: &std::sync::mpsc::Sender<String>,
 ) -> anyhow::Result<()> {
     let mut terminate = terminate_signal();
+    // Between lines the editor is not in raw mode: Ctrl-C is a signal then, and stops the
+    // client as it does in the editor (cleanly), not the process.
+    let mut interrupt = interrupt_signal();
     loop {
         let input = tokio::select! {
             input = lines.recv() => input,
             _ = &mut terminate => return Ok(()),
+            _ = &mut interrupt => return Ok(()),
             _ = session.ended.notified() => return Err(ended()),
         };
         match input {
             Some(Input::Line(line)) => {
-                if !handle(session, &line).await {
+                let keep_going = tokio::select! {
+                    keep_going = handle(session, &line) => keep_going,
+                    _ = &mut terminate => return Ok(()),
+                    _ = &mut interrupt => return Ok(()),
+                    _ = session.ended.notified() => return Err(ended()),
+                };
+                if !keep_going {
                     return Ok(());
                 }
                 let _ = prompts.send(session.prompt());
             }
-            Some(Input::End) | None => return Ok(()),
+            Some(Input::End) => return Ok(()),
+            None => anyhow::bail!("The line editor stopped unexpectedly."),
         }
     }
 }
@@ -397,10 +441,30 @@ async fn plain_loop(session: &Session) -> anyhow::Result<()> {
             _ = session.ended.notified() => return Err(ended()),
         };
         let Some(line) = line else { return Ok(()) };
-        if !handle(session, &line).await {
+        let keep_going = tokio::select! {
+            keep_going = handle(session, &line) => keep_going,
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+            _ = &mut terminate => return Ok(()),
+            _ = session.ended.notified() => return Err(ended()),
+        };
+        if !keep_going {
             return Ok(());
         }
     }
+}
+
+/// Completes on SIGINT (Ctrl-C), registered at once (never elsewhere).
+fn interrupt_signal() -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        if let Ok(mut sigint) = signal(SignalKind::interrupt()) {
+            return Box::pin(async move {
+                sigint.recv().await;
+            });
+        }
+    }
+    Box::pin(std::future::pending())
 }
 
 /// Completes on SIGTERM (never elsewhere).
@@ -471,6 +535,7 @@ async fn send(
     to: &str,
     text: &str,
 ) -> Result<Option<String>, p2pchat_core::NodeError> {
+    let _gate = session.send_gate.lock().await;
     let id = session.node.send(to, text).await?;
     session.remember(to);
     session
@@ -478,13 +543,17 @@ async fn send(
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .add(id, text);
+    // Written while the gate is held: before any outcome of this message.
     if session.settings.mode == Mode::Json {
         session
             .out
             .write(&serde_json::json!({"sent": id.to_string(), "to": to}).to_string());
-        return Ok(None);
+    } else {
+        session
+            .out
+            .say(&session.look.sent(to, text, SystemTime::now()));
     }
-    Ok(Some(session.look.sent(to, text, SystemTime::now())))
+    Ok(None)
 }
 
 /// Runs one typed line. `false` means quit.

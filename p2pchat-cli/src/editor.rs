@@ -52,7 +52,12 @@ impl Completer for Completion {
         _ctx: &Context<'_>,
     ) -> rustyline::Result<(usize, Vec<Pair>)> {
         let before = &line[..pos];
-        let start = before.rfind(char::is_whitespace).map_or(0, |at| at + 1);
+        // After the last whitespace, whatever its width in bytes (an ideographic space is 3).
+        let start = before
+            .char_indices()
+            .rev()
+            .find(|(_, c)| c.is_whitespace())
+            .map_or(0, |(at, c)| at + c.len_utf8());
         let word = &before[start..];
         let pair = |s: String| Pair {
             display: s.clone(),
@@ -169,6 +174,12 @@ impl SavedTerminal {
 impl Drop for SavedTerminal {
     fn drop(&mut self) {
         if let Some(saved) = &self.0 {
+            // The editor may have stopped mid-line: bracketed paste off (the editor turns it
+            // on while reading), and the line it left cleared, so that what is printed next
+            // starts a line of its own.
+            let mut stdout = std::io::stdout();
+            let _ = std::io::Write::write_all(&mut stdout, b"\x1b[?2004l\r\x1b[K");
+            let _ = std::io::Write::flush(&mut stdout);
             let _ = nix::sys::termios::tcsetattr(
                 std::io::stdin(),
                 nix::sys::termios::SetArg::TCSANOW,
@@ -209,5 +220,9 @@ mod tests {
             "the message is not completed"
         );
         assert!(complete("list b").is_empty());
+        // Whitespace wider than a byte (an input method's ideographic space, a no-break
+        // space) is a separator like any other, not a panic.
+        assert_eq!(complete("send\u{3000}b"), ["bella ", "bob "]);
+        assert_eq!(complete("send\u{a0}c"), ["carol "]);
     }
 }

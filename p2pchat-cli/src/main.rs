@@ -91,7 +91,11 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(app::run(settings)) {
+    let outcome = runtime.block_on(app::run(settings));
+    // Not waiting for a read of stdin still blocked on its thread (plain and --json modes
+    // stopped by SIGTERM or by the directory): it would hold the process until a line came.
+    runtime.shutdown_background();
+    match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("{e:#}");

@@ -576,7 +576,7 @@ async fn the_client_says_when_the_server_goes_and_comes_back_and_stops_when_repl
     alice
         .expect_line(|l| l.starts_with("(the discovery server ended this session: "))
         .await;
-    let (status, stderr) = alice.exit_with_stderr().await;
+    let (status, stderr) = alice.exit_by_itself().await;
     assert!(!status.success(), "the replaced client fails");
     assert!(
         stderr.contains("signed in elsewhere with the same key"),

@@ -134,6 +134,29 @@ impl Terminal {
         rows.iter().rposition(|r| r.contains(needle)).unwrap()
     }
 
+    /// Waits until `needle` was written at some point (it may have scrolled away since).
+    async fn wait_written(&mut self, needle: &str) {
+        let deadline = Instant::now() + WAIT;
+        let needle_bytes = needle.as_bytes();
+        let mut from = 0;
+        loop {
+            if self.raw[from..]
+                .windows(needle_bytes.len())
+                .any(|w| w == needle_bytes)
+            {
+                return;
+            }
+            from = self.raw.len().saturating_sub(needle_bytes.len());
+            match tokio::time::timeout_at(deadline, self.chunks.recv()).await {
+                Ok(Some(chunk)) => self.take(&chunk),
+                _ => panic!(
+                    "the program never wrote {needle:?}; the screen is {:#?}",
+                    self.rows()
+                ),
+            }
+        }
+    }
+
     /// Waits (bounded) for the program to exit; returns its exit status.
     async fn exit(&mut self) -> portable_pty::ExitStatus {
         let deadline = Instant::now() + WAIT;
@@ -351,5 +374,32 @@ async fn own_name_is_highlighted_unless_no_color() {
         );
         alice.quit().await;
     }
+    bob.quit().await;
+}
+
+/// Commands typed while a peer floods the screen are all answered: printing above the
+/// prompt never holds up the command loop (it once could, for good).
+#[tokio::test]
+async fn commands_are_answered_while_messages_pour_in() {
+    let root = tempfile::tempdir().unwrap();
+    let server = Server::start(&root.path().join("server")).await;
+    let mut bob = Client::start(root.path(), "bob", &server).await;
+    let mut alice = started(root.path(), "alice", &server, &[]).await;
+    const FLOOD: usize = 500;
+    let flood: String = (0..FLOOD)
+        .map(|i| format!("send alice flood {i}\n"))
+        .collect();
+    bob.say(flood.trim_end()).await;
+    for i in 0..30 {
+        alice.type_keys(&format!("history nobody{i}\r"));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    alice.type_keys("status\r");
+    alice.wait_written("alice — connected to").await;
+    alice.wait_written("No history with nobody29.").await;
+    alice
+        .wait_written(&format!("flood {}", FLOOD - 1))
+        .await;
+    alice.quit().await;
     bob.quit().await;
 }

@@ -238,6 +238,20 @@ impl Client {
     }
 
     /// Everything the client wrote to stderr, after it exited.
+    /// Waits for the client to exit by itself with its stdin still open (nothing closes
+    /// it for it); returns the exit status and stderr.
+    pub async fn exit_by_itself(mut self) -> (std::process::ExitStatus, String) {
+        let _open = self.stdin.take();
+        let out = tokio::time::timeout(WAIT, self.child.wait_with_output())
+            .await
+            .expect("the client exits by itself, its stdin still open")
+            .unwrap();
+        (
+            out.status,
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
     pub async fn exit_with_stderr(mut self) -> (std::process::ExitStatus, String) {
         drop(self.stdin.take());
         let out = tokio::time::timeout(WAIT, self.child.wait_with_output())
