@@ -592,7 +592,19 @@ struct SessionTask {
     reach: Arc<AtomicBool>,
 }
 
+/// How long the session waits for room to pass on an event the node must not miss (the
+/// connection lost, back, or ended for good); other pushes are dropped when the node is
+/// behind.
+const IMPORTANT_EVENT_WAIT: Duration = Duration::from_secs(5);
+
 impl SessionTask {
+    /// Passes on an event the node must not miss, waiting (bounded) for room.
+    async fn important(&self, event: DiscoveryEvent) {
+        if let Err(e) = self.events.send_timeout(event, IMPORTANT_EVENT_WAIT).await {
+            tracing::warn!("a directory event was not passed on: {e}");
+        }
+    }
+
     async fn run(mut self, reader: Reader, writer: Writer) {
         let mut conn = Some((reader, writer));
         while let Some((reader, writer)) = conn.take() {
@@ -600,9 +612,10 @@ impl SessionTask {
                 Ended::Finished => break,
                 Ended::Lost(reason) => {
                     tracing::info!(server = %self.client.addr, reason = %chain(&reason), "lost the discovery server; reconnecting");
-                    let _ = self.events.try_send(DiscoveryEvent::Lost {
+                    self.important(DiscoveryEvent::Lost {
                         reason: chain(&reason).to_string(),
-                    });
+                    })
+                    .await;
                     for p in self.pending.drain(..) {
                         if let Some(reply) = p.reply {
                             let _ = reply.send(Err(Failure::Session(
@@ -694,12 +707,13 @@ impl SessionTask {
                         }
                         Push::Replaced => {
                             tracing::warn!("this user registered again elsewhere; this discovery session is over");
-                            let _ = self.events.try_send(DiscoveryEvent::SessionEnded {
+                            self.important(DiscoveryEvent::SessionEnded {
                                 reason: format!(
                                     "{} registered again elsewhere with the same key; this session is no longer listed",
                                     self.registration.username
                                 ),
-                            });
+                            })
+                            .await;
                             return Ended::Finished;
                         }
                         Push::NewMail => {
@@ -774,7 +788,7 @@ impl SessionTask {
                     self.reach.store(reach, Ordering::Release);
                     tracing::info!(server = %self.client.addr, "registered again");
                     let _ = self.mail_notices.send(());
-                    let _ = self.events.try_send(DiscoveryEvent::Reconnected);
+                    self.important(DiscoveryEvent::Reconnected).await;
                     let names: Vec<String> = self.watching.iter().cloned().collect();
                     for username in names {
                         match self.send(&mut writer, Request::Watch { username }).await {
@@ -795,12 +809,13 @@ impl SessionTask {
                     | DiscoveryError::InvalidUsername(_)),
                 ) => {
                     tracing::error!(error = %chain(&e), "the discovery server refuses this registration; giving up");
-                    let _ = self.events.try_send(DiscoveryEvent::SessionEnded {
+                    self.important(DiscoveryEvent::SessionEnded {
                         reason: format!(
                             "the discovery server no longer accepts this registration: {}",
                             chain(&e)
                         ),
-                    });
+                    })
+                    .await;
                     return None;
                 }
                 Err(e) => {

@@ -7,7 +7,8 @@
 //! blocked sender's never do; a request or a message under an untrusted key does when it is
 //! released); a sent one when `send` queues it, in the same database write. Each peer keeps
 //! at most [`HISTORY_PER_PEER`] entries (older ones are deleted as new ones come), and
-//! entries older than the retention are deleted when the node starts and not returned.
+//! entries recorded longer ago than the retention (by this node's clock, not the sender's)
+//! are deleted when the node starts and not returned.
 
 use parking_lot::Mutex;
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -42,6 +43,8 @@ pub struct HistoryEntry {
 struct Kept {
     /// Database key: peer, 0, sequence number (big-endian).
     key: Vec<u8>,
+    /// When this node recorded it: the retention counts from here.
+    at_ms: u64,
     entry: HistoryEntry,
 }
 
@@ -98,6 +101,7 @@ impl History {
                     outgoing,
                     text,
                     sent_at_ms,
+                    at_ms,
                 }),
                 Some(cutoff),
             ) = (seq, record, cutoff)
@@ -106,7 +110,7 @@ impl History {
                 continue;
             };
             state.next_seq = state.next_seq.max(seq + 1);
-            if sent_at_ms < cutoff {
+            if at_ms < cutoff {
                 stale.push(key);
                 continue;
             }
@@ -116,6 +120,7 @@ impl History {
                 .or_default()
                 .push_back(Kept {
                     key,
+                    at_ms,
                     entry: HistoryEntry {
                         id: MessageId::from_bytes(id),
                         peer,
@@ -162,6 +167,7 @@ impl History {
         text: &str,
         sent_at_ms: u64,
     ) {
+        let at_ms = unix_ms(SystemTime::now());
         let mut state = self.state.lock();
         let seq = state.next_seq;
         state.next_seq += 1;
@@ -175,6 +181,7 @@ impl History {
                 outgoing,
                 text,
                 sent_at_ms,
+                at_ms,
             },
         );
         // Entries of this peer already added to the batch, and how many of them evict.
@@ -198,6 +205,7 @@ impl History {
         pending.push(Pending {
             kept: Kept {
                 key,
+                at_ms,
                 entry: HistoryEntry {
                     id,
                     peer: peer.to_owned(),
@@ -227,9 +235,11 @@ impl History {
 
     /// The last `limit` entries with `peer`, oldest first, younger than the retention.
     pub(crate) fn with(&self, peer: &str, limit: usize) -> Vec<HistoryEntry> {
-        let cutoff = SystemTime::now()
-            .checked_sub(self.retention)
-            .unwrap_or(UNIX_EPOCH);
+        let cutoff = unix_ms(
+            SystemTime::now()
+                .checked_sub(self.retention)
+                .unwrap_or(UNIX_EPOCH),
+        );
         let state = self.state.lock();
         let Some(kept) = state.peers.get(peer) else {
             return Vec::new();
@@ -237,7 +247,7 @@ impl History {
         let mut entries: Vec<HistoryEntry> = kept
             .iter()
             .rev()
-            .filter(|k| k.entry.sent_at >= cutoff)
+            .filter(|k| k.at_ms >= cutoff)
             .take(limit)
             .map(|k| k.entry.clone())
             .collect();

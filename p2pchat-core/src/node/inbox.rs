@@ -19,7 +19,7 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use tokio::sync::Notify;
 
-use super::db::{Db, DbError, Table};
+use super::db::{Db, DbError, Table, Written};
 use super::history::{History, Pending};
 use super::records::{self, InboxRecord, InboxRecordRef, SeenRecord};
 use crate::error::chain;
@@ -34,6 +34,10 @@ pub const DEDUP_WINDOW: usize = 16_384;
 /// Messages the application may leave unconfirmed before the node stops reading from peers
 /// and the mailbox (their acknowledgements wait, and so do they). Default: 100,000.
 pub const MAX_UNCONFIRMED: usize = 100_000;
+
+/// The most message text one inbox write carries (with its history, twice that): far below
+/// a journal segment ([`super::db::SEGMENT_LEN`], 8 MiB), whatever a reader's batch holds.
+const WRITE_CHUNK_BYTES: usize = 1 << 20;
 
 /// When a received message leaves the inbox.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -281,6 +285,39 @@ impl Inbox {
         offline: bool,
         keep: Keep,
     ) -> Result<(), DbError> {
+        // In batches of at most WRITE_CHUNK_BYTES of text: a reader's batch of large
+        // messages (with their history) stays far below a journal segment. Each batch is
+        // atomic; none is acknowledged before the last is durable, so a crash between two
+        // has the sender send them all again, and the first ones are dropped as duplicates.
+        let mut last = None;
+        let mut chunk = Vec::new();
+        let mut bytes = 0;
+        for message in messages {
+            if !chunk.is_empty() && bytes + message.body.len() > WRITE_CHUNK_BYTES {
+                let full = std::mem::take(&mut chunk);
+                last = self.accept_chunk(from, full, offline, keep)?.or(last);
+                bytes = 0;
+            }
+            bytes += message.body.len();
+            chunk.push(message);
+        }
+        if !chunk.is_empty() {
+            last = self.accept_chunk(from, chunk, offline, keep)?.or(last);
+        }
+        match last {
+            Some(written) => self.db.durable(written).await,
+            None => Ok(()),
+        }
+    }
+
+    /// One batch of [`Inbox::accept`]: where its write ended, if it wrote anything.
+    fn accept_chunk(
+        &self,
+        from: &str,
+        messages: Vec<Opened>,
+        offline: bool,
+        keep: Keep,
+    ) -> Result<Option<Written>, DbError> {
         let written = {
             let mut state = self.state();
             let state = &mut *state;
@@ -387,7 +424,7 @@ impl Inbox {
                 }
             });
             if !any {
-                return Ok(());
+                return Ok(None);
             }
             let written = written?;
             if let Some(history) = &self.history {
@@ -399,7 +436,7 @@ impl Inbox {
             }
             written
         };
-        self.db.durable(written).await
+        Ok(Some(written))
     }
 
     /// Wakes the streams waiting for messages [`Inbox::accept`] added. Called after the
@@ -482,46 +519,62 @@ impl Inbox {
             state.next_seq += 1;
             moved.push((old, seq, entry));
         }
-        let mut recorded = Vec::new();
-        let written = self.db.write_with(|batch| {
-            for (old, seq, entry) in &moved {
-                batch.delete(Table::Held, &seq_key(*old));
-                batch.put_record(Table::Inbox, &seq_key(*seq), &entry.record());
-                if let Some(history) = &self.history {
-                    history.record(
-                        batch,
-                        &mut recorded,
-                        from,
-                        entry.id,
-                        false,
-                        &entry.text,
-                        entry.sent_at_ms,
-                    );
+        // In batches of at most WRITE_CHUNK_BYTES of text, each atomic: a crash between two
+        // leaves the later ones held, as they were.
+        let mut moved = moved.into_iter().peekable();
+        let mut failed = None;
+        while moved.peek().is_some() {
+            let mut chunk = Vec::new();
+            let mut bytes = 0;
+            while let Some((_, _, entry)) = moved.peek() {
+                if !chunk.is_empty() && bytes + entry.text.len() > WRITE_CHUNK_BYTES {
+                    break;
+                }
+                bytes += entry.text.len();
+                chunk.extend(moved.next());
+            }
+            let mut recorded = Vec::new();
+            let written = self.db.write_with(|batch| {
+                for (old, seq, entry) in &chunk {
+                    batch.delete(Table::Held, &seq_key(*old));
+                    batch.put_record(Table::Inbox, &seq_key(*seq), &entry.record());
+                    if let Some(history) = &self.history {
+                        history.record(
+                            batch,
+                            &mut recorded,
+                            from,
+                            entry.id,
+                            false,
+                            &entry.text,
+                            entry.sent_at_ms,
+                        );
+                    }
+                }
+            });
+            match written {
+                Ok(_) => {
+                    if let Some(history) = &self.history {
+                        history.keep(recorded);
+                    }
+                    for (_, seq, entry) in chunk {
+                        state.entries.insert(seq, entry);
+                        state.unconfirmed += 1;
+                    }
+                }
+                Err(e) => {
+                    // Still held, as before: this batch and the ones after it.
+                    for (old, _, entry) in chunk.into_iter().chain(moved.by_ref()) {
+                        state.held.insert(old, entry);
+                    }
+                    failed = Some(e);
                 }
             }
-        });
-        if written.is_ok()
-            && let Some(history) = &self.history
-        {
-            history.keep(recorded);
-        }
-        if let Err(e) = written {
-            // Still held, as before.
-            for (old, _, entry) in moved {
-                state.held.insert(old, entry);
-            }
-            return Err(e);
-        }
-        let moved = moved.into_iter().map(|(_, seq, entry)| (seq, entry));
-        for (seq, entry) in moved {
-            state.entries.insert(seq, entry);
-            state.unconfirmed += 1;
         }
         self.added.fetch_add(1, Ordering::Release);
         for waker in state.wakers.drain(..) {
             waker.wake();
         }
-        Ok(())
+        failed.map_or(Ok(()), Err)
     }
 
     /// The application confirms `id` from `from`: it leaves the inbox. `false` if no such

@@ -43,7 +43,11 @@ pub(crate) enum HistoryRecord {
         id: [u8; 16],
         outgoing: bool,
         text: String,
+        /// The sender's time, as shown.
         sent_at_ms: u64,
+        /// This node's time when it recorded the entry: retention counts from it (not from
+        /// the sender's clock, which a peer controls).
+        at_ms: u64,
     },
 }
 
@@ -56,6 +60,7 @@ pub(crate) enum HistoryRecordRef<'a> {
         outgoing: bool,
         text: &'a str,
         sent_at_ms: u64,
+        at_ms: u64,
     },
 }
 
@@ -236,6 +241,7 @@ mod tests {
             outgoing: true,
             text: "hi",
             sent_at_ms: 9,
+            at_ms: 10,
         };
         let owned = HistoryRecord::V1 {
             peer: "bob".into(),
@@ -243,11 +249,12 @@ mod tests {
             outgoing: true,
             text: "hi".into(),
             sent_at_ms: 9,
+            at_ms: 10,
         };
         assert_eq!(encode(&history), encode(&owned));
         let mut golden = vec![0, 3, b'b', b'o', b'b'];
         golden.extend([3; 16]);
-        golden.extend([1, 2, b'h', b'i', 9]);
+        golden.extend([1, 2, b'h', b'i', 9, 10]);
         assert_eq!(encode(&owned), golden);
         assert_eq!(decode::<HistoryRecord>(&golden), Some(owned));
         let outbox = OutboxRecordRef::V1 {
