@@ -540,7 +540,7 @@ proptest! {
         secret in any::<[u8; 32]>(),
         text in text(300),
     ) {
-        prop_assume!(text.len() <= MAX_ANNOUNCEMENT_LEN);
+        prop_assume!(text.len() <= MAX_ANNOUNCEMENT_LEN && !text.trim().is_empty());
         let operator = Identity::from_secret_bytes(&secret);
         let signed = Announcement::sign(&operator, &text).map_err(fail)?;
         let parsed = Announcement::from_json(&signed.to_json()).map_err(fail)?;
