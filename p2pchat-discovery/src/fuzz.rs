@@ -3,9 +3,10 @@
 //! replays every input kept under `fuzz/regressions/discovery_protocol/` through it
 //! (`p2pchat_core::testing::fuzz::replay_regressions`) in the normal suite.
 //!
-//! It drives one real [`Directory`] per process, over [`RedbStorage`] in a directory deleted as
-//! soon as the database is open (the open file lives on), on one current-thread runtime.
-//! Each input is one client connection over an in-memory pipe.
+//! It drives one real [`Directory`] per process, over [`RedbStorage`] on a database held in
+//! memory ([`RedbStorage::in_memory_with_quota`]: the same tables, transactions and commits as
+//! on a file, without the writes and syncs a file costs every commit), on one current-thread
+//! runtime. Each input is one client connection over an in-memory pipe.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
@@ -61,23 +62,11 @@ fn harness() -> &'static Harness {
             .enable_all()
             .build()
             .expect("a current-thread runtime builds");
-        // On tmpfs when there is one: every deposit commits durably.
-        let shm = std::path::Path::new("/dev/shm");
-        let parent = if shm.is_dir() {
-            shm.to_path_buf()
-        } else {
-            std::env::temp_dir()
-        };
-        let dir = tempfile::Builder::new()
-            .prefix("p2pchat-fuzz-")
-            .tempdir_in(parent)
-            .expect("a temporary directory");
+        // In memory: nothing to leave behind, and no file writes and syncs on every commit.
         let storage = {
             let _guard = runtime.enter();
-            RedbStorage::open_with_quota(dir.path(), MAILBOX_QUOTA).expect("the storage opens")
+            RedbStorage::in_memory_with_quota(MAILBOX_QUOTA).expect("the storage opens")
         };
-        // Nothing is left behind when the process ends; the open file lives on until then.
-        drop(dir);
         let config = Config {
             registrations_per_second_per_ip: 0,
             new_claims_per_hour_per_ip: 0,

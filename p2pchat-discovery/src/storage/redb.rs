@@ -146,6 +146,24 @@ impl RedbStorage {
             path: path.clone(),
             source: Cause::new(e),
         })?;
+        Self::on(db, quotas)
+    }
+
+    /// As [`RedbStorage::open_with_quota`], on a database held in this process's memory
+    /// (redb's [`InMemoryBackend`](::redb::backends::InMemoryBackend)) instead of a file: the
+    /// same tables, transactions and commits, without the file's writes and syncs, and gone
+    /// with the process. For the fuzz check (feature `test-utils`), which opens a session
+    /// for every input.
+    #[cfg(feature = "test-utils")]
+    pub fn in_memory_with_quota(quota: usize) -> Result<Self, StorageError> {
+        let db = ::redb::Builder::new()
+            .create_with_backend(::redb::backends::InMemoryBackend::new())
+            .map_err(unavailable)?;
+        Self::on(db, Quotas::mailbox(quota))
+    }
+
+    /// The storage on `db`: its tables created if missing, its mailboxes under `quotas`.
+    fn on(db: Database, quotas: Quotas) -> Result<Self, StorageError> {
         let txn = db.begin_write().map_err(unavailable)?;
         txn.open_table(CLAIMS).map_err(unavailable)?;
         txn.open_table(ANNOUNCED).map_err(unavailable)?;
