@@ -397,9 +397,7 @@ async fn commands_are_answered_while_messages_pour_in() {
     alice.type_keys("status\r");
     alice.wait_written("alice — connected to").await;
     alice.wait_written("No history with nobody29.").await;
-    alice
-        .wait_written(&format!("flood {}", FLOOD - 1))
-        .await;
+    alice.wait_written(&format!("flood {}", FLOOD - 1)).await;
     alice.quit().await;
     bob.quit().await;
 }
